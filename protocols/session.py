@@ -668,7 +668,11 @@ class LockConnection(_Connection):
         msg = _bounded_bstr(msg_a, 64, "spake2 message")
         _bstr(nonce_g, NONCE_LEN, "nonce")
         if self._setup_code is None:
-            return self._refuse(self._pairing_refusal, "lock is not accepting pairing")
+            message = {
+                ErrorCode.RATE_LIMITED: "too many wrong setup codes; pairing is locked for a while",
+                ErrorCode.ALREADY_PAIRED: "lock is paired with another gateway; unpair it there first",
+            }.get(self._pairing_refusal, "lock is not in pairing mode; press its pairing button")
+            return self._refuse(self._pairing_refusal, message)
         self._spake = SPAKE2_B(
             self._setup_code.encode(), idA=_SPAKE_ID_GW, idB=_SPAKE_ID_LOCK, entropy_f=self._rng
         )

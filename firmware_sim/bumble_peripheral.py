@@ -1,0 +1,318 @@
+"""Simulated lock units on a real BLE host stack (Bumble), plus the gateway's controller.
+
+:class:`SimRadio` owns one Bumble ``LocalLink`` (the "air") and, per lock, a virtual
+controller, a host and a GATT server with the lockgw service. Each lock advertises its id, its
+pairing flags and a state counter. The gateway side is either another virtual controller in the
+same process (:meth:`SimRadio.open_gateway_controller`, for tests) or a controller bridged to a
+TCP HCI transport (``tcp-server:HOST:PORT``) so a gateway in another process attaches with the
+Bumble transport ``tcp-client:HOST:PORT``.
+
+Radio timing is configurable (:class:`RadioTiming`): the advertising interval, a delay before
+the lock answers each exchange, and extra latency injected by faults. Everything runs flat out
+by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bumble import gatt
+from bumble.controller import Controller
+from bumble.core import UUID, AdvertisingData
+from bumble.device import Connection, Device
+from bumble.hci import Address
+from bumble.host import Host
+from bumble.link import LocalLink
+from bumble.transport import open_transport
+from bumble.transport.common import AsyncPipeSink, Transport
+
+from firmware_sim.lock_model import LockModel, make_setup_code
+from firmware_sim.peripheral import LinkDriver
+from protocols.framing import fragment
+from protocols.gatt import COMPANY_ID, RX_CHAR_UUID, SERVICE_UUID, TX_CHAR_UUID, Advert, encode_advert
+from protocols.limits import MAX_FRAME_BODY
+
+__all__ = ["RadioTiming", "SimLock", "SimRadio"]
+
+log = logging.getLogger("lockgw.sim")
+
+
+@dataclass
+class RadioTiming:
+    """Per-radio timing. Zero everywhere is "flat out" (CI); see docs/simulator.md."""
+
+    advertising_interval_ms: float = 20.0
+    response_delay_s: float = 0.0
+
+
+@dataclass
+class SimLock:
+    model: LockModel
+    device: Device
+    address: Address
+    tx: gatt.Characteristic[bytes]
+    extra_latency_s: float = 0.0
+    hostile: str | None = None  # None | "garbage" | "oversized" | "truncated" | "flood"
+    drop_next_after_write: bool = False
+    # Keyed by the Connection object, not its handle: the controller reuses handles, and a
+    # late disconnection callback of an old link must not tear down a new one.
+    drivers: dict[Connection, LinkDriver] = field(default_factory=dict)
+    queues: dict[Connection, asyncio.Queue[bytes]] = field(default_factory=dict)
+
+
+def _address(index: int, base: int) -> str:
+    n = base + index
+    # Static random addresses: the two top bits set (Core Spec Vol 6 Part B §1.3.2.1).
+    raw = bytes([0xC0 | ((n >> 40) & 0x3F)]) + (n & 0xFFFFFFFFFF).to_bytes(5, "big")
+    return ":".join(f"{b:02X}" for b in raw)
+
+
+class SimRadio:
+    """The simulated air with its locks. An async context manager owning its tasks."""
+
+    def __init__(self, *, timing: RadioTiming | None = None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.link = LocalLink()
+        self.timing = timing or RadioTiming()
+        self.locks: dict[str, SimLock] = {}
+        self._rng = rng or random.Random()  # noqa: S311 - simulation noise only, not keys
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._transports: list[Transport] = []
+        self._controllers: list[Controller] = []
+
+    async def __aenter__(self) -> SimRadio:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for lock in self.locks.values():
+            with contextlib.suppress(Exception):
+                await lock.device.stop_advertising()
+        for transport in self._transports:
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+    def now(self) -> float:
+        return self._clock()
+
+    # --- locks -------------------------------------------------------------------------
+
+    async def add_lock(self, model: LockModel) -> SimLock:
+        index = len(self.locks)
+        address = Address(_address(index, 0x1000 + hash(model.lock_id) % 0x100000))
+        controller = Controller(f"lock{index}", link=self.link, public_address=str(address))
+        device = Device(address=address, host=Host(controller, AsyncPipeSink(controller)))
+        device.name = model.lock_id
+        holder: dict[str, SimLock] = {}
+
+        def on_write(connection: Connection, value: bytes) -> None:
+            sim = holder["lock"]
+            queue = sim.queues.get(connection)
+            if queue is not None:
+                queue.put_nowait(bytes(value))
+
+        rx = gatt.Characteristic(
+            UUID(RX_CHAR_UUID), gatt.Characteristic.Properties.WRITE,
+            gatt.Characteristic.WRITEABLE, gatt.CharacteristicValue(write=on_write),
+        )
+        tx: gatt.Characteristic[bytes] = gatt.Characteristic(
+            UUID(TX_CHAR_UUID), gatt.Characteristic.Properties.NOTIFY,
+            gatt.Characteristic.READABLE, b"",
+        )
+        device.add_service(gatt.Service(UUID(SERVICE_UUID), [rx, tx]))
+        await device.power_on()
+        sim = SimLock(model=model, device=device, address=address, tx=tx)
+        holder["lock"] = sim
+        device.on("connection", lambda conn: self._on_connection(sim, conn))
+        self.locks[model.lock_id] = sim
+        await self._advertise(sim)
+        return sim
+
+    async def add_locks(self, count: int, *, seed: int | None = None, state_dir: Path | None = None) -> list[SimLock]:
+        rng = random.Random(seed) if seed is not None else random.SystemRandom()  # noqa: S311
+        out = []
+        for i in range(count):
+            lock_id = f"lk-{rng.getrandbits(32):08x}"
+            code = make_setup_code(_RandBelow(rng))
+            if state_dir is not None:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                path = state_dir / f"lock-{i}.json"
+                model = LockModel.load_or_create(path, lock_id, code, name=f"Door {i + 1}")
+            else:
+                model = LockModel(lock_id=lock_id, setup_code=code, name=f"Door {i + 1}")
+            out.append(await self.add_lock(model))
+        return out
+
+    async def _advertise(self, sim: SimLock) -> None:
+        model = sim.model
+        advert = Advert(
+            model.lock_id, model.paired_gw is not None,
+            model.pairing_code(self.now()) is not None, model.state_counter,
+        )
+        manufacturer = COMPANY_ID.to_bytes(2, "little") + encode_advert(advert)
+        sim.device.advertising_data = bytes(AdvertisingData([
+            (AdvertisingData.FLAGS, bytes([0x06])),
+            (AdvertisingData.MANUFACTURER_SPECIFIC_DATA, manufacturer),
+        ]))
+        sim.device.scan_response_data = bytes(AdvertisingData([
+            (AdvertisingData.COMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS, bytes(UUID(SERVICE_UUID))),
+        ]))
+        if sim.device.is_advertising:
+            await sim.device.stop_advertising()
+        if not sim.drivers:
+            await sim.device.start_advertising(
+                auto_restart=False, advertising_interval_min=self.timing.advertising_interval_ms,
+                advertising_interval_max=self.timing.advertising_interval_ms,
+            )
+
+    def refresh_advert(self, sim: SimLock) -> None:
+        self._spawn(self._advertise(sim), f"advert-{sim.model.lock_id}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_connection(self, sim: SimLock, connection: Connection) -> None:
+        sim.queues[connection] = asyncio.Queue()
+        sim.drivers[connection] = LinkDriver(sim.model, rng=os.urandom, now=self.now())
+
+        def on_disconnection(_reason: int) -> None:
+            sim.drivers.pop(connection, None)
+            queue = sim.queues.pop(connection, None)
+            if queue is not None:
+                queue.put_nowait(b"")  # wake the serving task so it ends
+            self.refresh_advert(sim)
+
+        connection.on("disconnection", on_disconnection)
+        self._spawn(self._serve(sim, connection), f"serve-{sim.model.lock_id}-{connection.handle}")
+
+    async def _serve(self, sim: SimLock, connection: Connection) -> None:
+        queue = sim.queues[connection]
+        while True:
+            data = await queue.get()
+            driver = sim.drivers.get(connection)
+            if not data or driver is None:
+                return
+            delay = self.timing.response_delay_s + sim.extra_latency_s
+            if delay:
+                await asyncio.sleep(delay)
+            if sim.hostile:
+                await self._hostile_reply(sim, connection)
+                continue
+            before = sim.model.state_counter, sim.model.paired_gw
+            driver.receive(data, self.now())
+            out = driver.data_to_send()
+            if sim.drop_next_after_write and out:
+                sim.drop_next_after_write = False
+                await self._disconnect(sim, connection)
+                return
+            mtu = connection.att_mtu
+            for piece in fragment(out, mtu) if out else []:
+                await sim.device.notify_subscriber(connection, sim.tx, piece)
+            if (sim.model.state_counter, sim.model.paired_gw) != before:
+                self.refresh_advert(sim)
+            if driver.closed:
+                if driver.error is not None:
+                    log.info("lock %s closes link: %s", sim.model.lock_id, driver.error)
+                await asyncio.sleep(0.05)  # let the ERROR notification leave first
+                await self._disconnect(sim, connection)
+                return
+
+    @staticmethod
+    async def _disconnect(sim: SimLock, connection: Connection) -> None:
+        if connection in sim.drivers:  # still this link, not a successor on the same handle
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+
+    async def _hostile_reply(self, sim: SimLock, connection: Connection) -> None:
+        mtu_payload = connection.att_mtu - 3
+        mode = sim.hostile
+        notify = sim.device.notify_subscriber
+        if mode == "garbage":
+            await notify(connection, sim.tx, self._rng.randbytes(mtu_payload))
+        elif mode == "oversized":
+            await notify(connection, sim.tx, bytes([1, 0x20, 0xFF, 0xFF]) + bytes(mtu_payload - 4))
+        elif mode == "truncated":
+            await notify(connection, sim.tx, bytes([1, 0x20, 0x01, 0x00]) + bytes(8))
+        elif mode == "flood":
+            for _ in range(200):
+                await notify(connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big"))
+
+    # --- faults (see docs/simulator.md) ------------------------------------------------
+
+    async def apply_fault(self, lock_id: str, fault: str, value: Any = None) -> dict[str, Any]:
+        sim = self.locks.get(lock_id)
+        if sim is None:
+            raise KeyError(f"no simulated lock {lock_id!r}")
+        model, now = sim.model, self.now()
+        if fault == "jam":
+            model.jam_armed = True
+        elif fault == "unjam" or fault == "manual":
+            model.manual_turn(now)
+        elif fault == "battery":
+            model.set_battery(float(value), now)
+        elif fault == "door":
+            from protocols.messages import DoorState  # noqa: PLC0415 - keeps the import local to the fault
+
+            model.set_door(DoorState(value), now)
+        elif fault == "drop":
+            for connection in list(sim.drivers):
+                await self._disconnect(sim, connection)
+        elif fault == "drop_after_write":
+            sim.drop_next_after_write = True
+        elif fault == "latency":
+            sim.extra_latency_s = float(value)
+        elif fault == "clock_offset":
+            model.clock_offset_s = float(value)
+        elif fault == "hostile":
+            sim.hostile = value or None
+        elif fault == "pairing_mode":
+            model.press_pairing_button(now)
+        elif fault == "factory_reset":
+            model.factory_reset()
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
+        model.save()
+        self.refresh_advert(sim)
+        return {"lock": lock_id, "fault": fault, "ok": True}
+
+    # --- the gateway's controller ------------------------------------------------------
+
+    def open_gateway_controller(self, address: str = "F0:F0:F0:F0:F0:01") -> Controller:
+        """A virtual controller on this link for an in-process gateway host."""
+        controller = Controller("gateway", link=self.link, public_address=address)
+        self._controllers.append(controller)
+        return controller
+
+    async def serve_hci(self, transport_name: str, address: str = "F0:F0:F0:F0:F0:01") -> None:
+        """Expose a controller on this link over an HCI transport (e.g. ``tcp-server:...``)."""
+        transport = await open_transport(transport_name)
+        self._transports.append(transport)
+        controller = Controller(
+            "gateway", host_source=transport.source, host_sink=transport.sink,
+            link=self.link, public_address=address,
+        )
+        self._controllers.append(controller)
+
+
+class _RandBelow:
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
