@@ -1,0 +1,3 @@
+"""The lock firmware model and its simulated radio (lockgw-sim)."""
+
+__all__: list[str] = []

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bumble import gatt
 from bumble.controller import Controller
@@ -38,7 +38,14 @@ from bumble.transport.common import AsyncPipeSink, Transport
 from firmware_sim.lock_model import LockModel, make_setup_code
 from firmware_sim.peripheral import LinkDriver
 from protocols.framing import fragment
-from protocols.gatt import COMPANY_ID, RX_CHAR_UUID, SERVICE_UUID, TX_CHAR_UUID, Advert, encode_advert
+from protocols.gatt import (
+    COMPANY_ID,
+    RX_CHAR_UUID,
+    SERVICE_UUID,
+    TX_CHAR_UUID,
+    Advert,
+    encode_advert,
+)
 from protocols.limits import MAX_FRAME_BODY
 
 __all__ = ["RadioTiming", "SimLock", "SimRadio"]
@@ -79,9 +86,14 @@ def _address(index: int, base: int) -> str:
 class SimRadio:
     """The simulated air with its locks. An async context manager owning its tasks."""
 
-    def __init__(self, *, timing: RadioTiming | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.link = LocalLink()
+    def __init__(
+        self,
+        *,
+        timing: RadioTiming | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.link = LocalLink()  # type: ignore[no-untyped-call]
         self.timing = timing or RadioTiming()
         self.locks: dict[str, SimLock] = {}
         self._rng = rng or random.Random()  # noqa: S311 - simulation noise only, not keys
@@ -90,10 +102,15 @@ class SimRadio:
         self._transports: list[Transport] = []
         self._controllers: list[Controller] = []
 
-    async def __aenter__(self) -> SimRadio:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # Let advertising updates finish (cancelling one mid-HCI-command leaves Bumble's host
+        # with a dangling command future), then cancel the per-connection servers.
+        adverts = [t for t in self._tasks if t.get_name().startswith("advert-")]
+        if adverts:
+            await asyncio.wait(adverts, timeout=2)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -125,13 +142,17 @@ class SimRadio:
             if queue is not None:
                 queue.put_nowait(bytes(value))
 
-        rx = gatt.Characteristic(
-            UUID(RX_CHAR_UUID), gatt.Characteristic.Properties.WRITE,
-            gatt.Characteristic.WRITEABLE, gatt.CharacteristicValue(write=on_write),
+        rx: gatt.Characteristic[bytes] = gatt.Characteristic(
+            UUID(RX_CHAR_UUID),
+            gatt.Characteristic.Properties.WRITE,
+            gatt.Characteristic.WRITEABLE,
+            gatt.CharacteristicValue(write=on_write),
         )
         tx: gatt.Characteristic[bytes] = gatt.Characteristic(
-            UUID(TX_CHAR_UUID), gatt.Characteristic.Properties.NOTIFY,
-            gatt.Characteristic.READABLE, b"",
+            UUID(TX_CHAR_UUID),
+            gatt.Characteristic.Properties.NOTIFY,
+            gatt.Characteristic.READABLE,
+            b"",
         )
         device.add_service(gatt.Service(UUID(SERVICE_UUID), [rx, tx]))
         await device.power_on()
@@ -142,14 +163,16 @@ class SimRadio:
         await self._advertise(sim)
         return sim
 
-    async def add_locks(self, count: int, *, seed: int | None = None, state_dir: Path | None = None) -> list[SimLock]:
+    async def add_locks(
+        self, count: int, *, seed: int | None = None, state_dir: Path | None = None
+    ) -> list[SimLock]:
         rng = random.Random(seed) if seed is not None else random.SystemRandom()  # noqa: S311
         out = []
         for i in range(count):
             lock_id = f"lk-{rng.getrandbits(32):08x}"
             code = make_setup_code(_RandBelow(rng))
             if state_dir is not None:
-                state_dir.mkdir(parents=True, exist_ok=True)
+                state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
                 path = state_dir / f"lock-{i}.json"
                 model = LockModel.load_or_create(path, lock_id, code, name=f"Door {i + 1}")
             else:
@@ -160,22 +183,36 @@ class SimRadio:
     async def _advertise(self, sim: SimLock) -> None:
         model = sim.model
         advert = Advert(
-            model.lock_id, model.paired_gw is not None,
-            model.pairing_code(self.now()) is not None, model.state_counter,
+            model.lock_id,
+            model.paired_gw is not None,
+            model.pairing_code(self.now()) is not None,
+            model.state_counter,
         )
         manufacturer = COMPANY_ID.to_bytes(2, "little") + encode_advert(advert)
-        sim.device.advertising_data = bytes(AdvertisingData([
-            (AdvertisingData.FLAGS, bytes([0x06])),
-            (AdvertisingData.MANUFACTURER_SPECIFIC_DATA, manufacturer),
-        ]))
-        sim.device.scan_response_data = bytes(AdvertisingData([
-            (AdvertisingData.COMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS, bytes(UUID(SERVICE_UUID))),
-        ]))
+        sim.device.advertising_data = bytes(
+            AdvertisingData(
+                [
+                    (AdvertisingData.FLAGS, bytes([0x06])),
+                    (AdvertisingData.MANUFACTURER_SPECIFIC_DATA, manufacturer),
+                ]
+            )
+        )
+        sim.device.scan_response_data = bytes(
+            AdvertisingData(
+                [
+                    (
+                        AdvertisingData.COMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS,
+                        bytes(UUID(SERVICE_UUID)),
+                    ),
+                ]
+            )
+        )
         if sim.device.is_advertising:
             await sim.device.stop_advertising()
         if not sim.drivers:
             await sim.device.start_advertising(
-                auto_restart=False, advertising_interval_min=self.timing.advertising_interval_ms,
+                auto_restart=False,
+                advertising_interval_min=self.timing.advertising_interval_ms,
                 advertising_interval_max=self.timing.advertising_interval_ms,
             )
 
@@ -251,7 +288,9 @@ class SimRadio:
             await notify(connection, sim.tx, bytes([1, 0x20, 0x01, 0x00]) + bytes(8))
         elif mode == "flood":
             for _ in range(200):
-                await notify(connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big"))
+                await notify(
+                    connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big")
+                )
 
     # --- faults (see docs/simulator.md) ------------------------------------------------
 
@@ -262,7 +301,7 @@ class SimRadio:
         model, now = sim.model, self.now()
         if fault == "jam":
             model.jam_armed = True
-        elif fault == "unjam" or fault == "manual":
+        elif fault in {"unjam", "manual"}:
             model.manual_turn(now)
         elif fault == "battery":
             model.set_battery(float(value), now)
@@ -304,8 +343,11 @@ class SimRadio:
         transport = await open_transport(transport_name)
         self._transports.append(transport)
         controller = Controller(
-            "gateway", host_source=transport.source, host_sink=transport.sink,
-            link=self.link, public_address=address,
+            "gateway",
+            host_source=transport.source,
+            host_sink=transport.sink,
+            link=self.link,
+            public_address=address,
         )
         self._controllers.append(controller)
 

@@ -175,7 +175,9 @@ class LockModel:
         if cached is not None and cached.op is request.op:
             return cached
         if cached is not None:
-            return Response(request.op, request.cmd_id, Status.BAD_REQUEST, {"error": "cmd_id reused"})
+            return Response(
+                request.op, request.cmd_id, Status.BAD_REQUEST, {"error": "cmd_id reused"}
+            )
         response = self._run(request, now)
         if request.op in (Op.UNLOCK, Op.LOCK, Op.ACK_LOG, Op.SET_TIME, Op.UNPAIR):
             self.results[request.cmd_id] = response
@@ -190,7 +192,9 @@ class LockModel:
             target = LockState.UNLOCKED if op is Op.UNLOCK else LockState.LOCKED
             entry = self._actuate(target, now, cmd_id, source="gateway")
             status = Status.JAMMED if self.state is LockState.JAMMED else Status.OK
-            return Response(op, cmd_id, status, {"state": str(self.state), "lock_seq": entry.lock_seq})
+            return Response(
+                op, cmd_id, status, {"state": str(self.state), "lock_seq": entry.lock_seq}
+            )
         if op is Op.STATUS:
             return Response(op, cmd_id, Status.OK, self.status(now))
         if op is Op.READ_LOG:
@@ -198,7 +202,9 @@ class LockModel:
             limit = min(int(str(request.args["max"])), LOG_BATCH_MAX)
             entries = [e for e in self.log if e.lock_seq >= start][:limit]
             return Response(
-                op, cmd_id, Status.OK,
+                op,
+                cmd_id,
+                Status.OK,
                 {"entries": [e.to_cbor() for e in entries], "next": self.next_seq},
             )
         if op is Op.ACK_LOG:
@@ -232,7 +238,9 @@ class LockModel:
             "name": self.name,
         }
 
-    def _actuate(self, target: LockState, now: float, cmd_id: bytes | None, *, source: str) -> LogEntry:
+    def _actuate(
+        self, target: LockState, now: float, cmd_id: bytes | None, *, source: str
+    ) -> LogEntry:
         if self.jam_armed or self.state is LockState.JAMMED:
             self.jam_armed = False
             self.state = LockState.JAMMED
@@ -247,7 +255,10 @@ class LockModel:
         return self._log(now, kind, cmd_id, {"source": source})
 
     def _log(
-        self, now: float, kind: LogKind, cmd_id: bytes | None = None,
+        self,
+        now: float,
+        kind: LogKind,
+        cmd_id: bytes | None = None,
         data: dict[str, int | str] | None = None,
     ) -> LogEntry:
         if len(self.log) == LOG_CAPACITY:
@@ -264,14 +275,24 @@ class LockModel:
     def to_json(self) -> dict[str, Any]:
         b64 = base64.b64encode
         return {
-            "lock_id": self.lock_id, "setup_code": self.setup_code, "name": self.name,
-            "state": str(self.state), "door": str(self.door), "battery_pct": self.battery_pct,
-            "clock_offset_s": self.clock_offset_s, "drift_ppm": self.drift_ppm,
-            "auto_relock_s": self.auto_relock_s, "jam_armed": self.jam_armed,
-            "paired_gw": self.paired_gw, "ltk": b64(self.ltk).decode() if self.ltk else None,
-            "pairing_open_until": self.pairing_open_until, "failures": self.failures,
-            "lockouts": self.lockouts, "locked_out_until": self.locked_out_until,
-            "next_seq": self.next_seq, "state_counter": self.state_counter,
+            "lock_id": self.lock_id,
+            "setup_code": self.setup_code,
+            "name": self.name,
+            "state": str(self.state),
+            "door": str(self.door),
+            "battery_pct": self.battery_pct,
+            "clock_offset_s": self.clock_offset_s,
+            "drift_ppm": self.drift_ppm,
+            "auto_relock_s": self.auto_relock_s,
+            "jam_armed": self.jam_armed,
+            "paired_gw": self.paired_gw,
+            "ltk": b64(self.ltk).decode() if self.ltk else None,
+            "pairing_open_until": self.pairing_open_until,
+            "failures": self.failures,
+            "lockouts": self.lockouts,
+            "locked_out_until": self.locked_out_until,
+            "next_seq": self.next_seq,
+            "state_counter": self.state_counter,
             "log": [b64(cbor.dumps(e.to_cbor())).decode() for e in self.log],
             "results": [
                 b64(cbor.dumps([k, int(r.op), int(r.status), dict(r.result)])).decode()
@@ -282,10 +303,15 @@ class LockModel:
     @classmethod
     def from_json(cls, raw: dict[str, Any], path: Path | None = None) -> LockModel:
         b64d = base64.b64decode
-        model = cls(lock_id=raw["lock_id"], setup_code=raw["setup_code"], name=raw["name"], path=path)
+        model = cls(
+            lock_id=raw["lock_id"], setup_code=raw["setup_code"], name=raw["name"], path=path
+        )
         model.state, model.door = LockState(raw["state"]), DoorState(raw["door"])
         model.battery_pct = float(raw["battery_pct"])
-        model.clock_offset_s, model.drift_ppm = float(raw["clock_offset_s"]), float(raw["drift_ppm"])
+        model.clock_offset_s, model.drift_ppm = (
+            float(raw["clock_offset_s"]),
+            float(raw["drift_ppm"]),
+        )
         model.auto_relock_s = raw["auto_relock_s"]
         model.jam_armed = bool(raw["jam_armed"])
         model.paired_gw = raw["paired_gw"]
@@ -297,9 +323,17 @@ class LockModel:
         for item in raw["log"]:
             model.log.append(LogEntry.from_cbor(cbor.loads(b64d(item))))
         for item in raw["results"]:
-            key, op, status, result = cbor.loads(b64d(item))  # type: ignore[misc]
-            assert isinstance(key, bytes) and isinstance(result, dict)
-            model.results[key] = Response(Op(op), key, Status(status), {str(k): v for k, v in result.items()})
+            decoded = cbor.loads(b64d(item))
+            if not isinstance(decoded, list) or len(decoded) != 4:
+                raise ValueError("corrupt command cache entry in lock state file")
+            key, op, status, result = decoded
+            if not (isinstance(key, bytes) and isinstance(op, int) and isinstance(status, int)):
+                raise ValueError("corrupt command cache entry in lock state file")
+            if not isinstance(result, dict):
+                raise ValueError("corrupt command cache entry in lock state file")
+            model.results[key] = Response(
+                Op(op), key, Status(status), {str(k): v for k, v in result.items()}
+            )
         return model
 
     def save(self) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from protocols.framing import fragment
-from protocols.session import Event, GatewayConnection, Rng
-
 from firmware_sim.lock_model import LockModel
 from firmware_sim.peripheral import LinkDriver
+from protocols.framing import fragment
+from protocols.session import Event, GatewayConnection, Rng
 
 __all__ = ["MemoryLink"]
 
@@ -14,7 +13,9 @@ __all__ = ["MemoryLink"]
 class MemoryLink:
     """One connection between a GatewayConnection and a simulated lock, pieces of ``mtu - 3``."""
 
-    def __init__(self, gw: GatewayConnection, model: LockModel, *, rng: Rng, now: float, mtu: int = 247) -> None:
+    def __init__(
+        self, gw: GatewayConnection, model: LockModel, *, rng: Rng, now: float, mtu: int = 247
+    ) -> None:
         self.gw = gw
         self.driver = LinkDriver(model, rng=rng, now=now)
         self.mtu = mtu

@@ -8,6 +8,7 @@ Sans-I/O like the protocol it drives: the radio layer (memory link or Bumble) ca
 
 from __future__ import annotations
 
+from firmware_sim.lock_model import LockModel
 from protocols.errors import ProtocolError
 from protocols.messages import ErrorCode, LinkRole, Response, Status, is_allowed
 from protocols.session import (
@@ -18,8 +19,6 @@ from protocols.session import (
     Rng,
     State,
 )
-
-from firmware_sim.lock_model import LockModel
 
 __all__ = ["LinkDriver"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from protocols.errors import CborError
 from protocols.limits import MAX_CBOR_DEPTH, MAX_CBOR_ITEMS
@@ -31,7 +32,11 @@ class Tag:
     value: CborValue
 
 
-CborValue = int | bytes | str | bool | None | list["CborValue"] | dict["CborKey", "CborValue"] | Tag
+# Containers are typed as read-only views so that ``dict[str, int]`` is a CborValue; keys are
+# checked at run time (int, str or bytes).
+CborValue = (
+    int | bytes | str | bool | None | Sequence["CborValue"] | Mapping[Any, "CborValue"] | Tag
+)
 CborKey = int | str | bytes
 
 _FALSE: Final = 0xF4
@@ -171,7 +176,7 @@ def dumps(value: CborValue) -> bytes:
         return _head(3, len(raw)) + raw
     if isinstance(value, list | tuple):
         return _head(4, len(value)) + b"".join(dumps(v) for v in value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         pairs = sorted((dumps(k), dumps(v)) for k, v in value.items())
         return _head(5, len(pairs)) + b"".join(k + v for k, v in pairs)
     if isinstance(value, Tag):

@@ -4,6 +4,30 @@ from __future__ import annotations
 
 from typing import Final
 
+__all__ = [
+    "ATT_OVERHEAD",
+    "CHALLENGE_NONCE_LEN",
+    "CHALLENGE_TTL_S",
+    "COMMAND_CACHE",
+    "COMMAND_ID_LEN",
+    "FRAME_HEADER_LEN",
+    "LOG_BATCH_MAX",
+    "MAX_ATT_MTU",
+    "MAX_CBOR_DEPTH",
+    "MAX_CBOR_ITEMS",
+    "MAX_FRAME_BODY",
+    "MAX_ID_LEN",
+    "MAX_KEYRING_BYTES",
+    "MAX_MESSAGES_PER_SESSION",
+    "MAX_OUTSTANDING_CHALLENGES",
+    "MAX_PROOF_BYTES",
+    "MAX_REVOCATIONS_BYTES",
+    "MAX_TIME_STATEMENT_BYTES",
+    "MAX_TOKEN_BYTES",
+    "MIN_ATT_MTU",
+    "NONCE_LEN",
+]
+
 # --- lock wire protocol -------------------------------------------------------------------
 
 #: Largest frame body. The biggest message is a log batch (LOG_BATCH_MAX entries of at most

@@ -48,7 +48,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -559,8 +559,9 @@ class GatewayConnection(_Connection):
 
     def _on_hello_reply(self, body: bytes) -> list[Event]:
         lock_id, eph_l, nonce_l, mac = _array(body, 4, "HELLO_REPLY")
-        if validate_id(lock_id, "lock id") != self._expected_lock:
-            raise AuthenticationError(f"expected lock {self._expected_lock}, got {lock_id}")
+        got = validate_id(lock_id, "lock id")
+        if got != self._expected_lock:
+            raise AuthenticationError(f"expected lock {self._expected_lock}, got {got}")
         eph = _bstr(eph_l, 32, "ephemeral key")
         _bstr(nonce_l, NONCE_LEN, "nonce")
         assert self._eph is not None
@@ -669,8 +670,8 @@ class LockConnection(_Connection):
         _bstr(nonce_g, NONCE_LEN, "nonce")
         if self._setup_code is None:
             message = {
-                ErrorCode.RATE_LIMITED: "too many wrong setup codes; pairing is locked for a while",
-                ErrorCode.ALREADY_PAIRED: "lock is paired with another gateway; unpair it there first",
+                ErrorCode.RATE_LIMITED: "too many wrong setup codes; pairing locked for a while",
+                ErrorCode.ALREADY_PAIRED: "lock is paired with another gateway; unpair it first",
             }.get(self._pairing_refusal, "lock is not in pairing mode; press its pairing button")
             return self._refuse(self._pairing_refusal, message)
         self._spake = SPAKE2_B(
@@ -739,10 +740,12 @@ class LockConnection(_Connection):
         return [SessionEstablished(self._pair_gw, self.lock_id)]
 
 
-def _mermaid(name: str, table: Mapping[tuple[State, enum.Enum], State]) -> str:
+def _mermaid(name: str, table: Mapping[tuple[State, Any], State]) -> str:
     lines = [f"%% {name}", "stateDiagram-v2"]
     for (src, inp), dst in table.items():
-        if inp.name == "CLOSE" or (dst is State.CLOSED and src is not State.IDLE and "ERROR" in inp.name):
+        if inp.name == "CLOSE" or (
+            dst is State.CLOSED and src is not State.IDLE and "ERROR" in inp.name
+        ):
             continue
         lines.append(f"    {src.name} --> {dst.name}: {inp.value}")
     lines.append("    note right of CLOSED: any pair not in the table, any error, close()")

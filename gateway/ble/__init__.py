@@ -1,0 +1,3 @@
+"""BLE edge: bleak backends and the lock client."""
+
+__all__: list[str] = []

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from bleak.args import SizedBuffer
 from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -102,7 +102,7 @@ class BumbleHost:
             raise AdapterUnavailable("Bumble host is not open; use 'async with BumbleHost(...)'")
         return self._device
 
-    async def __aenter__(self) -> BumbleHost:
+    async def __aenter__(self) -> Self:
         if self._device is not None:
             raise RuntimeError("BumbleHost is not reentrant")
         try:
@@ -113,7 +113,10 @@ class BumbleHost:
                 assert self._transport_name is not None
                 self._transport = await open_transport(self._transport_name)
                 device = Device.with_hci(
-                    "lockgw", hci.Address(self._address), self._transport.source, self._transport.sink
+                    "lockgw",
+                    hci.Address(self._address),
+                    self._transport.source,
+                    self._transport.sink,
                 )
             async with asyncio.timeout(10):
                 await device.power_on()
@@ -181,7 +184,10 @@ class BumbleBleakScanner(BaseBleakScanner):
         service_uuids: list[str] = []
         tx_power: int | None = None
         for ad_type, raw in adv.data.ad_structures:
-            if ad_type in (AdvertisingData.COMPLETE_LOCAL_NAME, AdvertisingData.SHORTENED_LOCAL_NAME):
+            if ad_type in (
+                AdvertisingData.COMPLETE_LOCAL_NAME,
+                AdvertisingData.SHORTENED_LOCAL_NAME,
+            ):
                 name = raw.decode("utf-8", "replace")
             elif ad_type == AdvertisingData.MANUFACTURER_SPECIFIC_DATA and len(raw) >= 2:
                 manufacturer[int.from_bytes(raw[:2], "little")] = bytes(raw[2:])
@@ -220,7 +226,9 @@ class BumbleBleakClient(BaseBleakClient):
             disconnected_callback=kwargs.pop("disconnected_callback", None),
             timeout=kwargs.pop("timeout", 10.0),
         )
-        details = address_or_ble_device.details if isinstance(address_or_ble_device, BLEDevice) else None
+        details = (
+            address_or_ble_device.details if isinstance(address_or_ble_device, BLEDevice) else None
+        )
         self._peer_address: hci.Address = (
             details if isinstance(details, hci.Address) else hci.Address(self.address)
         )
@@ -261,20 +269,28 @@ class BumbleBleakClient(BaseBleakClient):
                     await peer.discover_services()
                     services = BleakGATTServiceCollection()
                     for service in peer.services:
-                        bservice = BleakGATTService(service, service.handle, _uuid_str(service.uuid))
+                        bservice = BleakGATTService(
+                            service, service.handle, _uuid_str(service.uuid)
+                        )
                         services.add_service(bservice)
                         await service.discover_characteristics()
                         for char in service.characteristics:
                             await char.discover_descriptors()
                             props = [n for bit, n in _PROPERTY_NAMES if int(char.properties) & bit]
                             bchar = BleakGATTCharacteristic(
-                                char, char.handle, _uuid_str(char.uuid), props,  # type: ignore[arg-type]
-                                lambda: self.mtu_size - 3, bservice,
+                                char,
+                                char.handle,
+                                _uuid_str(char.uuid),
+                                props,  # type: ignore[arg-type]
+                                lambda: self.mtu_size - 3,
+                                bservice,
                             )
                             services.add_characteristic(bchar)
                             for desc in char.descriptors:
                                 services.add_descriptor(
-                                    BleakGATTDescriptor(desc, desc.handle, _uuid_str(desc.type), bchar)
+                                    BleakGATTDescriptor(
+                                        desc, desc.handle, _uuid_str(desc.type), bchar
+                                    )
                                 )
             self.services = services
         except BaseException:
@@ -292,7 +308,9 @@ class BumbleBleakClient(BaseBleakClient):
         connection = self._connection
         if connection is None:
             return
-        with contextlib.suppress(core.BaseBumbleError, hci.HCI_Error, TimeoutError, ConnectionError):
+        with contextlib.suppress(
+            core.BaseBumbleError, hci.HCI_Error, TimeoutError, ConnectionError
+        ):
             async with asyncio.timeout(5):
                 await connection.disconnect()
         self._on_disconnection(0)
@@ -326,7 +344,9 @@ class BumbleBleakClient(BaseBleakClient):
         with _map_bumble_errors("write"):
             await peer.write_value(characteristic.obj, bytes(data), with_response=response)
 
-    async def write_gatt_descriptor(self, descriptor: BleakGATTDescriptor, data: SizedBuffer) -> None:
+    async def write_gatt_descriptor(
+        self, descriptor: BleakGATTDescriptor, data: SizedBuffer
+    ) -> None:
         peer = self._require()
         with _map_bumble_errors("write descriptor"):
             await peer.write_value(descriptor.obj, bytes(data), with_response=True)

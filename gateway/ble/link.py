@@ -117,8 +117,9 @@ class LockClient:
                 await client.start_notify(tx, self._on_notify)
         except TimeoutError as exc:
             await _quiet_disconnect(client)
-            raise LockUnreachable(f"no connection to {_name(self._device)} within "
-                                  f"{self._connect_timeout_s:.0f} s") from exc
+            raise LockUnreachable(
+                f"no connection to {_name(self._device)} within {self._connect_timeout_s:.0f} s"
+            ) from exc
         except BleakError as exc:
             await _quiet_disconnect(client)
             raise LockUnreachable(f"cannot connect to {_name(self._device)}: {exc}") from exc
@@ -129,7 +130,10 @@ class LockClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -151,7 +155,9 @@ class LockClient:
             self.lock_id = event.lock_id
             return event
         if isinstance(event, PairingRefused):
-            raise PairingFailed(event.message, reason=event.code.name.lower(), attempts_left=event.attempts_left)
+            raise PairingFailed(
+                event.message, reason=event.code.name.lower(), attempts_left=event.attempts_left
+            )
         raise LockMisbehaved(f"unexpected answer to pairing: {type(event).__name__}")
 
     async def open_session(self, *, lock_id: str, ltk: bytes) -> None:
@@ -164,7 +170,9 @@ class LockClient:
             raise LockMisbehaved(f"lock refused the session: {event.message}", code="lock_error")
         raise LockMisbehaved(f"unexpected answer to HELLO: {type(event).__name__}")
 
-    async def request(self, op: Op, args: dict[str, Any] | None = None, *, cmd_id: bytes | None = None) -> Response:
+    async def request(
+        self, op: Op, args: dict[str, Any] | None = None, *, cmd_id: bytes | None = None
+    ) -> Response:
         """Send one command and wait for its response (same ``cmd_id`` ⇒ same result)."""
         cmd_id = cmd_id or self._rng(COMMAND_ID_LEN)
         async with self._request_lock:
@@ -207,7 +215,8 @@ class LockClient:
             raise err from exc
 
     async def _write(self, data: bytes) -> None:
-        assert self._client is not None and self._rx is not None
+        assert self._client is not None
+        assert self._rx is not None
         try:
             for piece in fragment(data, self.mtu):
                 await self._client.write_gatt_char(self._rx, piece, response=True)

@@ -11,7 +11,7 @@ from conftest import Air
 from gateway.ble.link import LockClient
 from gateway.errors import BleError, LinkLost, LinkTimeout, LockMisbehaved, PairingFailed
 from protocols.gatt import COMPANY_ID, decode_advert
-from protocols.messages import LockState, LogKind, LogEntry, Op, Status
+from protocols.messages import LockState, LogEntry, LogKind, Op, Status
 
 pytestmark = pytest.mark.ble
 GW = "gw-test-1"
@@ -84,7 +84,9 @@ async def test_retried_unlock_after_link_drop_actuates_once(air: Air) -> None:
     ltk = await pair(air)
     backend = air.host.client_backend()
     cmd = bytes(range(16))
-    async with LockClient(str(sim.address), gw_id=GW, backend=backend, request_timeout_s=2) as client:
+    async with LockClient(
+        str(sim.address), gw_id=GW, backend=backend, request_timeout_s=2
+    ) as client:
         await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
         await air.radio.apply_fault(sim.model.lock_id, "drop_after_write")
         with pytest.raises(LinkLost):
@@ -104,7 +106,9 @@ async def test_hostile_lock_never_crashes_the_client(air: Air, mode: str) -> Non
     sim = air.locks[0]
     ltk = await pair(air)
     await air.radio.apply_fault(sim.model.lock_id, "hostile", mode)
-    async with LockClient(str(sim.address), gw_id=GW, backend=air.host.client_backend(), request_timeout_s=1) as client:
+    async with LockClient(
+        str(sim.address), gw_id=GW, backend=air.host.client_backend(), request_timeout_s=1
+    ) as client:
         with pytest.raises(BleError) as info:
             await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
     # Garbage and absurd lengths are protocol violations; a frame that never completes is a
@@ -115,7 +119,9 @@ async def test_hostile_lock_never_crashes_the_client(air: Air, mode: str) -> Non
     await air.radio.apply_fault(sim.model.lock_id, "hostile", None)
     ltk2 = await pair(air, 1)
     other = air.locks[1]
-    async with LockClient(str(other.address), gw_id=GW, backend=air.host.client_backend()) as client:
+    async with LockClient(
+        str(other.address), gw_id=GW, backend=air.host.client_backend()
+    ) as client:
         await client.open_session(lock_id=other.model.lock_id, ltk=ltk2)
         assert (await client.request(Op.STATUS)).status is Status.OK
 

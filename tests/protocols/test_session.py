@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -32,10 +33,16 @@ CODE = "482-913-705"
 CMD = bytes(range(16))
 
 
-def pair_once(code: str = CODE, lock_code: str | None = CODE, seed: int = 1) -> tuple[ConnectionPair, list, list]:
+def pair_once(
+    code: str = CODE, lock_code: str | None = CODE, seed: int = 1
+) -> tuple[ConnectionPair, list, list]:
     gw = GatewayConnection(gw_id="gw-test-1", rng=SeededRng(f"gw{seed}"))
     lock = LockConnection(
-        lock_id="lock-a1", rng=SeededRng(f"lock{seed}"), keys={}, setup_code=lock_code, attempts_left=5
+        lock_id="lock-a1",
+        rng=SeededRng(f"lock{seed}"),
+        keys={},
+        setup_code=lock_code,
+        attempts_left=5,
     )
     pair = ConnectionPair(gw, lock)
     gw.start_pairing(code)
@@ -106,14 +113,18 @@ def test_session_commands_roundtrip_at_every_mtu(mtu: int) -> None:
     pair.gw.send_request(Request(Op.READ_LOG, CMD, {"from": 1, "max": 16}))
     lock_events = pair.to_lock()
     assert lock_events == [RequestReceived(Request(Op.READ_LOG, CMD, {"from": 1, "max": 16}))]
-    resp = Response(Op.READ_LOG, CMD, Status.OK, {"entries": [[1, 5, "manual", None, {}]] * 16, "next": 17})
+    resp = Response(
+        Op.READ_LOG, CMD, Status.OK, {"entries": [[1, 5, "manual", None, {}]] * 16, "next": 17}
+    )
     pair.lock.send_response(resp)
     assert pair.to_gw() == [ResponseReceived(resp)]
 
 
 def test_unknown_gateway_gets_not_paired() -> None:
     gw = GatewayConnection(gw_id="gw-other", rng=SeededRng("o"))
-    lock = LockConnection(lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(32))})
+    lock = LockConnection(
+        lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(32))}
+    )
     pair = ConnectionPair(gw, lock)
     gw.start_session(lock_id="lock-a1", ltk=bytes(range(1, 33)))
     _, gw_events = pair.transfer()
@@ -123,7 +134,9 @@ def test_unknown_gateway_gets_not_paired() -> None:
 
 def test_wrong_ltk_fails_mutual_authentication() -> None:
     gw = GatewayConnection(gw_id="gw-test-1", rng=SeededRng("o"))
-    lock = LockConnection(lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(1, 33))})
+    lock = LockConnection(
+        lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(1, 33))}
+    )
     pair = ConnectionPair(gw, lock)
     gw.start_session(lock_id="lock-a1", ltk=bytes(range(2, 34)))
     pair.to_lock()
@@ -238,13 +251,16 @@ def test_every_lock_state_input_pair_moves_or_closes(state: State, inp: LockInpu
 @given(st.binary(max_size=600), st.sampled_from(["idle", "established"]))
 def test_B6_random_bytes_to_lock_raise_only_protocol_errors(data: bytes, where: str) -> None:
     if where == "idle":
-        lock = LockConnection(lock_id="lock-a1", rng=SeededRng("x"), keys={"gw-test-1": bytes(range(1, 33))}, setup_code=CODE)
+        lock = LockConnection(
+            lock_id="lock-a1",
+            rng=SeededRng("x"),
+            keys={"gw-test-1": bytes(range(1, 33))},
+            setup_code=CODE,
+        )
     else:
         lock = session(bytes(range(1, 33))).lock
-    try:
+    with contextlib.suppress(ProtocolError):
         lock.receive_data(data)
-    except ProtocolError:
-        pass
 
 
 @settings(max_examples=500, deadline=None)
@@ -257,7 +273,5 @@ def test_B6_random_bytes_to_gateway_raise_only_protocol_errors(data: bytes, wher
         gw.start_session(lock_id="lock-a1", ltk=bytes(range(1, 33)))
     else:
         gw = session(bytes(range(1, 33))).gw
-    try:
+    with contextlib.suppress(ProtocolError):
         gw.receive_data(data)
-    except ProtocolError:
-        pass

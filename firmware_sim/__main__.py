@@ -1,0 +1,130 @@
+"""``lockgw-sim``: simulated lock units on a real BLE host stack.
+
+``lockgw-sim serve --locks N [--seed N] [--state DIR] [--transport tcp-server:HOST:PORT]``
+prints one JSON line per lock (``{"lock", "address", "setup_code"}``), then a line
+``{"ready": true, "transport": ...}``, and serves until SIGINT/SIGTERM or end of input.
+
+Fault commands are JSON lines on standard input, answered by one JSON line on standard output
+(docs/simulator.md lists them)::
+
+    {"lock": "lk-1a2b3c4d", "fault": "jam"}
+    {"lock": "lk-1a2b3c4d", "fault": "battery", "value": 12}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from firmware_sim.bumble_peripheral import RadioTiming, SimRadio
+
+__all__ = ["main"]
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+async def _read_commands(radio: SimRadio, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while not stop.is_set():
+        try:
+            line = await reader.readline()
+        except (ValueError, asyncio.LimitOverrunError):
+            _emit({"ok": False, "error": "command line too long (limit 64 KiB)"})
+            continue
+        if not line:
+            stop.set()  # end of input: the controlling process is gone
+            return
+        if not line.strip():
+            continue
+        try:
+            command = json.loads(line)
+            if not isinstance(command, dict):
+                raise TypeError("a command is a JSON object")
+            result = await radio.apply_fault(
+                str(command["lock"]), str(command["fault"]), command.get("value")
+            )
+            _emit(result)
+        except (ValueError, KeyError, TypeError) as exc:
+            _emit({"ok": False, "error": str(exc)})
+
+
+async def serve(args: argparse.Namespace) -> int:
+    timing = RadioTiming(
+        advertising_interval_ms=args.adv_interval_ms, response_delay_s=args.response_delay_ms / 1000
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with SimRadio(timing=timing) as radio:
+        locks = await radio.add_locks(args.locks, seed=args.seed, state_dir=args.state)
+        if args.transport:
+            try:
+                await radio.serve_hci(args.transport)
+            except (OSError, ValueError) as exc:
+                print(
+                    f"lockgw-sim: cannot open transport {args.transport!r}: {exc}", file=sys.stderr
+                )
+                return 2
+        for sim in locks:
+            _emit(
+                {
+                    "lock": sim.model.lock_id,
+                    "address": str(sim.address).split("/")[0],
+                    "setup_code": sim.model.setup_code,
+                }
+            )
+        _emit({"ready": True, "transport": args.transport})
+        reader = asyncio.create_task(_read_commands(radio, stop), name="sim-commands")
+        try:
+            await stop.wait()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lockgw-sim", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve simulated locks until stopped")
+    p.add_argument("--locks", type=int, default=3, help="number of locks (1..500)")
+    p.add_argument("--seed", type=int, default=None, help="deterministic lock ids and setup codes")
+    p.add_argument("--state", type=Path, default=None, help="directory that persists lock state")
+    p.add_argument(
+        "--transport",
+        default=None,
+        help="HCI transport for the gateway, e.g. tcp-server:127.0.0.1:9100",
+    )
+    p.add_argument(
+        "--adv-interval-ms", type=float, default=20.0, help="advertising interval (20..10240)"
+    )
+    p.add_argument(
+        "--response-delay-ms", type=float, default=0.0, help="delay before each lock answer"
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.locks <= 500:
+        parser.error("--locks must be between 1 and 500")
+    if not 20.0 <= args.adv_interval_ms <= 10240.0:
+        parser.error("--adv-interval-ms must be between 20 and 10240")
+    if args.response_delay_ms < 0:
+        parser.error("--response-delay-ms must not be negative")
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols import cbor
+from protocols.errors import CborError
+
+keys = st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=8), st.binary(max_size=8))
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64 - 1),
+    st.binary(max_size=40),
+    st.text(max_size=40),
+)
+values = st.recursive(
+    leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.dictionaries(keys, children, max_size=5),
+        st.builds(cbor.Tag, st.integers(0, 2**32), children),
+    ),
+    max_leaves=20,
+)
+
+
+def depth(v: object) -> int:
+    if isinstance(v, list):
+        return 1 + max((depth(x) for x in v), default=0)
+    if isinstance(v, dict):
+        return 1 + max((max(depth(k), depth(x)) for k, x in v.items()), default=0)
+    if isinstance(v, cbor.Tag):
+        return 1 + depth(v.value)
+    return 1
+
+
+@settings(max_examples=500)
+@given(values)
+def test_roundtrip(value: cbor.CborValue) -> None:
+    encoded = cbor.dumps(value)
+    if depth(value) <= 8:
+        assert cbor.loads(encoded) == value
+    else:
+        with pytest.raises(CborError):
+            cbor.loads(encoded)
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=200))
+def test_B6_random_bytes_raise_only_cbor_error(data: bytes) -> None:
+    with contextlib.suppress(CborError):
+        cbor.loads(data)
+
+
+@pytest.mark.parametrize(
+    ("hexdata", "why"),
+    [
+        ("5f41014102ff", "indefinite byte string"),
+        ("9f01ff", "indefinite array"),
+        ("a201010102", "duplicate map key"),
+        ("a2616101616102", "duplicate text key"),
+        ("0102", "trailing bytes"),
+        ("f97c00", "half float"),
+        ("fb3ff0000000000000", "double"),
+        ("f7", "undefined"),
+        ("1c", "reserved additional info"),
+        ("5a00010000", "byte string longer than input"),
+        ("9b0000000100000000", "array count beyond input"),
+        ("62c328", "invalid utf-8"),
+        ("a1f601", "null as a map key"),
+        ("818181818181818101", "nesting 9"),
+    ],
+)
+def test_rejections(hexdata: str, why: str) -> None:
+    with pytest.raises(CborError):
+        cbor.loads(bytes.fromhex(hexdata))
+
+
+def test_nesting_8_is_accepted() -> None:
+    assert cbor.loads(bytes.fromhex("8181818181818101")) == [[[[[[[1]]]]]]]
+
+
+def test_deterministic_map_order() -> None:
+    # Keys sort by their encoded bytes: 0x0a (10) < 0x20 (-1) < 0x6161 ("a") < 0x6162 ("b").
+    assert cbor.dumps({"b": 1, "a": 2, 10: 3, -1: 4}) == bytes.fromhex("a40a032004616102616201")
+
+
+def test_shortest_integer_forms() -> None:
+    assert [cbor.dumps(n).hex() for n in (23, 24, 255, 256, 65536, -25)] == [
+        "17",
+        "1818",
+        "18ff",
+        "190100",
+        "1a00010000",
+        "3818",
+    ]
