@@ -73,9 +73,7 @@ async def serve(args: argparse.Namespace) -> int:
             try:
                 await radio.serve_hci(args.transport)
             except (OSError, ValueError) as exc:
-                print(
-                    f"lockgw-sim: cannot open transport {args.transport!r}: {exc}", file=sys.stderr
-                )
+                print(f"lockgw-sim: cannot open transport {args.transport!r}: {exc}", file=sys.stderr)
                 return 2
         for sim in locks:
             _emit(
@@ -108,12 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="HCI transport for the gateway, e.g. tcp-server:127.0.0.1:9100",
     )
-    p.add_argument(
-        "--adv-interval-ms", type=float, default=20.0, help="advertising interval (20..10240)"
-    )
-    p.add_argument(
-        "--response-delay-ms", type=float, default=0.0, help="delay before each lock answer"
-    )
+    p.add_argument("--adv-interval-ms", type=float, default=20.0, help="advertising interval (20..10240)")
+    p.add_argument("--response-delay-ms", type=float, default=0.0, help="delay before each lock answer")
     args = parser.parse_args(argv)
     if not 1 <= args.locks <= 500:
         parser.error("--locks must be between 1 and 500")

@@ -288,9 +288,7 @@ class SimRadio:
             await notify(connection, sim.tx, bytes([1, 0x20, 0x01, 0x00]) + bytes(8))
         elif mode == "flood":
             for _ in range(200):
-                await notify(
-                    connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big")
-                )
+                await notify(connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big"))
 
     # --- faults (see docs/simulator.md) ------------------------------------------------
 

@@ -175,9 +175,7 @@ class LockModel:
         if cached is not None and cached.op is request.op:
             return cached
         if cached is not None:
-            return Response(
-                request.op, request.cmd_id, Status.BAD_REQUEST, {"error": "cmd_id reused"}
-            )
+            return Response(request.op, request.cmd_id, Status.BAD_REQUEST, {"error": "cmd_id reused"})
         response = self._run(request, now)
         if request.op in (Op.UNLOCK, Op.LOCK, Op.ACK_LOG, Op.SET_TIME, Op.UNPAIR):
             self.results[request.cmd_id] = response
@@ -192,9 +190,7 @@ class LockModel:
             target = LockState.UNLOCKED if op is Op.UNLOCK else LockState.LOCKED
             entry = self._actuate(target, now, cmd_id, source="gateway")
             status = Status.JAMMED if self.state is LockState.JAMMED else Status.OK
-            return Response(
-                op, cmd_id, status, {"state": str(self.state), "lock_seq": entry.lock_seq}
-            )
+            return Response(op, cmd_id, status, {"state": str(self.state), "lock_seq": entry.lock_seq})
         if op is Op.STATUS:
             return Response(op, cmd_id, Status.OK, self.status(now))
         if op is Op.READ_LOG:
@@ -238,9 +234,7 @@ class LockModel:
             "name": self.name,
         }
 
-    def _actuate(
-        self, target: LockState, now: float, cmd_id: bytes | None, *, source: str
-    ) -> LogEntry:
+    def _actuate(self, target: LockState, now: float, cmd_id: bytes | None, *, source: str) -> LogEntry:
         if self.jam_armed or self.state is LockState.JAMMED:
             self.jam_armed = False
             self.state = LockState.JAMMED
@@ -303,9 +297,7 @@ class LockModel:
     @classmethod
     def from_json(cls, raw: dict[str, Any], path: Path | None = None) -> LockModel:
         b64d = base64.b64decode
-        model = cls(
-            lock_id=raw["lock_id"], setup_code=raw["setup_code"], name=raw["name"], path=path
-        )
+        model = cls(lock_id=raw["lock_id"], setup_code=raw["setup_code"], name=raw["name"], path=path)
         model.state, model.door = LockState(raw["state"]), DoorState(raw["door"])
         model.battery_pct = float(raw["battery_pct"])
         model.clock_offset_s, model.drift_ppm = (
@@ -325,15 +317,13 @@ class LockModel:
         for item in raw["results"]:
             decoded = cbor.loads(b64d(item))
             if not isinstance(decoded, list) or len(decoded) != 4:
-                raise ValueError("corrupt command cache entry in lock state file")
+                raise TypeError("corrupt command cache entry in lock state file")
             key, op, status, result = decoded
             if not (isinstance(key, bytes) and isinstance(op, int) and isinstance(status, int)):
-                raise ValueError("corrupt command cache entry in lock state file")
+                raise TypeError("corrupt command cache entry in lock state file")
             if not isinstance(result, dict):
-                raise ValueError("corrupt command cache entry in lock state file")
-            model.results[key] = Response(
-                Op(op), key, Status(status), {str(k): v for k, v in result.items()}
-            )
+                raise TypeError("corrupt command cache entry in lock state file")
+            model.results[key] = Response(Op(op), key, Status(status), {str(k): v for k, v in result.items()})
         return model
 
     def save(self) -> None:

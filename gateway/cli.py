@@ -9,7 +9,7 @@ import sys
 __all__ = ["main"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: RET503 - parser.error exits
     parser = argparse.ArgumentParser(prog="lockgw", description="lockgw gateway and CLI")
     parser.add_argument("--config", default=None, help="configuration file (TOML)")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.locks <= 20:
             parser.error("--locks must be between 1 and 20")
         return asyncio.run(run_demo(locks=args.locks, seed=args.seed))
-    parser.error(f"unknown command {args.command}")
-    return 2
+    parser.error(f"unknown command {args.command}")  # argparse exits with status 2
 
 
 if __name__ == "__main__":

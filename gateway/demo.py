@@ -21,7 +21,7 @@ from gateway.ble.bumble_backend import BumbleHost
 from gateway.ble.link import LockClient
 from gateway.errors import LockMisbehaved, PairingFailed
 from protocols.gatt import COMPANY_ID, decode_advert
-from protocols.messages import LogEntry, Op
+from protocols.messages import Op, parse_actuation, parse_log, parse_status
 
 __all__ = ["run_demo"]
 
@@ -39,9 +39,7 @@ async def _scan(host: BumbleHost, want: int) -> dict[str, BLEDevice]:
             advert = decode_advert(adv.manufacturer_data.get(COMPANY_ID, b""))
             if advert and advert.lock_id not in found:
                 found[advert.lock_id] = device
-                mode = (
-                    "pairing mode" if advert.pairing_mode else "paired" if advert.paired else "idle"
-                )
+                mode = "pairing mode" if advert.pairing_mode else "paired" if advert.paired else "idle"
                 _say(f"  found {advert.lock_id} at {device.address}  rssi {adv.rssi} dBm  ({mode})")
             if len(found) == want:
                 break
@@ -53,9 +51,8 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
     async with SimRadio() as radio:
         sims = await radio.add_locks(locks, seed=seed)
         for sim in sims:
-            _say(
-                f"  lock unit {sim.model.lock_id}: setup code printed on the unit: {sim.model.setup_code}"
-            )
+            code = sim.model.setup_code
+            _say(f"  lock unit {sim.model.lock_id}: setup code printed on the unit: {code}")
         async with BumbleHost(controller=radio.open_gateway_controller()) as host:
             backend = host.client_backend()
             _say("\n1. scan")
@@ -63,9 +60,7 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
 
             _say("\n2. a wrong setup code is refused")
             first = sims[0]
-            async with LockClient(
-                devices[first.model.lock_id], gw_id=GW_ID, backend=backend
-            ) as client:
+            async with LockClient(devices[first.model.lock_id], gw_id=GW_ID, backend=backend) as client:
                 try:
                     await client.pair("000-000-000")
                 except PairingFailed as exc:
@@ -74,9 +69,7 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
             _say("\n3. pair every lock with its setup code")
             keys: dict[str, bytes] = {}
             for sim in sims:
-                async with LockClient(
-                    devices[sim.model.lock_id], gw_id=GW_ID, backend=backend
-                ) as client:
+                async with LockClient(devices[sim.model.lock_id], gw_id=GW_ID, backend=backend) as client:
                     done = await client.pair(sim.model.setup_code)
                 keys[done.lock_id] = done.ltk
                 _say(f"  paired {done.lock_id} (fresh 256-bit link key)")
@@ -88,18 +81,15 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
                 async with LockClient(devices[lock_id], gw_id=GW_ID, backend=backend) as client:
                     t0 = time.perf_counter()
                     await client.open_session(lock_id=lock_id, ltk=keys[lock_id])
-                    r = await client.request(Op.UNLOCK)
+                    state, _ = parse_actuation((await client.request(Op.UNLOCK)).result)
                     latencies.append((time.perf_counter() - t0) * 1000)
-                    _say(f"  {lock_id}: unlock → {r.result['state']}")
-                    r = await client.request(Op.LOCK)
-                    _say(f"  {lock_id}: lock   → {r.result['state']}")
-                    status = await client.request(Op.STATUS)
-                    _say(
-                        f"  {lock_id}: status door={status.result['door']} "
-                        f"battery={status.result['battery_pct']}% fw={status.result['firmware']}"
-                    )
+                    _say(f"  {lock_id}: unlock → {state}")
+                    state, _ = parse_actuation((await client.request(Op.LOCK)).result)
+                    _say(f"  {lock_id}: lock   → {state}")
+                    st = parse_status((await client.request(Op.STATUS)).result)
+                    _say(f"  {lock_id}: status door={st.door} battery={st.battery_pct}% fw={st.firmware}")
                     log = await client.request(Op.READ_LOG, {"from": 1, "max": 16})
-                    entries = [LogEntry.from_cbor(e) for e in log.result["entries"]]  # type: ignore[union-attr]
+                    entries, _ = parse_log(log.result)
                     _say(f"  {lock_id}: lock log {[f'{e.lock_seq}:{e.kind}' for e in entries]}")
 
             _say("\n5. a forged session (wrong link key) is refused by the lock")

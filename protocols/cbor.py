@@ -14,8 +14,8 @@ never over a re-encoding.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from protocols.errors import CborError
@@ -34,9 +34,7 @@ class Tag:
 
 # Containers are typed as read-only views so that ``dict[str, int]`` is a CborValue; keys are
 # checked at run time (int, str or bytes).
-CborValue = (
-    int | bytes | str | bool | None | Sequence["CborValue"] | Mapping[Any, "CborValue"] | Tag
-)
+CborValue = int | bytes | str | bool | None | Sequence["CborValue"] | Mapping[Any, "CborValue"] | Tag
 CborKey = int | str | bytes
 
 _FALSE: Final = 0xF4

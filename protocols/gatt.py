@@ -42,13 +42,8 @@ class Advert:
 
 
 def encode_advert(advert: Advert) -> bytes:
-    flags = (FLAG_PAIRED if advert.paired else 0) | (
-        FLAG_PAIRING_MODE if advert.pairing_mode else 0
-    )
-    return (
-        struct.pack(">BBH", ADVERT_VERSION, flags, advert.state_counter & 0xFFFF)
-        + advert.lock_id.encode()
-    )
+    flags = (FLAG_PAIRED if advert.paired else 0) | (FLAG_PAIRING_MODE if advert.pairing_mode else 0)
+    return struct.pack(">BBH", ADVERT_VERSION, flags, advert.state_counter & 0xFFFF) + advert.lock_id.encode()
 
 
 def decode_advert(data: bytes) -> Advert | None:

@@ -27,6 +27,7 @@ __all__ = [
     "ErrorCode",
     "LinkRole",
     "LockState",
+    "LockStatus",
     "LogEntry",
     "LogKind",
     "Op",
@@ -37,6 +38,10 @@ __all__ = [
     "decode_response",
     "encode_request",
     "encode_response",
+    "is_allowed",
+    "parse_actuation",
+    "parse_log",
+    "parse_status",
     "validate_id",
 ]
 
@@ -260,3 +265,69 @@ def decode_response(data: bytes) -> Response:
     if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
         raise RemoteProtocolError("result must be a map with text keys", code="bad_message")
     return Response(Op(op_raw), cmd_id, Status(status_raw), {str(k): v for k, v in result.items()})
+
+
+# --- typed views of lock results (a hostile lock's result is refused, never trusted) ---------
+
+
+@dataclass(frozen=True, slots=True)
+class LockStatus:
+    state: LockState
+    door: DoorState
+    battery_pct: int
+    firmware: str
+    clock: int
+    log_first: int
+    log_next: int
+    name: str
+
+
+def _field(result: Mapping[str, cbor.CborValue], name: str, kind: type) -> object:
+    value = result.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RemoteProtocolError(f"lock result field {name!r} missing or malformed", code="bad_message")
+    return value
+
+
+def parse_status(result: Mapping[str, cbor.CborValue]) -> LockStatus:
+    try:
+        state = LockState(str(_field(result, "state", str)))
+        door = DoorState(str(_field(result, "door", str)))
+    except ValueError as exc:
+        raise RemoteProtocolError(f"lock reported an unknown state: {exc}", code="bad_message") from exc
+    battery = int(str(_field(result, "battery_pct", int)))
+    firmware, name = str(_field(result, "firmware", str)), str(_field(result, "name", str))
+    if not 0 <= battery <= 100 or len(firmware) > 64 or len(name) > 64:
+        raise RemoteProtocolError("lock status out of range", code="bad_message")
+    return LockStatus(
+        state,
+        door,
+        battery,
+        firmware,
+        int(str(_field(result, "clock", int))),
+        int(str(_field(result, "log_first", int))),
+        int(str(_field(result, "log_next", int))),
+        name,
+    )
+
+
+def parse_actuation(result: Mapping[str, cbor.CborValue]) -> tuple[LockState, int]:
+    """``(state, lock_seq)`` of an UNLOCK/LOCK result."""
+    try:
+        state = LockState(str(_field(result, "state", str)))
+    except ValueError as exc:
+        raise RemoteProtocolError(f"lock reported an unknown state: {exc}", code="bad_message") from exc
+    return state, int(str(_field(result, "lock_seq", int)))
+
+
+def parse_log(result: Mapping[str, cbor.CborValue]) -> tuple[list[LogEntry], int]:
+    """``(entries, next_seq)`` of a READ_LOG result; entries must ascend strictly."""
+    raw = _field(result, "entries", list)
+    assert isinstance(raw, list)
+    if len(raw) > LOG_BATCH_MAX:
+        raise RemoteProtocolError("lock returned more log entries than asked", code="bad_message")
+    entries = [LogEntry.from_cbor(item) for item in raw]
+    seqs = [e.lock_seq for e in entries]
+    if seqs != sorted(set(seqs)):
+        raise RemoteProtocolError("lock log entries out of order", code="bad_message")
+    return entries, int(str(_field(result, "next", int)))

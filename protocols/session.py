@@ -476,9 +476,7 @@ class GatewayConnection(_Connection):
 
     def start_pairing(self, setup_code: str) -> None:
         self._process(_G.START_PAIRING)
-        self._spake = SPAKE2_A(
-            setup_code.encode(), idA=_SPAKE_ID_GW, idB=_SPAKE_ID_LOCK, entropy_f=self._rng
-        )
+        self._spake = SPAKE2_A(setup_code.encode(), idA=_SPAKE_ID_GW, idB=_SPAKE_ID_LOCK, entropy_f=self._rng)
         msg = self._spake.start()
         nonce = self._rng(NONCE_LEN)
         self._pair_request = cbor.dumps([self.gw_id, msg, nonce])
@@ -743,9 +741,7 @@ class LockConnection(_Connection):
 def _mermaid(name: str, table: Mapping[tuple[State, Any], State]) -> str:
     lines = [f"%% {name}", "stateDiagram-v2"]
     for (src, inp), dst in table.items():
-        if inp.name == "CLOSE" or (
-            dst is State.CLOSED and src is not State.IDLE and "ERROR" in inp.name
-        ):
+        if inp.name == "CLOSE" or (dst is State.CLOSED and src is not State.IDLE and "ERROR" in inp.name):
             continue
         lines.append(f"    {src.name} --> {dst.name}: {inp.value}")
     lines.append("    note right of CLOSED: any pair not in the table, any error, close()")

@@ -226,9 +226,7 @@ class BumbleBleakClient(BaseBleakClient):
             disconnected_callback=kwargs.pop("disconnected_callback", None),
             timeout=kwargs.pop("timeout", 10.0),
         )
-        details = (
-            address_or_ble_device.details if isinstance(address_or_ble_device, BLEDevice) else None
-        )
+        details = address_or_ble_device.details if isinstance(address_or_ble_device, BLEDevice) else None
         self._peer_address: hci.Address = (
             details if isinstance(details, hci.Address) else hci.Address(self.address)
         )
@@ -269,9 +267,7 @@ class BumbleBleakClient(BaseBleakClient):
                     await peer.discover_services()
                     services = BleakGATTServiceCollection()
                     for service in peer.services:
-                        bservice = BleakGATTService(
-                            service, service.handle, _uuid_str(service.uuid)
-                        )
+                        bservice = BleakGATTService(service, service.handle, _uuid_str(service.uuid))
                         services.add_service(bservice)
                         await service.discover_characteristics()
                         for char in service.characteristics:
@@ -288,9 +284,7 @@ class BumbleBleakClient(BaseBleakClient):
                             services.add_characteristic(bchar)
                             for desc in char.descriptors:
                                 services.add_descriptor(
-                                    BleakGATTDescriptor(
-                                        desc, desc.handle, _uuid_str(desc.type), bchar
-                                    )
+                                    BleakGATTDescriptor(desc, desc.handle, _uuid_str(desc.type), bchar)
                                 )
             self.services = services
         except BaseException:
@@ -308,9 +302,7 @@ class BumbleBleakClient(BaseBleakClient):
         connection = self._connection
         if connection is None:
             return
-        with contextlib.suppress(
-            core.BaseBumbleError, hci.HCI_Error, TimeoutError, ConnectionError
-        ):
+        with contextlib.suppress(core.BaseBumbleError, hci.HCI_Error, TimeoutError, ConnectionError):
             async with asyncio.timeout(5):
                 await connection.disconnect()
         self._on_disconnection(0)
@@ -344,9 +336,7 @@ class BumbleBleakClient(BaseBleakClient):
         with _map_bumble_errors("write"):
             await peer.write_value(characteristic.obj, bytes(data), with_response=response)
 
-    async def write_gatt_descriptor(
-        self, descriptor: BleakGATTDescriptor, data: SizedBuffer
-    ) -> None:
+    async def write_gatt_descriptor(self, descriptor: BleakGATTDescriptor, data: SizedBuffer) -> None:
         peer = self._require()
         with _map_bumble_errors("write descriptor"):
             await peer.write_value(descriptor.obj, bytes(data), with_response=True)

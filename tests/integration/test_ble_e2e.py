@@ -84,9 +84,7 @@ async def test_retried_unlock_after_link_drop_actuates_once(air: Air) -> None:
     ltk = await pair(air)
     backend = air.host.client_backend()
     cmd = bytes(range(16))
-    async with LockClient(
-        str(sim.address), gw_id=GW, backend=backend, request_timeout_s=2
-    ) as client:
+    async with LockClient(str(sim.address), gw_id=GW, backend=backend, request_timeout_s=2) as client:
         await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
         await air.radio.apply_fault(sim.model.lock_id, "drop_after_write")
         with pytest.raises(LinkLost):
@@ -119,9 +117,7 @@ async def test_hostile_lock_never_crashes_the_client(air: Air, mode: str) -> Non
     await air.radio.apply_fault(sim.model.lock_id, "hostile", None)
     ltk2 = await pair(air, 1)
     other = air.locks[1]
-    async with LockClient(
-        str(other.address), gw_id=GW, backend=air.host.client_backend()
-    ) as client:
+    async with LockClient(str(other.address), gw_id=GW, backend=air.host.client_backend()) as client:
         await client.open_session(lock_id=other.model.lock_id, ltk=ltk2)
         assert (await client.request(Op.STATUS)).status is Status.OK
 

@@ -27,9 +27,7 @@ def feed(decoder: FrameDecoder, data: bytes, cuts: list[int]) -> list[Frame]:
 
 @settings(max_examples=500)
 @given(frames, st.lists(st.integers(0, 10_000), max_size=20))
-def test_roundtrip_under_any_fragmentation(
-    items: list[tuple[FrameType, bytes]], cuts: list[int]
-) -> None:
+def test_roundtrip_under_any_fragmentation(items: list[tuple[FrameType, bytes]], cuts: list[int]) -> None:
     data = b"".join(encode_frame(t, b) for t, b in items)
     assert feed(FrameDecoder(), data, cuts) == [Frame(t, b) for t, b in items]
 

@@ -113,18 +113,14 @@ def test_session_commands_roundtrip_at_every_mtu(mtu: int) -> None:
     pair.gw.send_request(Request(Op.READ_LOG, CMD, {"from": 1, "max": 16}))
     lock_events = pair.to_lock()
     assert lock_events == [RequestReceived(Request(Op.READ_LOG, CMD, {"from": 1, "max": 16}))]
-    resp = Response(
-        Op.READ_LOG, CMD, Status.OK, {"entries": [[1, 5, "manual", None, {}]] * 16, "next": 17}
-    )
+    resp = Response(Op.READ_LOG, CMD, Status.OK, {"entries": [[1, 5, "manual", None, {}]] * 16, "next": 17})
     pair.lock.send_response(resp)
     assert pair.to_gw() == [ResponseReceived(resp)]
 
 
 def test_unknown_gateway_gets_not_paired() -> None:
     gw = GatewayConnection(gw_id="gw-other", rng=SeededRng("o"))
-    lock = LockConnection(
-        lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(32))}
-    )
+    lock = LockConnection(lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(32))})
     pair = ConnectionPair(gw, lock)
     gw.start_session(lock_id="lock-a1", ltk=bytes(range(1, 33)))
     _, gw_events = pair.transfer()
@@ -134,9 +130,7 @@ def test_unknown_gateway_gets_not_paired() -> None:
 
 def test_wrong_ltk_fails_mutual_authentication() -> None:
     gw = GatewayConnection(gw_id="gw-test-1", rng=SeededRng("o"))
-    lock = LockConnection(
-        lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(1, 33))}
-    )
+    lock = LockConnection(lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(1, 33))})
     pair = ConnectionPair(gw, lock)
     gw.start_session(lock_id="lock-a1", ltk=bytes(range(2, 34)))
     pair.to_lock()
