@@ -115,8 +115,16 @@ def test_advert_roundtrip_and_garbage() -> None:
         assert decode_advert(bad) is None
 
 
-GOOD_STATUS = {"state": "locked", "door": "open", "battery_pct": 80, "firmware": "x", "clock": 5,
-               "log_first": 1, "log_next": 3, "name": "Door"}
+GOOD_STATUS = {
+    "state": "locked",
+    "door": "open",
+    "battery_pct": 80,
+    "firmware": "x",
+    "clock": 5,
+    "log_first": 1,
+    "log_next": 3,
+    "name": "Door",
+}
 
 
 def test_parse_status_and_hostile_variants() -> None:
@@ -124,9 +132,13 @@ def test_parse_status_and_hostile_variants() -> None:
 
     st_ = parse_status(GOOD_STATUS)
     assert st_.state is LockState.LOCKED and st_.door is DoorState.OPEN and st_.battery_pct == 80
-    for bad in ({**GOOD_STATUS, "state": "melted"}, {**GOOD_STATUS, "battery_pct": 101},
-                {**GOOD_STATUS, "battery_pct": True}, {k: v for k, v in GOOD_STATUS.items() if k != "door"},
-                {**GOOD_STATUS, "name": "x" * 65}):
+    for bad in (
+        {**GOOD_STATUS, "state": "melted"},
+        {**GOOD_STATUS, "battery_pct": 101},
+        {**GOOD_STATUS, "battery_pct": True},
+        {k: v for k, v in GOOD_STATUS.items() if k != "door"},
+        {**GOOD_STATUS, "name": "x" * 65},
+    ):
         with pytest.raises(RemoteProtocolError):
             parse_status(bad)
     assert parse_actuation({"state": "unlocked", "lock_seq": 4}) == (LockState.UNLOCKED, 4)
