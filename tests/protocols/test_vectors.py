@@ -86,7 +86,7 @@ def test_lock_link_vectors_match() -> None:
 def test_recorded_session_frames_replay_into_a_fresh_lock_fail() -> None:
     recorded = json.loads(VECTORS.read_text())["session"]["frames"]
     lock = LockConnection(lock_id="lk-vector-1", rng=SeededRng(b"other"), keys={"gw-vector-1": LTK})
-    from protocols.errors import ProtocolError  # noqa: PLC0415
+    from protocols.errors import ProtocolError
 
     try:
         for direction, data in recorded:
