@@ -1,0 +1,755 @@
+"""Offline authorization: keyrings, revocation lists, time statements, tokens and proofs.
+
+Pure: wall-clock time (``wall=``), the clock-synchronisation flag (``synced=``), monotonic time
+(``mono=``) and randomness (``rng=``) are arguments. The gateway (``gateway/authz.py``) adds the
+OS clock, persistence and events. CONTRACT §3 and §8.4–8.7 are implemented here; the order of
+checks in :meth:`Authority.decide` is the contract's, and every refusal raises
+:class:`~protocols.errors.TokenError` whose ``code`` is the contract's error code.
+
+Safety reasoning (docs/credentials.md): nothing foreseeable locks staff out. A key verifies
+what it signed while it was valid (token ``iat`` in the key's window) even after it expired; a
+keyring or revocation list past its ``exp`` keeps working, flagged ``stale`` with an alarm;
+every expiry is announced ``expiry_warning_days`` ahead; the time floor moves only forward and
+only on authenticated time, and never ahead of a synchronised clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from protocols import cbor
+from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
+from protocols.errors import CborError, CredentialError, TokenError, TrustDocumentError
+from protocols.limits import CHALLENGE_NONCE_LEN, CHALLENGE_TTL_S, MAX_OUTSTANDING_CHALLENGES
+from protocols.messages import validate_id
+
+__all__ = [
+    "ACTIONS",
+    "ROLES",
+    "Authority",
+    "Challenges",
+    "Decision",
+    "Expiry",
+    "InstallResult",
+    "Keyring",
+    "KeyringKey",
+    "Policy",
+    "RevocationList",
+    "TimeKeeper",
+    "TimeState",
+    "TimeStatement",
+    "TimeView",
+    "document_type",
+    "load_cbor_or_b64",
+]
+
+ROLES: Final = frozenset({"staff", "emergency", "revocations", "time"})
+ACTIONS: Final = frozenset({"unlock", "lock", "status"})
+TOKEN_ROLES: Final = frozenset({"staff", "emergency"})
+#: Actions a token can authorise at the gateway; "status" in a token is reserved (CONTRACT §8.11).
+TOKEN_ACTIONS: Final = frozenset({"unlock", "lock"})
+#: A value this far ahead of a synchronised clock does not move the floor (CONTRACT §3.6).
+MAX_AHEAD_OF_SYNCED_S: Final = 24 * 3600
+_MAX_LOCKS: Final = 64
+_CTI_LEN: Final = 16
+_MAX_TEXT: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    clock_leeway_s: int = 60
+    max_token_ttl_s: int = 43200
+    max_emergency_ttl_s: int = 3600
+    on_stale_revocations: str = "accept"  # "accept" | "deny"
+    expiry_warning_days: int = 30
+
+
+# --- small typed readers ---------------------------------------------------------------------
+
+
+def _int(m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str, *, unsigned: bool = False) -> int:
+    v = m.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not -(2**63) <= v < 2**63 or (unsigned and v < 0):
+        raise CredentialError(f"{what} must be an {'unsigned ' if unsigned else ''}integer", code=code)
+    return v
+
+
+def _text(m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str) -> str:
+    v = m.get(key)
+    if not isinstance(v, str) or not 1 <= len(v) <= _MAX_TEXT:
+        raise CredentialError(f"{what} must be text of 1..{_MAX_TEXT} characters", code=code)
+    return v
+
+
+def _exact_keys(m: Mapping[Any, cbor.CborValue], required: set[Any], optional: set[Any], what: str, code: str) -> None:
+    keys = set(m)
+    if not required <= keys:
+        raise CredentialError(f"{what} lacks {sorted(map(str, required - keys))}", code=code)
+    extra = keys - required - optional
+    if extra:
+        raise CredentialError(f"{what} has unexpected fields {sorted(map(str, extra))}", code=code)
+
+
+# --- trust documents -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyringKey:
+    kid: bytes
+    key: CoseKey
+    nbf: int
+    exp: int
+    roles: frozenset[str]
+    max_ttl: int
+    bearer: bool
+
+    def covers(self, iat: int) -> bool:
+        """A key verifies what it signed while valid: iat in [nbf, exp] (CONTRACT §3.2)."""
+        return self.nbf <= iat <= self.exp
+
+
+@dataclass(frozen=True, slots=True)
+class Keyring:
+    site: str
+    version: int
+    iat: int
+    exp: int
+    keys: Mapping[bytes, KeyringKey]
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationList:
+    site: str
+    version: int
+    iat: int
+    exp: int
+    cti: frozenset[bytes]
+    sub: Mapping[str, int]
+    raw: bytes = field(repr=False)
+
+    def revokes(self, cti: bytes, sub: str, iat: int) -> bool:
+        revoked_at = self.sub.get(sub)
+        return cti in self.cti or (revoked_at is not None and iat < revoked_at)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeStatement:
+    site: str
+    t: int
+    raw: bytes = field(repr=False)
+
+
+TrustDocument = Keyring | RevocationList | TimeStatement
+
+_REJECT = "trust_rejected"
+
+
+def document_type(raw: bytes) -> ContentType:
+    """The content type of a signed document (for ``trust install FILE``), without verifying."""
+    for ctype in (ContentType.KEYRING, ContentType.REVOCATIONS, ContentType.TIME):
+        try:
+            parse_sign1(raw, ctype, code=_REJECT)
+        except CredentialError as exc:
+            if "content type" in str(exc) or "exceeds" in str(exc):
+                continue
+            raise TrustDocumentError(str(exc), code="malformed") from exc
+        return ctype
+    raise TrustDocumentError("not a keyring, revocation list or time statement", code="wrong_type")
+
+
+def _parse_keyring_payload(sign1: Sign1, raw: bytes) -> Keyring:
+    m = sign1.payload_map(code="malformed")
+    _exact_keys(m, {"site", "version", "iat", "exp", "keys"}, set(), "keyring", "malformed")
+    site = validate_site(m["site"])
+    keys_raw = m["keys"]
+    if not isinstance(keys_raw, Sequence) or isinstance(keys_raw, str | bytes) or not keys_raw:
+        raise TrustDocumentError("keyring keys must be a non-empty array", code="malformed")
+    keys: dict[bytes, KeyringKey] = {}
+    for entry in keys_raw:
+        if not isinstance(entry, Mapping):
+            raise TrustDocumentError("keyring entry must be a map", code="malformed")
+        _exact_keys(entry, {"kid", "key", "nbf", "exp", "roles", "max_ttl", "bearer"}, set(), "keyring entry", "malformed")
+        kid = entry["kid"]
+        if not isinstance(kid, bytes) or not 1 <= len(kid) <= 32:
+            raise TrustDocumentError("keyring kid must be 1..32 bytes", code="malformed")
+        if kid in keys:
+            raise TrustDocumentError(f"duplicate kid {kid.hex()} in keyring", code="malformed")
+        try:
+            key = decode_key(entry["key"])
+        except CredentialError as exc:
+            raise TrustDocumentError(f"keyring key {kid.hex()}: {exc}", code="bad_key") from exc
+        if key.kid and key.kid != kid:
+            raise TrustDocumentError("keyring entry kid differs from its COSE_Key kid", code="malformed")
+        roles = entry["roles"]
+        if (not isinstance(roles, Sequence) or isinstance(roles, str | bytes) or not roles
+                or not all(isinstance(r, str) and r in ROLES for r in roles)):
+            raise TrustDocumentError(f"roles must be a non-empty subset of {sorted(ROLES)}", code="malformed")
+        bearer = entry["bearer"]
+        if not isinstance(bearer, bool):
+            raise TrustDocumentError("bearer must be a boolean", code="malformed")
+        keys[kid] = KeyringKey(
+            kid, CoseKey(key.alg, key.public, kid, key._p256),
+            _int(entry, "nbf", "nbf", "malformed"), _int(entry, "exp", "exp", "malformed"),
+            frozenset(str(r) for r in roles), _int(entry, "max_ttl", "max_ttl", "malformed", unsigned=True), bearer,
+        )
+    return Keyring(site, _int(m, "version", "version", "malformed", unsigned=True),
+                   _int(m, "iat", "iat", "malformed"), _int(m, "exp", "exp", "malformed"), keys, raw)
+
+
+def validate_site(value: object) -> str:
+    try:
+        return validate_id(value, "site")
+    except Exception as exc:
+        raise TrustDocumentError("site is not a valid id", code="malformed") from exc
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+class TimeState(enum.StrEnum):
+    SYNCED = "synced"
+    HOLDOVER = "holdover"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeView:
+    state: TimeState
+    wall: int  # the system clock
+    now: int  # the time decisions use: the clock, or max(clock, floor) when unknown
+    floor: int
+
+
+@dataclass
+class TimeKeeper:
+    """The persisted time floor and the time state (CONTRACT §3.6).
+
+    The floor moves only forward and only on authenticated time; while the clock is (or was,
+    this boot) synchronised, an offered value moves it at most to the clock, and a value more
+    than 24 h ahead is ignored and alarmed. Without a synchronised clock, the issuer's signature
+    is the only evidence and any valid value raises it (CONTRACT §8.7).
+    """
+
+    floor: int
+    saved_wall: int | None = None
+    ever_synced: bool = False
+    alarms: set[str] = field(default_factory=set)
+
+    def view(self, *, wall: float, synced: bool) -> TimeView:
+        w = int(wall)
+        if synced:
+            self.ever_synced = True
+        behind = w < self.floor or (self.saved_wall is not None and w < self.saved_wall)
+        if behind:
+            self.alarms.add("clock_behind_floor" if w < self.floor else "clock_went_backwards")
+        if behind or not self.ever_synced:
+            state = TimeState.UNKNOWN
+        else:
+            state = TimeState.SYNCED if synced else TimeState.HOLDOVER
+        now = w if state is not TimeState.UNKNOWN else max(w, self.floor)
+        return TimeView(state, w, now, self.floor)
+
+    def offer(self, t: int, view: TimeView) -> bool:
+        """Offer authenticated time ``t``; return True when the floor rose."""
+        if view.state is TimeState.UNKNOWN:
+            new = t
+        else:
+            if t > view.wall + MAX_AHEAD_OF_SYNCED_S:
+                self.alarms.add("signed_time_far_ahead")
+                return False
+            new = min(t, view.wall)
+        if new > self.floor:
+            self.floor = new
+            return True
+        return False
+
+
+# --- proof-of-possession challenges ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Challenge:
+    lock: str
+    action: str
+    issued_mono: float
+
+
+class Challenges:
+    """Outstanding nonces: 32 random bytes, bound to (lock, action), 30 s monotonic, single use.
+
+    Held in memory only: a restart forgets every nonce, so a nonce issued before it can never
+    be used after it (it is then ``nonce_unknown``) — the same guarantee a persisted
+    consumed-set would give, without writing on every challenge.
+    """
+
+    def __init__(self, *, ttl_s: float = CHALLENGE_TTL_S, max_outstanding: int = MAX_OUTSTANDING_CHALLENGES) -> None:
+        self._ttl = ttl_s
+        self._max = max_outstanding
+        self._items: OrderedDict[bytes, _Challenge] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def issue(self, *, lock: str, action: str, mono: float, rng: Callable[[int], bytes]) -> bytes:
+        self._expire(mono - 2 * self._ttl)
+        while len(self._items) >= self._max:
+            self._items.popitem(last=False)
+        nonce = rng(CHALLENGE_NONCE_LEN)
+        self._items[nonce] = _Challenge(lock, action, mono)
+        return nonce
+
+    def peek(self, nonce: bytes, *, lock: str, action: str, mono: float) -> None:
+        """Raise nonce_unknown / nonce_expired unless ``nonce`` is usable for (lock, action)."""
+        item = self._items.get(nonce)
+        if item is None or item.lock != lock or item.action != action:
+            raise TokenError("nonce was never issued, already used, or is bound to another lock or action",
+                             code="nonce_unknown")
+        if mono - item.issued_mono > self._ttl:
+            del self._items[nonce]
+            raise TokenError(f"nonce is older than {self._ttl:.0f} s; ask for a new challenge", code="nonce_expired")
+
+    def consume(self, nonce: bytes) -> None:
+        self._items.pop(nonce, None)
+
+    def _expire(self, before: float) -> None:
+        while self._items:
+            nonce, item = next(iter(self._items.items()))
+            if item.issued_mono >= before:
+                break
+            del self._items[nonce]
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An accepted request, ready to become an ``access.granted`` event."""
+
+    lock: str
+    action: str
+    sub: str
+    cti: str  # hex
+    role: str
+    iss: str
+    iat: int
+    exp: int
+    kid: str  # hex
+    time_state: TimeState
+    trust_state: str
+    flags: tuple[str, ...]
+    alarm: str | None
+
+    @property
+    def priority(self) -> str:
+        return "high" if self.role == "emergency" else "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class InstallResult:
+    kind: ContentType
+    installed: bool  # False: the same version again (silent) or a time statement that raised nothing
+    document: TrustDocument
+    alarm: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    what: str  # "keyring" | "revocations" | "key"
+    ident: str
+    exp: int
+    days_left: float
+
+
+def _deny(message: str, code: str, **context: object) -> TokenError:
+    err = TokenError(message, code=code)
+    err.context = context  # type: ignore[attr-defined]
+    return err
+
+
+@dataclass(frozen=True, slots=True)
+class _Claims:
+    iss: str
+    sub: str
+    aud: str
+    exp: int
+    nbf: int | None
+    iat: int
+    cti: bytes
+    cnf: cbor.CborValue | None
+    locks: tuple[str, ...]
+    act: tuple[str, ...]
+    role: str
+    alarm: str | None
+
+
+_CLAIM_KEYS: Final = {1, 2, 3, 4, 5, 6, 7, 8, "locks", "act", "role", "alarm"}
+
+
+class Authority:
+    """The gateway's authorization state and decision procedure (pure)."""
+
+    def __init__(
+        self,
+        *,
+        gw_id: str,
+        site: str,
+        roots: Mapping[bytes, CoseKey],
+        policy: Policy,
+        floor: int,
+        saved_wall: int | None = None,
+    ) -> None:
+        self.gw_id = gw_id
+        self.site = site
+        self.roots = dict(roots)
+        self.policy = policy
+        self.keyring: Keyring | None = None
+        self.revocations: RevocationList | None = None
+        self.time = TimeKeeper(floor=floor, saved_wall=saved_wall)
+        self.challenges = Challenges()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def trust_state(self, now: int) -> str:
+        if self.keyring is None:
+            return "none"
+        if now > self.keyring.exp or (self.revocations is not None and now > self.revocations.exp):
+            return "stale"
+        return "ok"
+
+    def expiring(self, now: int) -> list[Expiry]:
+        """Every expiry within ``expiry_warning_days`` (or already past), soonest first."""
+        horizon = now + self.policy.expiry_warning_days * 86400
+        out: list[Expiry] = []
+        if self.keyring is not None:
+            out.append(Expiry("keyring", f"v{self.keyring.version}", self.keyring.exp, 0))
+            out += [Expiry("key", key.kid.hex(), key.exp, 0) for key in self.keyring.keys.values()]
+        if self.revocations is not None:
+            out.append(Expiry("revocations", f"v{self.revocations.version}", self.revocations.exp, 0))
+        return sorted(
+            (Expiry(e.what, e.ident, e.exp, round((e.exp - now) / 86400, 2)) for e in out if e.exp <= horizon),
+            key=lambda e: e.exp,
+        )
+
+    def _signer(self, kid: bytes, role: str, iat: int) -> CoseKey:
+        """A key with ``role`` from the keyring (iat in its window), or a root key."""
+        if self.keyring is not None:
+            entry = self.keyring.keys.get(kid)
+            if entry is not None:
+                if role not in entry.roles:
+                    raise TrustDocumentError(f"key {kid.hex()} lacks role {role}", code="bad_signature")
+                if not entry.covers(iat):
+                    raise TrustDocumentError(f"key {kid.hex()} was not valid at iat {iat}", code="bad_signature")
+                return entry.key
+        root = self.roots.get(kid)
+        if root is None:
+            raise TrustDocumentError(f"unknown signing key {kid.hex()}", code="unknown_key")
+        return root
+
+    # -- trust documents ----------------------------------------------------------------------
+
+    def install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:
+        """Verify and install a keyring, revocation list or time statement.
+
+        Raises TrustDocumentError for each refusal (signature, site, rollback, type, shape); the
+        same version again returns ``installed=False`` (silent).
+        """
+        try:
+            return self._install(raw, wall=wall, synced=synced)
+        except TrustDocumentError:
+            raise
+        except CredentialError as exc:
+            raise TrustDocumentError(str(exc), code=exc.code) from exc
+
+    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:
+        kind = document_type(raw)
+        view = self.time.view(wall=wall, synced=synced)
+        sign1 = parse_sign1(raw, kind, code="malformed")
+        assert sign1.kid is not None
+        if kind is ContentType.KEYRING:
+            root = self.roots.get(sign1.kid)
+            if root is None:
+                raise TrustDocumentError(f"keyring signed by unknown root {sign1.kid.hex()}", code="unknown_key")
+            sign1.verify_with(root, code="bad_signature")
+            keyring = _parse_keyring_payload(sign1, raw)
+            if keyring.site != self.site:
+                raise TrustDocumentError(f"keyring is for site {keyring.site}, not {self.site}", code="wrong_site")
+            if set(keyring.keys) & set(self.roots):
+                raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
+            current = self.keyring
+            if current is not None and keyring.version <= current.version:
+                if keyring.version == current.version and keyring.raw == current.raw:
+                    return InstallResult(kind, False, current)
+                raise TrustDocumentError(
+                    f"keyring version {keyring.version} is not newer than {current.version}", code="rollback")
+            self.keyring = keyring
+            self.time.offer(keyring.iat, view)
+            return InstallResult(kind, True, keyring)
+        m = sign1.payload_map(code="malformed")
+        if kind is ContentType.REVOCATIONS:
+            _exact_keys(m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed")
+            iat = _int(m, "iat", "iat", "malformed")
+            sign1.verify_with(self._signer(sign1.kid, "revocations", iat), code="bad_signature")
+            rl = _parse_revocations(m, raw, iat)
+            if rl.site != self.site:
+                raise TrustDocumentError(f"revocation list is for site {rl.site}", code="wrong_site")
+            cur = self.revocations
+            if cur is not None and rl.version <= cur.version:
+                if rl.version == cur.version and rl.raw == cur.raw:
+                    return InstallResult(kind, False, cur)
+                raise TrustDocumentError(
+                    f"revocation list version {rl.version} is not newer than {cur.version}", code="rollback")
+            self.revocations = rl
+            self.time.offer(rl.iat, view)
+            return InstallResult(kind, True, rl)
+        _exact_keys(m, {"site", "t"}, set(), "time statement", "malformed")
+        t = _int(m, "t", "t", "malformed")
+        sign1.verify_with(self._signer(sign1.kid, "time", t), code="bad_signature")
+        ts = TimeStatement(validate_site(m["site"]), t, raw)
+        if ts.site != self.site:
+            raise TrustDocumentError(f"time statement is for site {ts.site}", code="wrong_site")
+        before = set(self.time.alarms)
+        raised = self.time.offer(t, view)
+        alarm = next(iter(self.time.alarms - before), None)
+        return InstallResult(kind, raised, ts, alarm)
+
+    # -- challenges ---------------------------------------------------------------------------
+
+    def challenge(self, *, lock: str, action: str, mono: float, rng: Callable[[int], bytes]) -> bytes:
+        return self.challenges.issue(lock=lock, action=action, mono=mono, rng=rng)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def decide(
+        self,
+        token: bytes,
+        proof: bytes | None,
+        *,
+        lock: str,
+        action: str,
+        wall: float,
+        synced: bool,
+        mono: float,
+    ) -> Decision:
+        """Check a token (and its proof) for ``action`` on ``lock`` in the contract's order."""
+        pol = self.policy
+        leeway = pol.clock_leeway_s
+        view = self.time.view(wall=wall, synced=synced)
+        # 4. token parse and size
+        try:
+            sign1 = parse_sign1(token, ContentType.TOKEN, code="token_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "token_invalid") from exc
+        # 5. kid
+        assert sign1.kid is not None
+        entry = self.keyring.keys.get(sign1.kid) if self.keyring is not None else None
+        if entry is None:
+            raise _deny("token signed by a key this gateway does not know" if self.keyring
+                        else "no keyring installed: every token is unknown_key", "unknown_key")
+        # 6. signature, key window, role held by the key
+        try:
+            sign1.verify_with(entry.key, code="token_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "token_invalid") from exc
+        claims_map = sign1.payload_map(code="token_invalid")
+        iat = claims_map.get(6)
+        role = claims_map.get("role")
+        if not isinstance(iat, int) or isinstance(iat, bool) or not -(2**63) <= iat < 2**63:
+            raise _deny("token lacks an integer iat", "token_invalid")
+        if not entry.covers(iat):
+            raise _deny("token iat is outside its signing key's validity window", "token_invalid")
+        if role not in TOKEN_ROLES or role not in entry.roles:
+            raise _deny(f"signing key does not hold the token's role {role!r}", "token_invalid")
+        floor_before = self.time.floor
+        self.time.offer(iat, view)
+        view = self.time.view(wall=wall, synced=synced)
+        now = view.now
+        ctx = _context(claims_map)
+        # 7. aud
+        aud = claims_map.get(3)
+        if aud not in (self.site, self.gw_id):
+            raise _deny("token is addressed to another site or gateway", "wrong_audience", **ctx)
+        # 8. lock in locks
+        locks = claims_map.get("locks")
+        if not isinstance(locks, Sequence) or isinstance(locks, str | bytes) or lock not in locks:
+            raise _deny(f"token does not name lock {lock}", "wrong_lock", **ctx)
+        # 9. act
+        act = claims_map.get("act")
+        if not isinstance(act, Sequence) or isinstance(act, str | bytes) or action not in act or action not in TOKEN_ACTIONS:
+            raise _deny(f"token does not allow {action}", "action_not_allowed", **ctx)
+        # 10. nbf / iat ahead
+        nbf = claims_map.get(5)
+        if iat - leeway > now or (isinstance(nbf, int) and not isinstance(nbf, bool) and nbf - leeway > now):
+            raise _deny("token is not valid yet (check the issuing clock)", "token_not_yet_valid", **ctx)
+        # 11. exp
+        exp = claims_map.get(4)
+        if not isinstance(exp, int) or isinstance(exp, bool):
+            raise _deny("token lacks an integer exp", "token_invalid", **ctx)
+        if now > exp + leeway:
+            raise _deny("token has expired", "token_expired", **ctx)
+        if view.state is TimeState.UNKNOWN and iat < floor_before - pol.max_token_ttl_s:
+            raise _deny("clock unknown and the token was issued before the time floor allows", "token_expired", **ctx)
+        # 12. lifetime caps, emergency alarm, claim shapes, cnf key
+        claims = _claims(claims_map, ctx)
+        ttl_cap = min(entry.max_ttl, pol.max_token_ttl_s)
+        if claims.role == "emergency":
+            ttl_cap = min(ttl_cap, pol.max_emergency_ttl_s)
+            if claims.alarm is None:
+                raise _deny("emergency token without its safety-alarm reference", "token_invalid", **ctx)
+            if len(claims.locks) != 1:
+                raise _deny("an emergency token opens exactly one door", "token_invalid", **ctx)
+        if claims.exp - claims.iat > ttl_cap or claims.exp < claims.iat:
+            raise _deny(f"token lifetime exceeds {ttl_cap} s", "token_invalid", **ctx)
+        holder: CoseKey | None = None
+        if claims.cnf is not None:
+            if not isinstance(claims.cnf, Mapping) or set(claims.cnf) != {1}:
+                raise _deny("cnf must be {1: COSE_Key}", "token_invalid", **ctx)
+            try:
+                holder = decode_key(claims.cnf[1])
+            except CredentialError as exc:
+                raise _deny(f"cnf key refused: {exc}", "token_invalid", **ctx) from exc
+        # 13. revocation
+        rl = self.revocations
+        if rl is not None and rl.revokes(claims.cti, claims.sub, claims.iat):
+            raise _deny("token or its subject is revoked", "token_revoked", **ctx)
+        flags: list[str] = []
+        if rl is not None and now > rl.exp:
+            if pol.on_stale_revocations == "deny":
+                raise _deny("revocation list is past its exp and policy is deny", "stale_trust", **ctx)
+            flags.append("stale_revocations")
+        # 14. proof
+        if holder is None:
+            if not entry.bearer:
+                raise _deny("token has no cnf and its key does not allow bearer tokens", "proof_required", **ctx)
+        else:
+            if proof is None:
+                raise _deny("holder-bound token needs a proof of possession", "proof_required", **ctx)
+            self._check_proof(proof, holder, token, lock=lock, action=action, mono=mono, ctx=ctx)
+        trust = self.trust_state(now)
+        if self.keyring is not None and now > self.keyring.exp:
+            flags.append("stale_keyring")
+        return Decision(
+            lock, action, claims.sub, claims.cti.hex(), claims.role, claims.iss, claims.iat, claims.exp,
+            sign1.kid.hex(), view.state, trust, tuple(flags), claims.alarm,
+        )
+
+    def _check_proof(
+        self, proof: bytes, holder: CoseKey, token: bytes, *, lock: str, action: str, mono: float,
+        ctx: dict[str, object],
+    ) -> None:
+        try:
+            sign1 = parse_sign1(proof, ContentType.PROOF, code="proof_invalid", require_kid=False)
+            payload = sign1.payload_map(code="proof_invalid")
+            _exact_keys(payload, {"nonce", "gw", "lock", "act", "th"}, set(), "proof", "proof_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "proof_invalid", **ctx) from exc
+        nonce = payload["nonce"]
+        if not isinstance(nonce, bytes) or len(nonce) != CHALLENGE_NONCE_LEN:
+            raise _deny("proof nonce must be 32 bytes", "proof_invalid", **ctx)
+        try:
+            self.challenges.peek(nonce, lock=lock, action=action, mono=mono)
+        except TokenError as exc:
+            raise _deny(str(exc), exc.code, **ctx) from exc
+        self.challenges.consume(nonce)  # single use: consumed on presentation
+        try:
+            sign1.verify_with(holder, code="proof_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "proof_invalid", **ctx) from exc
+        if payload["gw"] != self.gw_id or payload["lock"] != lock or payload["act"] != action:
+            raise _deny("proof names another gateway, lock or action", "proof_invalid", **ctx)
+        if payload["th"] != hashlib.sha256(token).digest():
+            raise _deny("proof is bound to another token", "proof_invalid", **ctx)
+
+
+def _context(m: Mapping[Any, cbor.CborValue]) -> dict[str, object]:
+    ctx: dict[str, object] = {}
+    sub, cti, role = m.get(2), m.get(7), m.get("role")
+    if isinstance(sub, str) and len(sub) <= _MAX_TEXT:
+        ctx["sub"] = sub
+    if isinstance(cti, bytes) and len(cti) == _CTI_LEN:
+        ctx["cti"] = cti.hex()
+    if role in TOKEN_ROLES:
+        ctx["role"] = role
+    return ctx
+
+
+def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
+    try:
+        _exact_keys(m, {1, 2, 3, 4, 6, 7, "locks", "act", "role"}, {5, 8, "alarm"}, "token claims", "token_invalid")
+        cti = m[7]
+        if not isinstance(cti, bytes) or len(cti) != _CTI_LEN:
+            raise CredentialError("cti must be 16 bytes", code="token_invalid")
+        locks, act = m["locks"], m["act"]
+        if (not isinstance(locks, Sequence) or isinstance(locks, str | bytes) or not 1 <= len(locks) <= _MAX_LOCKS
+                or not all(isinstance(x, str) for x in locks) or len(set(locks)) != len(locks)):
+            raise CredentialError("locks must be 1..64 distinct lock ids", code="token_invalid")
+        for lock_id in locks:
+            validate_id(lock_id, "lock id")
+        if (not isinstance(act, Sequence) or isinstance(act, str | bytes) or not act
+                or not all(isinstance(a, str) and a in ACTIONS for a in act) or len(set(act)) != len(act)):
+            raise CredentialError(f"act must be a non-empty subset of {sorted(ACTIONS)}", code="token_invalid")
+        nbf = m.get(5)
+        if nbf is not None and (not isinstance(nbf, int) or isinstance(nbf, bool)):
+            raise CredentialError("nbf must be an integer", code="token_invalid")
+        alarm = m.get("alarm")
+        if alarm is not None and (not isinstance(alarm, str) or not 1 <= len(alarm) <= _MAX_TEXT):
+            raise CredentialError("alarm must be text", code="token_invalid")
+        return _Claims(
+            _text(m, 1, "iss", "token_invalid"), _text(m, 2, "sub", "token_invalid"),
+            _text(m, 3, "aud", "token_invalid"), _int(m, 4, "exp", "token_invalid"),
+            nbf, _int(m, 6, "iat", "token_invalid"), cti, m.get(8),
+            tuple(str(x) for x in locks), tuple(str(a) for a in act), str(m["role"]),
+            alarm if isinstance(alarm, str) else None,
+        )
+    except CredentialError as exc:
+        raise _deny(str(exc), "token_invalid", **ctx) from exc
+    except Exception as exc:  # validate_id raises RemoteProtocolError
+        raise _deny(f"malformed claim: {exc}", "token_invalid", **ctx) from exc
+
+
+def _parse_revocations(m: Mapping[Any, cbor.CborValue], raw: bytes, iat: int) -> RevocationList:
+    ctis = m["cti"]
+    subs = m["sub"]
+    if not isinstance(ctis, Sequence) or isinstance(ctis, str | bytes) or not all(
+        isinstance(c, bytes) and len(c) == _CTI_LEN for c in ctis
+    ):
+        raise TrustDocumentError("cti must be an array of 16-byte strings", code="malformed")
+    if not isinstance(subs, Sequence) or isinstance(subs, str | bytes):
+        raise TrustDocumentError("sub must be an array of [sub, revoked_at]", code="malformed")
+    sub_map: dict[str, int] = {}
+    for item in subs:
+        if (not isinstance(item, Sequence) or isinstance(item, str | bytes) or len(item) != 2
+                or not isinstance(item[0], str) or not isinstance(item[1], int) or isinstance(item[1], bool)):
+            raise TrustDocumentError("sub entries must be [text, int]", code="malformed")
+        sub_map[item[0]] = max(item[1], sub_map.get(item[0], item[1]))
+    return RevocationList(
+        validate_site(m["site"]), _int(m, "version", "version", "malformed", unsigned=True), iat,
+        _int(m, "exp", "exp", "malformed"), frozenset(c for c in ctis if isinstance(c, bytes)), sub_map, raw,
+    )
+
+
+def load_cbor_or_b64(data: bytes) -> bytes:
+    """Files hold raw CBOR or base64url text (CONTRACT §8.1–8.2); return the raw bytes.
+
+    Raw documents start with an array, map or tag (major types 4–6, bytes 0x80–0xdf); base64url
+    text never does, since its alphabet is ASCII letters, digits, '-' and '_'.
+    """
+    if data[:1] and data[0] >> 5 in (4, 5, 6):
+        return bytes(data)
+    try:
+        text = data.strip().decode("ascii")
+        if not text or not set(text) <= _B64URL:
+            raise ValueError("not base64url")
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CredentialError("neither raw CBOR nor base64url text", code="malformed") from exc
+
+
+_B64URL: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=")
