@@ -82,7 +82,7 @@ SMALL_ORDER_ED25519: Final = frozenset(
 
 
 class ContentType(enum.StrEnum):
-    TOKEN = "application/lockgw-token+cwt"
+    TOKEN = "application/lockgw-token+cwt"  # noqa: S105 - a media type, not a secret
     PROOF = "application/lockgw-proof+cose"
     KEYRING = "application/lockgw-keyring+cbor"
     REVOCATIONS = "application/lockgw-revocations+cbor"

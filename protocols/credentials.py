@@ -16,6 +16,7 @@ only on authenticated time, and never ahead of a synchronised clock.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import hashlib
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from typing import Any, Final
 
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
-from protocols.errors import CborError, CredentialError, TokenError, TrustDocumentError
+from protocols.errors import CredentialError, TokenError, TrustDocumentError
 from protocols.limits import CHALLENGE_NONCE_LEN, CHALLENGE_TTL_S, MAX_OUTSTANDING_CHALLENGES
 from protocols.messages import validate_id
 
@@ -73,7 +74,9 @@ class Policy:
 # --- small typed readers ---------------------------------------------------------------------
 
 
-def _int(m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str, *, unsigned: bool = False) -> int:
+def _int(
+    m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str, *, unsigned: bool = False
+) -> int:
     v = m.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not -(2**63) <= v < 2**63 or (unsigned and v < 0):
         raise CredentialError(f"{what} must be an {'unsigned ' if unsigned else ''}integer", code=code)
@@ -87,7 +90,9 @@ def _text(m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str) ->
     return v
 
 
-def _exact_keys(m: Mapping[Any, cbor.CborValue], required: set[Any], optional: set[Any], what: str, code: str) -> None:
+def _exact_keys(
+    m: Mapping[Any, cbor.CborValue], required: set[Any], optional: set[Any], what: str, code: str
+) -> None:
     keys = set(m)
     if not required <= keys:
         raise CredentialError(f"{what} lacks {sorted(map(str, required - keys))}", code=code)
@@ -175,7 +180,13 @@ def _parse_keyring_payload(sign1: Sign1, raw: bytes) -> Keyring:
     for entry in keys_raw:
         if not isinstance(entry, Mapping):
             raise TrustDocumentError("keyring entry must be a map", code="malformed")
-        _exact_keys(entry, {"kid", "key", "nbf", "exp", "roles", "max_ttl", "bearer"}, set(), "keyring entry", "malformed")
+        _exact_keys(
+            entry,
+            {"kid", "key", "nbf", "exp", "roles", "max_ttl", "bearer"},
+            set(),
+            "keyring entry",
+            "malformed",
+        )
         kid = entry["kid"]
         if not isinstance(kid, bytes) or not 1 <= len(kid) <= 32:
             raise TrustDocumentError("keyring kid must be 1..32 bytes", code="malformed")
@@ -188,19 +199,33 @@ def _parse_keyring_payload(sign1: Sign1, raw: bytes) -> Keyring:
         if key.kid and key.kid != kid:
             raise TrustDocumentError("keyring entry kid differs from its COSE_Key kid", code="malformed")
         roles = entry["roles"]
-        if (not isinstance(roles, Sequence) or isinstance(roles, str | bytes) or not roles
-                or not all(isinstance(r, str) and r in ROLES for r in roles)):
+        if (
+            not isinstance(roles, Sequence)
+            or isinstance(roles, str | bytes)
+            or not roles
+            or not all(isinstance(r, str) and r in ROLES for r in roles)
+        ):
             raise TrustDocumentError(f"roles must be a non-empty subset of {sorted(ROLES)}", code="malformed")
         bearer = entry["bearer"]
         if not isinstance(bearer, bool):
             raise TrustDocumentError("bearer must be a boolean", code="malformed")
         keys[kid] = KeyringKey(
-            kid, CoseKey(key.alg, key.public, kid, key._p256),
-            _int(entry, "nbf", "nbf", "malformed"), _int(entry, "exp", "exp", "malformed"),
-            frozenset(str(r) for r in roles), _int(entry, "max_ttl", "max_ttl", "malformed", unsigned=True), bearer,
+            kid,
+            dataclasses.replace(key, kid=kid),
+            _int(entry, "nbf", "nbf", "malformed"),
+            _int(entry, "exp", "exp", "malformed"),
+            frozenset(str(r) for r in roles),
+            _int(entry, "max_ttl", "max_ttl", "malformed", unsigned=True),
+            bearer,
         )
-    return Keyring(site, _int(m, "version", "version", "malformed", unsigned=True),
-                   _int(m, "iat", "iat", "malformed"), _int(m, "exp", "exp", "malformed"), keys, raw)
+    return Keyring(
+        site,
+        _int(m, "version", "version", "malformed", unsigned=True),
+        _int(m, "iat", "iat", "malformed"),
+        _int(m, "exp", "exp", "malformed"),
+        keys,
+        raw,
+    )
 
 
 def validate_site(value: object) -> str:
@@ -289,7 +314,9 @@ class Challenges:
     consumed-set would give, without writing on every challenge.
     """
 
-    def __init__(self, *, ttl_s: float = CHALLENGE_TTL_S, max_outstanding: int = MAX_OUTSTANDING_CHALLENGES) -> None:
+    def __init__(
+        self, *, ttl_s: float = CHALLENGE_TTL_S, max_outstanding: int = MAX_OUTSTANDING_CHALLENGES
+    ) -> None:
         self._ttl = ttl_s
         self._max = max_outstanding
         self._items: OrderedDict[bytes, _Challenge] = OrderedDict()
@@ -309,11 +336,15 @@ class Challenges:
         """Raise nonce_unknown / nonce_expired unless ``nonce`` is usable for (lock, action)."""
         item = self._items.get(nonce)
         if item is None or item.lock != lock or item.action != action:
-            raise TokenError("nonce was never issued, already used, or is bound to another lock or action",
-                             code="nonce_unknown")
+            raise TokenError(
+                "nonce was never issued, already used, or is bound to another lock or action",
+                code="nonce_unknown",
+            )
         if mono - item.issued_mono > self._ttl:
             del self._items[nonce]
-            raise TokenError(f"nonce is older than {self._ttl:.0f} s; ask for a new challenge", code="nonce_expired")
+            raise TokenError(
+                f"nonce is older than {self._ttl:.0f} s; ask for a new challenge", code="nonce_expired"
+            )
 
     def consume(self, nonce: bytes) -> None:
         self._items.pop(nonce, None)
@@ -434,7 +465,11 @@ class Authority:
         if self.revocations is not None:
             out.append(Expiry("revocations", f"v{self.revocations.version}", self.revocations.exp, 0))
         return sorted(
-            (Expiry(e.what, e.ident, e.exp, round((e.exp - now) / 86400, 2)) for e in out if e.exp <= horizon),
+            (
+                Expiry(e.what, e.ident, e.exp, round((e.exp - now) / 86400, 2))
+                for e in out
+                if e.exp <= horizon
+            ),
             key=lambda e: e.exp,
         )
 
@@ -446,7 +481,9 @@ class Authority:
                 if role not in entry.roles:
                     raise TrustDocumentError(f"key {kid.hex()} lacks role {role}", code="bad_signature")
                 if not entry.covers(iat):
-                    raise TrustDocumentError(f"key {kid.hex()} was not valid at iat {iat}", code="bad_signature")
+                    raise TrustDocumentError(
+                        f"key {kid.hex()} was not valid at iat {iat}", code="bad_signature"
+                    )
                 return entry.key
         root = self.roots.get(kid)
         if root is None:
@@ -476,25 +513,32 @@ class Authority:
         if kind is ContentType.KEYRING:
             root = self.roots.get(sign1.kid)
             if root is None:
-                raise TrustDocumentError(f"keyring signed by unknown root {sign1.kid.hex()}", code="unknown_key")
+                raise TrustDocumentError(
+                    f"keyring signed by unknown root {sign1.kid.hex()}", code="unknown_key"
+                )
             sign1.verify_with(root, code="bad_signature")
             keyring = _parse_keyring_payload(sign1, raw)
             if keyring.site != self.site:
-                raise TrustDocumentError(f"keyring is for site {keyring.site}, not {self.site}", code="wrong_site")
+                raise TrustDocumentError(
+                    f"keyring is for site {keyring.site}, not {self.site}", code="wrong_site"
+                )
             if set(keyring.keys) & set(self.roots):
                 raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
             current = self.keyring
             if current is not None and keyring.version <= current.version:
                 if keyring.version == current.version and keyring.raw == current.raw:
-                    return InstallResult(kind, False, current)
+                    return InstallResult(kind, installed=False, document=current)
                 raise TrustDocumentError(
-                    f"keyring version {keyring.version} is not newer than {current.version}", code="rollback")
+                    f"keyring version {keyring.version} is not newer than {current.version}", code="rollback"
+                )
             self.keyring = keyring
             self.time.offer(keyring.iat, view)
-            return InstallResult(kind, True, keyring)
+            return InstallResult(kind, installed=True, document=keyring)
         m = sign1.payload_map(code="malformed")
         if kind is ContentType.REVOCATIONS:
-            _exact_keys(m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed")
+            _exact_keys(
+                m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed"
+            )
             iat = _int(m, "iat", "iat", "malformed")
             sign1.verify_with(self._signer(sign1.kid, "revocations", iat), code="bad_signature")
             rl = _parse_revocations(m, raw, iat)
@@ -503,12 +547,13 @@ class Authority:
             cur = self.revocations
             if cur is not None and rl.version <= cur.version:
                 if rl.version == cur.version and rl.raw == cur.raw:
-                    return InstallResult(kind, False, cur)
+                    return InstallResult(kind, installed=False, document=cur)
                 raise TrustDocumentError(
-                    f"revocation list version {rl.version} is not newer than {cur.version}", code="rollback")
+                    f"revocation list version {rl.version} is not newer than {cur.version}", code="rollback"
+                )
             self.revocations = rl
             self.time.offer(rl.iat, view)
-            return InstallResult(kind, True, rl)
+            return InstallResult(kind, installed=True, document=rl)
         _exact_keys(m, {"site", "t"}, set(), "time statement", "malformed")
         t = _int(m, "t", "t", "malformed")
         sign1.verify_with(self._signer(sign1.kid, "time", t), code="bad_signature")
@@ -518,7 +563,7 @@ class Authority:
         before = set(self.time.alarms)
         raised = self.time.offer(t, view)
         alarm = next(iter(self.time.alarms - before), None)
-        return InstallResult(kind, raised, ts, alarm)
+        return InstallResult(kind, installed=raised, document=ts, alarm=alarm)
 
     # -- challenges ---------------------------------------------------------------------------
 
@@ -551,14 +596,21 @@ class Authority:
         assert sign1.kid is not None
         entry = self.keyring.keys.get(sign1.kid) if self.keyring is not None else None
         if entry is None:
-            raise _deny("token signed by a key this gateway does not know" if self.keyring
-                        else "no keyring installed: every token is unknown_key", "unknown_key")
+            raise _deny(
+                "token signed by a key this gateway does not know"
+                if self.keyring
+                else "no keyring installed: every token is unknown_key",
+                "unknown_key",
+            )
         # 6. signature, key window, role held by the key
         try:
             sign1.verify_with(entry.key, code="token_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "token_invalid") from exc
-        claims_map = sign1.payload_map(code="token_invalid")
+        try:
+            claims_map = sign1.payload_map(code="token_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "token_invalid") from exc
         iat = claims_map.get(6)
         role = claims_map.get("role")
         if not isinstance(iat, int) or isinstance(iat, bool) or not -(2**63) <= iat < 2**63:
@@ -582,7 +634,12 @@ class Authority:
             raise _deny(f"token does not name lock {lock}", "wrong_lock", **ctx)
         # 9. act
         act = claims_map.get("act")
-        if not isinstance(act, Sequence) or isinstance(act, str | bytes) or action not in act or action not in TOKEN_ACTIONS:
+        if (
+            not isinstance(act, Sequence)
+            or isinstance(act, str | bytes)
+            or action not in act
+            or action not in TOKEN_ACTIONS
+        ):
             raise _deny(f"token does not allow {action}", "action_not_allowed", **ctx)
         # 10. nbf / iat ahead
         nbf = claims_map.get(5)
@@ -595,7 +652,9 @@ class Authority:
         if now > exp + leeway:
             raise _deny("token has expired", "token_expired", **ctx)
         if view.state is TimeState.UNKNOWN and iat < floor_before - pol.max_token_ttl_s:
-            raise _deny("clock unknown and the token was issued before the time floor allows", "token_expired", **ctx)
+            raise _deny(
+                "clock unknown and the token was issued before the time floor allows", "token_expired", **ctx
+            )
         # 12. lifetime caps, emergency alarm, claim shapes, cnf key
         claims = _claims(claims_map, ctx)
         ttl_cap = min(entry.max_ttl, pol.max_token_ttl_s)
@@ -627,7 +686,9 @@ class Authority:
         # 14. proof
         if holder is None:
             if not entry.bearer:
-                raise _deny("token has no cnf and its key does not allow bearer tokens", "proof_required", **ctx)
+                raise _deny(
+                    "token has no cnf and its key does not allow bearer tokens", "proof_required", **ctx
+                )
         else:
             if proof is None:
                 raise _deny("holder-bound token needs a proof of possession", "proof_required", **ctx)
@@ -636,12 +697,30 @@ class Authority:
         if self.keyring is not None and now > self.keyring.exp:
             flags.append("stale_keyring")
         return Decision(
-            lock, action, claims.sub, claims.cti.hex(), claims.role, claims.iss, claims.iat, claims.exp,
-            sign1.kid.hex(), view.state, trust, tuple(flags), claims.alarm,
+            lock,
+            action,
+            claims.sub,
+            claims.cti.hex(),
+            claims.role,
+            claims.iss,
+            claims.iat,
+            claims.exp,
+            sign1.kid.hex(),
+            view.state,
+            trust,
+            tuple(flags),
+            claims.alarm,
         )
 
     def _check_proof(
-        self, proof: bytes, holder: CoseKey, token: bytes, *, lock: str, action: str, mono: float,
+        self,
+        proof: bytes,
+        holder: CoseKey,
+        token: bytes,
+        *,
+        lock: str,
+        action: str,
+        mono: float,
         ctx: dict[str, object],
     ) -> None:
         try:
@@ -682,19 +761,33 @@ def _context(m: Mapping[Any, cbor.CborValue]) -> dict[str, object]:
 
 def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
     try:
-        _exact_keys(m, {1, 2, 3, 4, 6, 7, "locks", "act", "role"}, {5, 8, "alarm"}, "token claims", "token_invalid")
+        _exact_keys(
+            m, {1, 2, 3, 4, 6, 7, "locks", "act", "role"}, {5, 8, "alarm"}, "token claims", "token_invalid"
+        )
         cti = m[7]
         if not isinstance(cti, bytes) or len(cti) != _CTI_LEN:
             raise CredentialError("cti must be 16 bytes", code="token_invalid")
         locks, act = m["locks"], m["act"]
-        if (not isinstance(locks, Sequence) or isinstance(locks, str | bytes) or not 1 <= len(locks) <= _MAX_LOCKS
-                or not all(isinstance(x, str) for x in locks) or len(set(locks)) != len(locks)):
+        if (
+            not isinstance(locks, Sequence)
+            or isinstance(locks, str | bytes)
+            or not 1 <= len(locks) <= _MAX_LOCKS
+            or not all(isinstance(x, str) for x in locks)
+            or len(set(locks)) != len(locks)
+        ):
             raise CredentialError("locks must be 1..64 distinct lock ids", code="token_invalid")
         for lock_id in locks:
             validate_id(lock_id, "lock id")
-        if (not isinstance(act, Sequence) or isinstance(act, str | bytes) or not act
-                or not all(isinstance(a, str) and a in ACTIONS for a in act) or len(set(act)) != len(act)):
-            raise CredentialError(f"act must be a non-empty subset of {sorted(ACTIONS)}", code="token_invalid")
+        if (
+            not isinstance(act, Sequence)
+            or isinstance(act, str | bytes)
+            or not act
+            or not all(isinstance(a, str) and a in ACTIONS for a in act)
+            or len(set(act)) != len(act)
+        ):
+            raise CredentialError(
+                f"act must be a non-empty subset of {sorted(ACTIONS)}", code="token_invalid"
+            )
         nbf = m.get(5)
         if nbf is not None and (not isinstance(nbf, int) or isinstance(nbf, bool)):
             raise CredentialError("nbf must be an integer", code="token_invalid")
@@ -702,10 +795,17 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
         if alarm is not None and (not isinstance(alarm, str) or not 1 <= len(alarm) <= _MAX_TEXT):
             raise CredentialError("alarm must be text", code="token_invalid")
         return _Claims(
-            _text(m, 1, "iss", "token_invalid"), _text(m, 2, "sub", "token_invalid"),
-            _text(m, 3, "aud", "token_invalid"), _int(m, 4, "exp", "token_invalid"),
-            nbf, _int(m, 6, "iat", "token_invalid"), cti, m.get(8),
-            tuple(str(x) for x in locks), tuple(str(a) for a in act), str(m["role"]),
+            _text(m, 1, "iss", "token_invalid"),
+            _text(m, 2, "sub", "token_invalid"),
+            _text(m, 3, "aud", "token_invalid"),
+            _int(m, 4, "exp", "token_invalid"),
+            nbf,
+            _int(m, 6, "iat", "token_invalid"),
+            cti,
+            m.get(8),
+            tuple(str(x) for x in locks),
+            tuple(str(a) for a in act),
+            str(m["role"]),
             alarm if isinstance(alarm, str) else None,
         )
     except CredentialError as exc:
@@ -717,21 +817,34 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
 def _parse_revocations(m: Mapping[Any, cbor.CborValue], raw: bytes, iat: int) -> RevocationList:
     ctis = m["cti"]
     subs = m["sub"]
-    if not isinstance(ctis, Sequence) or isinstance(ctis, str | bytes) or not all(
-        isinstance(c, bytes) and len(c) == _CTI_LEN for c in ctis
+    if (
+        not isinstance(ctis, Sequence)
+        or isinstance(ctis, str | bytes)
+        or not all(isinstance(c, bytes) and len(c) == _CTI_LEN for c in ctis)
     ):
         raise TrustDocumentError("cti must be an array of 16-byte strings", code="malformed")
     if not isinstance(subs, Sequence) or isinstance(subs, str | bytes):
         raise TrustDocumentError("sub must be an array of [sub, revoked_at]", code="malformed")
     sub_map: dict[str, int] = {}
     for item in subs:
-        if (not isinstance(item, Sequence) or isinstance(item, str | bytes) or len(item) != 2
-                or not isinstance(item[0], str) or not isinstance(item[1], int) or isinstance(item[1], bool)):
+        if (
+            not isinstance(item, Sequence)
+            or isinstance(item, str | bytes)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], int)
+            or isinstance(item[1], bool)
+        ):
             raise TrustDocumentError("sub entries must be [text, int]", code="malformed")
         sub_map[item[0]] = max(item[1], sub_map.get(item[0], item[1]))
     return RevocationList(
-        validate_site(m["site"]), _int(m, "version", "version", "malformed", unsigned=True), iat,
-        _int(m, "exp", "exp", "malformed"), frozenset(c for c in ctis if isinstance(c, bytes)), sub_map, raw,
+        validate_site(m["site"]),
+        _int(m, "version", "version", "malformed", unsigned=True),
+        iat,
+        _int(m, "exp", "exp", "malformed"),
+        frozenset(c for c in ctis if isinstance(c, bytes)),
+        sub_map,
+        raw,
     )
 
 

@@ -26,23 +26,48 @@ class KeyringEntry:
     bearer: bool = False
 
 
-def keyring(root: PrivateCoseKey, *, site: str, version: int, iat: int, exp: int,
-            entries: Iterable[KeyringEntry]) -> bytes:
-    payload = {
-        "site": site, "version": version, "iat": iat, "exp": exp,
+def keyring(
+    root: PrivateCoseKey, *, site: str, version: int, iat: int, exp: int, entries: Iterable[KeyringEntry]
+) -> bytes:
+    payload: dict[str, cbor.CborValue] = {
+        "site": site,
+        "version": version,
+        "iat": iat,
+        "exp": exp,
         "keys": [
-            {"kid": e.key.kid, "key": e.key.to_cbor(with_kid=False), "nbf": e.nbf, "exp": e.exp,
-             "roles": list(e.roles), "max_ttl": e.max_ttl, "bearer": e.bearer}
+            {
+                "kid": e.key.kid,
+                "key": e.key.to_cbor(with_kid=False),
+                "nbf": e.nbf,
+                "exp": e.exp,
+                "roles": list(e.roles),
+                "max_ttl": e.max_ttl,
+                "bearer": e.bearer,
+            }
             for e in entries
         ],
     }
     return sign1(cbor.dumps(payload), root, ContentType.KEYRING, kid=root.public.kid)
 
 
-def revocations(signer: PrivateCoseKey, *, site: str, version: int, iat: int, exp: int,
-                cti: Iterable[bytes] = (), sub: Iterable[tuple[str, int]] = ()) -> bytes:
-    payload = {"site": site, "version": version, "iat": iat, "exp": exp,
-               "cti": list(cti), "sub": [[s, t] for s, t in sub]}
+def revocations(
+    signer: PrivateCoseKey,
+    *,
+    site: str,
+    version: int,
+    iat: int,
+    exp: int,
+    cti: Iterable[bytes] = (),
+    sub: Iterable[tuple[str, int]] = (),
+) -> bytes:
+    payload: dict[str, cbor.CborValue] = {
+        "site": site,
+        "version": version,
+        "iat": iat,
+        "exp": exp,
+        "cti": list(cti),
+        "sub": [[s, t] for s, t in sub],
+    }
     return sign1(cbor.dumps(payload), signer, ContentType.REVOCATIONS, kid=signer.public.kid)
 
 
@@ -51,13 +76,32 @@ def time_statement(signer: PrivateCoseKey, *, site: str, t: int) -> bytes:
 
 
 def token(
-    signer: PrivateCoseKey, *, iss: str, sub: str, aud: str, iat: int, exp: int, locks: Sequence[str],
-    act: Sequence[str] = ("unlock",), role: str = "staff", holder: CoseKey | None = None,
-    alarm: str | None = None, nbf: int | None = None, rng: Callable[[int], bytes],
+    signer: PrivateCoseKey,
+    *,
+    iss: str,
+    sub: str,
+    aud: str,
+    iat: int,
+    exp: int,
+    locks: Sequence[str],
+    act: Sequence[str] = ("unlock",),
+    role: str = "staff",
+    holder: CoseKey | None = None,
+    alarm: str | None = None,
+    nbf: int | None = None,
+    rng: Callable[[int], bytes],
 ) -> bytes:
     """A CWT unlock token; ``holder`` binds it to the phone key (cnf), else it is a bearer token."""
     claims: dict[object, cbor.CborValue] = {
-        1: iss, 2: sub, 3: aud, 4: exp, 6: iat, 7: rng(16), "locks": list(locks), "act": list(act), "role": role,
+        1: iss,
+        2: sub,
+        3: aud,
+        4: exp,
+        6: iat,
+        7: rng(16),
+        "locks": list(locks),
+        "act": list(act),
+        "role": role,
     }
     if nbf is not None:
         claims[5] = nbf
@@ -70,5 +114,11 @@ def token(
 
 def proof(holder: PrivateCoseKey, *, token_bytes: bytes, nonce: bytes, gw: str, lock: str, act: str) -> bytes:
     """The phone's answer to a challenge (CONTRACT §3.4): signed by the cnf key, no kid."""
-    payload = {"nonce": nonce, "gw": gw, "lock": lock, "act": act, "th": hashlib.sha256(token_bytes).digest()}
+    payload: dict[str, cbor.CborValue] = {
+        "nonce": nonce,
+        "gw": gw,
+        "lock": lock,
+        "act": act,
+        "th": hashlib.sha256(token_bytes).digest(),
+    }
     return sign1(cbor.dumps(payload), holder, ContentType.PROOF, kid=None)

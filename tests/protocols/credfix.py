@@ -31,30 +31,83 @@ class World:
         self.bearer_key = generate_private_key(ALG_EDDSA, b"bearer", self.rng)
         self.holder = generate_private_key(ALG_EDDSA, b"", self.rng)
 
-    def keyring(self, version: int = 1, *, exp: int = T0 + 90 * 86400, site: str = SITE,
-                a_exp: int = T0 + 60 * 86400, b_nbf: int = T0 - 86400) -> bytes:
-        return issuer.keyring(self.root, site=site, version=version, iat=T0 - 86400, exp=exp, entries=[
-            issuer.KeyringEntry(self.issuer_a.public, T0 - 30 * 86400, a_exp,
-                                ["staff", "emergency", "revocations", "time"]),
-            issuer.KeyringEntry(self.issuer_b.public, b_nbf, T0 + 120 * 86400, ["staff"], max_ttl=8 * 3600),
-            issuer.KeyringEntry(self.bearer_key.public, T0 - 86400, T0 + 120 * 86400, ["staff"], bearer=True),
-        ])
+    def keyring(
+        self,
+        version: int = 1,
+        *,
+        exp: int = T0 + 90 * 86400,
+        site: str = SITE,
+        a_exp: int = T0 + 60 * 86400,
+        b_nbf: int = T0 - 86400,
+    ) -> bytes:
+        return issuer.keyring(
+            self.root,
+            site=site,
+            version=version,
+            iat=T0 - 86400,
+            exp=exp,
+            entries=[
+                issuer.KeyringEntry(
+                    self.issuer_a.public,
+                    T0 - 30 * 86400,
+                    a_exp,
+                    ["staff", "emergency", "revocations", "time"],
+                ),
+                issuer.KeyringEntry(
+                    self.issuer_b.public, b_nbf, T0 + 120 * 86400, ["staff"], max_ttl=8 * 3600
+                ),
+                issuer.KeyringEntry(
+                    self.bearer_key.public, T0 - 86400, T0 + 120 * 86400, ["staff"], bearer=True
+                ),
+            ],
+        )
 
-    def authority(self, *, install: bool = True, floor: int = T0 - 365 * 86400) -> Authority:
-        auth = Authority(gw_id=GW, site=SITE, roots={self.root.public.kid: self.root.public},
-                         policy=self.policy, floor=floor)
+    def authority(
+        self, *, install: bool = True, floor: int = T0 - 365 * 86400, synced: bool = True
+    ) -> Authority:
+        auth = Authority(
+            gw_id=GW,
+            site=SITE,
+            roots={self.root.public.kid: self.root.public},
+            policy=self.policy,
+            floor=floor,
+        )
         if install:
-            auth.install(self.keyring(), wall=T0, synced=True)
+            auth.install(self.keyring(), wall=T0, synced=synced)
         return auth
 
-    def token(self, signer: PrivateCoseKey | None = None, *, holder: bool = True, iat: int = T0 - 60,
-              ttl: int = 3600, **kw: object) -> bytes:
-        args: dict = {"iss": "central", "sub": "staff-17", "aud": SITE, "iat": iat, "exp": iat + ttl,
-                      "locks": [LOCK], "act": ["unlock", "lock"], "rng": self.rng}
+    def token(
+        self,
+        signer: PrivateCoseKey | None = None,
+        *,
+        holder: bool = True,
+        iat: int = T0 - 60,
+        ttl: int = 3600,
+        **kw: object,
+    ) -> bytes:
+        args: dict = {
+            "iss": "central",
+            "sub": "staff-17",
+            "aud": SITE,
+            "iat": iat,
+            "exp": iat + ttl,
+            "locks": [LOCK],
+            "act": ["unlock", "lock"],
+            "rng": self.rng,
+        }
         args.update(kw)
         return issuer.token(signer or self.issuer_a, holder=self.holder.public if holder else None, **args)
 
-    def prove(self, auth: Authority, token: bytes, *, mono: float = 100.0, lock: str = LOCK,
-              act: str = "unlock", gw: str = GW, nonce: bytes | None = None) -> bytes:
+    def prove(
+        self,
+        auth: Authority,
+        token: bytes,
+        *,
+        mono: float = 100.0,
+        lock: str = LOCK,
+        act: str = "unlock",
+        gw: str = GW,
+        nonce: bytes | None = None,
+    ) -> bytes:
         n = nonce if nonce is not None else auth.challenge(lock=lock, action=act, mono=mono, rng=self.rng)
         return issuer.proof(self.holder, token_bytes=token, nonce=n, gw=gw, lock=lock, act=act)
