@@ -1,0 +1,125 @@
+"""Key and document files (CONTRACT §8.1–8.2): COSE_Key as raw CBOR or base64url text, or a
+PKCS#8 PEM private key; private files written 0600 atomically."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from gateway.errors import ConfigError
+from protocols import cbor
+from protocols.cose import ALG_EDDSA, ALG_ES256, CoseKey, PrivateCoseKey, decode_key, decode_private_key
+from protocols.credentials import load_cbor_or_b64
+from protocols.errors import CborError, CredentialError
+
+__all__ = [
+    "b64url",
+    "check_secret_permissions",
+    "read_document",
+    "read_private_key",
+    "read_public_key",
+    "write_atomic",
+]
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+    if len(data) > 2 * 1024 * 1024:
+        raise ConfigError(f"{what}: {path} is larger than 2 MiB")
+    return data
+
+
+def read_document(path: Path, what: str) -> bytes:
+    """A signed document (token, keyring, ...) as raw COSE bytes or base64url text."""
+    try:
+        return load_cbor_or_b64(_read(path, what))
+    except CredentialError as exc:
+        raise ConfigError(f"{what}: {path} is neither raw COSE nor base64url text") from exc
+
+
+def read_public_key(path: Path, what: str) -> CoseKey:
+    try:
+        return decode_key(cbor.loads(load_cbor_or_b64(_read(path, what))))
+    except (CredentialError, CborError) as exc:
+        raise ConfigError(f"{what}: {path} is not a valid public COSE_Key: {exc}") from exc
+
+
+def read_private_key(path: Path, what: str) -> PrivateCoseKey:
+    data = _read(path, what)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return _from_pem(data, path, what)
+    try:
+        return decode_private_key(cbor.loads(load_cbor_or_b64(data)))
+    except (CredentialError, CborError) as exc:
+        raise ConfigError(f"{what}: {path} is not a private COSE_Key or PKCS#8 PEM: {exc}") from exc
+
+
+def _from_pem(data: bytes, path: Path, what: str) -> PrivateCoseKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what}: {path} is not an unencrypted PKCS#8 PEM key") from exc
+    cose: dict[int, cbor.CborValue]
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        d = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        pub = key.public_key().public_bytes_raw()
+        cose = {1: 1, 3: ALG_EDDSA, -1: 6, -2: pub, -4: d}
+    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        nums = key.private_numbers()
+        cose = {
+            1: 2,
+            3: ALG_ES256,
+            -1: 1,
+            -2: nums.public_numbers.x.to_bytes(32, "big"),
+            -3: nums.public_numbers.y.to_bytes(32, "big"),
+            -4: nums.private_value.to_bytes(32, "big"),
+        }
+    else:
+        raise ConfigError(f"{what}: {path} holds neither an Ed25519 nor a P-256 key")
+    try:
+        return decode_private_key(cose)
+    except CredentialError as exc:
+        raise ConfigError(f"{what}: {path}: {exc}") from exc
+
+
+def check_secret_permissions(path: Path, what: str) -> None:
+    """Secret files must not be group or world readable (CONTRACT §2)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot stat {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{what}: {path} is readable by group or others; run: chmod 600 {path}")
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Temp file, fsync, rename, fsync of the directory (THREATS D9)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
