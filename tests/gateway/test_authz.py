@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -86,10 +87,8 @@ def test_C5_floor_never_decreases_over_100_restarts_under_random_clocks(tmp_path
             a.install(w.keyring())
         assert a.core.time.floor >= last
         tok = w.token(iat=T0 + rnd.randint(-3000, 3000))
-        try:
+        with contextlib.suppress(TokenError):
             a.decide(tok, w.prove(a.core, tok, mono=clock.mono()), lock=LOCK, action="unlock")
-        except TokenError:
-            pass
         if rnd.random() < 0.3:
             a.install(issuer.time_statement(w.issuer_a, site=SITE, t=T0 + rnd.randint(-(10**6), 10**6)))
         a.save_wall_clock()
