@@ -21,7 +21,7 @@ from typing import Any, Final
 from protocols.errors import CborError
 from protocols.limits import MAX_CBOR_DEPTH, MAX_CBOR_ITEMS
 
-__all__ = ["CborValue", "Tag", "dumps", "loads", "loads_prefix"]
+__all__ = ["CborValue", "Tag", "bstr_head", "dumps", "loads", "loads_prefix"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,54 +37,35 @@ class Tag:
 CborValue = int | bytes | str | bool | None | Sequence["CborValue"] | Mapping[Any, "CborValue"] | Tag
 CborKey = int | str | bytes
 
+_KEY_TYPES: Final = (int, str, bytes)
 _FALSE: Final = 0xF4
 _TRUE: Final = 0xF5
 _NULL: Final = 0xF6
 
 
 class _Reader:
-    __slots__ = ("data", "items", "max_depth", "pos")
+    """Recursive-descent decoder; hot paths are inlined (it runs on every token and proof)."""
+
+    __slots__ = ("data", "items", "max_depth", "n", "pos")
 
     def __init__(self, data: bytes, max_depth: int) -> None:
         self.data = data
+        self.n = len(data)
         self.pos = 0
         self.max_depth = max_depth
         self.items = 0
 
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.data):
-            raise CborError("truncated CBOR: item runs past the end of the input")
-        chunk = self.data[self.pos : end]
-        self.pos = end
-        return chunk
-
-    def argument(self, info: int) -> int:
-        if info < 24:
-            return info
-        if info == 24:
-            return self.take(1)[0]
-        if info == 25:
-            return int(struct.unpack(">H", self.take(2))[0])
-        if info == 26:
-            return int(struct.unpack(">I", self.take(4))[0])
-        if info == 27:
-            return int(struct.unpack(">Q", self.take(8))[0])
-        if info == 31:
-            raise CborError("indefinite-length CBOR items are not accepted")
-        raise CborError(f"reserved CBOR additional information {info}")
-
-    def count(self, n: int) -> None:
-        self.items += n
-        if self.items > MAX_CBOR_ITEMS:
-            raise CborError(f"CBOR document has more than {MAX_CBOR_ITEMS} items")
-
     def item(self, depth: int) -> CborValue:
         if depth > self.max_depth:
             raise CborError(f"CBOR nesting deeper than {self.max_depth}")
-        initial = self.take(1)[0]
+        data, pos = self.data, self.pos
+        if pos >= self.n:
+            raise CborError("truncated CBOR: item runs past the end of the input")
+        initial = data[pos]
+        pos += 1
         major, info = initial >> 5, initial & 0x1F
         if major == 7:
+            self.pos = pos
             if initial == _FALSE:
                 return False
             if initial == _TRUE:
@@ -92,39 +73,64 @@ class _Reader:
             if initial == _NULL:
                 return None
             raise CborError(f"CBOR simple value or float 0x{initial:02x} is not accepted")
-        arg = self.argument(info)
+        if info < 24:
+            arg = info
+        elif info <= 27:
+            size = 1 << (info - 24)
+            if pos + size > self.n:
+                raise CborError("truncated CBOR: item runs past the end of the input")
+            arg = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
+        elif info == 31:
+            raise CborError("indefinite-length CBOR items are not accepted")
+        else:
+            raise CborError(f"reserved CBOR additional information {info}")
         if major == 0:
+            self.pos = pos
             return arg
         if major == 1:
+            self.pos = pos
             return -1 - arg
-        if major == 2:
-            return self.take(arg)
-        if major == 3:
+        if major in (2, 3):
+            end = pos + arg
+            if end > self.n:
+                raise CborError("truncated CBOR: item runs past the end of the input")
+            self.pos = end
+            if major == 2:
+                return data[pos:end]
             try:
-                return self.take(arg).decode("utf-8")
+                return data[pos:end].decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise CborError("CBOR text string is not valid UTF-8") from exc
+        self.pos = pos
         if major == 4:
             # Each element needs at least one byte: reject absurd counts before looping.
-            if arg > len(self.data) - self.pos:
+            if arg > self.n - pos:
                 raise CborError("truncated CBOR: array longer than the input")
-            self.count(arg)
-            return [self.item(depth + 1) for _ in range(arg)]
+            self._count(arg)
+            item, child = self.item, depth + 1
+            return [item(child) for _ in range(arg)]
         if major == 5:
-            if 2 * arg > len(self.data) - self.pos:
+            if 2 * arg > self.n - pos:
                 raise CborError("truncated CBOR: map longer than the input")
-            self.count(arg)
+            self._count(arg)
             out: dict[CborKey, CborValue] = {}
+            item, child = self.item, depth + 1
             for _ in range(arg):
-                key = self.item(depth + 1)
-                if not isinstance(key, int | str | bytes) or isinstance(key, bool):
+                key = item(child)
+                if type(key) not in _KEY_TYPES:
                     raise CborError("CBOR map key must be an integer, text or byte string")
                 if key in out:
                     raise CborError(f"duplicate CBOR map key {key!r}")
-                out[key] = self.item(depth + 1)
+                out[key] = item(child)  # type: ignore[index]
             return out
         # major == 6: a tag wraps exactly one item.
         return Tag(arg, self.item(depth + 1))
+
+    def _count(self, n: int) -> None:
+        self.items += n
+        if self.items > MAX_CBOR_ITEMS:
+            raise CborError(f"CBOR document has more than {MAX_CBOR_ITEMS} items")
 
 
 def loads_prefix(data: bytes, *, max_depth: int = MAX_CBOR_DEPTH) -> tuple[CborValue, int]:
@@ -154,6 +160,11 @@ def _head(major: int, arg: int) -> bytes:
     if arg < 0x1_0000_0000_0000_0000:
         return bytes([major << 5 | 27]) + struct.pack(">Q", arg)
     raise CborError("integer does not fit in 64 bits")
+
+
+def bstr_head(length: int) -> bytes:
+    """The head of a byte string of ``length`` bytes (to frame bytes without copying them)."""
+    return _head(2, length)
 
 
 def dumps(value: CborValue) -> bytes:

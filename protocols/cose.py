@@ -19,6 +19,7 @@ by libsodium, which also refuses small-order R and non-canonical S.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -156,10 +157,18 @@ def check_ed25519_point(public: bytes) -> None:
     y = int.from_bytes(public, "little") & ((1 << 255) - 1)
     if y >= _ED25519_P:
         raise _err("Ed25519 key is not canonically encoded", "bad_key")
-    if public in SMALL_ORDER_ED25519:
+    if public in SMALL_ORDER_ED25519 or (public[:31] + bytes([public[31] & 0x7F])) in SMALL_ORDER_ED25519:
         raise _err("Ed25519 key is a small-order point", "bad_key")
-    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public):
+    if not _is_prime_order_point(public):
         raise _err("Ed25519 key is not a valid prime-order point", "bad_key")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_prime_order_point(public: bytes) -> bool:
+    """libsodium's full check (on the curve, canonical, prime-order subgroup). Memoised: it is a
+    pure function of 32 bytes and costs a scalar multiplication, and a phone presents the same
+    cnf key with every token it holds."""
+    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(public))
 
 
 def _p256_public(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
@@ -271,7 +280,17 @@ class Sign1:
     signature: bytes
 
     def to_be_signed(self) -> bytes:
-        return cbor.dumps(["Signature1", self.protected, b"", self.payload])
+        """Sig_structure ``["Signature1", protected, h'', payload]`` (RFC 9052 §4.4)."""
+        return b"".join(
+            (
+                _SIG1_PREFIX,
+                _bstr_head(len(self.protected)),
+                self.protected,
+                b"\x40",
+                _bstr_head(len(self.payload)),
+                self.payload,
+            )
+        )
 
     def verify_with(self, key: CoseKey, *, code: str) -> None:
         """The algorithm is the key's: a protected alg that differs is a rejection."""
@@ -287,6 +306,10 @@ class Sign1:
         if not isinstance(value, Mapping):
             raise _err("payload must be a CBOR map", code)
         return value
+
+
+_SIG1_PREFIX: Final = b"\x84" + cbor.dumps("Signature1")
+_bstr_head = cbor.bstr_head
 
 
 def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:
