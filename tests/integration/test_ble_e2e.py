@@ -130,3 +130,52 @@ async def test_jammed_lock_reports_jammed(air: Air) -> None:
         await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
         r = await client.request(Op.UNLOCK)
     assert r.status is Status.JAMMED and r.result["state"] == "jammed"
+
+
+async def test_unpair_wipes_the_lock_key_and_the_old_key_is_refused(air: Air) -> None:
+    sim = air.locks[0]
+    ltk = await pair(air)
+    backend = air.host.client_backend()
+    async with LockClient(str(sim.address), gw_id=GW, backend=backend) as client:
+        await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
+        assert (await client.request(Op.UNPAIR)).status is Status.OK
+    assert sim.model.ltk is None and sim.model.paired_gw is None
+    async with LockClient(str(sim.address), gw_id=GW, backend=backend) as client:
+        with pytest.raises(LockMisbehaved, match="not paired"):
+            await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
+
+
+async def test_B2_replayed_recording_over_ble_is_refused(air: Air) -> None:
+    """Record every byte a real session wrote, replay it on a new connection: nothing moves."""
+    from bleak import BleakClient
+
+    from protocols.gatt import RX_CHAR_UUID, TX_CHAR_UUID
+
+    sim = air.locks[0]
+    ltk = await pair(air)
+    backend = air.host.client_backend()
+    recorded: list[bytes] = []
+    async with LockClient(str(sim.address), gw_id=GW, backend=backend) as client:
+        original = client._client.write_gatt_char  # type: ignore[union-attr]
+
+        async def tap(char, data, response=None):  # type: ignore[no-untyped-def]
+            recorded.append(bytes(data))
+            await original(char, data, response=response)
+
+        client._client.write_gatt_char = tap  # type: ignore[union-attr, method-assign]
+        await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
+        await client.request(Op.UNLOCK)
+        await client.request(Op.LOCK)
+    assert sim.model.state is LockState.LOCKED
+    seq = sim.model.next_seq
+    notified: list[bytes] = []
+    async with BleakClient(str(sim.address), backend=backend, timeout=5) as raw:
+        await raw.start_notify(TX_CHAR_UUID, lambda _c, d: notified.append(bytes(d)))
+        for piece in recorded:
+            try:
+                await raw.write_gatt_char(RX_CHAR_UUID, piece, response=True)
+            except Exception:  # the lock drops the link once the replay fails
+                break
+        await asyncio.sleep(0.2)
+    assert sim.model.state is LockState.LOCKED
+    assert sim.model.next_seq == seq  # no actuation, no log entry
