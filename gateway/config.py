@@ -1,0 +1,179 @@
+"""Configuration (CONTRACT §2): one TOML file, typed and validated; errors name the key.
+
+Path: ``--config``, else ``$LOCKGW_CONFIG``, else ``/etc/lockgw/lockgw.toml``. Every key may also
+come from the environment as ``LOCKGW_<SECTION>__<KEY>`` (the value is read as a TOML value, so
+``LOCKGW_POLICY__CLOCK_LEEWAY_S=30`` is an integer and ``…=abc`` a string). Unknown keys, wrong
+types and bad values are :class:`~gateway.errors.ConfigError` naming ``section.key`` and, where
+it can be found, the file line. Secrets are never inline: ``*_file`` keys name files that must
+not be group or world readable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+from gateway.keyfiles import check_secret_permissions
+
+__all__ = ["DEFAULT_PATH", "BleConfig", "Config", "MqttConfig", "config_path", "load_config"]
+
+DEFAULT_PATH = Path("/etc/lockgw/lockgw.toml")
+_ID = r"^[a-z0-9][a-z0-9-]{0,63}$"
+Id = Annotated[str, Field(pattern=_ID)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class GatewayConfig(_Section):
+    id: Id
+    site: Id
+    data_dir: Path = Path("/var/lib/lockgw")
+
+
+class MqttConfig(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    base_topic: Annotated[str, Field(pattern=r"^[^#+/\x00][^#+\x00]{0,127}$")] = "lockgw"
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.fullmatch(r"mqtts?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", v):
+            raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+        return v
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "127.0.0.1", parts.port or (8883 if self.tls else 1883)
+
+
+class BleConfig(_Section):
+    backend: Literal["bluez", "bumble"] = "bluez"
+    transport: str | None = None
+    adapter: Annotated[str, Field(pattern=r"^hci[0-9]{1,2}$")] = "hci0"
+    max_connections: Annotated[int, Field(ge=1, le=16)] = 4
+
+
+class TrustConfig(_Section):
+    root_keys: list[Path] = Field(default_factory=list)
+
+
+class PolicyConfig(_Section):
+    clock_leeway_s: Annotated[int, Field(ge=0, le=3600)] = 60
+    max_token_ttl_s: Annotated[int, Field(ge=60, le=7 * 86400)] = 43200
+    max_emergency_ttl_s: Annotated[int, Field(ge=60, le=86400)] = 3600
+    on_stale_revocations: Literal["accept", "deny"] = "accept"
+    expiry_warning_days: Annotated[int, Field(ge=1, le=365)] = 30
+
+
+class ControlConfig(_Section):
+    socket: Path = Path("/run/lockgw/control.sock")
+
+
+class Config(_Section):
+    gateway: GatewayConfig
+    mqtt: MqttConfig | None = None
+    ble: BleConfig = BleConfig()
+    trust: TrustConfig = TrustConfig()
+    policy: PolicyConfig = PolicyConfig()
+    control: ControlConfig = ControlConfig()
+    source: Path | None = Field(default=None, exclude=True)
+
+
+def config_path(cli_path: str | None) -> Path:
+    if cli_path:
+        return Path(cli_path)
+    env = os.environ.get("LOCKGW_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith("LOCKGW_") or "__" not in name or name == "LOCKGW_CONFIG":
+            continue
+        section, _, key = name[len("LOCKGW_") :].partition("__")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section.lower(), {})[key.lower()] = value
+    return out
+
+
+def _line_of(text: str, section: str, key: str) -> int | None:
+    current = ""
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped.strip("[] ")
+        elif (current == section and re.match(rf"{re.escape(key)}\s*=", stripped)) or (
+            not section and current == "" and stripped.startswith(f"{key}")
+        ):
+            return n
+    return None
+
+
+def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files: bool = True) -> Config:
+    """Read, merge the environment, validate. Raises ConfigError naming the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for section, values in _env_overrides(os.environ if env is None else env).items():
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        current.update(values)
+    # TOML gives str for paths; strict pydantic wants Path objects.
+    for section in data.values():
+        if isinstance(section, dict):
+            for key, value in list(section.items()):
+                if (key.endswith(("_file", "_dir")) or key == "socket") and isinstance(value, str):
+                    section[key] = Path(value)
+                elif key == "root_keys" and isinstance(value, list):
+                    section[key] = [Path(v) if isinstance(v, str) else v for v in value]
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            parts = [str(p) for p in err["loc"]]
+            line = _line_of(text, parts[0] if len(parts) > 1 else "", parts[-1]) if parts else None
+            where = f"{path}:{line}" if line else str(path)
+            message = err["msg"].replace("Extra inputs are not permitted", "unknown key")
+            problems.append(f"{where}: {loc}: {message}")
+        raise ConfigError("; ".join(problems)) from exc
+    config = config.model_copy(update={"source": path})
+    if check_files and config.mqtt is not None:
+        for key in ("password_file", "key_file"):
+            secret = getattr(config.mqtt, key)
+            if secret is not None:
+                check_secret_permissions(secret, f"mqtt.{key}")
+    if config.ble.backend == "bumble" and not config.ble.transport:
+        raise ConfigError(f'{path}: ble.transport: required when ble.backend = "bumble"')
+    return config

@@ -1,0 +1,385 @@
+"""The durable outbox: every event committed (fsync) before anything depends on it.
+
+SQLite in WAL mode with ``synchronous=FULL`` (asserted at open), owned by **one writer thread**.
+Every call — appends, receipts, reads — is a job on that thread's queue, so there is exactly one
+connection and no lock contention; the event loop only awaits futures. Appends that queue up
+while a commit is in flight are committed together (group commit), each still durable before
+its caller is answered.
+
+Numbering: ``epoch`` is a random id made when the database is created; ``seq`` starts at 1 and
+grows by exactly 1; ``prev``/``hash`` chain every event (protocols.event_encoding). The next
+seq and the chain head are advanced only after a successful COMMIT, so a failed transaction
+leaves no gap.
+
+Failures (THREATS D7, D8): a full disk releases a reserved file (``reserve.bin``, preallocated at
+open) and retries the batch once, with an alarm; any other write error — including an fsync
+EIO — stops the writer for good: the batch's callers get :class:`OutboxError`, nothing is
+retried on that connection, and the daemon exits non-zero; on restart SQLite recovers from the
+WAL.
+
+Retention: rows stay until a receipt covers them and for ``retention_s`` after that receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Self, TypeVar
+
+from gateway.errors import OutboxError
+from protocols.event_encoding import GENESIS, seal_event
+
+__all__ = ["DEFAULT_RETENTION_S", "Outbox", "OutboxStats"]
+
+T = TypeVar("T")
+
+#: Events are kept this long after the receipt that covers them (CONTRACT §8.8).
+DEFAULT_RETENTION_S: Final = 30 * 86400
+#: Released on a full disk so that an ``access.granted`` can still commit (THREATS D8).
+RESERVE_BYTES: Final = 8 * 1024 * 1024
+#: Appends committed in one transaction at most: bounds the latency of the last one in a burst.
+MAX_GROUP: Final = 256
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, type TEXT NOT NULL, lock TEXT, json TEXT NOT NULL,
+    hash TEXT NOT NULL, receipted_at INTEGER);
+CREATE INDEX IF NOT EXISTS events_receipted ON events (receipted_at);
+CREATE TABLE IF NOT EXISTS lock_cursor (lock TEXT PRIMARY KEY, lock_seq INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    epoch: str
+    last_seq: int
+    receipt_seq: int
+
+    @property
+    def backlog(self) -> int:
+        return self.last_seq - self.receipt_seq
+
+
+@dataclass
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    write: bool
+    appends: list[Mapping[str, Any]] | None = None  # None: run fn; a list: append these events
+    cursor: tuple[str, int] | None = None
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        gw: str,
+        site: str,
+        wall: Callable[[], float],
+        retention_s: int = DEFAULT_RETENTION_S,
+        reserve_bytes: int = RESERVE_BYTES,
+    ) -> None:
+        self.path = path
+        self._gw, self._site, self._wall = gw, site, wall
+        self._retention_s = retention_s
+        self._reserve = path.with_name("reserve.bin")
+        self._reserve_bytes = reserve_bytes
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._failed: OutboxError | None = None
+        self.alarms: set[str] = set()
+        self.epoch = ""
+        self._last_seq = 0
+        self._last_hash = GENESIS
+        self._receipt_seq = 0
+        self.appended = asyncio.Event()  # set after every commit (publisher wake-up)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._thread is not None:
+            raise RuntimeError("Outbox is not reentrant")
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, ready), name="lockgw-outbox", daemon=True
+        )
+        self._thread.start()
+        await ready
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(thread.join, 10)
+
+    @property
+    def healthy(self) -> bool:
+        return self._failed is None and self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> OutboxStats:
+        return OutboxStats(self.epoch, self._last_seq, self._receipt_seq)
+
+    # --- the writer thread --------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+        sync = db.execute("PRAGMA synchronous").fetchone()[0]
+        if mode != "wal" or sync != 2:
+            raise OutboxError(f"{self.path}: SQLite refused WAL + synchronous=FULL (got {mode}/{sync})")
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        if row is None:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
+            db.execute("INSERT INTO meta VALUES ('receipt_seq', '0')")
+            db.execute("COMMIT")
+            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        self.epoch = str(row[0])
+        self._receipt_seq = int(db.execute("SELECT value FROM meta WHERE key = 'receipt_seq'").fetchone()[0])
+        last = db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is not None:
+            self._last_seq, self._last_hash = int(last[0]), str(last[1])
+        else:
+            # Everything may have been pruned: the chain continues from the stored head.
+            head = db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+            if head is not None:
+                seq, _, digest = str(head[0]).partition(":")
+                self._last_seq, self._last_hash = int(seq), digest
+        if not self._reserve.exists():
+            with contextlib.suppress(OSError), self._reserve.open("wb") as fh:
+                fh.truncate(self._reserve_bytes)
+                os.posix_fallocate(fh.fileno(), 0, self._reserve_bytes)
+        return db
+
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+        try:
+            db = self._open()
+        except (sqlite3.Error, OSError, OutboxError) as exc:
+            err = (
+                exc if isinstance(exc, OutboxError) else OutboxError(f"cannot open outbox {self.path}: {exc}")
+            )
+            self._failed = err
+            loop.call_soon_threadsafe(_set_exception, ready, err)
+            return
+        loop.call_soon_threadsafe(_set_result, ready, None)
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                batch = [job]
+                if job.write:
+                    while len(batch) < MAX_GROUP:
+                        try:
+                            nxt = self._jobs.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is None:
+                            self._jobs.put(None)
+                            break
+                        batch.append(nxt)
+                self._execute(db, batch)
+        finally:
+            db.close()
+
+    def _execute(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
+        if self._failed is not None:
+            for job in batch:
+                job.loop.call_soon_threadsafe(_set_exception, job.future, self._failed)
+            return
+        reads = [j for j in batch if not j.write]
+        writes = [j for j in batch if j.write]
+        for job in reads:
+            try:
+                result = job.fn(db)
+            except sqlite3.Error as exc:
+                job.loop.call_soon_threadsafe(
+                    _set_exception, job.future, OutboxError(f"outbox read failed: {exc}")
+                )
+            else:
+                job.loop.call_soon_threadsafe(_set_result, job.future, result)
+        if writes:
+            self._commit(db, writes, retry_after_reserve=True)
+
+    def _commit(self, db: sqlite3.Connection, writes: list[_Job], *, retry_after_reserve: bool) -> None:
+        seq, head = self._last_seq, self._last_hash
+        results: list[Any] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for job in writes:
+                if job.appends is not None:
+                    sealed = []
+                    for fields in job.appends:
+                        seq += 1
+                        event = seal_event(
+                            fields,
+                            gw=self._gw,
+                            site=self._site,
+                            epoch=self.epoch,
+                            seq=seq,
+                            prev=head,
+                            wall=self._wall(),
+                        )
+                        head = event["hash"]
+                        db.execute(
+                            "INSERT INTO events (seq, type, lock, json, hash) VALUES (?, ?, ?, ?, ?)",
+                            (seq, event["type"], event["lock"], json.dumps(event, sort_keys=True), head),
+                        )
+                        sealed.append(event)
+                    if job.cursor is not None:
+                        db.execute(
+                            "INSERT INTO lock_cursor VALUES (?, ?) ON CONFLICT(lock) DO UPDATE "
+                            "SET lock_seq = max(lock_seq, excluded.lock_seq)",
+                            job.cursor,
+                        )
+                    results.append(sealed)
+                else:
+                    results.append(job.fn(db))
+            db.execute(
+                "INSERT INTO meta VALUES ('head', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (f"{seq}:{head}",),
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+            if full and retry_after_reserve and self._reserve.exists():
+                self.alarms.add("disk_full")
+                with contextlib.suppress(OSError):
+                    self._reserve.unlink()
+                self._commit(db, writes, retry_after_reserve=False)
+                return
+            self.alarms.add("outbox_write_failed")
+            self._failed = OutboxError(
+                f"outbox commit failed ({exc}); the writer stopped — restart the daemon"
+            )
+            for job in writes:
+                job.loop.call_soon_threadsafe(_set_exception, job.future, self._failed)
+            return
+        self._last_seq, self._last_hash = seq, head
+        for job, result in zip(writes, results, strict=True):
+            job.loop.call_soon_threadsafe(_set_result, job.future, result)
+        loop = writes[0].loop
+        loop.call_soon_threadsafe(self.appended.set)
+
+    # --- API (coroutines; all work happens on the writer thread) ---------------------------------
+
+    async def _submit(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool,
+        appends: list[Mapping[str, Any]] | None = None,
+        cursor: tuple[str, int] | None = None,
+    ) -> Any:
+        if self._failed is not None:
+            raise self._failed
+        if self._thread is None:
+            raise OutboxError("outbox is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put(_Job(fn, future, loop, write, appends, cursor))
+        return await future
+
+    async def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Commit one event durably; return it sealed (epoch, seq, id, prev, hash)."""
+        (event,) = await self._submit(_noop, write=True, appends=[fields])
+        return dict(event)
+
+    async def append_many(
+        self, events: list[Mapping[str, Any]], *, cursor: tuple[str, int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Commit several events in one transaction, with a lock-log cursor if given."""
+        return list(await self._submit(_noop, write=True, appends=events, cursor=cursor))
+
+    async def lock_cursor(self, lock: str) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT lock_seq FROM lock_cursor WHERE lock = ?", (lock,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return int(await self._submit(read, write=False))
+
+    async def receipt(self, epoch: str, seq: int) -> bool:
+        """Central stored everything of ``epoch`` up to ``seq``. Other epochs or seq beyond the
+        last are ignored (CONTRACT §8.8); returns whether the receipt moved forward."""
+        if epoch != self.epoch or seq > self._last_seq or seq <= self._receipt_seq:
+            return False
+        now = int(self._wall())
+
+        def write(db: sqlite3.Connection) -> bool:
+            db.execute(
+                "UPDATE events SET receipted_at = ? WHERE seq <= ? AND receipted_at IS NULL", (now, seq)
+            )
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'receipt_seq' AND CAST(value AS INTEGER) < ?",
+                (str(seq), seq),
+            )
+            return True
+
+        await self._submit(write, write=True)
+        self._receipt_seq = max(self._receipt_seq, seq)
+        return True
+
+    async def prune(self) -> int:
+        cutoff = int(self._wall()) - self._retention_s
+
+        def write(db: sqlite3.Connection) -> int:
+            return int(
+                db.execute(
+                    "DELETE FROM events WHERE receipted_at IS NOT NULL AND receipted_at < ?", (cutoff,)
+                ).rowcount
+            )
+
+        return int(await self._submit(write, write=True))
+
+    async def read(
+        self, from_seq: int, to_seq: int | None = None, *, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """Stored events with from_seq ≤ seq ≤ to_seq, in order (at most ``limit``)."""
+        hi = to_seq if to_seq is not None else 2**62
+
+        def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(
+                "SELECT json FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (from_seq, hi, limit),
+            ).fetchall()
+            return [json.loads(r[0]) for r in rows]
+
+        return list(await self._submit(read, write=False))
+
+    async def integrity_check(self) -> str:
+        return str(await self._submit(lambda db: db.execute("PRAGMA quick_check").fetchone()[0], write=False))
+
+
+def _noop(_db: sqlite3.Connection) -> None:
+    return None
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

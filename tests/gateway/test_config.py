@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.config import config_path, load_config
+from gateway.errors import ConfigError
+
+GOOD = """
+[gateway]
+id = "gw-sandviken-1"
+site = "bergen-sandviken"
+data_dir = "/var/lib/lockgw"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+base_topic = "lockgw"
+
+[ble]
+backend = "bumble"
+transport = "tcp-client:127.0.0.1:9100"
+max_connections = 4
+
+[trust]
+root_keys = ["/etc/lockgw/root-1.pub"]
+
+[policy]
+clock_leeway_s = 60
+on_stale_revocations = "accept"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "lockgw.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_and_defaults(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, GOOD), env={})
+    assert c.gateway.id == "gw-sandviken-1" and c.mqtt is not None and c.mqtt.host_port == ("127.0.0.1", 1883)
+    assert c.policy.max_token_ttl_s == 43200 and c.control.socket == Path("/run/lockgw/control.sock")
+    assert c.trust.root_keys == [Path("/etc/lockgw/root-1.pub")]
+
+
+def test_mqtt_section_may_be_absent(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, '[gateway]\nid = "g"\nsite = "s"\n'), env={})
+    assert c.mqtt is None and c.ble.backend == "bluez"
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        (("clock_leeway_s = 60", 'clock_leeway_s = "60"'), "policy.clock_leeway_s"),
+        (("clock_leeway_s = 60", "clock_leeway_s = -1"), "policy.clock_leeway_s"),
+        (("max_connections = 4", "max_connections = 4\nbogus = 1"), "ble.bogus: unknown key"),
+        (('id = "gw-sandviken-1"', 'id = "GW 1"'), "gateway.id"),
+        (('url = "mqtt://127.0.0.1:1883"', 'url = "http://x"'), "mqtt.url"),
+        (('backend = "bumble"', 'backend = "winrt"'), "ble.backend"),
+        (
+            ('on_stale_revocations = "accept"', 'on_stale_revocations = "maybe"'),
+            "policy.on_stale_revocations",
+        ),
+        (('transport = "tcp-client:127.0.0.1:9100"', ""), "ble.transport"),
+        (("[policy]", "[polcy]"), "polcy"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, patch: tuple[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace(*patch)), env={})
+    assert needle in str(info.value)
+
+
+def test_error_carries_the_file_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"lockgw.toml:20: policy.clock_leeway_s"):
+        load_config(write(tmp_path, GOOD.replace("clock_leeway_s = 60", 'clock_leeway_s = "x"')), env={})
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    c = load_config(
+        write(tmp_path, GOOD),
+        env={"LOCKGW_POLICY__CLOCK_LEEWAY_S": "30", "LOCKGW_MQTT__URL": "mqtts://broker.example:8883"},
+    )
+    assert c.policy.clock_leeway_s == 30 and c.mqtt is not None and c.mqtt.tls
+    with pytest.raises(ConfigError, match="policy.clock_leeway_s"):
+        load_config(write(tmp_path, GOOD), env={"LOCKGW_POLICY__CLOCK_LEEWAY_S": "abc"})
+
+
+def test_secret_files_must_not_be_group_readable(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("x")
+    os.chmod(secret, 0o640)
+    text = GOOD.replace('base_topic = "lockgw"', f'base_topic = "lockgw"\npassword_file = "{secret}"')
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_config(write(tmp_path, text), env={})
+    os.chmod(secret, 0o600)
+    assert load_config(write(tmp_path, text), env={}).mqtt is not None
+
+
+def test_not_toml_and_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[gateway\n"), env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCKGW_CONFIG", "/tmp/x.toml")
+    assert config_path("/a.toml") == Path("/a.toml")
+    assert config_path(None) == Path("/tmp/x.toml")
+    monkeypatch.delenv("LOCKGW_CONFIG")
+    assert config_path(None) == Path("/etc/lockgw/lockgw.toml")
