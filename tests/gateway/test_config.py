@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -84,18 +83,18 @@ def test_environment_overrides(tmp_path: Path) -> None:
         env={"LOCKGW_POLICY__CLOCK_LEEWAY_S": "30", "LOCKGW_MQTT__URL": "mqtts://broker.example:8883"},
     )
     assert c.policy.clock_leeway_s == 30 and c.mqtt is not None and c.mqtt.tls
-    with pytest.raises(ConfigError, match="policy.clock_leeway_s"):
+    with pytest.raises(ConfigError, match=r"policy\.clock_leeway_s"):
         load_config(write(tmp_path, GOOD), env={"LOCKGW_POLICY__CLOCK_LEEWAY_S": "abc"})
 
 
 def test_secret_files_must_not_be_group_readable(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("x")
-    os.chmod(secret, 0o640)
+    secret.chmod(0o640)
     text = GOOD.replace('base_topic = "lockgw"', f'base_topic = "lockgw"\npassword_file = "{secret}"')
     with pytest.raises(ConfigError, match="chmod 600"):
         load_config(write(tmp_path, text), env={})
-    os.chmod(secret, 0o600)
+    secret.chmod(0o600)
     assert load_config(write(tmp_path, text), env={}).mqtt is not None
 
 
