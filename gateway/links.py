@@ -1,0 +1,260 @@
+"""Link scheduling across many locks on one adapter.
+
+* ``max_connections`` slots; waiters are served by priority (access requests before
+  housekeeping), first come first served within a priority — no starvation of unlocks.
+* Connection attempts are serialised (one pending LE connection per controller; Bumble and
+  many BlueZ controllers allow only one), each time-boxed by the lock client.
+* One command at a time per lock (a per-lock lock); links are opened on demand and closed after
+  ``idle_s`` without use to spare batteries; an idle link gives its slot up at once when someone
+  waits for one.
+* A failed attempt is retried on a new link with **the same command id** (the lock's
+  idempotency cache answers without actuating again), after :func:`gateway.backoff.backoff_for`.
+
+``LinkManager`` is an async context manager owning a TaskGroup with its reaper task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import itertools
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from bleak.backends.client import BaseBleakClient
+
+from gateway.backoff import backoff_for, should_retry
+from gateway.ble.link import LockClient
+from gateway.errors import BleError
+from gateway.registry import LockRecord
+from protocols.limits import COMMAND_ID_LEN
+from protocols.messages import Op, Response
+from protocols.session import PairingCompleted
+
+__all__ = ["LinkManager", "Priority"]
+
+
+class Priority(enum.IntEnum):
+    ACCESS = 0  # unlock / lock requests from people at the door
+    INTERACTIVE = 1  # status, pairing, technician commands
+    HOUSEKEEPING = 2  # log fetches, periodic status refreshes
+
+
+class _Slots:
+    """Counting semaphore with priority waiters."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, f in self._waiters if not f.done())
+
+    async def acquire(self, priority: Priority) -> None:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (int(priority), next(self._order), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # we were handed a slot while being cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            *_, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
+@dataclass
+class _Link:
+    client: LockClient
+    last_used: float
+    busy: bool = False
+
+
+@dataclass
+class LinkStats:
+    connects: int = 0
+    retries: int = 0
+    commands: int = 0
+    by_priority: dict[str, int] = field(default_factory=dict)
+
+
+class LinkManager:
+    def __init__(
+        self,
+        *,
+        gw_id: str,
+        backend: type[BaseBleakClient] | None,
+        max_connections: int,
+        idle_s: float = 1.0,
+        on_contact: Callable[[str, bool, str], None] | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._gw_id = gw_id
+        self._backend = backend
+        self._slots = _Slots(max_connections)
+        self._connect_lock = asyncio.Lock()
+        self._per_lock: dict[str, asyncio.Lock] = {}
+        self._links: dict[str, _Link] = {}
+        self._idle_s = idle_s
+        self._on_contact = on_contact
+        self._rng = rng
+        self._group: asyncio.TaskGroup | None = None
+        self._slot_wanted = asyncio.Event()
+        self.stats = LinkStats()
+
+    async def __aenter__(self) -> Self:
+        if self._group is not None:
+            raise RuntimeError("LinkManager is not reentrant")
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._group.create_task(self._reaper(), name="links-reaper")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        group, self._group = self._group, None
+        for lock in list(self._links):
+            await self._close(lock)
+        if group is not None:
+            for task in list(getattr(group, "_tasks", ())):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await group.__aexit__(None, None, None)
+
+    @property
+    def healthy(self) -> bool:
+        return self._group is not None
+
+    def open_links(self) -> int:
+        return len(self._links)
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def command(
+        self,
+        record: LockRecord,
+        op: Op,
+        args: dict[str, Any] | None = None,
+        *,
+        cmd_id: bytes | None = None,
+        priority: Priority = Priority.ACCESS,
+    ) -> Response:
+        """Run one command on a lock, retrying link failures with the same command id."""
+        cmd_id = cmd_id or os.urandom(COMMAND_ID_LEN)
+        lock_mutex = self._per_lock.setdefault(record.lock, asyncio.Lock())
+        self.stats.commands += 1
+        self.stats.by_priority[priority.name] = self.stats.by_priority.get(priority.name, 0) + 1
+        async with lock_mutex:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    link = await self._link(record, priority)
+                    link.busy = True
+                    try:
+                        response = await link.client.request(op, args, cmd_id=cmd_id)
+                    finally:
+                        link.busy = False
+                        link.last_used = time.monotonic()
+                except BleError as exc:
+                    await self._close(record.lock)
+                    if not should_retry(exc, attempt):
+                        self._contact(record.lock, ok=False, reason=exc.code)
+                        raise
+                    self.stats.retries += 1
+                    await asyncio.sleep(backoff_for(exc, attempt, self._rng))
+                else:
+                    self._contact(record.lock, ok=True)
+                    return response
+
+    async def pair(self, address: str, setup_code: str) -> PairingCompleted:
+        """Pair with a lock in pairing mode (one attempt: a wrong code must not be retried)."""
+        await self._acquire_slot(Priority.INTERACTIVE)
+        try:
+            async with self._connect_lock:
+                client = LockClient(address, gw_id=self._gw_id, backend=self._backend)
+                await client.__aenter__()
+            try:
+                return await client.pair(setup_code)
+            finally:
+                await client.close()
+        finally:
+            self._slots.release()
+
+    # --- links --------------------------------------------------------------------------------
+
+    async def _acquire_slot(self, priority: Priority) -> None:
+        if self._slots.free == 0:
+            self._slot_wanted.set()
+            await self._close_idle(force=True)
+        await self._slots.acquire(priority)
+
+    async def _link(self, record: LockRecord, priority: Priority) -> _Link:
+        link = self._links.get(record.lock)
+        if link is not None and link.client.is_connected:
+            return link
+        if link is not None:
+            await self._close(record.lock)
+        await self._acquire_slot(priority)
+        try:
+            async with self._connect_lock:
+                client = LockClient(record.address, gw_id=self._gw_id, backend=self._backend)
+                await client.__aenter__()
+            self.stats.connects += 1
+            try:
+                await client.open_session(lock_id=record.lock, ltk=record.ltk)
+            except BaseException:
+                await client.close()
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        link = _Link(client, time.monotonic())
+        self._links[record.lock] = link
+        return link
+
+    async def _close(self, lock: str) -> None:
+        link = self._links.pop(lock, None)
+        if link is not None:
+            with contextlib.suppress(BleError):
+                await link.client.close()
+            self._slots.release()
+
+    async def _close_idle(self, *, force: bool) -> None:
+        now = time.monotonic()
+        idle = sorted(
+            (lnk.last_used, lock)
+            for lock, lnk in self._links.items()
+            if not lnk.busy and (force or now - lnk.last_used >= self._idle_s or not lnk.client.is_connected)
+        )
+        for _, lock in idle[:1] if force else idle:
+            await self._close(lock)
+
+    async def _reaper(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.5, self._idle_s)):
+                    await self._slot_wanted.wait()
+            self._slot_wanted.clear()
+            await self._close_idle(force=False)
+
+    def _contact(self, lock: str, *, ok: bool, reason: str = "") -> None:
+        if self._on_contact is not None:
+            self._on_contact(lock, ok, reason)
+
