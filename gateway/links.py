@@ -257,4 +257,3 @@ class LinkManager:
     def _contact(self, lock: str, *, ok: bool, reason: str = "") -> None:
         if self._on_contact is not None:
             self._on_contact(lock, ok, reason)
-

@@ -30,7 +30,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS events (
     hash TEXT NOT NULL, receipted_at INTEGER);
 CREATE INDEX IF NOT EXISTS events_receipted ON events (receipted_at);
 CREATE TABLE IF NOT EXISTS lock_cursor (lock TEXT PRIMARY KEY, lock_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS forwarded (lock TEXT NOT NULL, lock_seq INTEGER NOT NULL, PRIMARY KEY (lock, lock_seq));
 """
 
 
@@ -76,8 +77,9 @@ class _Job:
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     write: bool
-    appends: list[Mapping[str, Any]] | None = None  # None: run fn; a list: append these events
+    appends: Sequence[Mapping[str, Any]] | None = None  # None: run fn; a list: append these events
     cursor: tuple[str, int] | None = None
+    forwarded: list[tuple[str, int]] | None = None
 
 
 class Outbox:
@@ -244,12 +246,15 @@ class Outbox:
                             (seq, event["type"], event["lock"], json.dumps(event, sort_keys=True), head),
                         )
                         sealed.append(event)
+                    if job.forwarded:
+                        db.executemany("INSERT OR IGNORE INTO forwarded VALUES (?, ?)", job.forwarded)
                     if job.cursor is not None:
                         db.execute(
                             "INSERT INTO lock_cursor VALUES (?, ?) ON CONFLICT(lock) DO UPDATE "
                             "SET lock_seq = max(lock_seq, excluded.lock_seq)",
                             job.cursor,
                         )
+                        db.execute("DELETE FROM forwarded WHERE lock = ? AND lock_seq <= ?", job.cursor)
                     results.append(sealed)
                 else:
                     results.append(job.fn(db))
@@ -289,8 +294,9 @@ class Outbox:
         fn: Callable[[sqlite3.Connection], T],
         *,
         write: bool,
-        appends: list[Mapping[str, Any]] | None = None,
+        appends: Sequence[Mapping[str, Any]] | None = None,
         cursor: tuple[str, int] | None = None,
+        forwarded: list[tuple[str, int]] | None = None,
     ) -> Any:
         if self._failed is not None:
             raise self._failed
@@ -298,7 +304,7 @@ class Outbox:
             raise OutboxError("outbox is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put(_Job(fn, future, loop, write, appends, cursor))
+        self._jobs.put(_Job(fn, future, loop, write, appends, cursor, forwarded))
         return await future
 
     async def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,10 +313,28 @@ class Outbox:
         return dict(event)
 
     async def append_many(
-        self, events: list[Mapping[str, Any]], *, cursor: tuple[str, int] | None = None
+        self,
+        events: Sequence[Mapping[str, Any]],
+        *,
+        cursor: tuple[str, int] | None = None,
+        forwarded: list[tuple[str, int]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Commit several events in one transaction, with a lock-log cursor if given."""
-        return list(await self._submit(_noop, write=True, appends=events, cursor=cursor))
+        """Commit several events in one transaction, with the lock-log bookkeeping if given:
+        ``forwarded`` marks (lock, lock_seq) pairs as reported, ``cursor`` advances the lock's
+        log cursor (and forgets the marks it covers)."""
+        return list(await self._submit(_noop, write=True, appends=events, cursor=cursor, forwarded=forwarded))
+
+    async def forwarded(self, lock: str, seqs: list[int]) -> set[int]:
+        """Which of these lock_seqs were already reported (by a command response)."""
+        if not seqs:
+            return set()
+        marks = ",".join("?" * len(seqs))
+
+        def read(db: sqlite3.Connection) -> set[int]:
+            sql = f"SELECT lock_seq FROM forwarded WHERE lock = ? AND lock_seq IN ({marks})"  # noqa: S608 - placeholders only
+            return {int(r[0]) for r in db.execute(sql, (lock, *seqs)).fetchall()}
+
+        return set(await self._submit(read, write=False))
 
     async def lock_cursor(self, lock: str) -> int:
         def read(db: sqlite3.Connection) -> int:
