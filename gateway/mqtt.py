@@ -1,0 +1,331 @@
+"""The MQTT side (CONTRACT §4) over aiomqtt: one persistent session, re-established forever.
+
+Every connect uses clean start off and a one-week session expiry, with the will message
+``{"state": "offline"}`` (retained) on ``B/G/availability``; nothing depends on the broker
+keeping the session (mosquitto 2.0.11 does not restore MQTT 5 sessions after a restart): after
+each connect the gateway re-publishes, in order, every event no receipt covers yet, straight
+from the outbox — the outbox is the only queue. The broker's PUBACK marks an event published;
+only a ``B/G/receipt`` from central marks it delivered.
+
+Per connection the bridge runs, in one TaskGroup: the receiver (requests, receipts, trust
+documents), the event drain (a capped window of QoS 1 publishes in seq order) and the heartbeat
+(QoS 0, every 60 s). Requests run as their own tasks, at most ``MAX_CONCURRENT_REQUESTS`` at a
+time (beyond that: ``busy``), so a slow unlock never blocks receipts. A lost connection ends the
+TaskGroup with ``MqttError``; the bridge waits a jittered backoff and reconnects. Unlocks never
+wait for the broker: requests arriving through other paths and doors opened meanwhile are
+committed to the outbox and drained later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Self
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.backoff import backoff_for
+from gateway.config import MqttConfig
+from gateway.errors import MqttUnavailable
+from gateway.outbox import Outbox
+
+__all__ = ["HEARTBEAT_S", "MqttBridge"]
+
+#: Heartbeat period (CONTRACT §4).
+HEARTBEAT_S: Final = 60.0
+#: Session expiry requested at every connect: survive a day-long broker or uplink outage.
+SESSION_EXPIRY_S: Final = 7 * 86400
+#: QoS 1 publishes in flight at once while draining; keeps the drain fast without flooding a
+#: broker that just came back after a WAN outage (THREATS A4/D5).
+PUBLISH_WINDOW: Final = 64
+#: Per-publish timeout: a broker that stopped answering is noticed, never waited on forever.
+PUBLISH_TIMEOUT_S: Final = 10.0
+MAX_CONCURRENT_REQUESTS: Final = 32
+KEEPALIVE_S: Final = 15
+
+Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+
+
+class MqttBridge:
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        gw_id: str,
+        site: str,
+        outbox: Outbox,
+        handle_request: Handler,
+        install: Callable[[bytes], Awaitable[object]],
+        info: Callable[[], dict[str, Any]],
+        heartbeat: Callable[[], dict[str, Any]],
+        lock_states: Callable[[], list[dict[str, Any]]],
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
+        self.cfg = config
+        self.gw_id, self.site = gw_id, site
+        base = config.base_topic
+        self.t_availability = f"{base}/{gw_id}/availability"
+        self.t_info = f"{base}/{gw_id}/info"
+        self.t_heartbeat = f"{base}/{gw_id}/heartbeat"
+        self.t_events = f"{base}/{gw_id}/events"
+        self.t_request = f"{base}/{gw_id}/request/"
+        self.t_response = f"{base}/{gw_id}/response/"
+        self.t_receipt = f"{base}/{gw_id}/receipt"
+        self.t_site = {f"{base}/{site}/keyring", f"{base}/{site}/revocations", f"{base}/{site}/time"}
+        self._outbox = outbox
+        self._handle_request = handle_request
+        self._install = install
+        self._info, self._heartbeat, self._lock_states = info, heartbeat, lock_states
+        self._heartbeat_s = heartbeat_s
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._requests = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._request_tasks: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.published = 0
+        self.last_error: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._task is not None:
+            raise RuntimeError("MqttBridge is not reentrant")
+        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="mqtt-bridge")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(graceful=True)
+
+    async def close(self, *, graceful: bool) -> None:
+        """Stop; when graceful and connected, publish the retained offline state first."""
+        client = self._client
+        if graceful and client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(
+                    self.t_availability, json.dumps({"state": "offline"}), qos=1, retain=True, timeout=3
+                )
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for t in list(self._request_tasks):
+            t.cancel()
+
+    # --- connection loop ----------------------------------------------------------------------
+
+    def _make_client(self) -> aiomqtt.Client:
+        host, port = self.cfg.host_port
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        password = None
+        if self.cfg.password_file is not None:
+            password = self.cfg.password_file.read_text(encoding="utf-8").strip()
+        tls_context = None
+        if self.cfg.tls:
+            tls_context = ssl.create_default_context(
+                cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None
+            )
+            if self.cfg.cert_file is not None:
+                tls_context.load_cert_chain(
+                    str(self.cfg.cert_file), str(self.cfg.key_file) if self.cfg.key_file else None
+                )
+        return aiomqtt.Client(
+            host,
+            port,
+            identifier=f"lockgw-{self.gw_id}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            keepalive=KEEPALIVE_S,
+            timeout=10,
+            will=aiomqtt.Will(self.t_availability, json.dumps({"state": "offline"}), qos=1, retain=True),
+            username=self.cfg.username,
+            password=password,
+            tls_context=tls_context,
+        )
+
+    async def _run_forever(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with self._make_client() as client:
+                    attempt = 0
+                    self._client = client
+                    self.connects += 1
+                    await self._session(client)
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
+            except (OSError, ssl.SSLError, ValueError, MqttUnavailable) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._client = None
+                self.connected.clear()
+            attempt += 1
+            await asyncio.sleep(backoff_for(MqttUnavailable("broker"), min(attempt, 7), random.random))
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        for topic in (f"{self.t_request}+", self.t_receipt, *sorted(self.t_site)):
+            await client.subscribe(topic, qos=1, timeout=10)
+        await client.publish(
+            self.t_availability, json.dumps({"state": "online"}), qos=1, retain=True, timeout=10
+        )
+        await self.publish_info()
+        for state in self._lock_states():
+            await self.publish_lock_state(state)
+        self.connected.set()
+        # The three run until one fails (a lost connection fails the receiver first); the
+        # others are then cancelled and awaited, and the first error propagates as itself.
+        tasks = [
+            asyncio.create_task(self._receive(client), name="mqtt-receive"),
+            asyncio.create_task(self._drain(client), name="mqtt-drain"),
+            asyncio.create_task(self._heartbeats(client), name="mqtt-heartbeat"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            exc = t.exception()
+            if exc is not None:
+                raise exc
+        raise MqttUnavailable("MQTT session ended")
+
+    # --- outgoing -----------------------------------------------------------------------------
+
+    async def _publish(
+        self,
+        topic: str,
+        payload: str | bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        client = self._client
+        if client is None:
+            raise MqttUnavailable("not connected")
+        await client.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties, timeout=PUBLISH_TIMEOUT_S
+        )
+
+    async def publish_info(self) -> None:
+        with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
+            await self._publish(self.t_info, json.dumps(self._info(), sort_keys=True), retain=True)
+
+    async def publish_lock_state(self, state: dict[str, Any]) -> None:
+        with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
+            topic = f"{self.cfg.base_topic}/{self.gw_id}/locks/{state['lock']}/state"
+            await self._publish(topic, json.dumps(state, sort_keys=True), retain=True)
+
+    async def publish_replayed(self, event: dict[str, Any]) -> None:
+        with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
+            await self._publish(self.t_events, json.dumps(event, sort_keys=True))
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        """Publish, in seq order, everything no receipt covers — then follow new commits."""
+        next_seq = self._outbox.stats().receipt_seq + 1
+        inflight: set[asyncio.Task[None]] = set()
+        while True:
+            self._outbox.appended.clear()
+            batch = await self._outbox.read(next_seq, limit=PUBLISH_WINDOW * 4)
+            for event in batch:
+                while len(inflight) >= PUBLISH_WINDOW:
+                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        t.result()  # a failed publish ends the session: reconnect and re-drain
+                payload = json.dumps(event, sort_keys=True)
+                inflight.add(
+                    asyncio.create_task(
+                        client.publish(self.t_events, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+                    )
+                )
+                next_seq = event["seq"] + 1
+                self.published += 1
+            if inflight:
+                done, inflight = await asyncio.wait(inflight, return_when=asyncio.ALL_COMPLETED)
+                for t in done:
+                    t.result()
+            if len(batch) < PUBLISH_WINDOW * 4 and next_seq > self._outbox.stats().last_seq:
+                await self._outbox.appended.wait()
+
+    async def _heartbeats(self, client: aiomqtt.Client) -> None:
+        while True:
+            await client.publish(
+                self.t_heartbeat,
+                json.dumps(self._heartbeat(), sort_keys=True),
+                qos=0,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
+            await asyncio.sleep(self._heartbeat_s)
+
+    # --- incoming -----------------------------------------------------------------------------
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = str(message.topic)
+            payload = bytes(message.payload)
+            if topic == self.t_receipt:
+                await self._on_receipt(payload)
+            elif topic in self.t_site:
+                if payload:  # an empty retained message clears the topic: nothing to install
+                    await self._install(payload)
+            elif topic.startswith(self.t_request):
+                self._spawn_request(topic[len(self.t_request) :], payload, message.properties)
+
+    async def _on_receipt(self, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+            epoch, seq = body["epoch"], body["seq"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return  # malformed receipts are ignored (and change nothing)
+        if isinstance(epoch, str) and isinstance(seq, int) and not isinstance(seq, bool):
+            await self._outbox.receipt(epoch, seq)
+
+    def _spawn_request(self, action: str, payload: bytes, props: Properties | None) -> None:
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+
+        async def run() -> None:
+            if self._requests.locked():
+                response: dict[str, Any] = {
+                    "transaction": _tx(payload),
+                    "status": "error",
+                    "error": {"code": "busy", "message": "too many requests in progress"},
+                }
+            else:
+                async with self._requests:
+                    response = await self._handle_request(action, payload)
+            out_props = None
+            if correlation is not None:
+                out_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                out_props.CorrelationData = correlation
+            topic = (
+                response_topic
+                if isinstance(response_topic, str) and response_topic
+                else (
+                    self.t_response + (action if action.isascii() and "/" not in action else "invalid")[:64]
+                )
+            )
+            with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
+                await self._publish(topic, json.dumps(response, sort_keys=True), properties=out_props)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"mqtt-request-{action[:32]}")
+        self._request_tasks.add(task)
+        task.add_done_callback(self._request_tasks.discard)
+
+
+def _tx(payload: bytes) -> str | None:
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        tx = json.loads(payload).get("transaction")
+        return tx if isinstance(tx, str) and len(tx) <= 128 else None
+    return None
