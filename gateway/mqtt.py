@@ -90,6 +90,8 @@ class MqttBridge:
         self.connected = asyncio.Event()
         self.connects = 0
         self.published = 0
+        self.published_seq = 0  # highest seq the broker acknowledged in this session
+        self._progress = asyncio.Condition()
         self.last_error: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -255,8 +257,16 @@ class MqttBridge:
                 done, inflight = await asyncio.wait(inflight, return_when=asyncio.ALL_COMPLETED)
                 for t in done:
                     t.result()
+            async with self._progress:
+                self.published_seq = next_seq - 1
+                self._progress.notify_all()
             if len(batch) < PUBLISH_WINDOW * 4 and next_seq > self._outbox.stats().last_seq:
                 await self._outbox.appended.wait()
+
+    async def wait_drained(self, seq: int) -> None:
+        """Wait until the broker acknowledged every event up to ``seq``."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.published_seq >= seq)
 
     async def _heartbeats(self, client: aiomqtt.Client) -> None:
         while True:

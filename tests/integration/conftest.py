@@ -1,19 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
+from airfix import Air
 
-from firmware_sim.bumble_peripheral import SimLock, SimRadio
+from firmware_sim.bumble_peripheral import SimRadio
 from gateway.ble.bumble_backend import BumbleHost
-
-
-@dataclass
-class Air:
-    radio: SimRadio
-    host: BumbleHost
-    locks: list[SimLock]
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from airfix import Air
 from bleak import BleakScanner
-from conftest import Air
 
 from gateway.ble.link import LockClient
 from gateway.errors import BleError, LinkLost, LinkTimeout, LockMisbehaved, PairingFailed

@@ -1,0 +1,270 @@
+"""The gateway runtime: every component an async context manager, started in order, stopped in
+reverse, with the background loops owned by one TaskGroup.
+
+Start-up: trust store and authorizer → lock registry → outbox (``gateway.started``) → BLE host
+and link manager → service → MQTT bridge (when configured) → background loops → READY.
+Shutdown (SIGTERM/SIGINT): ``gateway.stopping`` committed, retained ``{"state": "offline"}``
+published, MQTT closed, links closed, outbox flushed and closed; well within 10 s.
+
+Background loops: heartbeat data, housekeeping (status and lock logs, one lock at a time at low
+priority), daily ``trust.expiring`` checks, the saved wall clock, time-state changes, pruning and
+the systemd watchdog — fed only while the event loop runs, the outbox writer is alive and the
+BLE layer is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from importlib.metadata import version as pkg_version
+from typing import Any, Final, Self
+
+from bleak.backends.client import BaseBleakClient
+
+from gateway.authz import Authorizer, TrustStore, load_root_keys
+from gateway.ble.bumble_backend import BumbleHost
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config
+from gateway.links import LinkManager, Priority
+from gateway.mqtt import MqttBridge
+from gateway.outbox import Outbox
+from gateway.registry import Registry
+from gateway.service import LockView, Service
+from gateway.systemd import notify, watchdog_interval_s
+from protocols.credentials import Policy
+
+__all__ = ["Gateway"]
+
+HOUSEKEEPING_EVERY_S: Final = 300.0  # status + log fetch per lock; adverts trigger earlier refreshes
+EXPIRY_CHECK_EVERY_S: Final = 86400.0
+SAVE_WALL_EVERY_S: Final = 60.0
+PRUNE_EVERY_S: Final = 3600.0
+TIME_STATE_EVERY_S: Final = 10.0
+
+
+def _version() -> str:
+    try:
+        return pkg_version("lockgw")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0+unknown"
+
+
+@dataclass
+class Gateway:
+    config: Config
+    clock: Clock = field(default_factory=SystemClock)
+    #: Injected BLE: a bleak backend class (tests) — else from ``[ble]`` (BlueZ or a Bumble transport).
+    ble_backend: type[BaseBleakClient] | None = None
+    heartbeat_s: float = 60.0
+    housekeeping_s: float = HOUSEKEEPING_EVERY_S
+    started_at: int = 0
+    authz: Authorizer = field(init=False)
+    registry: Registry = field(init=False)
+    outbox: Outbox = field(init=False)
+    links: LinkManager = field(init=False)
+    service: Service = field(init=False)
+    mqtt: MqttBridge | None = field(init=False, default=None)
+    _stack: contextlib.AsyncExitStack = field(init=False, default_factory=contextlib.AsyncExitStack)
+    _tasks: asyncio.TaskGroup | None = field(init=False, default=None)
+    _last_time_state: str = field(init=False, default="")
+
+    async def __aenter__(self) -> Self:
+        cfg, gw = self.config, self.config.gateway
+        data = gw.data_dir
+        stack = self._stack
+        await stack.__aenter__()
+        try:
+            policy = Policy(**cfg.policy.model_dump())
+            self.authz = Authorizer(
+                gw_id=gw.id,
+                site=gw.site,
+                roots=load_root_keys(cfg.trust.root_keys),
+                policy=policy,
+                store=TrustStore(data / "trust.sqlite3"),
+                clock=self.clock,
+            )
+            stack.callback(self.authz.close)
+            self.registry = Registry(data / "locks.sqlite3")
+            stack.callback(self.registry.close)
+            self.outbox = await stack.enter_async_context(
+                Outbox(data / "events.sqlite3", gw=gw.id, site=gw.site, wall=self.clock.wall)
+            )
+            backend = self.ble_backend
+            if backend is None and cfg.ble.backend == "bumble":
+                assert cfg.ble.transport is not None
+                host = await stack.enter_async_context(BumbleHost(transport=cfg.ble.transport))
+                backend = host.client_backend()
+            self.links = await stack.enter_async_context(
+                LinkManager(gw_id=gw.id, backend=backend, max_connections=cfg.ble.max_connections)
+            )
+            self.service = Service(
+                gw.id,
+                gw.site,
+                self.authz,
+                self.outbox,
+                self.registry,
+                self.links,
+                on_lock_state=self._lock_state_changed,
+                on_info_changed=self._info_changed,
+            )
+            self.started_at = int(self.clock.wall())
+            await self.service.event(
+                "gateway.started", data={"version": _version(), "alarms": self.authz.alarms}
+            )
+            await self._announce_expiries()
+            if cfg.mqtt is not None:
+                self.mqtt = MqttBridge(
+                    cfg.mqtt,
+                    gw_id=gw.id,
+                    site=gw.site,
+                    outbox=self.outbox,
+                    handle_request=self.service.handle,
+                    install=self.service.install,
+                    info=self.info,
+                    heartbeat=self.heartbeat,
+                    lock_states=lambda: [v.as_json() for v in self.service.views.values()],
+                    heartbeat_s=self.heartbeat_s,
+                )
+                self.service.replay_sink = self.mqtt.publish_replayed
+                await self.mqtt.__aenter__()
+            self._tasks = asyncio.TaskGroup()
+            await self._tasks.__aenter__()
+            for name, coro in (
+                ("housekeeping", self._housekeeping()),
+                ("expiry", self._expiry_loop()),
+                ("wall-clock", self._wall_clock_loop()),
+                ("prune", self._prune_loop()),
+                ("time-state", self._time_state_loop()),
+                ("watchdog", self._watchdog_loop()),
+            ):
+                self._tasks.create_task(coro, name=f"gateway-{name}")
+        except BaseException:
+            await stack.aclose()
+            raise
+        notify("READY=1", f"STATUS=serving {len(self.registry.all())} locks")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        notify("STOPPING=1", "STATUS=stopping")
+        if self._tasks is not None:
+            for task in list(getattr(self._tasks, "_tasks", ())):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._tasks.__aexit__(None, None, None)
+            self._tasks = None
+        with contextlib.suppress(Exception):
+            await self.service.event("gateway.stopping")
+        if self.mqtt is not None:
+            # Give the drain a moment to publish the stopping event, then say offline.
+            if self.mqtt.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await self.mqtt.wait_drained(self.outbox.stats().last_seq)
+            await self.mqtt.close(graceful=True)
+        await self._stack.aclose()
+
+    # --- published state --------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        summary = self.authz.trust_summary()
+        kr, rl = summary["keyring"], summary["revocations"]
+        return {
+            "gw": self.config.gateway.id,
+            "site": self.config.gateway.site,
+            "version": _version(),
+            "started_at": self.started_at,
+            "epoch": self.outbox.epoch,
+            "locks": [r.lock for r in self.registry.all()],
+            "keyring_version": kr["version"] if isinstance(kr, dict) else None,
+            "keyring_exp": kr["exp"] if isinstance(kr, dict) else None,
+            "revocations_version": rl["version"] if isinstance(rl, dict) else None,
+            "revocations_exp": rl["exp"] if isinstance(rl, dict) else None,
+            "time_state": str(self.authz.time_view().state),
+        }
+
+    def heartbeat(self) -> dict[str, Any]:
+        stats = self.outbox.stats()
+        return {
+            "ts": int(self.clock.wall()),
+            "epoch": stats.epoch,
+            "last_seq": stats.last_seq,
+            "receipt_seq": stats.receipt_seq,
+            "backlog": stats.backlog,
+            "time_state": str(self.authz.time_view().state),
+            "alarms": self.alarms(),
+        }
+
+    def alarms(self) -> list[str]:
+        out = set(self.authz.alarms) | set(self.outbox.alarms)
+        if self.mqtt is not None and not self.mqtt.connected.is_set():
+            out.add("mqtt_disconnected")
+        return sorted(out)
+
+    def _lock_state_changed(self, view: LockView) -> None:
+        if self.mqtt is not None:
+            self._spawn(self.mqtt.publish_lock_state(view.as_json()))
+
+    def _info_changed(self) -> None:
+        if self.mqtt is not None:
+            self._spawn(self.mqtt.publish_info())
+
+    def _spawn(self, coro: Any) -> None:
+        if self._tasks is not None:
+            self._tasks.create_task(coro)
+        else:
+            coro.close()
+
+    # --- loops ------------------------------------------------------------------------------
+
+    async def _announce_expiries(self) -> None:
+        for exp in self.authz.expiring():
+            kind = "trust.expired" if exp.days_left <= 0 else "trust.expiring"
+            await self.service.event(
+                kind,
+                outcome="warning",
+                data={"what": exp.what, "id": exp.ident, "exp": exp.exp, "days_left": exp.days_left},
+            )
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_EVERY_S)
+            await self._announce_expiries()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            for record in self.registry.all():
+                with contextlib.suppress(Exception):
+                    await self.service.refresh(record, priority=Priority.HOUSEKEEPING)
+            await asyncio.sleep(self.housekeeping_s)
+
+    async def _wall_clock_loop(self) -> None:
+        while True:
+            self.authz.save_wall_clock()
+            await asyncio.sleep(SAVE_WALL_EVERY_S)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await self.outbox.prune()
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def _time_state_loop(self) -> None:
+        while True:
+            state = str(self.authz.time_view().state)
+            if state != self._last_time_state:
+                if self._last_time_state:
+                    await self.service.event(
+                        "time.state_changed", data={"from": self._last_time_state, "to": state}
+                    )
+                    self._info_changed()
+                self._last_time_state = state
+            await asyncio.sleep(TIME_STATE_EVERY_S)
+
+    async def _watchdog_loop(self) -> None:
+        interval = watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            if self.outbox.healthy and self.links.healthy:
+                notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker import Broker
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(Path(tmp_path_factory.mktemp("mosquitto")))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def live_broker(broker: Broker) -> Broker:
+    """The session broker, restarted first if a previous test killed it."""
+    if broker.proc is None or broker.proc.poll() is not None:
+        broker.start()
+    return broker
