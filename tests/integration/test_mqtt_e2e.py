@@ -114,8 +114,8 @@ async def central(live_broker: Broker) -> AsyncIterator[Central]:
         task.cancel()
 
 
-async def next_on(c: Central, topic: str, *, timeout: float = 10.0, pred=lambda _m: True) -> aiomqtt.Message:
-    async with asyncio.timeout(timeout), c._cond:
+async def next_on(c: Central, topic: str, *, within: float = 10.0, pred=lambda _m: True) -> aiomqtt.Message:
+    async with asyncio.timeout(within), c._cond:
         while True:
             for m in c.inbox:
                 if m.topic.matches(topic) and pred(m):
