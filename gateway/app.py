@@ -57,6 +57,7 @@ class Gateway:
     #: Injected BLE: a bleak backend class (tests) — else from ``[ble]`` (BlueZ or a Bumble transport).
     ble_backend: type[BaseBleakClient] | None = None
     heartbeat_s: float = 60.0
+    republish_after_s: float = 60.0
     housekeeping_s: float = HOUSEKEEPING_EVERY_S
     started_at: int = 0
     authz: Authorizer = field(init=False)
@@ -125,6 +126,7 @@ class Gateway:
                     heartbeat=self.heartbeat,
                     lock_states=lambda: [v.as_json() for v in self.service.views.values()],
                     heartbeat_s=self.heartbeat_s,
+                    republish_after_s=self.republish_after_s,
                 )
                 self.service.replay_sink = self.mqtt.publish_replayed
                 await self.mqtt.__aenter__()

@@ -35,7 +35,7 @@ from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
 from gateway.outbox import Outbox
 
-__all__ = ["HEARTBEAT_S", "MqttBridge"]
+__all__ = ["HEARTBEAT_S", "MqttBridge", "retrieve_disconnect_error"]
 
 #: Heartbeat period (CONTRACT §4).
 HEARTBEAT_S: Final = 60.0
@@ -47,6 +47,8 @@ PUBLISH_WINDOW: Final = 64
 #: Per-publish timeout: a broker that stopped answering is noticed, never waited on forever.
 PUBLISH_TIMEOUT_S: Final = 10.0
 MAX_CONCURRENT_REQUESTS: Final = 32
+#: Re-send what no receipt covers when receipts stall this long (central may have missed it).
+REPUBLISH_AFTER_S: Final = 60.0
 KEEPALIVE_S: Final = 15
 
 Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
@@ -66,6 +68,7 @@ class MqttBridge:
         heartbeat: Callable[[], dict[str, Any]],
         lock_states: Callable[[], list[dict[str, Any]]],
         heartbeat_s: float = HEARTBEAT_S,
+        republish_after_s: float = REPUBLISH_AFTER_S,
     ) -> None:
         self.cfg = config
         self.gw_id, self.site = gw_id, site
@@ -83,6 +86,7 @@ class MqttBridge:
         self._install = install
         self._info, self._heartbeat, self._lock_states = info, heartbeat, lock_states
         self._heartbeat_s = heartbeat_s
+        self.republish_after_s = republish_after_s
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._requests = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
@@ -157,8 +161,9 @@ class MqttBridge:
     async def _run_forever(self) -> None:
         attempt = 0
         while True:
+            client = self._make_client()
             try:
-                async with self._make_client() as client:
+                async with client:
                     attempt = 0
                     self._client = client
                     self.connects += 1
@@ -170,6 +175,7 @@ class MqttBridge:
             finally:
                 self._client = None
                 self.connected.clear()
+                retrieve_disconnect_error(client)
             attempt += 1
             await asyncio.sleep(backoff_for(MqttUnavailable("broker"), min(attempt, 7), random.random))
 
@@ -234,34 +240,51 @@ class MqttBridge:
             await self._publish(self.t_events, json.dumps(event, sort_keys=True))
 
     async def _drain(self, client: aiomqtt.Client) -> None:
-        """Publish, in seq order, everything no receipt covers — then follow new commits."""
+        """Publish, in seq order, everything no receipt covers — then follow new commits.
+
+        If central's receipts stop advancing while events are outstanding (central reconnected
+        after we published, to a broker that lost its session), the drain starts over from the
+        last receipt every ``republish_after_s``: delivery is at least once, deduplicated by id.
+        """
         next_seq = self._outbox.stats().receipt_seq + 1
         inflight: set[asyncio.Task[None]] = set()
-        while True:
-            self._outbox.appended.clear()
-            batch = await self._outbox.read(next_seq, limit=PUBLISH_WINDOW * 4)
-            for event in batch:
-                while len(inflight) >= PUBLISH_WINDOW:
-                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    for t in done:
-                        t.result()  # a failed publish ends the session: reconnect and re-drain
-                payload = json.dumps(event, sort_keys=True)
-                inflight.add(
-                    asyncio.create_task(
-                        client.publish(self.t_events, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+        try:
+            while True:
+                self._outbox.appended.clear()
+                batch = await self._outbox.read(next_seq, limit=PUBLISH_WINDOW * 4)
+                for event in batch:
+                    while len(inflight) >= PUBLISH_WINDOW:
+                        done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                        for t in done:
+                            t.result()  # a failed publish ends the session: reconnect and re-drain
+                    payload = json.dumps(event, sort_keys=True)
+                    inflight.add(
+                        asyncio.create_task(
+                            client.publish(self.t_events, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+                        )
                     )
-                )
-                next_seq = event["seq"] + 1
-                self.published += 1
-            if inflight:
-                done, inflight = await asyncio.wait(inflight, return_when=asyncio.ALL_COMPLETED)
-                for t in done:
-                    t.result()
-            async with self._progress:
-                self.published_seq = next_seq - 1
-                self._progress.notify_all()
-            if len(batch) < PUBLISH_WINDOW * 4 and next_seq > self._outbox.stats().last_seq:
-                await self._outbox.appended.wait()
+                    next_seq = event["seq"] + 1
+                    self.published += 1
+                if inflight:
+                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.ALL_COMPLETED)
+                    for t in done:
+                        t.result()
+                async with self._progress:
+                    self.published_seq = next_seq - 1
+                    self._progress.notify_all()
+                if len(batch) < PUBLISH_WINDOW * 4 and next_seq > self._outbox.stats().last_seq:
+                    receipt = self._outbox.stats().receipt_seq
+                    try:
+                        async with asyncio.timeout(self.republish_after_s):
+                            await self._outbox.appended.wait()
+                    except TimeoutError:
+                        stats = self._outbox.stats()
+                        if stats.receipt_seq == receipt and stats.backlog > 0:
+                            next_seq = stats.receipt_seq + 1  # no receipt progress: send again
+        finally:
+            for t in inflight:
+                t.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     async def wait_drained(self, seq: int) -> None:
         """Wait until the broker acknowledged every event up to ``seq``."""
@@ -339,3 +362,12 @@ def _tx(payload: bytes) -> str | None:
         tx = json.loads(payload).get("transaction")
         return tx if isinstance(tx, str) and len(tx) <= 128 else None
     return None
+
+
+def retrieve_disconnect_error(client: aiomqtt.Client) -> None:
+    """aiomqtt 2.5 stores an unexpected disconnection in a future that its ``__aexit__`` does
+    not await; unless the message iterator raised from it, asyncio later logs "Future exception
+    was never retrieved". We already handled the loss, so mark it retrieved."""
+    future = getattr(client, "_disconnected", None)
+    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+        future.exception()
