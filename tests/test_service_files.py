@@ -22,8 +22,8 @@ def test_example_config_is_valid() -> None:
 
 def test_unit_is_notify_with_watchdog_and_no_bluetooth_sockets() -> None:
     unit = (ROOT / "config" / "lockgw.service").read_text()
-    assert "Type=notify" in unit and re.search(r"^WatchdogSec=\d+", unit, re.M)
-    families = re.search(r"^RestrictAddressFamilies=(.*)$", unit, re.M)
+    assert "Type=notify" in unit and re.search(r"^WatchdogSec=\d+", unit, re.MULTILINE)
+    families = re.search(r"^RestrictAddressFamilies=(.*)$", unit, re.MULTILINE)
     assert families is not None and "AF_BLUETOOTH" not in families.group(1)
     assert "CAP_NET_ADMIN" not in unit.split("CapabilityBoundingSet=")[1].split("\n")[0]
 
