@@ -224,3 +224,43 @@ async def test_replay_and_locks(rig: Rig) -> None:
     }
     status = await rig.req("status", {"lock": lock})
     assert status["data"]["state"] == "unlocked" and status["data"]["available"] is True
+
+
+async def test_fifty_simultaneous_unlocks_across_twenty_locks_with_four_slots(tmp_path: Path) -> None:
+    """All served, access before housekeeping, no starvation (issue 4 concurrency test)."""
+    import asyncio
+
+    from credfix import T0
+
+    w = World()
+    clock = ManualClock(T0)
+    async with SimRadio(clock=clock.wall) as radio:
+        sims = await radio.add_locks(20, seed=12)
+        async with BumbleHost(controller=radio.open_gateway_controller()) as host:
+            authz = Authorizer(
+                gw_id=GW,
+                site=SITE,
+                roots={w.root.public.kid: w.root.public},
+                policy=w.policy,
+                store=TrustStore(tmp_path / "trust.sqlite3"),
+                clock=clock,
+                release_floor=T0 - 10**7,
+            )
+            registry = Registry(tmp_path / "locks.sqlite3")
+            async with (
+                Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall) as outbox,
+                LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=4) as links,
+            ):
+                for sim in sims:
+                    done = await links.pair(str(sim.address), sim.model.setup_code)
+                    registry.put(LockRecord(done.lock_id, str(sim.address), sim.model.name, done.ltk))
+                svc = Service(GW, SITE, authz, outbox, registry, links)
+                authz.install(w.keyring())
+                rig = Rig(w, svc, radio, sims, clock)
+                # Housekeeping competes for the same slots at low priority.
+                housekeeping = [asyncio.create_task(svc.refresh(r)) for r in registry.all()]
+                targets = [sims[i % 20].model.lock_id for i in range(50)]
+                results = await asyncio.gather(*(rig.unlock(lock) for lock in targets))
+                await asyncio.gather(*housekeeping)
+    assert [r["status"] for r in results] == ["ok"] * 50
+    assert links.stats.by_priority["ACCESS"] >= 50
