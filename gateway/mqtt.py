@@ -19,6 +19,7 @@ committed to the outbox and drained later.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import random
@@ -143,7 +144,7 @@ class MqttBridge:
                 tls_context.load_cert_chain(
                     str(self.cfg.cert_file), str(self.cfg.key_file) if self.cfg.key_file else None
                 )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             host,
             port,
             identifier=f"lockgw-{self.gw_id}",
@@ -157,6 +158,9 @@ class MqttBridge:
             password=password,
             tls_context=tls_context,
         )
+        # aiomqtt warns once per publish beyond 10 pending calls; our window is deliberate.
+        client.pending_calls_threshold = PUBLISH_WINDOW + MAX_CONCURRENT_REQUESTS + 8
+        return client
 
     async def _run_forever(self) -> None:
         attempt = 0
@@ -247,32 +251,33 @@ class MqttBridge:
         last receipt every ``republish_after_s``: delivery is at least once, deduplicated by id.
         """
         next_seq = self._outbox.stats().receipt_seq + 1
-        inflight: set[asyncio.Task[None]] = set()
+        inflight: collections.deque[tuple[int, asyncio.Task[None]]] = collections.deque()
+
+        async def settle(*, keep: int) -> None:
+            # Publishes complete in order on one connection; wait on the oldest first.
+            while len(inflight) > keep:
+                seq, task = inflight.popleft()
+                await task  # a failed publish ends the session: reconnect and re-drain
+                self.published_seq = seq
+            async with self._progress:
+                self._progress.notify_all()
+
         try:
             while True:
                 self._outbox.appended.clear()
                 batch = await self._outbox.read(next_seq, limit=PUBLISH_WINDOW * 4)
                 for event in batch:
-                    while len(inflight) >= PUBLISH_WINDOW:
-                        done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                        for t in done:
-                            t.result()  # a failed publish ends the session: reconnect and re-drain
+                    if len(inflight) >= PUBLISH_WINDOW:
+                        await settle(keep=PUBLISH_WINDOW // 2)
                     payload = json.dumps(event, sort_keys=True)
-                    inflight.add(
-                        asyncio.create_task(
-                            client.publish(self.t_events, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
-                        )
+                    task = asyncio.create_task(
+                        client.publish(self.t_events, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
                     )
+                    inflight.append((event["seq"], task))
                     next_seq = event["seq"] + 1
                     self.published += 1
-                if inflight:
-                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.ALL_COMPLETED)
-                    for t in done:
-                        t.result()
-                async with self._progress:
-                    self.published_seq = next_seq - 1
-                    self._progress.notify_all()
                 if len(batch) < PUBLISH_WINDOW * 4 and next_seq > self._outbox.stats().last_seq:
+                    await settle(keep=0)
                     receipt = self._outbox.stats().receipt_seq
                     try:
                         async with asyncio.timeout(self.republish_after_s):
@@ -282,9 +287,9 @@ class MqttBridge:
                         if stats.receipt_seq == receipt and stats.backlog > 0:
                             next_seq = stats.receipt_seq + 1  # no receipt progress: send again
         finally:
-            for t in inflight:
+            for _, t in inflight:
                 t.cancel()
-            await asyncio.gather(*inflight, return_exceptions=True)
+            await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
 
     async def wait_drained(self, seq: int) -> None:
         """Wait until the broker acknowledged every event up to ``seq``."""

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, type TEXT NOT NULL, lock TEXT, json TEXT NOT NULL,
     hash TEXT NOT NULL, receipted_at INTEGER);
-CREATE INDEX IF NOT EXISTS events_receipted ON events (receipted_at);
+CREATE INDEX IF NOT EXISTS events_receipted ON events (receipted_at) WHERE receipted_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS lock_cursor (lock TEXT PRIMARY KEY, lock_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS forwarded (lock TEXT NOT NULL, lock_seq INTEGER NOT NULL, PRIMARY KEY (lock, lock_seq));
 """
@@ -258,10 +258,6 @@ class Outbox:
                     results.append(sealed)
                 else:
                     results.append(job.fn(db))
-            db.execute(
-                "INSERT INTO meta VALUES ('head', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (f"{seq}:{head}",),
-            )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -368,6 +364,11 @@ class Outbox:
         cutoff = int(self._wall()) - self._retention_s
 
         def write(db: sqlite3.Connection) -> int:
+            # Keep the chain head before rows go, so numbering continues after a full prune.
+            db.execute(
+                "INSERT INTO meta VALUES ('head', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (f"{self._last_seq}:{self._last_hash}",),
+            )
             return int(
                 db.execute(
                     "DELETE FROM events WHERE receipted_at IS NOT NULL AND receipted_at < ?", (cutoff,)
