@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -54,14 +55,15 @@ class Rig:
         return await self.svc.outbox.read(1, limit=10_000)
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    w = World()
+@contextlib.asynccontextmanager
+async def build_rig(tmp_path: Path, *, locks: int = 2, seed: int = 11, slots: int = 2) -> AsyncIterator[Rig]:
+    """Simulated locks paired to a gateway service (no broker), keyring installed."""
     from credfix import T0
 
+    w = World()
     clock = ManualClock(T0)
     async with SimRadio(clock=clock.wall) as radio:
-        sims = await radio.add_locks(2, seed=11)
+        sims = await radio.add_locks(locks, seed=seed)
         async with BumbleHost(controller=radio.open_gateway_controller()) as host:
             authz = Authorizer(
                 gw_id=GW,
@@ -75,7 +77,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
             registry = Registry(tmp_path / "locks.sqlite3")
             async with (
                 Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall) as outbox,
-                LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=2) as links,
+                LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=slots) as links,
             ):
                 for sim in sims:
                     done = await links.pair(str(sim.address), sim.model.setup_code)
@@ -83,6 +85,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                 svc = Service(GW, SITE, authz, outbox, registry, links)
                 assert authz.install(w.keyring()).installed
                 yield Rig(w, svc, radio, sims, clock)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with build_rig(tmp_path) as r:
+        yield r
 
 
 async def test_unlock_grants_commits_and_actuates(rig: Rig) -> None:
@@ -230,37 +238,12 @@ async def test_fifty_simultaneous_unlocks_across_twenty_locks_with_four_slots(tm
     """All served, access before housekeeping, no starvation (issue 4 concurrency test)."""
     import asyncio
 
-    from credfix import T0
-
-    w = World()
-    clock = ManualClock(T0)
-    async with SimRadio(clock=clock.wall) as radio:
-        sims = await radio.add_locks(20, seed=12)
-        async with BumbleHost(controller=radio.open_gateway_controller()) as host:
-            authz = Authorizer(
-                gw_id=GW,
-                site=SITE,
-                roots={w.root.public.kid: w.root.public},
-                policy=w.policy,
-                store=TrustStore(tmp_path / "trust.sqlite3"),
-                clock=clock,
-                release_floor=T0 - 10**7,
-            )
-            registry = Registry(tmp_path / "locks.sqlite3")
-            async with (
-                Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall) as outbox,
-                LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=4) as links,
-            ):
-                for sim in sims:
-                    done = await links.pair(str(sim.address), sim.model.setup_code)
-                    registry.put(LockRecord(done.lock_id, str(sim.address), sim.model.name, done.ltk))
-                svc = Service(GW, SITE, authz, outbox, registry, links)
-                authz.install(w.keyring())
-                rig = Rig(w, svc, radio, sims, clock)
-                # Housekeeping competes for the same slots at low priority.
-                housekeeping = [asyncio.create_task(svc.refresh(r)) for r in registry.all()]
-                targets = [sims[i % 20].model.lock_id for i in range(50)]
-                results = await asyncio.gather(*(rig.unlock(lock) for lock in targets))
-                await asyncio.gather(*housekeeping)
-    assert [r["status"] for r in results] == ["ok"] * 50
-    assert links.stats.by_priority["ACCESS"] >= 50
+    async with build_rig(tmp_path, locks=20, seed=12, slots=4) as rig:
+        svc = rig.svc
+        # Housekeeping competes for the same slots at low priority.
+        housekeeping = [asyncio.create_task(svc.refresh(r)) for r in svc.registry.all()]
+        targets = [rig.locks[i % 20].model.lock_id for i in range(50)]
+        results = await asyncio.gather(*(rig.unlock(lock) for lock in targets))
+        await asyncio.gather(*housekeeping)
+        assert [r["status"] for r in results] == ["ok"] * 50
+        assert svc.links.stats.by_priority["ACCESS"] >= 50

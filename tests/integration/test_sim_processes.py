@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
+from broker import free_port
+from simproc import start_sim
 
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.ble.link import LockClient
@@ -19,49 +18,13 @@ from protocols.messages import Op, Status
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_sim(port: int, seed: int) -> tuple[subprocess.Popen[str], list[dict[str, str]]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "firmware_sim",
-            "serve",
-            "--locks",
-            "2",
-            "--seed",
-            str(seed),
-            "--transport",
-            f"tcp-server:127.0.0.1:{port}",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.stdout is not None
-    locks = []
-    while True:
-        line = proc.stdout.readline()
-        assert line, "simulator exited early"
-        obj = json.loads(line)
-        if obj.get("ready"):
-            return proc, locks
-        locks.append(obj)
-
-
 @pytest.fixture
 def two_sims() -> Iterator[list[tuple[int, subprocess.Popen[str], list[dict[str, str]]]]]:
     sims = []
     try:
         for seed in (1, 2):
             port = free_port()
-            proc, locks = start_sim(port, seed)
+            proc, locks = start_sim(port, seed=seed)
             sims.append((port, proc, locks))
         yield sims
     finally:

@@ -1,0 +1,39 @@
+"""Start `lockgw-sim serve` as a child process on a tcp-server transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def start_sim(port: int, *, seed: int, locks: int = 2) -> tuple[subprocess.Popen[str], list[dict[str, str]]]:
+    """Return the process (stdin/stdout pipes open for fault commands) and its lock lines."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim",
+            "serve",
+            "--locks",
+            str(locks),
+            "--seed",
+            str(seed),
+            "--transport",
+            f"tcp-server:127.0.0.1:{port}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.stdout is not None
+    found = []
+    while True:
+        line = proc.stdout.readline()
+        assert line, "simulator exited early"
+        obj = json.loads(line)
+        if obj.get("ready"):
+            return proc, found
+        found.append(obj)
