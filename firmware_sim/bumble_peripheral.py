@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -130,7 +131,9 @@ class SimRadio:
 
     async def add_lock(self, model: LockModel) -> SimLock:
         index = len(self.locks)
-        address = Address(_address(index, 0x1000 + hash(model.lock_id) % 0x100000))
+        # Stable across restarts (str hash() is salted per process): a gateway stores addresses.
+        digest = int.from_bytes(hashlib.sha256(model.lock_id.encode()).digest()[:4], "big")
+        address = Address(_address(index, 0x1000 + digest % 0x100000))
         controller = Controller(f"lock{index}", link=self.link, public_address=str(address))
         device = Device(address=address, host=Host(controller, AsyncPipeSink(controller)))
         device.name = model.lock_id

@@ -253,9 +253,18 @@ class BumbleBleakClient(BaseBleakClient):
     async def connect(self, pair: bool, **kwargs: Any) -> None:
         device = self.host.device
         async with self.host.connect_lock:
-            with _map_bumble_errors(f"connect to {self.address}"):
-                async with asyncio.timeout(self._timeout):
-                    connection = await device.connect(self._peer_address, timeout=self._timeout)
+            try:
+                with _map_bumble_errors(f"connect to {self.address}"):
+                    # Bumble's own timeout cancels the pending LE connection; ours is a backstop.
+                    async with asyncio.timeout(self._timeout + 2):
+                        connection = await device.connect(self._peer_address, timeout=self._timeout)
+            except (TimeoutError, BleakError):
+                # A connection attempt left pending in the controller would make every later
+                # one fail with COMMAND_DISALLOWED: cancel it whatever happened.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2):
+                        await device.cancel_connection(self._peer_address)  # type: ignore[no-untyped-call]
+                raise
         self._connection = connection
         connection.on("disconnection", self._on_disconnection)
         peer = Peer(connection)

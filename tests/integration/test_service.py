@@ -247,3 +247,30 @@ async def test_fifty_simultaneous_unlocks_across_twenty_locks_with_four_slots(tm
         await asyncio.gather(*housekeeping)
         assert [r["status"] for r in results] == ["ok"] * 50
         assert svc.links.stats.by_priority["ACCESS"] >= 50
+
+
+async def test_link_dropped_mid_command_actuates_once_with_a_clear_outcome(rig: Rig) -> None:
+    sim = rig.locks[0]
+    lock = sim.model.lock_id
+    # Warm a link, then make the lock drop it right after executing the next command.
+    await rig.req("status", {"lock": lock})
+    await rig.radio.apply_fault(lock, "drop_after_write")
+    resp = await rig.unlock(lock)
+    assert resp["status"] == "ok" and resp["data"]["state"] == "unlocked"
+    events = await rig.events()
+    granted = [e for e in events if e["type"] == "access.granted"]
+    cmd = granted[-1]["data"]["cmd_id"]
+    actuations = [e for e in sim.model.log if e.cmd_id is not None and e.cmd_id.hex() == cmd]
+    assert len(actuations) == 1  # the retry with the same cmd_id was answered from the cache
+    assert rig.svc.links.stats.retries >= 1
+
+
+async def test_low_battery_and_door_are_forwarded_as_events(rig: Rig) -> None:
+    sim = rig.locks[1]
+    await rig.radio.apply_fault(sim.model.lock_id, "battery", 12)
+    record = rig.svc.registry.get(sim.model.lock_id)
+    assert record is not None
+    await rig.svc.refresh(record)
+    types = [e["type"] for e in await rig.events()]
+    assert "lock.battery_low" in types
+    assert rig.svc.views[sim.model.lock_id].battery_pct == 12
