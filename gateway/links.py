@@ -181,6 +181,10 @@ class LinkManager:
                     await asyncio.sleep(backoff_for(exc, attempt, self._rng))
                 else:
                     self._contact(record.lock, ok=True)
+                    if self._slots.waiting:
+                        # Someone waits for a connection slot: hand ours over now rather than
+                        # holding an idle link for idle_s.
+                        await self._close(record.lock)
                     return response
 
     async def pair(self, address: str, setup_code: str) -> PairingCompleted:

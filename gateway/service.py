@@ -107,6 +107,9 @@ class Service:
     replay_sink: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     views: dict[str, LockView] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
+    #: from time.perf_counter(): the gateway-added time is everything outside the command.
+    trace: list[tuple[float, float, float, float]] | None = None
 
     def __post_init__(self) -> None:
         for rec in self.registry.all():
@@ -294,8 +297,10 @@ class Service:
             },
         )
         op = Op.UNLOCK if action == "unlock" else Op.LOCK
+        t_cmd = time.perf_counter()
         try:
             response = await self.links.command(record, op, cmd_id=cmd_id, priority=Priority.ACCESS)
+            t_reply = time.perf_counter()
             state, lock_seq = parse_actuation(response.result)
         except (BleError, ProtocolError) as exc:
             code = exc.code if isinstance(exc, BleError) else "lock_error"
@@ -337,7 +342,10 @@ class Service:
             [self._fields(type_, common, lock_seq, cmd_id)], forwarded=[(record.lock, lock_seq)]
         )
         self.on_lock_state(view)
-        self.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        t_out = time.perf_counter()
+        self.latencies_ms.append((t_out - t0) * 1000)
+        if self.trace is not None:
+            self.trace.append((t0, t_cmd, t_reply, t_out))
         return {"lock": record.lock, "state": str(state), "seq": done["seq"]}
 
     def _fields(self, type_: str, common: dict[str, Any], lock_seq: int, cmd_id: bytes) -> dict[str, Any]:
