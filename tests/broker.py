@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -22,22 +23,30 @@ def mosquitto_binary() -> str | None:
 
 
 class Broker:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
         exe = mosquitto_binary()
         if exe is None:
             raise RuntimeError("mosquitto is not installed; ./dev.sh test installs it")
         self.exe = exe
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
+        text = (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "max_queued_messages 100000\n"
         )
+        if tls is not None:
+            text += f"certfile {tls[0]}\nkeyfile {tls[1]}\n"
+        if os.geteuid() == 0:
+            # As root, mosquitto would switch to its own user, who cannot read pytest's 0700
+            # temp directories (the TLS key lives there).
+            text += "user root\n"
+        self.conf.write_text(text)
+        self.tls = tls is not None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
