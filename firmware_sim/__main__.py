@@ -17,7 +17,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,14 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 async def _read_commands(radio: SimRadio, stop: asyncio.Event) -> None:
+    # Commands come from a pipe or a terminal. With stdin at /dev/null or a file (a service or a
+    # script running us in the background) there is nothing to read: serve until a signal.
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or sys.stdin.isatty()):
+        return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

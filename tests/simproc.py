@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 
-def start_sim(port: int, *, seed: int, locks: int = 2) -> tuple[subprocess.Popen[str], list[dict[str, str]]]:
+def start_sim(
+    port: int, *, seed: int, locks: int = 2, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], list[dict[str, str]]]:
     """Return the process (stdin/stdout pipes open for fault commands) and its lock lines."""
     proc = subprocess.Popen(
         [
