@@ -23,12 +23,14 @@ def mosquitto_binary() -> str | None:
 
 
 class Broker:
-    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, tls: tuple[Path, Path] | None = None, port: int | None = None
+    ) -> None:
         exe = mosquitto_binary()
         if exe is None:
             raise RuntimeError("mosquitto is not installed; ./dev.sh test installs it")
         self.exe = exe
-        self.port = free_port()
+        self.port = port or free_port()
         self.conf = workdir / "mosquitto.conf"
         text = (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
