@@ -276,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--holder-key", required=True)
     pr.add_argument("--token", required=True)
-    pr.add_argument("--nonce", required=True, help="the challenge nonce (base64url)")
+    pr.add_argument(
+        "--nonce",
+        required=True,
+        help="the challenge nonce (base64url); write --nonce=VALUE, it may start with '-'",
+    )
     pr.add_argument("--gw", required=True)
     pr.add_argument("--lock", required=True)
     pr.add_argument("--act", required=True, choices=["unlock", "lock"])
