@@ -21,7 +21,9 @@ from importlib.metadata import version as pkg_version
 from typing import Any, Final, Self
 
 from bleak.backends.client import BaseBleakClient
+from bleak.backends.scanner import BaseBleakScanner
 
+from gateway.adverts import AdvertWatcher
 from gateway.authz import Authorizer, TrustStore, load_root_keys
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.clock import Clock, SystemClock
@@ -54,8 +56,10 @@ def _version() -> str:
 class Gateway:
     config: Config
     clock: Clock = field(default_factory=SystemClock)
-    #: Injected BLE: a bleak backend class (tests) — else from ``[ble]`` (BlueZ or a Bumble transport).
+    #: Injected BLE: bleak backend classes (tests) — else from ``[ble]`` (BlueZ or a Bumble transport).
     ble_backend: type[BaseBleakClient] | None = None
+    scanner_backend: type[BaseBleakScanner] | None = None
+    watch_adverts: bool = True
     heartbeat_s: float = 60.0
     republish_after_s: float = 60.0
     housekeeping_s: float = HOUSEKEEPING_EVERY_S
@@ -96,6 +100,7 @@ class Gateway:
                 assert cfg.ble.transport is not None
                 host = await stack.enter_async_context(BumbleHost(transport=cfg.ble.transport))
                 backend = host.client_backend()
+                self.scanner_backend = self.scanner_backend or host.scanner_backend()
             self.links = await stack.enter_async_context(
                 LinkManager(gw_id=gw.id, backend=backend, max_connections=cfg.ble.max_connections)
             )
@@ -141,6 +146,17 @@ class Gateway:
                 ("watchdog", self._watchdog_loop()),
             ):
                 self._tasks.create_task(coro, name=f"gateway-{name}")
+            # Watch adverts with the configured stack; with an injected client backend (tests),
+            # only when a matching scanner backend is injected too.
+            if self.watch_adverts and (self.scanner_backend is not None or self.ble_backend is None):
+                watcher = AdvertWatcher(
+                    known=lambda lock: self.registry.get(lock) is not None,
+                    refresh=self._refresh_lock,
+                    on_rssi=self._saw_rssi,
+                    backend=self.scanner_backend,
+                    clock=self.clock.mono,
+                )
+                self._tasks.create_task(watcher.run(), name="gateway-adverts")
         except BaseException:
             await stack.aclose()
             raise
@@ -216,6 +232,16 @@ class Gateway:
             self._tasks.create_task(coro)
         else:
             coro.close()
+
+    async def _refresh_lock(self, lock: str) -> None:
+        record = self.registry.get(lock)
+        if record is not None:
+            await self.service.refresh(record, priority=Priority.HOUSEKEEPING)
+
+    def _saw_rssi(self, lock: str, rssi: int) -> None:
+        view = self.service.views.get(lock)
+        if view is not None:
+            view.rssi = rssi
 
     # --- loops ------------------------------------------------------------------------------
 

@@ -6,13 +6,13 @@ bench/soak_kill9.py runs the long version."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -78,11 +78,12 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_gateway_kill_9_loop(tmp_path: Path) -> None:
-    script = CHILD.format(tests=str(ROOT / "tests"), data=str(tmp_path))
-    rnd = random.Random(9)
+def run_kill9(data: Path, *, iterations: int, seed: int = 9) -> dict[str, int]:
+    """Run the child ``iterations`` times, kill -9 each at a random point, then check the store."""
+    script = CHILD.format(tests=str(ROOT / "tests"), data=str(data))
+    rnd = random.Random(seed)
     ok_seqs: list[int] = []
-    for _ in range(20):
+    for _ in range(iterations):
         proc = subprocess.Popen(
             [sys.executable, "-c", script],
             stdout=subprocess.PIPE,
@@ -95,15 +96,16 @@ def test_gateway_kill_9_loop(tmp_path: Path) -> None:
             line = proc.stdout.readline().split()
             assert line and line[0] == "ok"
             ok_seqs.append(int(line[1]))
+        time.sleep(rnd.random() * 0.05)  # land the kill anywhere, not only right after a response
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
 
-    async def check() -> None:
-        async with Outbox(tmp_path / "events.sqlite3", gw="gw-k", site="x", wall=lambda: 0) as ob:
-            events = await ob.read(1, limit=10**6)
+    async def check() -> int:
+        async with Outbox(data / "events.sqlite3", gw="gw-k", site="x", wall=lambda: 0) as ob:
+            events = await ob.read(1, limit=10**7)
         seqs = [e["seq"] for e in events]
-        assert seqs == list(range(1, len(seqs) + 1))
+        assert seqs == list(range(1, len(seqs) + 1)), "a gap in seq"
         verify_chain(events)
         by_seq = {e["seq"]: e for e in events}
         for seq in ok_seqs:  # every ok response: its lock.unlocked and, before it, its access.granted
@@ -121,7 +123,19 @@ def test_gateway_kill_9_loop(tmp_path: Path) -> None:
             if e["type"].startswith("lock.") and "lock_seq" in e.get("data", {})
         ]
         assert len(forwarded) == len(set(forwarded)), "a (lock, lock_seq) was forwarded twice"
+        return len(events)
 
-    asyncio.run(check())
-    assert len(ok_seqs) >= 20
-    json.dumps(ok_seqs)
+    events = asyncio.run(check())
+    return {
+        "iterations": iterations,
+        "ok_responses": len(ok_seqs),
+        "events": events,
+        "lost": 0,
+        "gaps": 0,
+        "duplicates": 0,
+    }
+
+
+def test_gateway_kill_9_loop(tmp_path: Path) -> None:
+    report = run_kill9(tmp_path, iterations=20)
+    assert report["ok_responses"] >= 20
