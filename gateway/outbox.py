@@ -278,10 +278,15 @@ class Outbox:
                 job.loop.call_soon_threadsafe(_set_exception, job.future, self._failed)
             return
         self._last_seq, self._last_hash = seq, head
-        for job, result in zip(writes, results, strict=True):
-            job.loop.call_soon_threadsafe(_set_result, job.future, result)
-        loop = writes[0].loop
-        loop.call_soon_threadsafe(self.appended.set)
+        # One wake-up of the event loop per commit, however many callers it answers.
+        writes[0].loop.call_soon_threadsafe(
+            self._committed, [(j.future, r) for j, r in zip(writes, results, strict=True)]
+        )
+
+    def _committed(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+        for future, result in answers:
+            _set_result(future, result)
+        self.appended.set()
 
     # --- API (coroutines; all work happens on the writer thread) ---------------------------------
 
