@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
+from pathlib import Path
 from typing import Any, Final, Self
 
 from bleak.backends.client import BaseBleakClient
@@ -28,6 +32,8 @@ from gateway.authz import Authorizer, TrustStore, load_root_keys
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
+from gateway.control import ControlServer
+from gateway.errors import AdapterUnavailable
 from gateway.links import LinkManager, Priority
 from gateway.mqtt import MqttBridge
 from gateway.outbox import Outbox
@@ -60,6 +66,8 @@ class Gateway:
     ble_backend: type[BaseBleakClient] | None = None
     scanner_backend: type[BaseBleakScanner] | None = None
     watch_adverts: bool = True
+    #: A CLI command run without a daemon: no MQTT, no background loops, no control socket.
+    direct: bool = False
     heartbeat_s: float = 60.0
     republish_after_s: float = 60.0
     housekeeping_s: float = HOUSEKEEPING_EVERY_S
@@ -73,6 +81,7 @@ class Gateway:
     _stack: contextlib.AsyncExitStack = field(init=False, default_factory=contextlib.AsyncExitStack)
     _tasks: asyncio.TaskGroup | None = field(init=False, default=None)
     _last_time_state: str = field(init=False, default="")
+    _control_error: str | None = field(init=False, default=None)
 
     async def __aenter__(self) -> Self:
         cfg, gw = self.config, self.config.gateway
@@ -80,6 +89,7 @@ class Gateway:
         stack = self._stack
         await stack.__aenter__()
         try:
+            stack.enter_context(_exclusive(data / ".lock", "the daemon" if self.direct else "another lockgw"))
             policy = Policy(**cfg.policy.model_dump())
             self.authz = Authorizer(
                 gw_id=gw.id,
@@ -115,6 +125,8 @@ class Gateway:
                 on_info_changed=self._info_changed,
             )
             self.started_at = int(self.clock.wall())
+            if self.direct:
+                return self
             await self.service.event(
                 "gateway.started", data={"version": _version(), "alarms": self.authz.alarms}
             )
@@ -157,6 +169,11 @@ class Gateway:
                     clock=self.clock.mono,
                 )
                 self._tasks.create_task(watcher.run(), name="gateway-adverts")
+            try:
+                await stack.enter_async_context(ControlServer(cfg.control.socket, self.control))
+            except OSError as exc:
+                # Doors keep opening without the CLI: run on, alarm.
+                self._control_error = f"control socket {cfg.control.socket}: {exc.strerror or exc}"
         except BaseException:
             await stack.aclose()
             raise
@@ -164,6 +181,9 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.direct:
+            await self._stack.aclose()
+            return
         notify("STOPPING=1", "STATUS=stopping")
         if self._tasks is not None:
             for task in list(getattr(self._tasks, "_tasks", ())):
@@ -215,6 +235,8 @@ class Gateway:
 
     def alarms(self) -> list[str]:
         out = set(self.authz.alarms) | set(self.outbox.alarms)
+        if self._control_error:
+            out.add("control_socket_unavailable")
         if self.mqtt is not None and not self.mqtt.connected.is_set():
             out.add("mqtt_disconnected")
         return sorted(out)
@@ -242,6 +264,14 @@ class Gateway:
         view = self.service.views.get(lock)
         if view is not None:
             view.rssi = rssi
+
+    # --- the control socket ---------------------------------------------------------------
+
+    async def control(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Commands from ``lockgw`` while the daemon runs (gateway/control.py)."""
+        from gateway.control_commands import dispatch  # noqa: PLC0415 - keeps the import graph flat
+
+        return await dispatch(self, cmd, args)
 
     # --- loops ------------------------------------------------------------------------------
 
@@ -296,3 +326,23 @@ class Gateway:
             if self.outbox.healthy and self.links.healthy:
                 notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, holder: str) -> Iterator[None]:
+    """One process drives the adapter and the databases: an exclusive lock on the data dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AdapterUnavailable(
+                f"{path.parent} is in use by {holder} (pid {other}); stop it or run the command through it"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

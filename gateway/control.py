@@ -1,0 +1,106 @@
+"""The control socket: how the CLI talks to a running daemon (one JSON object per line).
+
+While the daemon runs, it alone drives the adapter and the databases; ``lockgw`` commands send
+``{"cmd": ..., "args": {...}}`` and get ``{"ok": bool, "exit": int, "data": ... | "error": str}``
+back. The socket is created 0660 (group ``lockgw`` by the unit's ``Group=``), in the runtime
+directory. Requests are bounded (64 KiB a line) and answered one per line; a malformed line gets
+an error and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final, Self
+
+__all__ = ["MAX_LINE", "ControlServer", "call"]
+
+MAX_LINE: Final = 64 * 1024
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ControlServer:
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket from a killed daemon
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
+        os.chmod(self.path, 0o660)  # noqa: PTH101 - the socket path, right after bind
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._clients):
+            task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(_line({"ok": False, "exit": 2, "error": "request line too long"}))
+                    break
+                if not line:
+                    break
+                writer.write(_line(await self._answer(line)))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            if task is not None:
+                self._clients.discard(task)
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            cmd, args = request["cmd"], request.get("args", {})
+            if not isinstance(cmd, str) or not isinstance(args, dict):
+                raise TypeError("cmd must be text and args an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            return {"ok": False, "exit": 2, "error": f"malformed control request: {exc}"}
+        try:
+            return await self._handler(cmd, args)
+        except Exception as exc:  # noqa: BLE001 - the daemon answers, never dies, on a bad command
+            return {"ok": False, "exit": 1, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode() + b"\n"
+
+
+async def call(path: Path, cmd: str, args: dict[str, Any], *, timeout_s: float = 60.0) -> dict[str, Any]:
+    """One request to the daemon. Raises OSError when no daemon listens there."""
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=16 * 1024 * 1024)
+    try:
+        writer.write(_line({"cmd": cmd, "args": args}))
+        await writer.drain()
+        async with asyncio.timeout(timeout_s):
+            line = await reader.readline()
+        if not line:
+            raise ConnectionResetError("the daemon closed the control connection")
+        answer = json.loads(line)
+        if not isinstance(answer, dict):
+            raise ConnectionResetError("the daemon sent a malformed answer")
+        return answer
+    finally:
+        writer.close()

@@ -1,0 +1,192 @@
+"""The installed `lockgw` executable against `lockgw-sim`, without and with a running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from broker import free_port
+from credfix import SITE, World
+from simproc import start_sim
+
+from gateway.keyfiles import b64url
+from protocols import cbor, issuer
+
+pytestmark = [pytest.mark.ble, pytest.mark.slow]
+EXE = [shutil.which("lockgw")] if shutil.which("lockgw") else [sys.executable, "-m", "gateway.cli"]
+
+
+@dataclass
+class Field:
+    tmp: Path
+    cfg: Path
+    locks: list[dict[str, str]]
+    w: World
+
+    def run(self, *args: str, ok: bool | None = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*EXE, "--config", str(self.cfg), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        if ok is True:
+            assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+
+@pytest.fixture
+def field(tmp_path: Path) -> Iterator[Field]:
+    port = free_port()
+    sim, locks = start_sim(port, seed=51, locks=2)
+    w = World()
+    root = tmp_path / "root.pub"
+    root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
+    cfg = tmp_path / "lockgw.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "gw-cli"\nsite = "{SITE}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
+        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp_path / "ctl.sock"}"\n'
+    )
+    now = int(time.time())  # the CLI runs on the real clock
+    (tmp_path / "keyring.cose").write_bytes(
+        issuer.keyring(
+            w.root,
+            site=SITE,
+            version=1,
+            iat=now - 10,
+            exp=now + 90 * 86400,
+            entries=[issuer.KeyringEntry(w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"])],
+        )
+    )
+    (tmp_path / "phone.key").write_text(b64url(cbor.dumps(w.holder.to_cbor())))
+    try:
+        yield Field(tmp_path, cfg, locks, w)
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=10)
+
+
+def token_file(f: Field, lock: str) -> Path:
+    path = f.tmp / f"t-{lock}.cwt"
+    path.write_text(b64url(f.w.token(locks=[lock], iat=int(time.time()) - 30)))
+    return path
+
+
+def test_direct_mode_pair_trust_unlock_events(field: Field) -> None:
+    lock = field.locks[0]
+    wrong = field.run("pair", lock["address"], "--code", "000-000-000", ok=None)
+    assert wrong.returncode == 1 and "wrong setup code" in wrong.stderr and "attempts left" in wrong.stderr
+    paired = json.loads(
+        field.run("--json", "pair", lock["address"], "--code", lock["setup_code"], "--name", "Front").stdout
+    )
+    assert paired == {"lock": lock["lock"], "address": lock["address"], "name": "Front"}
+    assert "installed" in field.run("trust", "install", str(field.tmp / "keyring.cose")).stdout
+    shown = json.loads(field.run("--json", "trust", "show").stdout)
+    assert shown["keyring"]["version"] == 1 and set(shown) == {"keyring", "revocations", "time"}
+    resp = json.loads(
+        field.run(
+            "--json",
+            "unlock",
+            lock["lock"],
+            "--token",
+            str(token_file(field, lock["lock"])),
+            "--holder-key",
+            str(field.tmp / "phone.key"),
+        ).stdout
+    )
+    assert resp["status"] == "ok" and resp["data"]["state"] == "unlocked"
+    denied = field.run(
+        "--json", "unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None
+    )
+    assert denied.returncode == 1 and json.loads(denied.stdout)["error"]["code"] == "proof_required"
+    events = json.loads(field.run("--json", "events").stdout)
+    assert [e["type"] for e in events] == [
+        "lock.paired",
+        "trust.installed",
+        "access.granted",
+        "lock.unlocked",
+        "access.denied",
+    ]
+    states = json.loads(field.run("--json", "locks").stdout)
+    assert states[0]["lock"] == lock["lock"] and set(states[0]) >= {"state", "door", "available"}
+
+
+def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
+    daemon = subprocess.Popen(
+        [*EXE, "--config", str(field.cfg), "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(100):
+            if (field.tmp / "ctl.sock").exists():
+                break
+            time.sleep(0.1)
+        lock = field.locks[1]
+        paired = json.loads(field.run("--json", "pair", lock["address"], "--code", lock["setup_code"]).stdout)
+        assert paired["lock"] == lock["lock"]
+        field.run("trust", "install", str(field.tmp / "keyring.cose"))
+        out = field.run(
+            "unlock",
+            lock["lock"],
+            "--token",
+            str(token_file(field, lock["lock"])),
+            "--holder-key",
+            str(field.tmp / "phone.key"),
+        ).stdout
+        assert "unlocked" in out
+        second = subprocess.run(
+            [*EXE, "--config", str(field.cfg), "run"], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert second.returncode == 3 and "in use by" in second.stderr
+        status = json.loads(field.run("--json", "status", lock["lock"]).stdout)
+        assert status["state"] == "unlocked"
+        unknown = field.run("status", "lk-nope", ok=None)
+        assert unknown.returncode == 2
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["pair", "C0:00:00:00:00:01"], "--code"),
+        (["unlock", "lk-1"], "--token"),
+        (["events", "--since", "x"], "--since"),
+        (["scan", "--timeout", "soon"], "--timeout"),
+        (["bogus"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_flag(field: Field, args: list[str], flag: str) -> None:
+    proc = field.run(*args, ok=None)
+    assert proc.returncode == 2 and flag in proc.stderr
+
+
+def test_help_for_every_command(field: Field) -> None:
+    for command in (
+        "run",
+        "demo",
+        "config",
+        "scan",
+        "pair",
+        "unpair",
+        "locks",
+        "status",
+        "unlock",
+        "lock",
+        "events",
+        "trust",
+    ):
+        proc = field.run(command, "--help")
+        assert "example: lockgw" in proc.stdout
