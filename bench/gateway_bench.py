@@ -137,7 +137,7 @@ async def main() -> None:
         # 3. start-up to READY with N paired locks, through the configured Bumble transport
         cfg = work / "lockgw.toml"
         cfg.write_text(
-            f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{work}"\n'
+            f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{work}"\n[control]\nsocket = "{work}/ctl.sock"\n'
             f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
         )
         config = load_config(cfg, env={})

@@ -273,7 +273,7 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
     (work / "root.pub").write_text(b64url(cbor.dumps(central.root.public.to_cbor())))
     mqtt = f'[mqtt]\nurl = "mqtt://127.0.0.1:{broker.port}"\n' if have_broker else ""
     (work / "lockgw.toml").write_text(
-        f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{work / "data"}"\n{mqtt}'
+        f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{work / "data"}"\n[control]\nsocket = "{work}/ctl.sock"\n{mqtt}'
         f'[trust]\nroot_keys = ["{work / "root.pub"}"]\n'
     )
     config = load_config(work / "lockgw.toml", env={})

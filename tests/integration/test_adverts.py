@@ -21,7 +21,9 @@ pytestmark = pytest.mark.ble
 
 async def test_advert_change_triggers_a_refresh(tmp_path: Path) -> None:
     cfg = tmp_path / "lockgw.toml"
-    cfg.write_text(f'[gateway]\nid = "gw-adv"\nsite = "{SITE}"\ndata_dir = "{tmp_path}"\n')
+    cfg.write_text(
+        f'[gateway]\nid = "gw-adv"\nsite = "{SITE}"\ndata_dir = "{tmp_path}"\n[control]\nsocket = "{tmp_path}/ctl.sock"\n'
+    )
     clock = ManualClock(T0)
     async with SimRadio(clock=clock.wall) as radio:
         (sim,) = await radio.add_locks(1, seed=41)

@@ -36,7 +36,7 @@ async def test_A1_a_week_offline_with_expired_trust(tmp_path: Path) -> None:
     root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
     cfg = tmp_path / "lockgw.toml"
     cfg.write_text(
-        f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{tmp_path / "data"}"\n[control]\nsocket = "{tmp_path}/ctl.sock"\n'
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n[trust]\nroot_keys = ["{root}"]\n'
     )
     unlocks = 0

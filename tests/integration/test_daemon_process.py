@@ -51,7 +51,7 @@ def sim_port() -> Iterator[int]:
 def start_gateway(tmp_path: Path, broker: Broker, sim_port: int) -> subprocess.Popen[str]:
     cfg = tmp_path / "lockgw.toml"
     cfg.write_text(
-        f'[gateway]\nid = "{GW}"\nsite = "s-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[gateway]\nid = "{GW}"\nsite = "s-1"\ndata_dir = "{tmp_path / "data"}"\n[control]\nsocket = "{tmp_path}/ctl.sock"\n'
         f'[mqtt]\nurl = "{broker.url}"\n[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{sim_port}"\n'
     )
     return subprocess.Popen(

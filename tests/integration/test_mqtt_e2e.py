@@ -54,6 +54,8 @@ data_dir = "{tmp / "data"}"
 url = "{broker.url}"
 [trust]
 root_keys = ["{root}"]
+[control]
+socket = "{tmp / "ctl.sock"}"
 """)
     return load_config(cfg, env={})
 

@@ -87,7 +87,7 @@ async def test_B5_wrong_ca_is_refused_events_stay_queued_right_ca_drains(tmp_pat
             data = tmp_path / "data"
             cfg = tmp_path / "lockgw.toml"
             cfg.write_text(
-                f'[gateway]\nid = "gw-tls"\nsite = "{SITE}"\ndata_dir = "{data}"\n'
+                f'[gateway]\nid = "gw-tls"\nsite = "{SITE}"\ndata_dir = "{data}"\n[control]\nsocket = "{data}/ctl.sock"\n'
                 f'[mqtt]\nurl = "{broker.url}"\nca_file = "{ca_file}"\n'
             )
             gw = Gateway(
