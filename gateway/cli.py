@@ -38,6 +38,7 @@ EXAMPLES = {
     "lock": "lockgw lock lk-1a2b3c4d --token t.cwt --holder-key phone.key",
     "events": "lockgw events --since 100 --follow",
     "trust": "lockgw trust show",
+    "doctor": "lockgw doctor",
 }
 
 
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: lockgw trust install keyring.cose",
     )
     ti.add_argument("file")
+    add("doctor", "check the gateway: configuration, storage, adapter, broker, time, trust, outbox")
     return parser
 
 
@@ -277,6 +279,19 @@ async def _dispatch(link: _Link, args: argparse.Namespace) -> int:
     if c == "status":
         a = await link.call("status", {"lock": args.lock})
         return _emit(args, a, "\n".join(f"{k:>13}: {v}" for k, v in (a.get("data") or {}).items()))
+    if c == "doctor":
+        a = await link.call("doctor", {})
+        checks = (a.get("data") or {}).get("checks", [])
+        lines = [
+            f"{ch['status'].upper():<4}  {ch['name']}: {ch['detail']}"
+            + (f"\n      fix: {ch['fix']}" if ch["fix"] and ch["status"] != "pass" else "")
+            for ch in checks
+        ]
+        if args.json:
+            print(json.dumps(a.get("data"), sort_keys=True))
+        else:
+            print("\n".join(lines))
+        return int(a.get("exit", 1))
     if c == "trust" and args.trust_command == "show":
         a = await link.call("trust_show", {})
         d = a.get("data") or {}

@@ -192,6 +192,18 @@ async def _scan(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     return ok(sorted(found.values(), key=lambda d: -int(d["rssi"] or -999)))
 
 
+async def _doctor(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
+    from gateway.doctor import as_json, run_checks  # noqa: PLC0415
+
+    report = as_json(await run_checks(gw, daemon=not gw.direct))
+    return {
+        "ok": report["ok"],
+        "exit": 0 if report["ok"] else 1,
+        "data": report,
+        **({} if report["ok"] else {"error": "some checks failed"}),
+    }
+
+
 _COMMANDS = {
     "ping": _ping,
     "locks": _locks,
@@ -203,4 +215,5 @@ _COMMANDS = {
     "pair": _pair,
     "unpair": _unpair,
     "scan": _scan,
+    "doctor": _doctor,
 }

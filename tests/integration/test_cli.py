@@ -190,3 +190,17 @@ def test_help_for_every_command(field: Field) -> None:
     ):
         proc = field.run(command, "--help")
         assert "example: lockgw" in proc.stdout
+
+
+def test_doctor_reports_and_fails_without_a_keyring(field: Field) -> None:
+    proc = field.run("--json", "doctor", ok=None)
+    report = json.loads(proc.stdout)
+    names = {c["name"]: c for c in report["checks"]}
+    assert proc.returncode == 1 and report["ok"] is False
+    assert names["keyring"]["status"] == "fail" and "trust install" in names["keyring"]["fix"]
+    assert names["database integrity"]["status"] == "pass"
+    assert names["configuration"]["status"] == "pass"
+    field.run("trust", "install", str(field.tmp / "keyring.cose"))
+    human = field.run("doctor", ok=None)
+    assert "PASS  keyring: v1" in human.stdout
+    assert human.returncode == (1 if "FAIL" in human.stdout else 0)

@@ -1,0 +1,230 @@
+"""``lockgw doctor``: a checklist for a gateway that "seems fine" — pass / warn / fail per line,
+with the fix for each failure. Any failure makes the command exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import os
+import shutil
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from gateway.errors import ConfigError
+from gateway.keyfiles import check_secret_permissions
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["Check", "run_checks"]
+
+BACKLOG_WARN: Final = 1000
+#: BlueZ settings the threat model relies on (THREATS B8–B10), from /etc/bluetooth/main.conf.
+BLUEZ_WANTED: Final = {
+    ("General", "ControllerMode"): "le",
+    ("General", "JustWorksRepairing"): "never",
+    ("General", "AlwaysPairable"): "false",
+    ("General", "SecureConnections"): "only",
+    ("GATT", "KeySize"): "16",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: str  # "pass" | "warn" | "fail"
+    detail: str
+    fix: str = ""
+
+
+def _db_check(path: Path) -> str:
+    if not path.exists():
+        return "absent"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return str(db.execute("PRAGMA quick_check").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
+    cfg = gw.config
+    out: list[Check] = [Check("configuration", "pass", f"{cfg.source} is valid")]
+    secrets = [
+        (f"mqtt.{k}", getattr(cfg.mqtt, k))
+        for k in ("password_file", "key_file")
+        if cfg.mqtt and getattr(cfg.mqtt, k)
+    ]
+    bad = []
+    for key, path in secrets:
+        try:
+            check_secret_permissions(path, key)
+        except ConfigError as exc:
+            bad.append(str(exc))
+    out.append(
+        Check(
+            "secret file permissions",
+            "fail" if bad else "pass",
+            "; ".join(bad) or f"{len(secrets)} secret files, 0600",
+            "chmod 600 the files named" if bad else "",
+        )
+    )
+    data = cfg.gateway.data_dir
+    writable = os.access(data, os.W_OK)
+    free = shutil.disk_usage(data).free if data.exists() else 0
+    out.append(
+        Check(
+            "data directory",
+            "pass" if writable and free > 64 * 2**20 else "warn" if writable else "fail",
+            f"{data}: {'writable' if writable else 'NOT writable'}, {free // 2**20} MiB free",
+            "" if writable else f"chown lockgw {data}",
+        )
+    )
+    results = await asyncio.to_thread(
+        lambda: {p.name: _db_check(p) for p in (data / "trust.sqlite3", data / "locks.sqlite3")}
+    )
+    results["events.sqlite3"] = await gw.outbox.integrity_check()
+    broken = {k: v for k, v in results.items() if v not in ("ok", "absent")}
+    out.append(
+        Check(
+            "database integrity",
+            "fail" if broken else "pass",
+            ", ".join(f"{k}: {v}" for k, v in results.items()),
+            "stop the daemon, keep a copy of the data directory, restore from backup" if broken else "",
+        )
+    )
+    if cfg.ble.backend == "bumble":
+        out.append(
+            Check(
+                "BLE adapter",
+                "pass",
+                f"Bumble transport {cfg.ble.transport} open" + (" (held by the daemon)" if daemon else ""),
+            )
+        )
+    else:
+        present = os.path.exists(f"/sys/class/bluetooth/{cfg.ble.adapter}")  # noqa: PTH110, ASYNC240 - one stat
+        out.append(
+            Check(
+                "BLE adapter",
+                "pass" if present else "fail",
+                f"{cfg.ble.adapter} {'present' if present else 'not found'}",
+                "" if present else "check the dongle / `systemctl status bluetooth`; set [ble] adapter",
+            )
+        )
+        out.append(_bluez_settings())
+    if cfg.mqtt is None:
+        out.append(Check("broker", "warn", "no [mqtt] section: running offline, events stay in the outbox"))
+    elif gw.mqtt is not None:
+        ok = gw.mqtt.connected.is_set()
+        out.append(
+            Check(
+                "broker",
+                "pass" if ok else "fail",
+                f"{cfg.mqtt.url} {'connected' if ok else 'not connected: ' + (gw.mqtt.last_error or '?')}"
+                + (" (TLS verified)" if ok and cfg.mqtt.tls else ""),
+                "" if ok else "check the broker, the network and (mqtts) the CA file",
+            )
+        )
+    else:
+        out.append(await _probe_broker(cfg.mqtt.host_port))
+    view = gw.authz.time_view()
+    out.append(
+        Check(
+            "time",
+            "pass" if str(view.state) == "synced" else "warn",
+            f"state {view.state}, floor {view.floor}, clock {view.wall}",
+            ""
+            if str(view.state) == "synced"
+            else "enable NTP (systemd-timesyncd or chrony); unlocks still work",
+        )
+    )
+    summary = gw.authz.trust_summary()
+    warn_days = cfg.policy.expiry_warning_days
+    for name in ("keyring", "revocations"):
+        doc = summary[name]
+        if not isinstance(doc, dict):
+            out.append(
+                Check(
+                    name,
+                    "fail" if name == "keyring" else "warn",
+                    "none installed",
+                    "central publishes it on B/S/" + name + " or: lockgw trust install FILE",
+                )
+            )
+            continue
+        days = (int(doc["exp"]) - view.now) / 86400
+        status = "fail" if days < 0 and name == "keyring" else "warn" if days < warn_days else "pass"
+        out.append(
+            Check(
+                name,
+                status,
+                f"v{doc['version']}, {days:.1f} days left",
+                ""
+                if status == "pass"
+                else "ask central for a newer one (it keeps working while stale, flagged)",
+            )
+        )
+    stats = gw.outbox.stats()
+    out.append(
+        Check(
+            "outbox",
+            "warn" if stats.backlog > BACKLOG_WARN else "pass",
+            f"epoch {stats.epoch}: last #{stats.last_seq}, receipted #{stats.receipt_seq}, backlog {stats.backlog}",
+            "central is not sending receipts: check its consumer" if stats.backlog > BACKLOG_WARN else "",
+        )
+    )
+    watchdog = os.environ.get("WATCHDOG_USEC")
+    out.append(
+        Check(
+            "systemd watchdog",
+            "pass" if watchdog else "warn",
+            f"WatchdogSec={int(watchdog) // 10**6} s" if watchdog else "not running under a systemd watchdog",
+            "" if watchdog else "install config/lockgw.service (WatchdogSec=20)",
+        )
+    )
+    return out
+
+
+def _bluez_settings(path: Path = Path("/etc/bluetooth/main.conf")) -> Check:
+    if not path.exists():
+        return Check("BlueZ settings", "warn", f"{path} not found", "install bluez and set " + _wanted())
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read(path)
+    except configparser.Error as exc:
+        return Check("BlueZ settings", "warn", f"{path}: {exc}", "fix the file")
+    wrong = [
+        f"{s}.{k}={parser.get(s, k, fallback='(unset)')}"
+        for (s, k), v in BLUEZ_WANTED.items()
+        if parser.get(s, k, fallback="").strip().lower() != v
+    ]
+    return Check(
+        "BlueZ settings",
+        "warn" if wrong else "pass",
+        ", ".join(wrong) or "hardened",
+        _wanted() if wrong else "",
+    )
+
+
+def _wanted() -> str:
+    return ", ".join(f"[{s}] {k} = {v}" for (s, k), v in BLUEZ_WANTED.items())
+
+
+async def _probe_broker(host_port: tuple[str, int]) -> Check:
+    host, port = host_port
+    try:
+        async with asyncio.timeout(3):
+            _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        return Check(
+            "broker", "fail", f"{host}:{port} unreachable ({exc})", "start the broker or fix [mqtt] url"
+        )
+    return Check("broker", "pass", f"{host}:{port} accepts connections (the daemon is not running)")
+
+
+def as_json(checks: list[Check]) -> dict[str, Any]:
+    return {"ok": not any(c.status == "fail" for c in checks), "checks": [asdict(c) for c in checks]}
