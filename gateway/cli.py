@@ -251,14 +251,10 @@ async def _dispatch(link: _Link, args: argparse.Namespace) -> int:
             _table(a.get("data") or [], ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]),
         )
     if c == "pair":
+        print(f"pairing with {args.address} …", file=sys.stderr, flush=True)
         a = await link.call("pair", {"address": args.address, "code": args.code, "name": args.name})
-        return _emit(
-            args,
-            a,
-            f"paired {a.get('data', {}).get('lock')} ({a.get('data', {}).get('name')})"
-            if a.get("ok")
-            else "",
-        )
+        # CONTRACT §6: pair prints the lock id (alone, so `L=$(lockgw pair …)` works).
+        return _emit(args, a, str((a.get("data") or {}).get("lock")))
     if c == "unpair":
         a = await link.call("unpair", {"lock": args.lock, "force": args.force})
         return _emit(args, a, f"unpaired {args.lock}")

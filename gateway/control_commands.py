@@ -76,7 +76,10 @@ async def _request(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     if resp["status"] == "ok":
         return {"ok": True, "exit": 0, "data": resp}
     code = resp["error"]["code"]
-    exit_code = 3 if code == "busy" else 2 if code in ("invalid_request", "unknown_action") else 1
+    # A lock id that names no paired lock is a usage error (2), like a malformed request.
+    exit_code = (
+        3 if code == "busy" else 2 if code in ("invalid_request", "unknown_action", "unknown_lock") else 1
+    )
     return {"ok": False, "exit": exit_code, "error": resp["error"]["message"], "code": code, "data": resp}
 
 

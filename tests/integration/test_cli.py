@@ -204,3 +204,11 @@ def test_doctor_reports_and_fails_without_a_keyring(field: Field) -> None:
     human = field.run("doctor", ok=None)
     assert "PASS  keyring: v1" in human.stdout
     assert human.returncode == (1 if "FAIL" in human.stdout else 0)
+
+
+def test_pair_prints_the_lock_id_alone(field: Field) -> None:
+    lock = field.locks[1]
+    out = field.run("pair", lock["address"], "--code", lock["setup_code"]).stdout
+    assert out.strip() == lock["lock"]
+    unknown = field.run("unlock", "lk-nope", "--token", str(token_file(field, "lk-nope")), ok=None)
+    assert unknown.returncode == 2 and "unknown_lock" in unknown.stderr
