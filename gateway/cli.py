@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, epilog=f"example: {EXAMPLES[name]}")
+        p = sub.add_parser(name, help=help_, epilog=f"example: {EXAMPLES[name]}")
+        # Also accepted after the command (`lockgw locks --json`); SUPPRESS keeps the global value.
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        return p
 
     add("run", "run the gateway daemon")
     demo = add("demo", "simulated locks, a broker and a scripted shift")
