@@ -263,18 +263,9 @@ async def _dispatch(link: _Link, args: argparse.Namespace) -> int:
         return _emit(args, a, f"unpaired {args.lock}")
     if c == "locks" or (c == "status" and not args.lock):
         a = await link.call("locks" if c == "locks" else "status", {})
-        cols = [
-            "lock",
-            "name",
-            "state",
-            "door",
-            "battery_pct",
-            "available",
-            "last_contact",
-            "rssi",
-            "firmware",
-        ]
-        return _emit(args, a, _table(a.get("data") or [], cols))
+        from gateway.service import LockView  # noqa: PLC0415
+
+        return _emit(args, a, _table(a.get("data") or [], list(LockView.FIELDS)))
     if c == "status":
         a = await link.call("status", {"lock": args.lock})
         return _emit(args, a, "\n".join(f"{k:>13}: {v}" for k, v in (a.get("data") or {}).items()))

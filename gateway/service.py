@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from gateway.authz import Authorizer, InstallOutcome
 from gateway.errors import BleError, LockgwError, OutboxError
@@ -80,18 +80,21 @@ class LockView:
     rssi: int | None = None
     firmware: str | None = None
 
+    #: The retained lock state object's fields, in the contract's order (CONTRACT §4).
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "lock",
+        "name",
+        "state",
+        "door",
+        "battery_pct",
+        "available",
+        "last_contact",
+        "rssi",
+        "firmware",
+    )
+
     def as_json(self) -> dict[str, Any]:
-        return {
-            "lock": self.lock,
-            "name": self.name,
-            "state": self.state,
-            "door": self.door,
-            "battery_pct": self.battery_pct,
-            "available": self.available,
-            "last_contact": self.last_contact,
-            "rssi": self.rssi,
-            "firmware": self.firmware,
-        }
+        return {name: getattr(self, name) for name in self.FIELDS}
 
 
 @dataclass
@@ -117,16 +120,13 @@ class Service:
 
     # --- events ------------------------------------------------------------------------------
 
-    async def event(self, type_: str, **fields: Any) -> dict[str, Any]:
+    def _stamp(self) -> dict[str, str]:
+        """The time and trust state every event carries (one time view per event)."""
         view = self.authz.time_view()
-        return await self.outbox.append(
-            {
-                "type": type_,
-                "time_state": str(view.state),
-                "trust_state": self.authz.trust_state(),
-                **fields,
-            }
-        )
+        return {"time_state": str(view.state), "trust_state": self.authz.core.trust_state(view.now)}
+
+    async def event(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return await self.outbox.append({"type": type_, **self._stamp(), **fields})
 
     async def trust_event(self, outcome: InstallOutcome, *, transaction: str | None = None) -> None:
         if outcome.rejected:
@@ -349,11 +349,9 @@ class Service:
         return {"lock": record.lock, "state": str(state), "seq": done["seq"]}
 
     def _fields(self, type_: str, common: dict[str, Any], lock_seq: int, cmd_id: bytes) -> dict[str, Any]:
-        view = self.authz.time_view()
         return {
             "type": type_,
-            "time_state": str(view.state),
-            "trust_state": self.authz.trust_state(),
+            **self._stamp(),
             **common,
             "data": {"lock_seq": lock_seq, "cmd_id": cmd_id.hex(), "source": "gateway"},
         }
@@ -443,12 +441,10 @@ class Service:
             )  # only after commit
 
     def _log_fields(self, record: LockRecord, entry: LogEntry) -> dict[str, Any]:
-        view = self.authz.time_view()
         return {
             "type": _LOG_EVENT.get(entry.kind, "lock.log"),
             "lock": record.lock,
-            "time_state": str(view.state),
-            "trust_state": self.authz.trust_state(),
+            **self._stamp(),
             "data": {
                 "lock_seq": entry.lock_seq,
                 "lock_time": entry.t,
