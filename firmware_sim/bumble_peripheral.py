@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from bumble import gatt
+from bumble import gatt, hci, ll
 from bumble.controller import Controller
 from bumble.core import UUID, AdvertisingData
 from bumble.device import Connection, Device
@@ -49,7 +49,7 @@ from protocols.gatt import (
 )
 from protocols.limits import MAX_FRAME_BODY
 
-__all__ = ["RadioTiming", "SimLock", "SimRadio"]
+__all__ = ["GatewayController", "RadioTiming", "SimAir", "SimLock", "SimRadio"]
 
 log = logging.getLogger("lockgw.sim")
 
@@ -71,6 +71,7 @@ class SimLock:
     extra_latency_s: float = 0.0
     hostile: str | None = None  # None | "garbage" | "oversized" | "truncated" | "flood"
     drop_next_after_write: bool = False
+    out_of_range: bool = False  # neither advertises nor accepts connections (the `range` fault)
     # Keyed by the Connection object, not its handle: the controller reuses handles, and a
     # late disconnection callback of an old link must not tear down a new one.
     drivers: dict[Connection, LinkDriver] = field(default_factory=dict)
@@ -94,7 +95,7 @@ class SimRadio:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.link = LocalLink()  # type: ignore[no-untyped-call]
+        self.link = SimAir()
         self.timing = timing or RadioTiming()
         self.locks: dict[str, SimLock] = {}
         self._rng = rng or random.Random()  # noqa: S311 - simulation noise only, not keys
@@ -135,6 +136,7 @@ class SimRadio:
         digest = int.from_bytes(hashlib.sha256(model.lock_id.encode()).digest()[:4], "big")
         address = Address(_address(index, 0x1000 + digest % 0x100000))
         controller = Controller(f"lock{index}", link=self.link, public_address=str(address))
+        self.link.by_address[controller.public_address] = controller
         device = Device(address=address, host=Host(controller, AsyncPipeSink(controller)))
         device.name = model.lock_id
         holder: dict[str, SimLock] = {}
@@ -212,7 +214,7 @@ class SimRadio:
         )
         if sim.device.is_advertising:
             await sim.device.stop_advertising()
-        if not sim.drivers:
+        if not sim.drivers and not sim.out_of_range:
             await sim.device.start_advertising(
                 auto_restart=False,
                 advertising_interval_min=self.timing.advertising_interval_ms,
@@ -313,6 +315,12 @@ class SimRadio:
         elif fault == "drop":
             for connection in list(sim.drivers):
                 await self._disconnect(sim, connection)
+        elif fault == "range":
+            if value not in ("out", "in"):
+                raise ValueError('range takes "out" or "in"')
+            sim.out_of_range = value == "out"
+            for connection in list(sim.drivers):
+                await self._disconnect(sim, connection)
         elif fault == "drop_after_write":
             sim.drop_next_after_write = True
         elif fault == "latency":
@@ -335,7 +343,8 @@ class SimRadio:
 
     def open_gateway_controller(self, address: str = "F0:F0:F0:F0:F0:01") -> Controller:
         """A virtual controller on this link for an in-process gateway host."""
-        controller = Controller("gateway", link=self.link, public_address=address)
+        controller = GatewayController("gateway", link=self.link, public_address=address)
+        self.link.centrals.add(controller)
         self._controllers.append(controller)
         return controller
 
@@ -343,14 +352,76 @@ class SimRadio:
         """Expose a controller on this link over an HCI transport (e.g. ``tcp-server:...``)."""
         transport = await open_transport(transport_name)
         self._transports.append(transport)
-        controller = Controller(
+        controller = GatewayController(
             "gateway",
             host_source=transport.source,
             host_sink=transport.sink,
             link=self.link,
             public_address=address,
         )
+        self.link.centrals.add(controller)
         self._controllers.append(controller)
+
+
+class SimAir(LocalLink):
+    """Bumble's LocalLink, with advertising PDUs delivered only where a radio would act on them.
+
+    LocalLink hands every advertising PDU to every controller on the link, in Python: with N
+    locks advertising every 20 ms that is N² callbacks per interval, and 200 locks saturate a
+    core doing nothing (locks never scan). Here an ADV_IND goes to the central controllers (the
+    gateways' — the only ones that scan) and a CONNECT_IND only to the controller that owns the
+    advertiser's address. What reaches those controllers is unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.centrals: set[Controller] = set()
+        self.by_address: dict[Address, Controller] = {}
+
+    def send_advertising_pdu(self, sender_controller: Controller, packet: ll.AdvertisingPdu) -> None:
+        loop = asyncio.get_running_loop()
+        if isinstance(packet, ll.ConnectInd):
+            owner = self.by_address.get(packet.advertiser_address) or self.find_le_controller(
+                packet.advertiser_address
+            )
+            targets = [owner] if owner is not None else []
+        else:
+            targets = [c for c in self.centrals if c is not sender_controller]
+        for c in targets:
+            loop.call_soon(c.on_ll_advertising_pdu, packet)
+
+
+class GatewayController(Controller):
+    """A central's virtual controller that really cancels a pending LE connection.
+
+    Bumble's Controller acknowledges LE Create Connection Cancel and keeps the attempt pending
+    for ever, so after one connect to a lock out of range every later connect fails with
+    COMMAND_DISALLOWED. A real controller ends the attempt with an LE Connection Complete event
+    of status UNKNOWN_CONNECTION_IDENTIFIER (Core Vol 4 Part E 7.8.13); so does this one — after
+    the command's own Command Complete, as the spec orders them.
+    """
+
+    def on_hci_le_create_connection_cancel_command(
+        self, command: hci.HCI_LE_Create_Connection_Cancel_Command
+    ) -> hci.HCI_StatusReturnParameters:
+        pending = self.pending_le_connection
+        if pending is None:
+            return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+        self.pending_le_connection = None
+        peer = pending.peer_address
+        event = hci.HCI_LE_Connection_Complete_Event(
+            status=hci.HCI_ErrorCode.UNKNOWN_CONNECTION_IDENTIFIER_ERROR,
+            connection_handle=0,
+            role=hci.Role.CENTRAL,
+            peer_address_type=peer.address_type,
+            peer_address=peer,
+            connection_interval=0,
+            peripheral_latency=0,
+            supervision_timeout=0,
+            central_clock_accuracy=0,
+        )
+        asyncio.get_running_loop().call_soon(self.send_hci_packet, event)
+        return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.SUCCESS)
 
 
 class _RandBelow:

@@ -1,112 +1,109 @@
-"""``lockgw``: the daemon and the technician/operator CLI (CONTRACT §6).
+"""``lockgw``: the daemon and the technician/operator CLI (CONTRACT §6), on click.
 
 While the daemon runs, commands go through its control socket (``[control] socket``); without a
 daemon they run directly on the data directory (one process at a time: a second direct user is
 refused with exit 3 and told which process holds it).
 
 Exit codes: 0 done; 1 refused or failed; 2 usage or configuration error (the message names the
-flag or key); 3 the daemon or adapter is busy or unreachable.
+flag or key); 3 the daemon or adapter is busy or unreachable. ``--json`` (before or after the
+command) prints one JSON object; with ``events --follow``, one JSON object per line.
+
+Output on a terminal is rich (tables, colour, spinners); piped, it is plain and stable
+(:mod:`gateway.cli_ui`). Shell completion: ``eval "$(lockgw completion bash)"`` (or zsh, fish);
+lock ids complete from the local registry when it is readable.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
-import json
+import re
 import signal
+import sqlite3
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeVar
 
+import click
+from click.shell_completion import CompletionItem, get_completion_class
+
+from gateway.cli_ui import Ui
 from gateway.config import Config, config_path, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
 
-__all__ = ["main"]
+__all__ = ["cli", "main"]
 
-EXAMPLES = {
-    "run": "lockgw --config /etc/lockgw/lockgw.toml run",
-    "demo": "lockgw demo",
-    "config": "lockgw config check /etc/lockgw/lockgw.toml",
-    "scan": "lockgw scan --timeout 10",
-    "pair": "lockgw pair C0:12:34:56:78:9A --code 123-456-789 --name 'Front door'",
-    "unpair": "lockgw unpair lk-1a2b3c4d",
-    "locks": "lockgw --json locks",
-    "status": "lockgw status lk-1a2b3c4d",
-    "unlock": "lockgw unlock lk-1a2b3c4d --token t.cwt --holder-key phone.key",
-    "lock": "lockgw lock lk-1a2b3c4d --token t.cwt --holder-key phone.key",
-    "events": "lockgw events --since 100 --follow",
-    "trust": "lockgw trust show",
-    "doctor": "lockgw doctor",
-}
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes (CONTRACT §6).
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_BUSY: Final = 3
+#: `events --follow` polls this often; the control socket answers a poll in well under a ms.
+FOLLOW_POLL_S: Final = 1.0
+
+_CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+@dataclass
+class Opts:
+    """What the top-level options set; shared by every command through the click context."""
+
+    config: str | None = None
+    json: bool = False
+    _ui: Ui | None = field(default=None, repr=False)
+
+    @property
+    def ui(self) -> Ui:
+        if self._ui is None:
+            self._ui = Ui(json_mode=self.json)
+        return self._ui
+
+    def load(self) -> Config:
+        return load_config(config_path(self.config))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lockgw", description="lockgw gateway and technician/operator CLI")
-    parser.add_argument("--config", default=None, help="configuration file (TOML); else $LOCKGW_CONFIG")
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object (JSON lines with --follow)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Opts).json = True
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, epilog=f"example: {EXAMPLES[name]}")
-        # Also accepted after the command (`lockgw locks --json`); SUPPRESS keeps the global value.
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-        return p
 
-    add("run", "run the gateway daemon")
-    demo = add("demo", "simulated locks, a broker and a scripted shift")
-    demo.add_argument("--locks", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=None)
-    cc = add("config", "configuration commands")
-    ccs = cc.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
-    check = ccs.add_parser(
-        "check", help="validate a configuration file", epilog=f"example: {EXAMPLES['config']}"
-    )
-    check.add_argument("path", nargs="?", default=None)
-    scan = add("scan", "list nearby locks")
-    scan.add_argument("--timeout", type=float, default=5.0, help="seconds to listen (0.5..60)")
-    pair = add("pair", "pair a lock in pairing mode with its setup code")
-    pair.add_argument("address")
-    pair.add_argument("--code", required=True, help="the setup code printed on the lock unit")
-    pair.add_argument("--name", default="")
-    unpair = add("unpair", "wipe a lock's key on both ends")
-    unpair.add_argument("lock")
-    unpair.add_argument("--force", action="store_true", help="forget the lock even if it cannot be reached")
-    add("locks", "list paired locks and their state")
-    status = add("status", "refresh and show a lock's state (all locks without L)")
-    status.add_argument("lock", nargs="?")
-    for name in ("unlock", "lock"):
-        p = add(name, f"{name} a door with a token (as a phone would)")
-        p.add_argument("lock")
-        p.add_argument("--token", required=True, help="token file (raw COSE or base64url)")
-        p.add_argument("--holder-key", default=None, help="phone key for the proof (COSE_Key or PKCS#8 PEM)")
-    ev = add("events", "show events")
-    ev.add_argument("--since", type=int, default=1)
-    ev.add_argument("--limit", type=int, default=100)
-    ev.add_argument("--follow", action="store_true")
-    ev.add_argument("--lock", default=None)
-    ev.add_argument("--type", default=None)
-    ev.add_argument("--sub", default=None)
-    tr = add("trust", "keyring, revocation list and time floor")
-    trs = tr.add_subparsers(dest="trust_command", required=True, parser_class=_Parser)
-    trs.add_parser("show", help="installed documents and the time floor", epilog="example: lockgw trust show")
-    ti = trs.add_parser(
-        "install",
-        help="install a keyring, revocation list or time statement",
-        epilog="example: lockgw trust install keyring.cose",
-    )
-    ti.add_argument("file")
-    add("doctor", "check the gateway: configuration, storage, adapter, broker, time, trust, outbox")
-    return parser
+def json_option(f: F) -> F:
+    """``--json`` also after the command (``lockgw locks --json``)."""
+    return click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_json,
+        help="Print one JSON object (JSON lines with --follow).",
+    )(f)
+
+
+def _example(*lines: str) -> str:
+    return "\b\nexample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _complete_locks(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Lock ids from the local registry (read-only; nothing when it cannot be read)."""
+    root = ctx.find_root()
+    try:
+        config = load_config(config_path(root.params.get("config")), check_files=False)
+        path = config.gateway.data_dir / "locks.sqlite3"
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT lock, name FROM locks WHERE lock LIKE ? || '%'", (incomplete,)
+            ).fetchall()
+    except (LockgwError, OSError, sqlite3.Error):
+        return []
+    return [CompletionItem(lock, help=name or None) for lock, name in rows]
+
+
+# --- the link to the daemon (or the data directory) ------------------------------------------------
 
 
 class _Link:
@@ -119,7 +116,7 @@ class _Link:
         self._gw: Any = None
 
     async def call(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-        from gateway.control import call  # noqa: PLC0415
+        from gateway.control import call  # noqa: PLC0415 - keeps CLI start-up light
         from gateway.control_commands import dispatch  # noqa: PLC0415
 
         if self._gw is None:
@@ -144,175 +141,473 @@ class _Link:
             self._gw = None
 
 
-def _emit(args: argparse.Namespace, answer: dict[str, Any], human: str) -> int:
-    if args.json:
-        payload = (
+def _with_link(opts: Opts, body: Callable[[_Link, Ui], Awaitable[int]]) -> int:
+    config = opts.load()
+
+    async def go() -> int:
+        link = _Link(config)
+        try:
+            return await body(link, opts.ui)
+        finally:
+            await link.close()
+
+    return asyncio.run(go())
+
+
+def _emit(ui: Ui, answer: dict[str, Any], human: Callable[[Any], None]) -> int:
+    """Print an answer: its data (JSON or human), or its error (JSON or stderr)."""
+    if ui.json_mode:
+        ui.json(
             answer.get("data")
             if answer.get("ok")
             else {"error": answer.get("error"), "code": answer.get("code")}
         )
-        print(json.dumps(payload, sort_keys=True))
     elif answer.get("ok"):
-        print(human)
+        human(answer.get("data"))
     else:
-        print(f"lockgw: {answer.get('error')}", file=sys.stderr)
-    return int(answer.get("exit", 1))
+        code = f"{answer['code']}: " if answer.get("code") else ""
+        ui.error(f"{code}{answer.get('error')}")
+    return int(answer.get("exit", EXIT_FAILED))
 
 
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
+# --- the command line --------------------------------------------------------------------------------
 
 
-def _event_line(e: dict[str, Any]) -> str:
-    flag = " [replayed]" if e.get("replayed") else ""
-    flag += f" [{e['trust_state']}]" if e.get("trust_state") not in (None, "ok") else ""
-    reason = f" reason={e['reason']}" if e.get("reason") else ""
-    who = f" sub={e['sub']}" if e.get("sub") else ""
-    lock = f" lock={e['lock']}" if e.get("lock") else ""
-    return f"{e['seq']:>6} {e['ts']} {e['type']:<18}{lock}{who}{reason}{flag}"
+@click.group(
+    context_settings=_CONTEXT,
+    epilog="Exit codes: 0 done, 1 refused or failed, 2 usage or configuration error, "
+    "3 daemon or adapter busy or unreachable. See `lockgw COMMAND --help`.",
+)
+@click.option(
+    "--config",
+    metavar="PATH",
+    default=None,
+    help="Configuration file (TOML); else $LOCKGW_CONFIG, else /etc/lockgw/lockgw.toml.",
+)
+@click.option("--json", "json_", is_flag=True, help="Print one JSON object (JSON lines with --follow).")
+@click.version_option(package_name="lockgw", prog_name="lockgw")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, json_: bool) -> None:
+    """lockgw: offline-first gateway for home-care door locks, and its technician/operator CLI."""
+    opts = ctx.ensure_object(Opts)
+    opts.config = config
+    opts.json = opts.json or json_
 
 
-async def _actuate(link: _Link, args: argparse.Namespace) -> int:
+@cli.command(epilog=_example("lockgw --config /etc/lockgw/lockgw.toml run"))
+@json_option
+@click.pass_obj
+def run(opts: Opts) -> int:
+    """Run the gateway daemon (systemd: Type=notify)."""
+    return asyncio.run(_run_daemon(opts.load()))
+
+
+@cli.command(epilog=_example("lockgw demo", "lockgw demo --locks 5 --seed 7"))
+@click.option("--locks", type=click.IntRange(1, 20), default=3, show_default=True, help="Simulated locks.")
+@click.option("--seed", type=int, default=None, help="Seed for a repeatable shift.")
+@json_option
+def demo(locks: int, seed: int | None) -> int:
+    """Play a scripted shift: simulated locks, broker, gateway."""
+    from gateway.demo import run_demo  # noqa: PLC0415
+
+    return asyncio.run(run_demo(locks=locks, seed=seed))
+
+
+@cli.group(epilog=_example("lockgw config check /etc/lockgw/lockgw.toml"))
+def config() -> None:
+    """Configuration commands."""
+
+
+@config.command("check", epilog=_example("lockgw config check /etc/lockgw/lockgw.toml"))
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@json_option
+@click.pass_obj
+def config_check(opts: Opts, path: str | None) -> int:
+    """Validate a configuration file.
+
+    Every error names the key and the file line; secret values are never printed.
+    """
+    where = Path(path) if path else config_path(opts.config)
+    cfg = load_config(where)
+    summary = {
+        "ok": True,
+        "path": str(where),
+        "gateway": cfg.gateway.id,
+        "site": cfg.gateway.site,
+        "mqtt": cfg.mqtt.url if cfg.mqtt else None,
+        "ble": cfg.ble.backend,
+    }
+    if opts.ui.json_mode:
+        opts.ui.json(summary)
+    else:
+        broker = f"broker {cfg.mqtt.url}" if cfg.mqtt else "no broker (offline: events stay in the outbox)"
+        opts.ui.line(f"{where}: ok (gateway {cfg.gateway.id}, site {cfg.gateway.site}, {broker})")
+    return EXIT_OK
+
+
+@cli.command(epilog=_example("lockgw scan --timeout 10"))
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.5, 60),
+    default=5.0,
+    show_default=True,
+    help="Seconds to listen (0.5..60).",
+)
+@json_option
+@click.pass_obj
+def scan(opts: Opts, timeout: float) -> int:
+    """List nearby locks.
+
+    Address, lock id, signal strength, and whether each is paired (here or elsewhere) or in
+    pairing mode.
+    """
+
+    async def body(link: _Link, ui: Ui) -> int:
+        with ui.progress(f"scanning for {timeout:g} s …"):
+            a = await link.call("scan", {"timeout": timeout})
+        cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
+        return _emit(
+            ui,
+            {**a, "data": {"locks": a["data"]}} if a.get("ok") else a,
+            lambda d: ui.table(d["locks"], cols, title="locks in range"),
+        )
+
+    return _with_link(opts, body)
+
+
+@cli.command(epilog=_example("lockgw pair C0:12:34:56:78:9A --code 123-456-789 --name 'Front door'"))
+@click.argument("address")
+@click.option("--code", required=True, help="The setup code printed on the lock unit.")
+@click.option("--name", default="", help="A name for the door (shown in tables and events).")
+@json_option
+@click.pass_obj
+def pair(opts: Opts, address: str, code: str, name: str) -> int:
+    """Pair a lock that is in pairing mode; prints the lock id alone."""
+
+    async def body(link: _Link, ui: Ui) -> int:
+        ui.note("put the lock in pairing mode (hold its button until the light blinks blue)")
+        with ui.progress(f"pairing with {address} …"):
+            a = await link.call("pair", {"address": address, "code": code, "name": name})
+        # CONTRACT §6: pair prints the lock id (alone, so `L=$(lockgw pair …)` works).
+        code_rc = _emit(ui, a, lambda d: ui.line(str(d["lock"])))
+        if a.get("ok") and not ui.json_mode:
+            ui.note(f"paired {a['data']['lock']} {a['data'].get('name') or ''}".rstrip())
+        return code_rc
+
+    return _with_link(opts, body)
+
+
+@cli.command(
+    epilog=_example("lockgw unpair lk-1a2b3c4d", "lockgw unpair lk-1a2b3c4d --force   # lock gone for good")
+)
+@click.argument("lock", shell_complete=_complete_locks)
+@click.option("--force", is_flag=True, help="Forget the lock here even if it cannot be reached (recorded).")
+@json_option
+@click.pass_obj
+def unpair(opts: Opts, lock: str, force: bool) -> int:
+    """Wipe a lock's key on both ends."""
+
+    async def body(link: _Link, ui: Ui) -> int:
+        with ui.progress(f"unpairing {lock} …"):
+            a = await link.call("unpair", {"lock": lock, "force": force})
+        return _emit(ui, a, lambda _d: ui.line(f"unpaired {lock}"))
+
+    return _with_link(opts, body)
+
+
+def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
+    from gateway.service import LockView  # noqa: PLC0415
+
+    return _emit(
+        ui,
+        {**answer, "data": {"locks": answer["data"]}} if answer.get("ok") else answer,
+        lambda d: ui.table(d["locks"], list(LockView.FIELDS), title="locks"),
+    )
+
+
+@cli.command(epilog=_example("lockgw locks", "lockgw --json locks"))
+@json_option
+@click.pass_obj
+def locks(opts: Opts) -> int:
+    """List paired locks and their last known state."""
+
+    async def body(link: _Link, ui: Ui) -> int:
+        return _lock_table(ui, await link.call("locks", {}))
+
+    return _with_link(opts, body)
+
+
+@cli.command(epilog=_example("lockgw status lk-1a2b3c4d", "lockgw status"))
+@click.argument("lock", required=False, shell_complete=_complete_locks)
+@json_option
+@click.pass_obj
+def status(opts: Opts, lock: str | None) -> int:
+    """Refresh and show a lock's state (every lock without L)."""
+
+    async def body(link: _Link, ui: Ui) -> int:
+        if lock is None:
+            with ui.progress("asking every lock …"):
+                return _lock_table(ui, await link.call("status", {}))
+        with ui.progress(f"asking {lock} …"):
+            a = await link.call("status", {"lock": lock})
+        return _emit(ui, a, lambda d: ui.line("\n".join(f"{k:>13}: {v}" for k, v in d.items())))
+
+    return _with_link(opts, body)
+
+
+def _actuate_command(action: str) -> click.Command:
+    @click.argument("lock", shell_complete=_complete_locks)
+    @click.option(
+        "--token", required=True, type=click.Path(dir_okay=False), help="Token file (raw COSE or base64url)."
+    )
+    @click.option(
+        "--holder-key",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Phone key for the proof of possession (COSE_Key or PKCS#8 PEM).",
+    )
+    @json_option
+    @click.pass_obj
+    def command(opts: Opts, lock: str, token: str, holder_key: str | None) -> int:
+        return _with_link(opts, lambda link, ui: _actuate(link, ui, action, lock, token, holder_key))
+
+    command.__doc__ = (
+        f"{action.capitalize()} a door with a token.\n\n"
+        "With --holder-key the CLI asks for a challenge and answers it with a proof of possession,\n"
+        "exactly as a phone would."
+    )
+    return cli.command(
+        action,
+        epilog=_example(f"lockgw {action} lk-1a2b3c4d --token t.cwt --holder-key phone.key"),
+    )(command)
+
+
+async def _actuate(  # noqa: PLR0917 - the command's arguments
+    link: _Link, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
+) -> int:
     from gateway.keyfiles import read_document, read_private_key  # noqa: PLC0415
     from protocols import issuer  # noqa: PLC0415
 
-    token = read_document(Path(args.token), "--token")
-    payload: dict[str, Any] = {
-        "lock": args.lock,
-        "token": base64.urlsafe_b64encode(token).decode().rstrip("="),
-    }
-    if args.holder_key:
-        holder = read_private_key(Path(args.holder_key), "--holder-key")
-        ch = await link.call(
-            "request", {"action": "challenge", "payload": {"lock": args.lock, "act": args.command}}
-        )
-        if not ch.get("ok"):
-            return _emit(args, ch, "")
-        data = ch["data"]["data"]
-        nonce = base64.urlsafe_b64decode(data["nonce"] + "==")
-        proof = issuer.proof(
-            holder, token_bytes=token, nonce=nonce, gw=data["gw"], lock=args.lock, act=args.command
-        )
-        payload["proof"] = base64.urlsafe_b64encode(proof).decode().rstrip("=")
-    answer = await link.call("request", {"action": args.command, "payload": payload})
-    if args.json:
-        print(json.dumps(answer.get("data"), sort_keys=True))
-        return int(answer["exit"])
-    if answer.get("ok"):
+    token = read_document(Path(token_path), "--token")
+    payload: dict[str, Any] = {"lock": lock, "token": base64.urlsafe_b64encode(token).decode().rstrip("=")}
+    with ui.progress(f"{action}ing {lock} …"):
+        if holder_key:
+            holder = read_private_key(Path(holder_key), "--holder-key")
+            ch = await link.call("request", {"action": "challenge", "payload": {"lock": lock, "act": action}})
+            if not ch.get("ok"):
+                return _emit(ui, ch, lambda _d: None)
+            data = ch["data"]["data"]
+            nonce = base64.urlsafe_b64decode(data["nonce"] + "==")
+            proof = issuer.proof(holder, token_bytes=token, nonce=nonce, gw=data["gw"], lock=lock, act=action)
+            payload["proof"] = base64.urlsafe_b64encode(proof).decode().rstrip("=")
+        answer = await link.call("request", {"action": action, "payload": payload})
+    if ui.json_mode:
+        ui.json(answer.get("data"))
+    elif answer.get("ok"):
         d = answer["data"]["data"]
-        print(f"{d['lock']}: {d['state']} (event #{d['seq']})")
+        ui.line(f"{d['lock']}: {d['state']} (event #{d['seq']})")
     else:
-        print(f"lockgw: {args.command} refused: {answer.get('code')}: {answer.get('error')}", file=sys.stderr)
+        ui.error(f"{action} refused: {answer.get('code')}: {answer.get('error')}")
     return int(answer["exit"])
 
 
-async def _events(link: _Link, args: argparse.Namespace) -> int:
-    since = args.since
-    filters = {k: getattr(args, k) for k in ("lock", "type", "sub") if getattr(args, k)}
-    while True:
-        answer = await link.call("events", {"since": since, "limit": args.limit, **filters})
-        if not answer.get("ok"):
-            return _emit(args, answer, "")
-        events = answer["data"]["events"]
-        if args.json and not args.follow:
-            print(json.dumps(events, sort_keys=True))
+_actuate_command("unlock")
+_actuate_command("lock")
+
+_DURATION: Final = re.compile(r"(\d+)([smhd])")
+_UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+class _When(click.ParamType[str]):
+    """A point in time: ISO 8601 (``2026-11-22``, ``2026-11-22T10:00``, with or without an
+    offset; local time without one) or an age (``90s``, ``15m``, ``2h``, ``3d`` ago). Converted to
+    the events' ``ts`` format (UTC, milliseconds, ``Z``), which compares as a string."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if m := _DURATION.fullmatch(text):
+            when = datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
         else:
-            for e in events:
-                print(json.dumps(e, sort_keys=True) if args.json else _event_line(e), flush=True)
-        if not args.follow:
-            if not events and not args.json:
-                print(f"(no events since #{since}; last is #{answer['data']['last_seq']})")
-            return 0
-        since = max([since - 1, *(e["seq"] for e in events)]) + 1
-        await asyncio.sleep(1.0)
+            try:
+                when = datetime.fromisoformat(text)
+            except ValueError:
+                self.fail(
+                    f"{text!r} is neither ISO 8601 (2026-11-22T10:00) nor an age (15m, 2h, 3d)", param, ctx
+                )
+            if when.tzinfo is None:
+                when = when.astimezone()
+        return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
-async def _command(config: Config, args: argparse.Namespace) -> int:
-    link = _Link(config)
+@cli.command(
+    epilog=_example(
+        "lockgw events --since 100 --follow",
+        "lockgw events --lock lk-1a2b3c4d --type 'access.*' --from 2h",
+        "lockgw --json events --sub staff-17 --from 2026-11-22 --until 2026-11-23",
+    )
+)
+@click.option("--since", type=click.IntRange(min=1), default=1, show_default=True, help="First seq to show.")
+@click.option(
+    "--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Events at most."
+)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events (JSON lines with --json).")
+@click.option("--lock", default=None, shell_complete=_complete_locks, help="Only this lock's events.")
+@click.option("--type", "type_", metavar="TYPE", default=None, help="Only this type, or a prefix: access.*")
+@click.option("--sub", default=None, help="Only this subject (staff id).")
+@click.option("--from", "from_", type=_When(), default=None, help="From this time (ISO 8601, or an age: 2h).")
+@click.option("--until", type=_When(), default=None, help="Before this time (ISO 8601, or an age).")
+@json_option
+@click.pass_obj
+def events(  # noqa: PLR0917 - click passes one parameter per option
+    opts: Opts,
+    since: int,
+    limit: int,
+    follow: bool,
+    lock: str | None,
+    type_: str | None,
+    sub: str | None,
+    from_: str | None,
+    until: str | None,
+) -> int:
+    """Show events (history, filters, --follow).
+
+    Replayed events and events decided with a caveat (stale trust documents, unsynchronised
+    clock, emergency alarm) are tagged; on a terminal a tick marks what central has receipted.
+    """
+    filters = {"lock": lock, "type": type_, "sub": sub, "from": from_, "until": until}
+
+    async def body(link: _Link, ui: Ui) -> int:
+        cursor = since
+        while True:
+            a = await link.call(
+                "events", {"since": cursor, "limit": limit, **{k: v for k, v in filters.items() if v}}
+            )
+            if not a.get("ok"):
+                return _emit(ui, a, lambda _d: None)
+            d = a["data"]
+            if ui.json_mode and not follow:
+                ui.json(d)
+                return EXIT_OK
+            for e in d["events"]:
+                if ui.json_mode:
+                    ui.json(e)
+                else:
+                    ui.event(e, receipt_seq=d["receipt_seq"])
+            if not follow:
+                if not d["events"]:
+                    ui.note(f"(no matching events from #{cursor}; the last is #{d['last_seq']})")
+                return EXIT_OK
+            cursor = d["next"]
+            if len(d["events"]) < limit:
+                await asyncio.sleep(FOLLOW_POLL_S)
+
     try:
-        return await _dispatch(link, args)
-    finally:
-        await link.close()
+        return _with_link(opts, body)
+    except KeyboardInterrupt:  # --follow ends with Ctrl-C: that is success
+        return EXIT_OK
 
 
-async def _dispatch(link: _Link, args: argparse.Namespace) -> int:
-    c = args.command
-    if c in ("unlock", "lock"):
-        return await _actuate(link, args)
-    if c == "events":
-        return await _events(link, args)
-    if c == "scan":
-        a = await link.call("scan", {"timeout": args.timeout})
-        return _emit(
-            args,
-            a,
-            _table(a.get("data") or [], ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]),
-        )
-    if c == "pair":
-        print(f"pairing with {args.address} …", file=sys.stderr, flush=True)
-        a = await link.call("pair", {"address": args.address, "code": args.code, "name": args.name})
-        # CONTRACT §6: pair prints the lock id (alone, so `L=$(lockgw pair …)` works).
-        return _emit(args, a, str((a.get("data") or {}).get("lock")))
-    if c == "unpair":
-        a = await link.call("unpair", {"lock": args.lock, "force": args.force})
-        return _emit(args, a, f"unpaired {args.lock}")
-    if c == "locks" or (c == "status" and not args.lock):
-        a = await link.call("locks" if c == "locks" else "status", {})
-        from gateway.service import LockView  # noqa: PLC0415
-
-        return _emit(args, a, _table(a.get("data") or [], list(LockView.FIELDS)))
-    if c == "status":
-        a = await link.call("status", {"lock": args.lock})
-        return _emit(args, a, "\n".join(f"{k:>13}: {v}" for k, v in (a.get("data") or {}).items()))
-    if c == "doctor":
-        a = await link.call("doctor", {})
-        checks = (a.get("data") or {}).get("checks", [])
-        lines = [
-            f"{ch['status'].upper():<4}  {ch['name']}: {ch['detail']}"
-            + (f"\n      fix: {ch['fix']}" if ch["fix"] and ch["status"] != "pass" else "")
-            for ch in checks
-        ]
-        if args.json:
-            print(json.dumps(a.get("data"), sort_keys=True))
-        else:
-            print("\n".join(lines))
-        return int(a.get("exit", 1))
-    if c == "trust" and args.trust_command == "show":
-        a = await link.call("trust_show", {})
-        d = a.get("data") or {}
-        human = "\n".join(
-            [
-                f"keyring:     {_doc(d.get('keyring'))}",
-                f"revocations: {_doc(d.get('revocations'))}",
-                f"time:        state {d.get('time', {}).get('state')}, floor {d.get('time', {}).get('floor')}",
-            ]
-        )
-        if a.get("ok") and args.json:
-            for doc in ("keyring", "revocations"):
-                if isinstance(d.get(doc), dict):
-                    d[doc].pop("days_left", None)
-        return _emit(args, a, human)
-    if c == "trust":
-        raw = Path(args.file).read_bytes()  # noqa: ASYNC240 - one small file, before any I/O we wait on
-        a = await link.call("trust_install", {"document": base64.b64encode(raw).decode()})
-        dd = a.get("data") or {}
-        human = f"{dd.get('kind')} v{dd.get('version')} " + (
-            "installed" if dd.get("installed") else "already installed"
-        )
-        return _emit(args, a, human)
-    print(f"lockgw: unknown command {c}", file=sys.stderr)
-    return 2
+@cli.group(epilog=_example("lockgw trust show", "lockgw trust install keyring.cose"))
+def trust() -> None:
+    """Keyring, revocation list and time floor."""
 
 
 def _doc(doc: Any) -> str:
     if not isinstance(doc, dict):
         return "none"
     return f"v{doc['version']}, exp {doc['exp']} ({doc.get('days_left', '?')} days left)"
+
+
+@trust.command("show", epilog=_example("lockgw trust show", "lockgw --json trust show"))
+@json_option
+@click.pass_obj
+def trust_show(opts: Opts) -> int:
+    """Installed keyring and revocation list (versions, days to expiry) and the time floor."""
+
+    async def body(link: _Link, ui: Ui) -> int:
+        a = await link.call("trust_show", {})
+        d = a.get("data") or {}
+        if a.get("ok") and ui.json_mode:
+            for name in ("keyring", "revocations"):
+                if isinstance(d.get(name), dict):
+                    d[name].pop("days_left", None)
+        t = d.get("time", {})
+        return _emit(
+            ui,
+            a,
+            lambda _d: ui.line(
+                f"keyring:     {_doc(d.get('keyring'))}\n"
+                f"revocations: {_doc(d.get('revocations'))}\n"
+                f"time:        state {t.get('state')}, floor {t.get('floor')}"
+            ),
+        )
+
+    return _with_link(opts, body)
+
+
+@trust.command("install", epilog=_example("lockgw trust install keyring.cose"))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@click.pass_obj
+def trust_install(opts: Opts, file: str) -> int:
+    """Install a keyring, revocation list or time statement (told apart by content type)."""
+    raw = Path(file).read_bytes()
+
+    async def body(link: _Link, ui: Ui) -> int:
+        a = await link.call("trust_install", {"document": base64.b64encode(raw).decode()})
+        return _emit(
+            ui,
+            a,
+            lambda d: ui.line(
+                f"{d.get('kind')} v{d.get('version')} "
+                + ("installed" if d.get("installed") else "already installed")
+            ),
+        )
+
+    return _with_link(opts, body)
+
+
+@cli.command(epilog=_example("lockgw doctor", "lockgw --json doctor"))
+@json_option
+@click.pass_obj
+def doctor(opts: Opts) -> int:
+    """Check the gateway and say how to fix what fails.
+
+    Configuration, secret file permissions, data directory, database integrity, adapter, broker
+    and TLS, time state, keyring and revocation expiry, outbox backlog, systemd watchdog.
+    """
+
+    async def body(link: _Link, ui: Ui) -> int:
+        with ui.progress("checking …"):
+            a = await link.call("doctor", {})
+        if ui.json_mode:
+            ui.json(a.get("data"))
+        elif "data" in a:
+            ui.checks(a["data"].get("checks", []))
+        else:
+            ui.error(str(a.get("error")))
+        return int(a.get("exit", EXIT_FAILED))
+
+    return _with_link(opts, body)
+
+
+@cli.command(
+    epilog=_example(
+        'eval "$(lockgw completion bash)"', "lockgw completion fish > ~/.config/fish/completions/lockgw.fish"
+    )
+)
+@click.argument("shell", metavar="SHELL", type=click.Choice(["bash", "zsh", "fish"]))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> int:
+    """Print the shell completion script for SHELL."""
+    cls = get_completion_class(shell)
+    if cls is None:  # pragma: no cover - the choices above are all built in
+        raise click.BadParameter(shell, param_hint="SHELL")
+    root = ctx.find_root()
+    sys.stdout.write(cls(cli, {}, root.info_name or "lockgw", "_LOCKGW_COMPLETE").source() + "\n")
+    return EXIT_OK
 
 
 async def _run_daemon(config: Config) -> int:
@@ -330,46 +625,39 @@ async def _run_daemon(config: Config) -> int:
                     await stop.wait()
             if not gateway.outbox.healthy:
                 print("lockgw: the event store failed; exiting so systemd restarts us", file=sys.stderr)
-                return 1
-    return 0
+                return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point: click parses; our errors map to the contract's exit codes, never a traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     try:
-        if args.command == "demo":
-            from gateway.demo import run_demo  # noqa: PLC0415
-
-            if not 1 <= args.locks <= 20:
-                print("lockgw: --locks must be between 1 and 20", file=sys.stderr)
-                return 2
-            return asyncio.run(run_demo(locks=args.locks, seed=args.seed))
-        if args.command == "config":
-            path = Path(args.path) if args.path else config_path(args.config)
-            config = load_config(path)
-            if args.json:
-                print(json.dumps({"ok": True, "path": str(path), "gateway": config.gateway.id}))
-            else:
-                print(f"{path}: ok (gateway {config.gateway.id}, site {config.gateway.site})")
-            return 0
-        config = load_config(config_path(args.config))
-        if args.command == "run":
-            return asyncio.run(_run_daemon(config))
-        return asyncio.run(_command(config, args))
+        rv = cli.main(args=args, prog_name="lockgw", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code  # 2 for every usage error; the message names the flag
+    except click.exceptions.Abort:
+        return 130
     except ConfigError as exc:
-        print(f"lockgw: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), "config_error", EXIT_USAGE, as_json=as_json)
     except AdapterUnavailable as exc:
-        print(f"lockgw: {exc}", file=sys.stderr)
-        return 3
+        return _fail(str(exc), "busy", EXIT_BUSY, as_json=as_json)
     except (OutboxError, LockgwError) as exc:
-        print(f"lockgw: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), "failed", EXIT_FAILED, as_json=as_json)
     except OSError as exc:
-        print(f"lockgw: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+        message = f"{exc.filename or ''}: {exc.strerror}" if exc.strerror else str(exc)
+        return _fail(message, "failed", EXIT_FAILED, as_json=as_json)
+    return rv if isinstance(rv, int) else EXIT_OK
+
+
+def _fail(message: str, code: str, exit_code: int, *, as_json: bool) -> int:
+    """The message on stderr; with --json also the error object on stdout, as for any answer."""
+    Ui(json_mode=False).error(message)
+    if as_json:
+        Ui(json_mode=True).json({"error": message, "code": code})
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -99,6 +99,10 @@ class Config(_Section):
     source: Path | None = Field(default=None, exclude=True)
 
 
+#: Keys people write when they mean the ``*_file`` form (the value itself is never echoed).
+_INLINE_SECRETS: Final = frozenset({"password", "key", "cert", "token", "secret"})
+
+
 def config_path(cli_path: str | None) -> Path:
     if cli_path:
         return Path(cli_path)
@@ -165,7 +169,15 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files
             parts = [str(p) for p in err["loc"]]
             line = _line_of(text, parts[0] if len(parts) > 1 else "", parts[-1]) if parts else None
             where = f"{path}:{line}" if line else str(path)
-            message = err["msg"].replace("Extra inputs are not permitted", "unknown key")
+            message = (
+                err["msg"]
+                .replace("Extra inputs are not permitted", "unknown key")
+                .removeprefix("Value error, ")
+            )
+            if message == "unknown key" and parts and parts[-1] in _INLINE_SECRETS:
+                message += (
+                    f"; secrets are never inline: put it in a file (mode 0600) and set {parts[-1]}_file"
+                )
             problems.append(f"{where}: {loc}: {message}")
         raise ConfigError("; ".join(problems)) from exc
     config = config.model_copy(update={"source": path})

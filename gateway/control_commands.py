@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 from bleak import BleakScanner
@@ -28,6 +29,9 @@ __all__ = ["dispatch"]
 
 MAX_EVENTS: Final = 10_000
 MAX_SCAN_S: Final = 60.0
+#: Filter strings longer than this are not lock ids, types or subjects (bounds the query).
+MAX_FILTER_LEN: Final = 256
+_TYPE_FILTER: Final = re.compile(r"[a-z_]+(\.[a-z_]+)*(\.\*)?")
 
 
 def ok(data: Any) -> dict[str, Any]:
@@ -84,15 +88,36 @@ async def _request(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _events(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    """Filtered history: ``since``, ``limit``, ``lock``, ``type`` (exact, or a prefix such as
+    ``access.*``), ``sub``, ``from``/``until`` (event ``ts`` strings, until exclusive). The answer
+    carries ``next`` (where a follower continues) and ``receipt_seq`` (central has everything up
+    to there)."""
     since = args.get("since", 1)
     limit = args.get("limit", 100)
     if not isinstance(since, int) or not isinstance(limit, int) or since < 1 or not 1 <= limit <= MAX_EVENTS:
         return fail("events takes since ≥ 1 and 1 ≤ limit ≤ 10000", exit_code=2)
-    events = await gw.outbox.read(since, limit=MAX_EVENTS)
-    for key in ("lock", "type", "sub"):
-        if args.get(key):
-            events = [e for e in events if e.get(key) == args[key]]
-    return ok({"events": events[:limit], "last_seq": gw.outbox.stats().last_seq})
+    filters: dict[str, str | None] = {}
+    for key in ("lock", "type", "sub", "from", "until"):
+        value = args.get(key)
+        if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_FILTER_LEN):
+            return fail(f"events: {key} must be a non-empty string", exit_code=2)
+        filters[key] = value
+    type_glob = filters["type"]
+    if type_glob is not None:
+        if not _TYPE_FILTER.fullmatch(type_glob):
+            return fail("events: type is an event type (access.granted) or a prefix (access.*)", exit_code=2)
+        type_glob = type_glob[:-1] + "*" if type_glob.endswith(".*") else type_glob
+    events, nxt = await gw.outbox.query(
+        since,
+        limit=limit,
+        lock=filters["lock"],
+        type_glob=type_glob,
+        sub=filters["sub"],
+        ts_from=filters["from"],
+        ts_until=filters["until"],
+    )
+    stats = gw.outbox.stats()
+    return ok({"events": events, "next": nxt, "last_seq": stats.last_seq, "receipt_seq": stats.receipt_seq})
 
 
 async def _trust_show(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:

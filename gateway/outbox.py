@@ -397,6 +397,47 @@ class Outbox:
 
         return list(await self._submit(read, write=False))
 
+    async def query(
+        self,
+        since: int,
+        *,
+        limit: int,
+        lock: str | None = None,
+        type_glob: str | None = None,
+        sub: str | None = None,
+        ts_from: str | None = None,
+        ts_until: str | None = None,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Stored events from ``since`` on that match every filter given, in order, at most
+        ``limit``; and the seq to continue from (past everything examined, so a follower neither
+        misses nor repeats an event). ``ts_*`` compare as strings: every ``ts`` has one format."""
+
+        def read(db: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            rows = db.execute(
+                "SELECT seq, json FROM events WHERE seq >= :since AND seq <= :top"
+                " AND (:lock IS NULL OR lock = :lock) AND (:type IS NULL OR type GLOB :type)"
+                " AND (:sub IS NULL OR json_extract(json, '$.sub') = :sub)"
+                " AND (:from IS NULL OR json_extract(json, '$.ts') >= :from)"
+                " AND (:until IS NULL OR json_extract(json, '$.ts') < :until)"
+                " ORDER BY seq LIMIT :limit",
+                {
+                    "since": since,
+                    "top": top,
+                    "lock": lock,
+                    "type": type_glob,
+                    "sub": sub,
+                    "from": ts_from,
+                    "until": ts_until,
+                    "limit": limit,
+                },
+            ).fetchall()
+            nxt = rows[-1][0] + 1 if len(rows) == limit else max(since, top + 1)
+            return [json.loads(r[1]) for r in rows], nxt
+
+        events, nxt = await self._submit(read, write=False)
+        return list(events), int(nxt)
+
     async def integrity_check(self) -> str:
         return str(await self._submit(lambda db: db.execute("PRAGMA quick_check").fetchone()[0], write=False))
 

@@ -260,10 +260,12 @@ class BumbleBleakClient(BaseBleakClient):
                         connection = await device.connect(self._peer_address, timeout=self._timeout)
             except (TimeoutError, BleakError):
                 # A connection attempt left pending in the controller would make every later
-                # one fail with COMMAND_DISALLOWED: cancel it whatever happened.
+                # one fail with COMMAND_DISALLOWED: cancel it whatever happened (the LE cancel;
+                # Device.cancel_connection(address) would send the BR/EDR one). A controller
+                # with nothing pending answers COMMAND_DISALLOWED, which is fine.
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(2):
-                        await device.cancel_connection(self._peer_address)  # type: ignore[no-untyped-call]
+                        await device.send_sync_command(hci.HCI_LE_Create_Connection_Cancel_Command())
                 raise
         self._connection = connection
         connection.on("disconnection", self._on_disconnection)

@@ -4,9 +4,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from airfix import Air
+from clifix import field
 
 from firmware_sim.bumble_peripheral import SimRadio
 from gateway.ble.bumble_backend import BumbleHost
+
+__all__ = ["air", "field"]  # field: the CLI tests' fixture (tests/clifix.py)
 
 
 @pytest.fixture

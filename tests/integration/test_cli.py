@@ -3,85 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from broker import free_port
-from credfix import SITE, World
-from simproc import start_sim
-
-from gateway.keyfiles import b64url
-from protocols import cbor, issuer
+from clifix import EXE, Field, token_file
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
-EXE = [shutil.which("lockgw")] if shutil.which("lockgw") else [sys.executable, "-m", "gateway.cli"]
-
-
-@dataclass
-class Field:
-    tmp: Path
-    cfg: Path
-    locks: list[dict[str, str]]
-    w: World
-
-    def run(self, *args: str, ok: bool | None = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [*EXE, "--config", str(self.cfg), *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-        if ok is True:
-            assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr, proc.stderr
-        return proc
-
-
-@pytest.fixture
-def field(tmp_path: Path) -> Iterator[Field]:
-    port = free_port()
-    sim, locks = start_sim(port, seed=51, locks=2)
-    w = World()
-    root = tmp_path / "root.pub"
-    root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
-    cfg = tmp_path / "lockgw.toml"
-    cfg.write_text(
-        f'[gateway]\nid = "gw-cli"\nsite = "{SITE}"\ndata_dir = "{tmp_path / "data"}"\n'
-        f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
-        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp_path / "ctl.sock"}"\n'
-    )
-    now = int(time.time())  # the CLI runs on the real clock
-    (tmp_path / "keyring.cose").write_bytes(
-        issuer.keyring(
-            w.root,
-            site=SITE,
-            version=1,
-            iat=now - 10,
-            exp=now + 90 * 86400,
-            entries=[issuer.KeyringEntry(w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"])],
-        )
-    )
-    (tmp_path / "phone.key").write_text(b64url(cbor.dumps(w.holder.to_cbor())))
-    try:
-        yield Field(tmp_path, cfg, locks, w)
-    finally:
-        sim.terminate()
-        sim.communicate(timeout=10)
-
-
-def token_file(f: Field, lock: str) -> Path:
-    path = f.tmp / f"t-{lock}.cwt"
-    path.write_text(b64url(f.w.token(locks=[lock], iat=int(time.time()) - 30)))
-    return path
 
 
 def test_direct_mode_pair_trust_unlock_events(field: Field) -> None:
@@ -111,7 +39,7 @@ def test_direct_mode_pair_trust_unlock_events(field: Field) -> None:
         "--json", "unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None
     )
     assert denied.returncode == 1 and json.loads(denied.stdout)["error"]["code"] == "proof_required"
-    events = json.loads(field.run("--json", "events").stdout)
+    events = json.loads(field.run("--json", "events").stdout)["events"]
     assert [e["type"] for e in events] == [
         "lock.paired",
         "trust.installed",
@@ -119,7 +47,7 @@ def test_direct_mode_pair_trust_unlock_events(field: Field) -> None:
         "lock.unlocked",
         "access.denied",
     ]
-    states = json.loads(field.run("--json", "locks").stdout)
+    states = json.loads(field.run("--json", "locks").stdout)["locks"]
     assert states[0]["lock"] == lock["lock"] and set(states[0]) >= {"state", "door", "available"}
 
 
@@ -165,7 +93,12 @@ def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
         (["unlock", "lk-1"], "--token"),
         (["events", "--since", "x"], "--since"),
         (["scan", "--timeout", "soon"], "--timeout"),
-        (["bogus"], "invalid choice"),
+        (["bogus"], "'bogus'"),
+        (["events", "--from", "yesterday"], "--from"),
+        (["events", "--limit", "0"], "--limit"),
+        (["scan", "--timeout", "600"], "--timeout"),
+        (["trust", "install", "/nonexistent/keyring.cose"], "FILE"),
+        (["completion", "tcsh"], "SHELL"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(field: Field, args: list[str], flag: str) -> None:
@@ -187,9 +120,14 @@ def test_help_for_every_command(field: Field) -> None:
         "lock",
         "events",
         "trust",
+        "doctor",
+        "completion",
+        "config check",
+        "trust show",
+        "trust install",
     ):
-        proc = field.run(command, "--help")
-        assert "example: lockgw" in proc.stdout
+        proc = field.run(*command.split(), "--help")
+        assert "example:" in proc.stdout and "lockgw " in proc.stdout.split("example:")[1], command
 
 
 def test_doctor_reports_and_fails_without_a_keyring(field: Field) -> None:

@@ -1,0 +1,85 @@
+"""The `lockgw` executable against `lockgw-sim` in a temporary field: config, keyring, phone key."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from broker import free_port
+from credfix import SITE, World
+from simproc import start_sim
+
+from gateway.keyfiles import b64url
+from protocols import cbor, issuer
+
+__all__ = ["EXE", "Field", "field", "token_file"]
+
+EXE = [shutil.which("lockgw")] if shutil.which("lockgw") else [sys.executable, "-m", "gateway.cli"]
+
+
+@dataclass
+class Field:
+    tmp: Path
+    cfg: Path
+    locks: list[dict[str, str]]
+    w: World
+    sim: subprocess.Popen[str]
+
+    def run(self, *args: str, ok: bool | None = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*EXE, "--config", str(self.cfg), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        if ok is True:
+            assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+
+@pytest.fixture
+def field(tmp_path: Path) -> Iterator[Field]:
+    port = free_port()
+    sim, locks = start_sim(port, seed=51, locks=2)
+    w = World()
+    root = tmp_path / "root.pub"
+    root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
+    cfg = tmp_path / "lockgw.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "gw-cli"\nsite = "{SITE}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
+        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp_path / "ctl.sock"}"\n'
+    )
+    now = int(time.time())  # the CLI runs on the real clock
+    (tmp_path / "keyring.cose").write_bytes(
+        issuer.keyring(
+            w.root,
+            site=SITE,
+            version=1,
+            iat=now - 10,
+            exp=now + 90 * 86400,
+            entries=[issuer.KeyringEntry(w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"])],
+        )
+    )
+    (tmp_path / "phone.key").write_text(b64url(cbor.dumps(w.holder.to_cbor())))
+    try:
+        yield Field(tmp_path, cfg, locks, w, sim)
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=10)
+
+
+def token_file(f: Field, lock: str) -> Path:
+    path = f.tmp / f"t-{lock}.cwt"
+    path.write_text(b64url(f.w.token(locks=[lock], iat=int(time.time()) - 30)))
+    return path
