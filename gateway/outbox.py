@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Final, Self, TypeVar
 
 from gateway.errors import OutboxError
-from protocols.event_encoding import GENESIS, seal_event
+from protocols.event_encoding import GENESIS, seal_event_json
 
 __all__ = ["DEFAULT_RETENTION_S", "Outbox", "OutboxStats"]
 
@@ -231,7 +231,7 @@ class Outbox:
                     sealed = []
                     for fields in job.appends:
                         seq += 1
-                        event = seal_event(
+                        event, text = seal_event_json(
                             fields,
                             gw=self._gw,
                             site=self._site,
@@ -243,7 +243,7 @@ class Outbox:
                         head = event["hash"]
                         db.execute(
                             "INSERT INTO events (seq, type, lock, json, hash) VALUES (?, ?, ?, ?, ?)",
-                            (seq, event["type"], event["lock"], json.dumps(event, sort_keys=True), head),
+                            (seq, event["type"], event["lock"], text, head),
                         )
                         sealed.append(event)
                     if job.forwarded:

@@ -20,6 +20,7 @@ __all__ = [
     "event_hash",
     "format_ts",
     "seal_event",
+    "seal_event_json",
     "verify_chain",
 ]
 
@@ -74,6 +75,14 @@ def seal_event(
     fields: Mapping[str, Any], *, gw: str, site: str, epoch: str, seq: int, prev: str, wall: float
 ) -> dict[str, Any]:
     """Complete an event with its envelope, ``prev`` and ``hash``."""
+    event = _envelope(fields, gw=gw, site=site, epoch=epoch, seq=seq, prev=prev, wall=wall)
+    event["hash"] = event_hash(event)
+    return event
+
+
+def _envelope(
+    fields: Mapping[str, Any], *, gw: str, site: str, epoch: str, seq: int, prev: str, wall: float
+) -> dict[str, Any]:
     event: dict[str, Any] = {
         "v": 1,
         "gw": gw,
@@ -102,8 +111,21 @@ def seal_event(
         }
     )
     event["prev"] = prev
-    event["hash"] = event_hash(event)
     return event
+
+
+def seal_event_json(
+    fields: Mapping[str, Any], *, gw: str, site: str, epoch: str, seq: int, prev: str, wall: float
+) -> tuple[dict[str, Any], str]:
+    """:func:`seal_event`, plus the event as JSON text made from the canonical body it hashed:
+    one serialisation per event instead of two (the outbox stores this text). ``hash`` goes last,
+    which is still valid JSON; consumers must not rely on key order (the hash is over the sorted
+    form, recomputed by :func:`event_hash`)."""
+    event = _envelope(fields, gw=gw, site=site, epoch=epoch, seq=seq, prev=prev, wall=wall)
+    body = canonical_json(event)
+    digest = hashlib.sha256(body).hexdigest()
+    event["hash"] = digest
+    return event, body[:-1].decode("utf-8") + f',"hash":"{digest}"}}'
 
 
 def verify_chain(events: list[Mapping[str, Any]], *, prev: str = GENESIS) -> None:
