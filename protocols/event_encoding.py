@@ -7,9 +7,10 @@ for seq 1. Consumers deduplicate on ``id`` (``G/E/seq``) and detect gaps from ``
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
+import math
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 GENESIS: Final = "0" * 64
+#: Set by the outbox, never by the caller's fields.
+_ENVELOPE_KEYS: Final = frozenset({"v", "gw", "site", "epoch", "seq", "id", "prev", "hash", "replayed"})
 
 EVENT_TYPES: Final = frozenset(
     {
@@ -66,9 +69,21 @@ def event_hash(event: Mapping[str, Any]) -> str:
 
 
 def format_ts(wall: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-22T10:00:00.123Z``."""
-    t = dt.datetime.fromtimestamp(wall, tz=dt.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-22T10:00:00.123Z`` (truncated, not rounded).
+
+    Hand-formatted from ``gmtime``: it runs once per event on the outbox's commit path, where
+    ``datetime.strftime`` cost four times as much."""
+    secs, ms = divmod(math.floor(wall * 1000), 1000)
+    t = time.gmtime(secs)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - fastest formatting here
+        t.tm_year,
+        t.tm_mon,
+        t.tm_mday,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+        ms,
+    )
 
 
 def seal_event(
@@ -103,13 +118,7 @@ def _envelope(
         "transaction": None,
         "data": {},
     }
-    event.update(
-        {
-            k: v
-            for k, v in fields.items()
-            if k not in ("v", "gw", "site", "epoch", "seq", "id", "prev", "hash", "replayed")
-        }
-    )
+    event.update({k: v for k, v in fields.items() if k not in _ENVELOPE_KEYS})
     event["prev"] = prev
     return event
 
