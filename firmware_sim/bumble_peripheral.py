@@ -402,7 +402,7 @@ class GatewayController(Controller):
     """
 
     def on_hci_le_create_connection_cancel_command(
-        self, command: hci.HCI_LE_Create_Connection_Cancel_Command
+        self, _command: hci.HCI_LE_Create_Connection_Cancel_Command
     ) -> hci.HCI_StatusReturnParameters:
         pending = self.pending_le_connection
         if pending is None:

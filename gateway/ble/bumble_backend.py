@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Final, Self
 
 from bleak.args import SizedBuffer
 from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -107,17 +109,12 @@ class BumbleHost:
             raise RuntimeError("BumbleHost is not reentrant")
         try:
             if self._controller is not None:
-                host = Host(self._controller, AsyncPipeSink(self._controller))
-                device = Device(address=hci.Address(self._address), host=host)
+                host = _ShieldedHost(self._controller, AsyncPipeSink(self._controller))
             else:
                 assert self._transport_name is not None
                 self._transport = await open_transport(self._transport_name)
-                device = Device.with_hci(
-                    "lockgw",
-                    hci.Address(self._address),
-                    self._transport.source,
-                    self._transport.sink,
-                )
+                host = _ShieldedHost(self._transport.source, self._transport.sink)
+            device = Device(name="lockgw", address=hci.Address(self._address), host=host)
             async with asyncio.timeout(10):
                 await device.power_on()
         except (OSError, TimeoutError, core.BaseBumbleError, ValueError) as exc:
@@ -137,6 +134,11 @@ class BumbleHost:
             for connection in list(device.connections.values()):
                 with contextlib.suppress(Exception):
                     await connection.disconnect()
+            # Commands whose callers were cancelled are still owed an answer: let them have it
+            # before the transport goes (else Bumble logs each as "transport lost").
+            pending: set[asyncio.Future[Any]] = getattr(device.host, "exchanges", set())
+            if pending:
+                await asyncio.wait(pending, timeout=HCI_RESPONSE_TIMEOUT_S / 10)
         if self._transport is not None:
             with contextlib.suppress(Exception):
                 await self._transport.close()
@@ -147,6 +149,65 @@ class BumbleHost:
 
     def scanner_backend(self) -> type[BaseBleakScanner]:
         return type("BoundBumbleScanner", (BumbleBleakScanner,), {"host": self})
+
+
+_HOST_LOG: Final = logging.getLogger("bumble.host")
+#: An HCI command whose controller never answers is given up after this long (Bumble waits for
+#: ever by default); a live controller answers in microseconds.
+HCI_RESPONSE_TIMEOUT_S: Final = 10.0
+
+
+class _ShieldedHost(Host):
+    """A Bumble host whose HCI commands run to their answer even when the caller is cancelled.
+
+    Bumble's host allows one outstanding command; cancelling the coroutine that waits for its
+    answer frees the slot at once, so the late answer is taken for the *next* command's (a
+    mismatch warning, a wrong result, then InvalidStateError when the real answer comes). Here
+    the exchange runs in its own task, shielded: a cancelled caller stops waiting, the slot stays
+    taken until the controller answers (or HCI_RESPONSE_TIMEOUT_S passes).
+    """
+
+    # Bumble's host formats every HCI packet, both ways, for a debug log line — eagerly, whatever
+    # the log level: a third of the event loop's time in a burst of unlocks. These two methods
+    # are Host's own (bumble==0.0.236, pinned; tests/test_conformance.py notices a change)
+    # without that line unless debug logging is really on.
+
+    def send_hci_packet(self, packet: hci.HCI_Packet) -> None:
+        if self.snooper or _HOST_LOG.isEnabledFor(logging.DEBUG):
+            super().send_hci_packet(packet)
+        elif self.hci_sink:
+            self.hci_sink.on_packet(bytes(packet))
+
+    def on_hci_packet(self, packet: hci.HCI_Packet) -> None:
+        if self.snooper or _HOST_LOG.isEnabledFor(logging.DEBUG):
+            super().on_hci_packet(packet)
+            return
+        match packet:
+            case hci.HCI_Event():
+                self.on_hci_event_packet(packet)
+            case hci.HCI_AclDataPacket():
+                self.on_hci_acl_data_packet(packet)
+            case _:
+                super().on_hci_packet(packet)
+
+    async def _send_command(self, command: Any, response_timeout: float | None = None) -> Any:
+        exchange = asyncio.ensure_future(
+            super()._send_command(command, response_timeout or HCI_RESPONSE_TIMEOUT_S)
+        )
+        exchange.add_done_callback(_retrieve)
+        self.exchanges.add(exchange)
+        exchange.add_done_callback(self.exchanges.discard)
+        return await asyncio.shield(exchange)
+
+    @functools.cached_property
+    def exchanges(self) -> set[asyncio.Future[Any]]:
+        """Commands still waiting for their answer (BumbleHost lets them finish before closing)."""
+        return set()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller that would have seen it was cancelled
 
 
 class BumbleBleakScanner(BaseBleakScanner):
