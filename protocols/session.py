@@ -582,9 +582,10 @@ class LockConnection(_Connection):
     """The lock (peripheral) end of one link.
 
     ``setup_code`` is given only while the lock is in pairing mode (``None`` otherwise, and then
-    ``pairing_refusal`` says why); ``keys`` maps paired gateway ids to long-term keys.
-    ``paired_to`` is the gateway the lock already belongs to, if any: another gateway's
-    pairing request is refused with ``ALREADY_PAIRED``.
+    ``pairing_refusal`` says why); ``keys`` maps paired gateway ids to long-term keys. A lock
+    that has keys belongs to those gateways: another gateway's pairing request is refused with
+    ``ALREADY_PAIRED`` even in pairing mode (the pairing button lets the *same* gateway re-pair;
+    moving a lock to another gateway takes an unpair there, or a factory reset at the door).
     """
 
     _transitions = LOCK_TRANSITIONS  # type: ignore[assignment]
@@ -666,6 +667,11 @@ class LockConnection(_Connection):
         gw = validate_id(gw_id, "gateway id")
         msg = _bounded_bstr(msg_a, 64, "spake2 message")
         _bstr(nonce_g, NONCE_LEN, "nonce")
+        if self._keys and gw not in self._keys:
+            return self._refuse(
+                ErrorCode.ALREADY_PAIRED,
+                "lock is paired with another gateway; unpair it there first, or factory-reset the lock",
+            )
         if self._setup_code is None:
             message = {
                 ErrorCode.RATE_LIMITED: "too many wrong setup codes; pairing locked for a while",

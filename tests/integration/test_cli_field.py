@@ -205,3 +205,22 @@ def test_shell_completion_scripts_and_lock_ids(field: Field) -> None:
     env |= {"COMP_WORDS": "lockgw ev", "COMP_CWORD": "1"}
     proc = subprocess.run(EXE, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert "plain,events" in proc.stdout.splitlines()
+
+
+def test_a_lock_paired_elsewhere_is_refused_with_a_clear_message(field: Field, tmp_path: Path) -> None:
+    lock = field.locks[1]
+    field.run("pair", lock["address"], "--code", lock["setup_code"])
+    other = tmp_path / "other.toml"
+    other.write_text(
+        field.cfg.read_text()
+        .replace('id = "gw-cli"', 'id = "gw-other"')
+        .replace(str(field.tmp / "data"), str(tmp_path / "other-data"))
+        .replace(str(field.tmp / "ctl.sock"), str(tmp_path / "other.sock"))
+    )
+    # The technician presses the pairing button on a lock that belongs to another gateway.
+    fault(field, field.sim, lock["lock"], "pairing_mode")
+    proc = field.run("--config", str(other), "pair", lock["address"], "--code", lock["setup_code"], ok=None)
+    assert proc.returncode == 1 and "paired with another gateway" in proc.stderr, proc.stderr
+    scan = json.loads(field.run("--config", str(other), "--json", "scan", "--timeout", "1").stdout)["locks"]
+    seen = {s["lock"]: s for s in scan}
+    assert seen[lock["lock"]]["paired"] is True and seen[lock["lock"]]["paired_here"] is False

@@ -106,6 +106,23 @@ def test_lock_impersonator_without_code_is_detected_by_gateway() -> None:
     assert isinstance(events[0], PairingRefused)  # ... and we never get a PairingCompleted
 
 
+@pytest.mark.parametrize(("gw_id", "refused"), [("gw-other", True), ("gw-test-1", False)])
+def test_a_paired_lock_in_pairing_mode_refuses_other_gateways(gw_id: str, *, refused: bool) -> None:
+    gw = GatewayConnection(gw_id=gw_id, rng=SeededRng("g"))
+    lock = LockConnection(
+        lock_id="lock-a1", rng=SeededRng("l"), keys={"gw-test-1": bytes(range(32))}, setup_code=CODE
+    )
+    pair = ConnectionPair(gw, lock)
+    gw.start_pairing(CODE)
+    pair.to_lock()
+    events = pair.to_gw()
+    if refused:
+        assert isinstance(events[0], PairingRefused) and events[0].code is ErrorCode.ALREADY_PAIRED
+        assert "another gateway" in events[0].message and gw.state is State.CLOSED
+    else:  # the same gateway may re-pair (its registry was lost): the exchange goes on
+        assert not any(isinstance(e, PairingRefused) for e in events)
+
+
 @pytest.mark.parametrize("mtu", [23, 24, 100, 247, 517])
 def test_session_commands_roundtrip_at_every_mtu(mtu: int) -> None:
     ltk = bytes(range(1, 33))
