@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -224,3 +225,41 @@ def test_a_lock_paired_elsewhere_is_refused_with_a_clear_message(field: Field, t
     scan = json.loads(field.run("--config", str(other), "--json", "scan", "--timeout", "1").stdout)["locks"]
     seen = {s["lock"]: s for s in scan}
     assert seen[lock["lock"]]["paired"] is True and seen[lock["lock"]]["paired_here"] is False
+
+
+def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(field: Field) -> None:
+    lock = field.locks[0]
+    pair(field, lock)
+    daemon = subprocess.Popen(
+        [*EXE, "--config", str(field.cfg), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    follower: subprocess.Popen[str] | None = None
+    try:
+        for _ in range(100):
+            if (field.tmp / "ctl.sock").exists():
+                break
+            time.sleep(0.1)
+        last = json.loads(field.run("--json", "events").stdout)["last_seq"]
+        follower = subprocess.Popen(
+            [*EXE, "--config", str(field.cfg), "--json", "events", "--follow", "--type", "access.*"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        phone = str(field.tmp / "phone.key")
+        field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), "--holder-key", phone)
+        field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None)
+        assert follower.stdout is not None
+        seen = [json.loads(follower.stdout.readline()) for _ in range(2)]
+        assert [e["type"] for e in seen] == ["access.granted", "access.denied"]
+        assert all(e["seq"] > last for e in seen)
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=20)
+        assert follower.returncode == 0 and "Traceback" not in err
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.communicate(timeout=10)
+        daemon.terminate()
+        daemon.communicate(timeout=20)
