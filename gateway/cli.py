@@ -636,8 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=args, prog_name="lockgw", standalone_mode=False)
     except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code  # 2 for every usage error; the message names the flag
+        exc.show()  # 2 for every usage error; the message names the flag
+        if as_json:
+            Ui(json_mode=True).json({"error": exc.format_message(), "code": "usage"})
+        return exc.exit_code
     except click.exceptions.Abort:
         return 130
     except ConfigError as exc:

@@ -104,6 +104,9 @@ def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
 def test_bad_arguments_exit_2_naming_the_flag(field: Field, args: list[str], flag: str) -> None:
     proc = field.run(*args, ok=None)
     assert proc.returncode == 2 and flag in proc.stderr
+    as_json = field.run("--json", *args, ok=None)
+    assert as_json.returncode == 2
+    assert json.loads(as_json.stdout)["code"] in {"usage", "config_error"} and flag in as_json.stderr
 
 
 def test_help_for_every_command(field: Field) -> None:

@@ -231,7 +231,10 @@ def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(
     lock = field.locks[0]
     pair(field, lock)
     daemon = subprocess.Popen(
-        [*EXE, "--config", str(field.cfg), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*EXE, "--config", str(field.cfg), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     follower: subprocess.Popen[str] | None = None
     try:
@@ -248,7 +251,9 @@ def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         phone = str(field.tmp / "phone.key")
-        field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), "--holder-key", phone)
+        field.run(
+            "unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), "--holder-key", phone
+        )
         field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None)
         assert follower.stdout is not None
         seen = [json.loads(follower.stdout.readline()) for _ in range(2)]
