@@ -490,7 +490,9 @@ def events(  # noqa: PLR0917 - click passes one parameter per option
             if ui.json_mode and not follow:
                 ui.json(d)
                 return EXIT_OK
-            for e in d["events"]:
+            if not follow:
+                ui.event_table(d["events"], receipt_seq=d["receipt_seq"])
+            for e in d["events"] if follow else ():
                 if ui.json_mode:
                     ui.json(e)
                 else:

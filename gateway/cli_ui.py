@@ -126,6 +126,31 @@ class Ui:
         lines += ["  ".join(_plain(r.get(c), c).ljust(widths[c]) for c in cols).rstrip() for r in rows]
         self.line("\n".join(lines))
 
+    def event_table(self, events: Sequence[dict[str, Any]], *, receipt_seq: int) -> None:
+        """History: a table on a terminal (✓ = receipted by central), one line each when piped."""
+        if not events:
+            return
+        if not self.terminal:
+            for e in events:
+                self.event(e)
+            return
+        t = Table(header_style="bold", title_justify="left")
+        for column in ("seq", "✓", "ts", "type", "lock", "sub", "reason", "flags"):
+            t.add_column(column, overflow="fold", no_wrap=column in ("ts", "type"))
+        for e in events:
+            flags = event_flags(e)
+            t.add_row(
+                Text(str(e["seq"]), style="dim" if e.get("replayed") else ""),
+                Text("✓", style="green") if e["seq"] <= receipt_seq else Text("·", style="dim"),
+                Text(str(e["ts"]), style="dim"),
+                Text(e["type"], style=_TYPE_STYLE.get(e["type"], "cyan")),
+                Text(_plain(e.get("lock"))),
+                Text(_plain(e.get("sub"))),
+                Text(_plain(e.get("reason")), style="red" if e.get("reason") else "dim"),
+                Text(" ".join(flags), style="bold yellow" if flags else ""),
+            )
+        self.out.print(t)
+
     def event(self, e: dict[str, Any], *, receipt_seq: int | None = None) -> None:
         flags = event_flags(e)
         parts = [

@@ -71,7 +71,7 @@ def test_terminal_gets_tables_and_colour_a_pipe_gets_plain_text(field: Field) ->
     assert header.split()[:3] == ["LOCK", "NAME", "STATE"] and row.startswith(lock["lock"])
     # Events: colour and a receipt mark on a terminal; tags in brackets when piped.
     rc, shown = run_in_terminal(field, "events")
-    assert rc == 0 and ESC in shown and "lock.paired" in shown
+    assert rc == 0 and ESC in shown and "┃" in shown and "lock.paired" in shown
     plain = field.run("events").stdout
     assert ESC not in plain and "lock.paired" in plain
     # NO_COLOR on a terminal: layout stays, colour goes.
