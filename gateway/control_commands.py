@@ -63,7 +63,14 @@ async def _locks(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
 async def _status(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     lock = args.get("lock")
     if lock is None:
-        return await _locks(gw, args)
+        # Every paired lock asked now (the link manager's slots bound how many at once); the
+        # table shows them all, and the exit code says whether any could not be reached.
+        answers = await asyncio.gather(
+            *(gw.service.handle("status", json.dumps({"lock": r.lock}).encode()) for r in gw.registry.all())
+        )
+        listed = await _locks(gw, args)
+        unreachable = sum(a["status"] != "ok" for a in answers)
+        return {**listed, "exit": 1 if unreachable else 0}
     resp = await gw.service.handle("status", json.dumps({"lock": lock}).encode())
     if resp["status"] == "ok":
         return ok(resp["data"])
@@ -174,7 +181,10 @@ async def _unpair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         return fail(f"lock {lock} is not paired with this gateway", exit_code=2, code="unknown_lock")
     wiped_on_lock = False
     try:
-        resp = await gw.links.command(record, Op.UNPAIR, priority=Priority.INTERACTIVE)
+        # With --force the technician has said the unit is gone: one try, not the full retry run.
+        resp = await gw.links.command(
+            record, Op.UNPAIR, priority=Priority.INTERACTIVE, attempts=1 if force else None
+        )
         wiped_on_lock = resp.status is Status.OK
     except BleError as exc:
         if not force:

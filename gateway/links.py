@@ -154,8 +154,10 @@ class LinkManager:
         *,
         cmd_id: bytes | None = None,
         priority: Priority = Priority.ACCESS,
+        attempts: int | None = None,
     ) -> Response:
-        """Run one command on a lock, retrying link failures with the same command id."""
+        """Run one command on a lock, retrying link failures with the same command id (as the
+        backoff policy says, or at most ``attempts`` times)."""
         cmd_id = cmd_id or os.urandom(COMMAND_ID_LEN)
         lock_mutex = self._per_lock.setdefault(record.lock, asyncio.Lock())
         self.stats.commands += 1
@@ -174,7 +176,7 @@ class LinkManager:
                         link.last_used = time.monotonic()
                 except BleError as exc:
                     await self._close(record.lock)
-                    if not should_retry(exc, attempt):
+                    if not should_retry(exc, attempt) or (attempts is not None and attempt >= attempts):
                         self._contact(record.lock, ok=False, reason=exc.code)
                         raise
                     self.stats.retries += 1

@@ -268,3 +268,31 @@ def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(
             follower.communicate(timeout=10)
         daemon.terminate()
         daemon.communicate(timeout=20)
+
+
+def test_lock_status_and_unpair_on_both_ends_or_forced(field: Field) -> None:
+    first, second = field.locks
+    pair(field, first)
+    field.run("pair", second["address"], "--code", second["setup_code"])
+    phone = str(field.tmp / "phone.key")
+    out = field.run(
+        "lock", first["lock"], "--token", str(token_file(field, first["lock"])), "--holder-key", phone
+    )
+    assert out.stdout.startswith(f"{first['lock']}: locked")
+    every = json.loads(field.run("--json", "status").stdout)["locks"]
+    assert {s["lock"] for s in every} == {first["lock"], second["lock"]}
+    assert all(s["available"] is True for s in every)
+    # Unpair on both ends: the lock forgets the gateway (scan shows it unpaired again).
+    assert field.run("unpair", first["lock"]).stdout.strip() == f"unpaired {first['lock']}"
+    scan = {s["lock"]: s for s in json.loads(field.run("--json", "scan", "--timeout", "1").stdout)["locks"]}
+    assert scan[first["lock"]]["paired"] is False and scan[first["lock"]]["paired_here"] is False
+    assert field.run("unpair", first["lock"], ok=None).returncode == 2  # no longer known here
+    # A lock gone for good: plain unpair fails and says what to do; --force forgets it, recorded.
+    fault(field, field.sim, second["lock"], "range", "out")
+    gone = field.run("unpair", second["lock"], ok=None)
+    assert gone.returncode == 1 and "--force" in gone.stderr, gone.stderr
+    field.run("unpair", second["lock"], "--force")  # one connection attempt, not the retry run
+    assert json.loads(field.run("--json", "locks").stdout)["locks"] == []
+    unpaired = json.loads(field.run("--json", "events", "--type", "lock.unpaired").stdout)["events"]
+    assert [e["lock"] for e in unpaired] == [first["lock"], second["lock"]]
+    assert unpaired[1]["data"] == {"forced": True, "wiped_on_lock": False}
