@@ -33,7 +33,6 @@ from credfix import SITE, T0, World
 from simproc import start_sim
 
 from gateway.app import Gateway
-from gateway.authz import Authorizer, TrustStore
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.clock import ManualClock
 from gateway.config import load_config
@@ -92,15 +91,7 @@ async def main() -> None:
         clock = ManualClock(T0)
         async with BumbleHost(transport=f"tcp-client:127.0.0.1:{port}") as host:
             registry = Registry(work / "locks.sqlite3")
-            authz = Authorizer(
-                gw_id=GW,
-                site=SITE,
-                roots={w.root.public.kid: w.root.public},
-                policy=w.policy,
-                store=TrustStore(work / "trust.sqlite3"),
-                clock=clock,
-                release_floor=T0 - 10**7,
-            )
+            authz = w.authorizer(work, clock, gw_id=GW)
             authz.install(w.keyring())
             async with (
                 Outbox(work / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall) as outbox,

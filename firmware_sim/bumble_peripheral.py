@@ -136,7 +136,6 @@ class SimRadio:
         digest = int.from_bytes(hashlib.sha256(model.lock_id.encode()).digest()[:4], "big")
         address = Address(_address(index, 0x1000 + digest % 0x100000))
         controller = Controller(f"lock{index}", link=self.link, public_address=str(address))
-        self.link.by_address[controller.public_address] = controller
         device = Device(address=address, host=Host(controller, AsyncPipeSink(controller)))
         device.name = model.lock_id
         holder: dict[str, SimLock] = {}
@@ -376,14 +375,11 @@ class SimAir(LocalLink):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.centrals: set[Controller] = set()
-        self.by_address: dict[Address, Controller] = {}
 
     def send_advertising_pdu(self, sender_controller: Controller, packet: ll.AdvertisingPdu) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(packet, ll.ConnectInd):
-            owner = self.by_address.get(packet.advertiser_address) or self.find_le_controller(
-                packet.advertiser_address
-            )
+            owner = self.find_le_controller(packet.advertiser_address)
             targets = [owner] if owner is not None else []
         else:
             targets = [c for c in self.centrals if c is not sender_controller]

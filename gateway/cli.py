@@ -266,11 +266,7 @@ def scan(opts: Opts, timeout: float) -> int:
         with ui.progress(f"scanning for {timeout:g} s …"):
             a = await link.call("scan", {"timeout": timeout})
         cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
-        return _emit(
-            ui,
-            {**a, "data": {"locks": a["data"]}} if a.get("ok") else a,
-            lambda d: ui.table(d["locks"], cols, title="locks in range"),
-        )
+        return _emit(ui, a, lambda d: ui.table(d["locks"], cols, title="locks in range"))
 
     return _with_link(opts, body)
 
@@ -318,11 +314,7 @@ def unpair(opts: Opts, lock: str, force: bool) -> int:
 def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
     from gateway.service import LockView  # noqa: PLC0415
 
-    return _emit(
-        ui,
-        {**answer, "data": {"locks": answer["data"]}} if answer.get("ok") else answer,
-        lambda d: ui.table(d["locks"], list(LockView.FIELDS), title="locks"),
-    )
+    return _emit(ui, answer, lambda d: ui.table(d["locks"], list(LockView.FIELDS), title="locks"))
 
 
 @cli.command(epilog=_example("lockgw locks", "lockgw --json locks"))
@@ -487,20 +479,19 @@ def events(  # noqa: PLR0917 - click passes one parameter per option
             if not a.get("ok"):
                 return _emit(ui, a, lambda _d: None)
             d = a["data"]
-            if ui.json_mode and not follow:
-                ui.json(d)
-                return EXIT_OK
             if not follow:
-                ui.event_table(d["events"], receipt_seq=d["receipt_seq"])
-            for e in d["events"] if follow else ():
+                if ui.json_mode:
+                    ui.json(d)
+                elif d["events"]:
+                    ui.event_table(d["events"], receipt_seq=d["receipt_seq"])
+                else:
+                    ui.note(f"(no matching events from #{cursor}; the last is #{d['last_seq']})")
+                return EXIT_OK
+            for e in d["events"]:
                 if ui.json_mode:
                     ui.json(e)
                 else:
                     ui.event(e, receipt_seq=d["receipt_seq"])
-            if not follow:
-                if not d["events"]:
-                    ui.note(f"(no matching events from #{cursor}; the last is #{d['last_seq']})")
-                return EXIT_OK
             cursor = d["next"]
             if len(d["events"]) < limit:
                 await asyncio.sleep(FOLLOW_POLL_S)

@@ -128,8 +128,6 @@ class Ui:
 
     def event_table(self, events: Sequence[dict[str, Any]], *, receipt_seq: int) -> None:
         """History: a table on a terminal (✓ = receipted by central), one line each when piped."""
-        if not events:
-            return
         if not self.terminal:
             for e in events:
                 self.event(e)

@@ -57,7 +57,7 @@ async def _ping(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _locks(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
-    return ok((await gw.service.handle("locks", b"{}"))["data"]["locks"])
+    return ok((await gw.service.handle("locks", b"{}"))["data"])
 
 
 async def _status(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +227,7 @@ async def _scan(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
             await asyncio.sleep(float(timeout))
     except Exception as exc:  # noqa: BLE001 - adapter errors of any backend end up here
         return fail(f"scanning failed: {exc}", exit_code=3)
-    return ok(sorted(found.values(), key=lambda d: -int(d["rssi"] or -999)))
+    return ok({"locks": sorted(found.values(), key=lambda d: -int(d["rssi"] or -999))})
 
 
 async def _doctor(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:

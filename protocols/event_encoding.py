@@ -90,9 +90,7 @@ def seal_event(
     fields: Mapping[str, Any], *, gw: str, site: str, epoch: str, seq: int, prev: str, wall: float
 ) -> dict[str, Any]:
     """Complete an event with its envelope, ``prev`` and ``hash``."""
-    event = _envelope(fields, gw=gw, site=site, epoch=epoch, seq=seq, prev=prev, wall=wall)
-    event["hash"] = event_hash(event)
-    return event
+    return seal_event_json(fields, gw=gw, site=site, epoch=epoch, seq=seq, prev=prev, wall=wall)[0]
 
 
 def _envelope(

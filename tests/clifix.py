@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +46,20 @@ class Field:
             assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
+
+    def act(
+        self, action: str, lock: str, *flags: str, proof: bool = True, ok: bool | None = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``lockgw [flags] unlock|lock L`` with a fresh token, and the phone's proof unless told not."""
+        holder = ["--holder-key", str(self.tmp / "phone.key")] if proof else []
+        return self.run(*flags, action, lock, "--token", str(token_file(self, lock)), *holder, ok=ok)
+
+    def fault(self, lock: str, name: str, value: object = None) -> None:
+        """A fault command to the simulator (docs/simulator.md), answered before we go on."""
+        assert self.sim.stdin is not None and self.sim.stdout is not None
+        self.sim.stdin.write(json.dumps({"lock": lock, "fault": name, "value": value}) + "\n")
+        self.sim.stdin.flush()
+        assert json.loads(self.sim.stdout.readline())["ok"] is True
 
 
 @pytest.fixture

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from helpers import SeededRng
 
+from gateway.authz import Authorizer, TrustStore
+from gateway.clock import Clock
 from protocols import issuer
 from protocols.cose import ALG_EDDSA, ALG_ES256, PrivateCoseKey, generate_private_key
 from protocols.credentials import Authority, Policy
@@ -75,6 +78,20 @@ class World:
         if install:
             auth.install(self.keyring(), wall=T0, synced=synced)
         return auth
+
+    def authorizer(
+        self, data: Path, clock: Clock, *, gw_id: str = GW, release_floor: int = T0 - 10**7
+    ) -> Authorizer:
+        """The gateway's Authorizer for this world, its trust store in ``data`` (nothing installed)."""
+        return Authorizer(
+            gw_id=gw_id,
+            site=SITE,
+            roots={self.root.public.kid: self.root.public},
+            policy=self.policy,
+            store=TrustStore(data / "trust.sqlite3"),
+            clock=clock,
+            release_floor=release_floor,
+        )
 
     def token(
         self,

@@ -105,7 +105,7 @@ async def test_connect_to_an_absent_address_is_lock_unreachable() -> None:
 
 
 #: Bumble code we re-implement or work around, fingerprinted: a new Bumble release that changes
-#: any of it fails here, so the override is reviewed (gateway/ble/bumble_backend.py _ShieldedHost,
+#: any of it fails here, so the override is reviewed (gateway/ble/bumble_backend.py _GatewayHost,
 #: firmware_sim/bumble_peripheral.py GatewayController and SimAir).
 BUMBLE_FINGERPRINTS = {
     "Host.send_hci_packet": "c466fa2806dd157f",

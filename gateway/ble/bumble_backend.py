@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
@@ -109,11 +108,11 @@ class BumbleHost:
             raise RuntimeError("BumbleHost is not reentrant")
         try:
             if self._controller is not None:
-                host = _ShieldedHost(self._controller, AsyncPipeSink(self._controller))
+                host = _GatewayHost(self._controller, AsyncPipeSink(self._controller))
             else:
                 assert self._transport_name is not None
                 self._transport = await open_transport(self._transport_name)
-                host = _ShieldedHost(self._transport.source, self._transport.sink)
+                host = _GatewayHost(self._transport.source, self._transport.sink)
             device = Device(name="lockgw", address=hci.Address(self._address), host=host)
             async with asyncio.timeout(10):
                 await device.power_on()
@@ -136,9 +135,9 @@ class BumbleHost:
                     await connection.disconnect()
             # Commands whose callers were cancelled are still owed an answer: let them have it
             # before the transport goes (else Bumble logs each as "transport lost").
-            pending: set[asyncio.Future[Any]] = getattr(device.host, "exchanges", set())
-            if pending:
-                await asyncio.wait(pending, timeout=HCI_RESPONSE_TIMEOUT_S / 10)
+            host = device.host
+            if isinstance(host, _GatewayHost) and host.exchanges:
+                await asyncio.wait(host.exchanges, timeout=HCI_RESPONSE_TIMEOUT_S / 10)
         if self._transport is not None:
             with contextlib.suppress(Exception):
                 await self._transport.close()
@@ -157,15 +156,23 @@ _HOST_LOG: Final = logging.getLogger("bumble.host")
 HCI_RESPONSE_TIMEOUT_S: Final = 10.0
 
 
-class _ShieldedHost(Host):
-    """A Bumble host whose HCI commands run to their answer even when the caller is cancelled.
+class _GatewayHost(Host):
+    """Bumble's host with two corrections.
 
-    Bumble's host allows one outstanding command; cancelling the coroutine that waits for its
-    answer frees the slot at once, so the late answer is taken for the *next* command's (a
-    mismatch warning, a wrong result, then InvalidStateError when the real answer comes). Here
-    the exchange runs in its own task, shielded: a cancelled caller stops waiting, the slot stays
-    taken until the controller answers (or HCI_RESPONSE_TIMEOUT_S passes).
+    HCI commands run to their answer even when the caller is cancelled. Bumble's host allows one
+    outstanding command; cancelling the coroutine that waits for its answer frees the slot at
+    once, so the late answer is taken for the *next* command's (a mismatch warning, a wrong
+    result, then InvalidStateError when the real answer comes). Here the exchange runs in its
+    own task, shielded: a cancelled caller stops waiting, the slot stays taken until the
+    controller answers (or HCI_RESPONSE_TIMEOUT_S passes).
+
+    And packets are not formatted for a debug line that is not logged (below).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Commands still waiting for their answer (BumbleHost lets them finish before closing).
+        self.exchanges: set[asyncio.Future[Any]] = set()
 
     # Bumble's host formats every HCI packet, both ways, for a debug log line — eagerly, whatever
     # the log level: a third of the event loop's time in a burst of unlocks. These two methods
@@ -194,20 +201,14 @@ class _ShieldedHost(Host):
         exchange = asyncio.ensure_future(
             super()._send_command(command, response_timeout or HCI_RESPONSE_TIMEOUT_S)
         )
-        exchange.add_done_callback(_retrieve)
         self.exchanges.add(exchange)
-        exchange.add_done_callback(self.exchanges.discard)
+        exchange.add_done_callback(self._answered)
         return await asyncio.shield(exchange)
 
-    @functools.cached_property
-    def exchanges(self) -> set[asyncio.Future[Any]]:
-        """Commands still waiting for their answer (BumbleHost lets them finish before closing)."""
-        return set()
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: the caller that would have seen it was cancelled
+    def _answered(self, exchange: asyncio.Future[Any]) -> None:
+        self.exchanges.discard(exchange)
+        if not exchange.cancelled():
+            exchange.exception()  # retrieved: the caller that would have seen it was cancelled
 
 
 class BumbleBleakScanner(BaseBleakScanner):

@@ -24,15 +24,7 @@ from protocols.errors import TokenError
 
 
 def open_authz(w: World, data: Path, clock: ManualClock) -> Authorizer:
-    return Authorizer(
-        gw_id=GW,
-        site=SITE,
-        roots={w.root.public.kid: w.root.public},
-        policy=w.policy,
-        store=TrustStore(data / "trust.sqlite3"),
-        clock=clock,
-        release_floor=T0 - 400 * 86400,
-    )
+    return w.authorizer(data, clock, release_floor=T0 - 400 * 86400)
 
 
 def test_store_asserts_wal_and_full(tmp_path: Path) -> None:

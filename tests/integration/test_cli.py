@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from clifix import EXE, Field, token_file
+from clifix import EXE, Field
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 
@@ -23,21 +23,9 @@ def test_direct_mode_pair_trust_unlock_events(field: Field) -> None:
     assert "installed" in field.run("trust", "install", str(field.tmp / "keyring.cose")).stdout
     shown = json.loads(field.run("--json", "trust", "show").stdout)
     assert shown["keyring"]["version"] == 1 and set(shown) == {"keyring", "revocations", "time"}
-    resp = json.loads(
-        field.run(
-            "--json",
-            "unlock",
-            lock["lock"],
-            "--token",
-            str(token_file(field, lock["lock"])),
-            "--holder-key",
-            str(field.tmp / "phone.key"),
-        ).stdout
-    )
+    resp = json.loads(field.act("unlock", lock["lock"], "--json").stdout)
     assert resp["status"] == "ok" and resp["data"]["state"] == "unlocked"
-    denied = field.run(
-        "--json", "unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None
-    )
+    denied = field.act("unlock", lock["lock"], "--json", proof=False, ok=None)
     assert denied.returncode == 1 and json.loads(denied.stdout)["error"]["code"] == "proof_required"
     events = json.loads(field.run("--json", "events").stdout)["events"]
     assert [e["type"] for e in events] == [
@@ -64,14 +52,7 @@ def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
         paired = json.loads(field.run("--json", "pair", lock["address"], "--code", lock["setup_code"]).stdout)
         assert paired["lock"] == lock["lock"]
         field.run("trust", "install", str(field.tmp / "keyring.cose"))
-        out = field.run(
-            "unlock",
-            lock["lock"],
-            "--token",
-            str(token_file(field, lock["lock"])),
-            "--holder-key",
-            str(field.tmp / "phone.key"),
-        ).stdout
+        out = field.act("unlock", lock["lock"]).stdout
         assert "unlocked" in out
         second = subprocess.run(
             [*EXE, "--config", str(field.cfg), "run"], capture_output=True, text=True, timeout=60, check=False
@@ -151,5 +132,5 @@ def test_pair_prints_the_lock_id_alone(field: Field) -> None:
     lock = field.locks[1]
     out = field.run("pair", lock["address"], "--code", lock["setup_code"]).stdout
     assert out.strip() == lock["lock"]
-    unknown = field.run("unlock", "lk-nope", "--token", str(token_file(field, "lk-nope")), ok=None)
+    unknown = field.act("unlock", "lk-nope", proof=False, ok=None)
     assert unknown.returncode == 2 and "unknown_lock" in unknown.stderr

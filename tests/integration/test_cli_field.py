@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clifix import EXE, Field, token_file
+from clifix import EXE, Field
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 
@@ -53,13 +53,6 @@ def pair(f: Field, lock: dict[str, str]) -> None:
     f.run("trust", "install", str(f.tmp / "keyring.cose"))
 
 
-def fault(f: Field, sim: subprocess.Popen[str], lock: str, name: str, value: object = None) -> None:
-    assert sim.stdin is not None and sim.stdout is not None
-    sim.stdin.write(json.dumps({"lock": lock, "fault": name, "value": value}) + "\n")
-    sim.stdin.flush()
-    assert json.loads(sim.stdout.readline())["ok"] is True
-
-
 def test_terminal_gets_tables_and_colour_a_pipe_gets_plain_text(field: Field) -> None:
     lock = field.locks[0]
     pair(field, lock)
@@ -91,9 +84,8 @@ def test_terminal_gets_tables_and_colour_a_pipe_gets_plain_text(field: Field) ->
 def test_flagged_events_are_tagged_and_filters_narrow_history(field: Field) -> None:
     lock = field.locks[0]
     pair(field, lock)
-    phone = str(field.tmp / "phone.key")
-    field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), "--holder-key", phone)
-    field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None)  # no proof
+    field.act("unlock", lock["lock"])
+    field.act("unlock", lock["lock"], proof=False, ok=None)  # no proof
     everything = json.loads(field.run("--json", "events").stdout)
     assert (
         everything["last_seq"] == everything["events"][-1]["seq"]
@@ -127,33 +119,17 @@ def test_flagged_events_are_tagged_and_filters_narrow_history(field: Field) -> N
 def test_lock_out_of_range_is_a_clear_failure_then_recovers(field: Field) -> None:
     lock = field.locks[0]
     pair(field, lock)
-    fault(field, field.sim, lock["lock"], "range", "out")
+    field.fault(lock["lock"], "range", "out")
     t0 = time.monotonic()
-    gone = field.run(
-        "unlock",
-        lock["lock"],
-        "--token",
-        str(token_file(field, lock["lock"])),
-        "--holder-key",
-        str(field.tmp / "phone.key"),
-        ok=None,
-    )
+    gone = field.act("unlock", lock["lock"], ok=None)
     assert gone.returncode == 1 and "lock_unreachable" in gone.stderr, gone.stderr
     assert time.monotonic() - t0 < 60
     failed = json.loads(field.run("--json", "events", "--type", "access.failed").stdout)["events"]
     assert failed and failed[-1]["reason"] == "lock_unreachable"
     state = json.loads(field.run("--json", "locks").stdout)["locks"][0]
     assert state["available"] is False
-    fault(field, field.sim, lock["lock"], "range", "in")
-    back = field.run(
-        "--json",
-        "unlock",
-        lock["lock"],
-        "--token",
-        str(token_file(field, lock["lock"])),
-        "--holder-key",
-        str(field.tmp / "phone.key"),
-    )
+    field.fault(lock["lock"], "range", "in")
+    back = field.act("unlock", lock["lock"], "--json")
     assert json.loads(back.stdout)["data"]["state"] == "unlocked"
 
 
@@ -219,7 +195,7 @@ def test_a_lock_paired_elsewhere_is_refused_with_a_clear_message(field: Field, t
         .replace(str(field.tmp / "ctl.sock"), str(tmp_path / "other.sock"))
     )
     # The technician presses the pairing button on a lock that belongs to another gateway.
-    fault(field, field.sim, lock["lock"], "pairing_mode")
+    field.fault(lock["lock"], "pairing_mode")
     proc = field.run("--config", str(other), "pair", lock["address"], "--code", lock["setup_code"], ok=None)
     assert proc.returncode == 1 and "paired with another gateway" in proc.stderr, proc.stderr
     scan = json.loads(field.run("--config", str(other), "--json", "scan", "--timeout", "1").stdout)["locks"]
@@ -250,11 +226,8 @@ def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(
             text=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
-        phone = str(field.tmp / "phone.key")
-        field.run(
-            "unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), "--holder-key", phone
-        )
-        field.run("unlock", lock["lock"], "--token", str(token_file(field, lock["lock"])), ok=None)
+        field.act("unlock", lock["lock"])
+        field.act("unlock", lock["lock"], proof=False, ok=None)
         assert follower.stdout is not None
         seen = [json.loads(follower.stdout.readline()) for _ in range(2)]
         assert [e["type"] for e in seen] == ["access.granted", "access.denied"]
@@ -274,10 +247,7 @@ def test_lock_status_and_unpair_on_both_ends_or_forced(field: Field) -> None:
     first, second = field.locks
     pair(field, first)
     field.run("pair", second["address"], "--code", second["setup_code"])
-    phone = str(field.tmp / "phone.key")
-    out = field.run(
-        "lock", first["lock"], "--token", str(token_file(field, first["lock"])), "--holder-key", phone
-    )
+    out = field.act("lock", first["lock"])
     assert out.stdout.startswith(f"{first['lock']}: locked")
     every = json.loads(field.run("--json", "status").stdout)["locks"]
     assert {s["lock"] for s in every} == {first["lock"], second["lock"]}
@@ -288,7 +258,7 @@ def test_lock_status_and_unpair_on_both_ends_or_forced(field: Field) -> None:
     assert scan[first["lock"]]["paired"] is False and scan[first["lock"]]["paired_here"] is False
     assert field.run("unpair", first["lock"], ok=None).returncode == 2  # no longer known here
     # A lock gone for good: plain unpair fails and says what to do; --force forgets it, recorded.
-    fault(field, field.sim, second["lock"], "range", "out")
+    field.fault(second["lock"], "range", "out")
     gone = field.run("unpair", second["lock"], ok=None)
     assert gone.returncode == 1 and "--force" in gone.stderr, gone.stderr
     field.run("unpair", second["lock"], "--force")  # one connection attempt, not the retry run

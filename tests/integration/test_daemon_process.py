@@ -15,6 +15,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from broker import Broker, free_port
+from simproc import start_sim
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 GW = "gw-proc-1"
@@ -23,26 +24,7 @@ GW = "gw-proc-1"
 @pytest.fixture
 def sim_port() -> Iterator[int]:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "firmware_sim",
-            "serve",
-            "--locks",
-            "1",
-            "--seed",
-            "4",
-            "--transport",
-            f"tcp-server:127.0.0.1:{port}",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    while not json.loads(proc.stdout.readline()).get("ready"):
-        pass
+    proc, _ = start_sim(port, seed=4, locks=1)
     yield port
     proc.terminate()
     proc.communicate(timeout=10)

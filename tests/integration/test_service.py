@@ -13,7 +13,6 @@ import pytest
 from credfix import SITE, World
 
 from firmware_sim.bumble_peripheral import SimLock, SimRadio
-from gateway.authz import Authorizer, TrustStore
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.clock import ManualClock
 from gateway.links import LinkManager
@@ -65,15 +64,7 @@ async def build_rig(tmp_path: Path, *, locks: int = 2, seed: int = 11, slots: in
     async with SimRadio(clock=clock.wall) as radio:
         sims = await radio.add_locks(locks, seed=seed)
         async with BumbleHost(controller=radio.open_gateway_controller()) as host:
-            authz = Authorizer(
-                gw_id=GW,
-                site=SITE,
-                roots={w.root.public.kid: w.root.public},
-                policy=w.policy,
-                store=TrustStore(tmp_path / "trust.sqlite3"),
-                clock=clock,
-                release_floor=T0 - 10**7,
-            )
+            authz = w.authorizer(tmp_path, clock, gw_id=GW)
             registry = Registry(tmp_path / "locks.sqlite3")
             async with (
                 Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall) as outbox,
