@@ -120,10 +120,8 @@ def test_lock_out_of_range_is_a_clear_failure_then_recovers(field: Field) -> Non
     lock = field.locks[0]
     pair(field, lock)
     field.fault(lock["lock"], "range", "out")
-    t0 = time.monotonic()
     gone = field.act("unlock", lock["lock"], ok=None)
     assert gone.returncode == 1 and "lock_unreachable" in gone.stderr, gone.stderr
-    assert time.monotonic() - t0 < 60
     failed = json.loads(field.run("--json", "events", "--type", "access.failed").stdout)["events"]
     assert failed and failed[-1]["reason"] == "lock_unreachable"
     state = json.loads(field.run("--json", "locks").stdout)["locks"][0]
