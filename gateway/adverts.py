@@ -18,6 +18,7 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
 
+from gateway.errors import BleError
 from protocols.gatt import COMPANY_ID, decode_advert
 
 __all__ = ["AdvertWatcher"]
@@ -64,7 +65,7 @@ class AdvertWatcher:
             try:
                 async with BleakScanner(detection_callback=self.on_advert, backend=self._backend):
                     await asyncio.Event().wait()
-            except (BleakError, OSError):
+            except (BleakError, BleError, OSError):
                 await asyncio.sleep(5)  # adapter trouble: commands still work; try again later
 
     async def _refresher(self) -> None:

@@ -68,6 +68,8 @@ class Gateway:
     watch_adverts: bool = True
     #: A CLI command run without a daemon: no MQTT, no background loops, no control socket.
     direct: bool = False
+    #: The Bumble host, when ``[ble] backend = "bumble"`` (doctor asks it whether it opens).
+    ble_host: BumbleHost | None = field(init=False, default=None)
     heartbeat_s: float = 60.0
     republish_after_s: float = 60.0
     housekeeping_s: float = HOUSEKEEPING_EVERY_S
@@ -108,7 +110,10 @@ class Gateway:
             backend = self.ble_backend
             if backend is None and cfg.ble.backend == "bumble":
                 assert cfg.ble.transport is not None
-                host = await stack.enter_async_context(BumbleHost(transport=cfg.ble.transport))
+                # Lazy: the daemon and the CLI start without the dongle or simulator (events,
+                # MQTT, doctor); connects and scans open it, and recover when it comes.
+                host = await stack.enter_async_context(BumbleHost(transport=cfg.ble.transport, lazy=True))
+                self.ble_host = host
                 backend = host.client_backend()
                 self.scanner_backend = self.scanner_backend or host.scanner_backend()
             self.links = await stack.enter_async_context(

@@ -419,18 +419,17 @@ class _When(click.ParamType[str]):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value).strip()
-        if m := _DURATION.fullmatch(text):
-            when = datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-        else:
-            try:
+        try:
+            if m := _DURATION.fullmatch(text):
+                when = datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+            else:
                 when = datetime.fromisoformat(text)
-            except ValueError:
-                self.fail(
-                    f"{text!r} is neither ISO 8601 (2026-11-22T10:00) nor an age (15m, 2h, 3d)", param, ctx
-                )
-            if when.tzinfo is None:
-                when = when.astimezone()
-        return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+                if when.tzinfo is None:
+                    when = when.astimezone()
+            when = when.astimezone(UTC)
+        except (ValueError, OverflowError):  # not a time, or one outside years 1..9999
+            self.fail(f"{text!r} is neither ISO 8601 (2026-11-22T10:00) nor an age (15m, 2h, 3d)", param, ctx)
+        return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 @cli.command(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from bleak import BleakScanner
 
-from gateway.errors import BleError, PairingFailed
+from gateway.errors import AdapterUnavailable, BleError, PairingFailed
 from gateway.links import Priority
 from gateway.registry import LockRecord
 from protocols.gatt import COMPANY_ID, decode_advert
@@ -43,6 +43,11 @@ def fail(message: str, *, exit_code: int = 1, code: str | None = None) -> dict[s
     if code:
         out["code"] = code
     return out
+
+
+def _ble_exit(exc: BleError) -> int:
+    """The adapter itself missing is exit 3 (CONTRACT §6); a lock that does not answer, 1."""
+    return 3 if isinstance(exc, AdapterUnavailable) else 1
 
 
 async def dispatch(gw: Gateway, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +169,7 @@ async def _pair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         left = f" ({exc.attempts_left} attempts left)" if exc.attempts_left is not None else ""
         return fail(f"pairing refused: {exc}{left}", code=exc.reason)
     except BleError as exc:
-        return fail(f"{address}: {exc}", exit_code=1, code=exc.code)
+        return fail(f"{address}: {exc}", exit_code=_ble_exit(exc), code=exc.code)
     record = LockRecord(done.lock_id, address, name or done.lock_id, done.ltk)
     gw.registry.put(record)
     await gw.service.event("lock.paired", lock=done.lock_id, data={"address": address, "name": record.name})
@@ -190,6 +195,7 @@ async def _unpair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         if not force:
             return fail(
                 f"cannot reach {lock} to wipe its key ({exc}); use --force only if the unit is gone for good",
+                exit_code=_ble_exit(exc),
                 code=exc.code,
             )
     gw.registry.remove(lock)

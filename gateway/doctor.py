@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.errors import ConfigError
+from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.keyfiles import check_secret_permissions
 
 if TYPE_CHECKING:
@@ -96,13 +96,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
         )
     )
     if cfg.ble.backend == "bumble":
-        out.append(
-            Check(
-                "BLE adapter",
-                "pass",
-                f"Bumble transport {cfg.ble.transport} open" + (" (held by the daemon)" if daemon else ""),
-            )
-        )
+        out.append(await _bumble_adapter(gw, cfg.ble.transport, daemon=daemon))
     else:
         present = os.path.exists(f"/sys/class/bluetooth/{cfg.ble.adapter}")  # noqa: PTH110, ASYNC240 - one stat
         out.append(
@@ -185,6 +179,25 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
         )
     )
     return out
+
+
+async def _bumble_adapter(gw: Gateway, transport: str | None, *, daemon: bool) -> Check:
+    if gw.ble_host is None:
+        return Check("BLE adapter", "pass", "injected BLE backend")
+    try:
+        await gw.ble_host.open()
+    except AdapterUnavailable as exc:
+        return Check(
+            "BLE adapter",
+            "fail",
+            str(exc),
+            "start the simulator (lockgw-sim serve) or plug in the dongle; check [ble] transport",
+        )
+    return Check(
+        "BLE adapter",
+        "pass",
+        f"Bumble transport {transport} open" + (" (held by the daemon)" if daemon else ""),
+    )
 
 
 def _bluez_settings(path: Path = Path("/etc/bluetooth/main.conf")) -> Check:

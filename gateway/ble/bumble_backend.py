@@ -86,6 +86,7 @@ class BumbleHost:
         controller: Controller | None = None,
         address: str = "F0:F0:F0:F0:F0:01",
         mtu: int = DEFAULT_MTU,
+        lazy: bool = False,
     ) -> None:
         if (transport is None) == (controller is None):
             raise ValueError("give exactly one of transport= or controller=")
@@ -96,6 +97,12 @@ class BumbleHost:
         self.connect_lock = asyncio.Lock()
         self._transport: Transport | None = None
         self._device: Device | None = None
+        # Lazy: opened by the first connect or scan, and tried again by each later one while it
+        # fails — so a gateway starts (events, MQTT, the CLI) without its dongle or simulator,
+        # and recovers when it appears.
+        self._lazy = lazy
+        self._opening = asyncio.Lock()
+        self._closed = False
 
     @property
     def device(self) -> Device:
@@ -106,6 +113,20 @@ class BumbleHost:
     async def __aenter__(self) -> Self:
         if self._device is not None:
             raise RuntimeError("BumbleHost is not reentrant")
+        if not self._lazy:
+            await self.open()
+        return self
+
+    async def open(self) -> Device:
+        """The host's device, opening the transport first if needed (AdapterUnavailable if not)."""
+        async with self._opening:
+            if self._closed:
+                raise AdapterUnavailable("Bumble host is closed")
+            if self._device is None:
+                self._device = await self._open()
+            return self._device
+
+    async def _open(self) -> Device:
         try:
             if self._controller is not None:
                 host = _GatewayHost(self._controller, AsyncPipeSink(self._controller))
@@ -124,10 +145,10 @@ class BumbleHost:
                 f"cannot open Bumble transport {self._transport_name!r}: {exc}. "
                 "Is the simulator (lockgw-sim serve) or the dongle there?"
             ) from exc
-        self._device = device
-        return self
+        return device
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closed = True
         device, self._device = self._device, None
         if device is not None:
             for connection in list(device.connections.values()):
@@ -226,7 +247,7 @@ class BumbleBleakScanner(BaseBleakScanner):
 
     async def start(self) -> None:
         self.seen_devices = {}
-        device = self.host.device
+        device = await self.host.open()
         device.on("advertisement", self._on_advertisement)
         self._listening = True
         with _map_bumble_errors("start scanning"):
@@ -313,7 +334,7 @@ class BumbleBleakClient(BaseBleakClient):
         return self._peer
 
     async def connect(self, pair: bool, **kwargs: Any) -> None:
-        device = self.host.device
+        device = await self.host.open()
         async with self.host.connect_lock:
             try:
                 with _map_bumble_errors(f"connect to {self.address}"):

@@ -76,6 +76,8 @@ def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
         (["scan", "--timeout", "soon"], "--timeout"),
         (["bogus"], "'bogus'"),
         (["events", "--from", "yesterday"], "--from"),
+        (["events", "--from", "99999999999d"], "--from"),
+        (["events", "--until", "0001-01-01"], "--until"),
         (["events", "--limit", "0"], "--limit"),
         (["scan", "--timeout", "600"], "--timeout"),
         (["trust", "install", "/nonexistent/keyring.cose"], "FILE"),

@@ -264,3 +264,18 @@ def test_lock_status_and_unpair_on_both_ends_or_forced(field: Field) -> None:
     unpaired = json.loads(field.run("--json", "events", "--type", "lock.unpaired").stdout)["events"]
     assert [e["lock"] for e in unpaired] == [first["lock"], second["lock"]]
     assert unpaired[1]["data"] == {"forced": True, "wiped_on_lock": False}
+
+
+def test_without_the_adapter_history_trust_and_doctor_still_answer(field: Field) -> None:
+    pair(field, field.locks[0])
+    field.sim.terminate()  # the dongle (here: the simulator's HCI socket) is gone
+    field.sim.communicate(timeout=10)
+    assert json.loads(field.run("--json", "events").stdout)["events"][0]["type"] == "lock.paired"
+    assert json.loads(field.run("--json", "trust", "show").stdout)["keyring"]["version"] == 1
+    doctor = field.run("--json", "doctor", ok=None)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert doctor.returncode == 1 and checks["BLE adapter"]["status"] == "fail"
+    assert "lockgw-sim serve" in checks["BLE adapter"]["fix"]
+    lock = field.locks[1]
+    pairing = field.run("pair", lock["address"], "--code", lock["setup_code"], ok=None)
+    assert pairing.returncode == 3 and "Bumble transport" in pairing.stderr
