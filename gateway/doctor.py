@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.keyfiles import check_secret_permissions
+from gateway.outbox import LOW_SPACE_BYTES
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -77,7 +78,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
     out.append(
         Check(
             "data directory",
-            "pass" if writable and free > 64 * 2**20 else "warn" if writable else "fail",
+            "pass" if writable and free > LOW_SPACE_BYTES else "warn" if writable else "fail",
             f"{data}: {'writable' if writable else 'NOT writable'}, {free // 2**20} MiB free",
             "" if writable else f"chown lockgw {data}",
         )
@@ -167,6 +168,15 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
             "warn" if stats.backlog > BACKLOG_WARN else "pass",
             f"epoch {stats.epoch}: last #{stats.last_seq}, receipted #{stats.receipt_seq}, backlog {stats.backlog}",
             "central is not sending receipts: check its consumer" if stats.backlog > BACKLOG_WARN else "",
+        )
+    )
+    alarms = gw.alarms()
+    out.append(
+        Check(
+            "alarms",
+            "warn" if alarms else "pass",
+            ", ".join(alarms) or "none",
+            "what each means and what clears it: docs/architecture.md, Alarms" if alarms else "",
         )
     )
     watchdog = os.environ.get("WATCHDOG_USEC")

@@ -11,8 +11,11 @@ grows by exactly 1; ``prev``/``hash`` chain every event (protocols.event_encodin
 seq and the chain head are advanced only after a successful COMMIT, so a failed transaction
 leaves no gap.
 
-Failures (THREATS D7, D8): a full disk releases a reserved file (``reserve.bin``, preallocated at
-open) and retries the batch once, with an alarm; any other write error — including an fsync
+Failures (THREATS D7, D8): free space below a watermark raises ``disk_low`` (checked after commits,
+at most every ``space_check_s``), well before anything fails. A full disk releases a reserved file
+(``reserve.bin``, preallocated at open) and retries the batch once, with the ``disk_full`` alarm;
+when space is back above the watermark the reserve is made again and the alarm clears. Any other
+write error — including an fsync
 EIO — stops the writer for good: the batch's callers get :class:`OutboxError`, nothing is
 retried on that connection, and the daemon exits non-zero; on restart SQLite recovers from the
 WAL.
@@ -30,10 +33,11 @@ import queue
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, cast
 
 from gateway.errors import OutboxError
 from protocols.event_encoding import GENESIS, seal_event_json
@@ -46,6 +50,11 @@ T = TypeVar("T")
 DEFAULT_RETENTION_S: Final = 30 * 86400
 #: Released on a full disk so that an ``access.granted`` can still commit (THREATS D8).
 RESERVE_BYTES: Final = 8 * 1024 * 1024
+#: Below this much free space on the outbox's file system: the ``disk_low`` alarm. At ~1 KB per
+#: event this is tens of thousands of events of warning before the reserve is needed.
+LOW_SPACE_BYTES: Final = 64 * 1024 * 1024
+#: statvfs at most this often (it runs on the writer thread, after a commit).
+SPACE_CHECK_S: Final = 30.0
 #: Appends committed in one transaction at most: bounds the latency of the last one in a burst.
 MAX_GROUP: Final = 256
 
@@ -71,7 +80,7 @@ class OutboxStats:
         return self.last_seq - self.receipt_seq
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
@@ -92,12 +101,17 @@ class Outbox:
         wall: Callable[[], float],
         retention_s: int = DEFAULT_RETENTION_S,
         reserve_bytes: int = RESERVE_BYTES,
+        low_space_bytes: int = LOW_SPACE_BYTES,
+        space_check_s: float = SPACE_CHECK_S,
     ) -> None:
         self.path = path
         self._gw, self._site, self._wall = gw, site, wall
         self._retention_s = retention_s
         self._reserve = path.with_name("reserve.bin")
         self._reserve_bytes = reserve_bytes
+        self._low_space_bytes = low_space_bytes
+        self._space_check_s = space_check_s
+        self._space_due = 0.0  # time.monotonic() of the next free-space check (writer thread)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failed: OutboxError | None = None
@@ -166,10 +180,39 @@ class Outbox:
                 seq, _, digest = str(head[0]).partition(":")
                 self._last_seq, self._last_hash = int(seq), digest
         if not self._reserve.exists():
-            with contextlib.suppress(OSError), self._reserve.open("wb") as fh:
-                fh.truncate(self._reserve_bytes)
-                os.posix_fallocate(fh.fileno(), 0, self._reserve_bytes)
+            self._make_reserve()
+        self._check_space()
         return db
+
+    def _make_reserve(self) -> bool:
+        try:
+            with self._reserve.open("wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, self._reserve_bytes)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()  # a partial reserve would promise space it does not hold
+            return False
+        return True
+
+    def _check_space(self) -> None:
+        """Writer thread: raise or clear ``disk_low``; once space is back, restore the reserve
+        and clear ``disk_full``."""
+        now = time.monotonic()
+        if now < self._space_due:
+            return
+        self._space_due = now + self._space_check_s
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < self._low_space_bytes:
+            self.alarms.add("disk_low")
+            return
+        self.alarms.discard("disk_low")
+        room = free >= self._low_space_bytes + self._reserve_bytes
+        if "disk_full" in self.alarms and room and (self._reserve.exists() or self._make_reserve()):
+            self.alarms.discard("disk_full")
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
@@ -189,11 +232,9 @@ class Outbox:
                     return
                 batch = [job]
                 if job.write:
-                    while len(batch) < MAX_GROUP:
-                        try:
-                            nxt = self._jobs.get_nowait()
-                        except queue.Empty:
-                            break
+                    # The only consumer: empty() is exact here, and cheaper than catching Empty.
+                    while len(batch) < MAX_GROUP and not self._jobs.empty():
+                        nxt = self._jobs.get_nowait()
                         if nxt is None:
                             self._jobs.put(None)
                             break
@@ -282,6 +323,7 @@ class Outbox:
         writes[0].loop.call_soon_threadsafe(
             self._committed, [(j.future, r) for j, r in zip(writes, results, strict=True)]
         )
+        self._check_space()  # after the answer: never on a caller's latency
 
     def _committed(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
         for future, result in answers:
@@ -311,7 +353,7 @@ class Outbox:
     async def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Commit one event durably; return it sealed (epoch, seq, id, prev, hash)."""
         (event,) = await self._submit(_noop, write=True, appends=[fields])
-        return dict(event)
+        return cast("dict[str, Any]", event)
 
     async def append_many(
         self,

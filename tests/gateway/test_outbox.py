@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.errors import OutboxError
-from gateway.outbox import Outbox
+from gateway.outbox import RESERVE_BYTES, Outbox
 from protocols.event_encoding import GENESIS, event_hash, verify_chain
 
 WALL = 1_800_000_000.0
@@ -104,7 +104,7 @@ async def test_lock_cursor_commits_with_the_events(tmp_path: Path) -> None:
         assert await ob.lock_cursor("lk-1") == 7  # never backwards
 
 
-async def test_wal_and_full_are_asserted(tmp_path: Path) -> None:
+async def test_D2_wal_and_full_are_asserted(tmp_path: Path) -> None:
     async with box(tmp_path) as ob:
         assert await ob.integrity_check() == "ok"
         db_mode = await ob._submit(lambda db: db.execute("PRAGMA journal_mode").fetchone()[0], write=False)
@@ -143,6 +143,24 @@ async def test_D8_full_disk_releases_the_reserve_and_commits(tmp_path: Path) -> 
         await ob._submit(full_once, write=True)
         assert calls["n"] == 2 and "disk_full" in ob.alarms and not reserve.exists()
         assert (await ob.append({"type": "access.granted"}))["seq"] == 1
+
+
+async def test_D8_low_space_watermark_alarm(tmp_path: Path) -> None:
+    async with box(tmp_path, low_space_bytes=2**62) as ob:  # more than any disk has free
+        assert ob.alarms == {"disk_low"}  # checked at open, before anything fails
+        assert (await ob.append({"type": "access.granted"}))["seq"] == 1
+    async with box(tmp_path, low_space_bytes=0) as ob:
+        assert not ob.alarms
+
+
+async def test_D8_reserve_is_made_again_when_space_is_back(tmp_path: Path) -> None:
+    async with box(tmp_path, low_space_bytes=0, space_check_s=0) as ob:
+        reserve = tmp_path / "reserve.bin"
+        reserve.unlink()
+        ob.alarms.add("disk_full")  # as after a released reserve; this disk has room
+        await ob.append({"type": "access.granted"})
+        await ob.read(1)  # the check runs after the commit's answer: wait for the next job
+        assert not ob.alarms and reserve.stat().st_size == RESERVE_BYTES
 
 
 def test_D1_kill_9_at_random_points_loses_nothing_committed(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_service import build_rig
 
+from gateway.outbox import RESERVE_BYTES
 from protocols.event_encoding import verify_chain
 
 pytestmark = [pytest.mark.ble]
@@ -55,17 +56,20 @@ def fill(path: Path) -> int:
 
 
 async def test_D8_doors_open_on_a_full_disk_with_an_alarm_and_every_event(tiny_disk: Path) -> None:
-    async with build_rig(tiny_disk, locks=1) as rig:
+    # A watermark of 12 MB on the 24 MB disk (8 MB of it the reserve), free space checked after
+    # every commit.
+    async with build_rig(tiny_disk, locks=1, low_space_bytes=12 << 20, space_check_s=0) as rig:
         lock = rig.locks[0].model.lock_id
         assert (await rig.unlock(lock))["status"] == "ok"
         assert (tiny_disk / "reserve.bin").exists()
+        assert not rig.svc.outbox.alarms
         assert fill(tiny_disk / "filler") > 0
         with pytest.raises(OSError):
             (tiny_disk / "probe").write_bytes(b"x" * 4096)
         # The disk is full: the door still opens, the reserve is spent on the record of it.
         resp = await rig.unlock(lock)
         assert resp["status"] == "ok", resp
-        assert "disk_full" in rig.svc.outbox.alarms
+        assert rig.svc.outbox.alarms == {"disk_full", "disk_low"}
         assert not (tiny_disk / "reserve.bin").exists()
         # The released reserve carries a long shift of decisions, refusals included.
         for _ in range(25):
@@ -78,7 +82,10 @@ async def test_D8_doors_open_on_a_full_disk_with_an_alarm_and_every_event(tiny_d
         assert types.count("access.granted") == types.count("lock.unlocked") == 27
         assert types[-1] == "access.denied"
         assert rig.svc.outbox.healthy
-        # Space comes back (the technician cleans up): everything carries on.
+        # Space comes back (the technician cleans up): everything carries on, the reserve is
+        # made again and both alarms clear.
         (tiny_disk / "filler").unlink()
         assert (await rig.unlock(lock))["status"] == "ok"
         verify_chain(await rig.events())
+        assert not rig.svc.outbox.alarms
+        assert (tiny_disk / "reserve.bin").stat().st_size == RESERVE_BYTES

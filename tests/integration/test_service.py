@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from credfix import SITE, World
@@ -55,7 +56,9 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def build_rig(tmp_path: Path, *, locks: int = 2, seed: int = 11, slots: int = 2) -> AsyncIterator[Rig]:
+async def build_rig(
+    tmp_path: Path, *, locks: int = 2, seed: int = 11, slots: int = 2, **outbox_kw: Any
+) -> AsyncIterator[Rig]:
     """Simulated locks paired to a gateway service (no broker), keyring installed."""
     from credfix import T0
 
@@ -67,7 +70,7 @@ async def build_rig(tmp_path: Path, *, locks: int = 2, seed: int = 11, slots: in
             authz = w.authorizer(tmp_path, clock, gw_id=GW)
             registry = Registry(tmp_path / "locks.sqlite3")
             async with (
-                Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall) as outbox,
+                Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall, **outbox_kw) as outbox,
                 LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=slots) as links,
             ):
                 for sim in sims:
