@@ -149,6 +149,7 @@ class Gateway:
                     lock_states=lambda: [v.as_json() for v in self.service.views.values()],
                     heartbeat_s=self.heartbeat_s,
                     republish_after_s=self.republish_after_s,
+                    mono=self.clock.mono,
                 )
                 self.service.replay_sink = self.mqtt.publish_replayed
                 await self.mqtt.__aenter__()
@@ -244,6 +245,8 @@ class Gateway:
             out.add("control_socket_unavailable")
         if self.mqtt is not None and not self.mqtt.connected.is_set():
             out.add("mqtt_disconnected")
+        if self.mqtt is not None and self.mqtt.receipts_stalled():
+            out.add("receipts_stalled")
         return sorted(out)
 
     def _lock_state_changed(self, view: LockView) -> None:

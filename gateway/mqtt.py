@@ -24,7 +24,8 @@ import contextlib
 import json
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Self
 
 import aiomqtt
@@ -36,7 +37,14 @@ from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
 from gateway.outbox import Outbox
 
-__all__ = ["HEARTBEAT_S", "MqttBridge", "retrieve_disconnect_error"]
+__all__ = [
+    "HEARTBEAT_S",
+    "RECEIPT_ALARM_S",
+    "MqttBridge",
+    "ReceiptWatch",
+    "cancel_and_wait",
+    "retrieve_disconnect_error",
+]
 
 #: Heartbeat period (CONTRACT §4).
 HEARTBEAT_S: Final = 60.0
@@ -51,8 +59,58 @@ MAX_CONCURRENT_REQUESTS: Final = 32
 #: Re-send what no receipt covers when receipts stall this long (central may have missed it).
 REPUBLISH_AFTER_S: Final = 60.0
 KEEPALIVE_S: Final = 15
+#: Events the broker acknowledged that no receipt has covered for this long raise the
+#: ``receipts_stalled`` alarm (THREATS D10: acknowledged at one hop is not stored; an event
+#: central lost keeps its receipts from passing the gap). With heartbeats every 60 s, central
+#: and the operator see it within 12 minutes — inside the 15-minute goal.
+RECEIPT_ALARM_S: Final = 600.0
+
+#: While stopping, a task still running this long after a cancel is cancelled again.
+CANCEL_RETRY_S: Final = 0.5
 
 Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until every one has ended, cancelling again while any runs on.
+
+    aiomqtt's calls await ``asyncio.wait_for``, which on Python 3.11 swallows a cancellation that
+    arrives just as the call completes (python/cpython#86296, fixed in 3.12 by rewriting
+    ``wait_for``). A loop in such a task then carries on as if never cancelled, and one cancel
+    followed by a gather waits for ever — seen as a bridge that never closed. Exceptions the
+    tasks ended with are retrieved here; a caller that needs one reads it from the task."""
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()
+
+
+class ReceiptWatch:
+    """Pure: has central stopped confirming what the broker took?
+
+    Stalled when events up to ``published_seq`` were acknowledged by the broker, some are not
+    covered by a receipt, and ``receipt_seq`` has not moved for ``after_s`` since that was first
+    seen. Any receipt progress, or nothing outstanding, starts over. ``now`` is monotonic."""
+
+    __slots__ = ("_mark", "after_s")
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._mark: tuple[int, float] | None = None  # (receipt_seq, since)
+
+    def stalled(self, *, published_seq: int, receipt_seq: int, now: float) -> bool:
+        if published_seq <= receipt_seq:
+            self._mark = None
+            return False
+        if self._mark is None or self._mark[0] != receipt_seq:
+            self._mark = (receipt_seq, now)
+            return False
+        return now - self._mark[1] >= self.after_s
 
 
 class MqttBridge:
@@ -70,6 +128,8 @@ class MqttBridge:
         lock_states: Callable[[], list[dict[str, Any]]],
         heartbeat_s: float = HEARTBEAT_S,
         republish_after_s: float = REPUBLISH_AFTER_S,
+        receipt_alarm_s: float = RECEIPT_ALARM_S,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = config
         self.gw_id, self.site = gw_id, site
@@ -88,6 +148,8 @@ class MqttBridge:
         self._info, self._heartbeat, self._lock_states = info, heartbeat, lock_states
         self._heartbeat_s = heartbeat_s
         self.republish_after_s = republish_after_s
+        self._receipt_watch = ReceiptWatch(receipt_alarm_s)
+        self._mono = mono
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._requests = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
@@ -120,9 +182,7 @@ class MqttBridge:
                 )
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         for t in list(self._request_tasks):
             t.cancel()
 
@@ -203,11 +263,9 @@ class MqttBridge:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         for t in done:
-            exc = t.exception()
+            exc = None if t.cancelled() else t.exception()
             if exc is not None:
                 raise exc
         raise MqttUnavailable("MQTT session ended")
@@ -259,6 +317,7 @@ class MqttBridge:
                 seq, task = inflight.popleft()
                 await task  # a failed publish ends the session: reconnect and re-drain
                 self.published_seq = seq
+            self.receipts_stalled()  # starts the stall clock as soon as something is outstanding
             async with self._progress:
                 self._progress.notify_all()
 
@@ -290,6 +349,12 @@ class MqttBridge:
             for _, t in inflight:
                 t.cancel()
             await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
+
+    def receipts_stalled(self) -> bool:
+        """The ``receipts_stalled`` alarm (see :data:`RECEIPT_ALARM_S`)."""
+        return self._receipt_watch.stalled(
+            published_seq=self.published_seq, receipt_seq=self._outbox.stats().receipt_seq, now=self._mono()
+        )
 
     async def wait_drained(self, seq: int) -> None:
         """Wait until the broker acknowledged every event up to ``seq``."""
@@ -328,6 +393,7 @@ class MqttBridge:
             return  # malformed receipts are ignored (and change nothing)
         if isinstance(epoch, str) and isinstance(seq, int) and not isinstance(seq, bool):
             await self._outbox.receipt(epoch, seq)
+            self.receipts_stalled()  # progress restarts the stall clock
 
     def _spawn_request(self, action: str, payload: bytes, props: Properties | None) -> None:
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
