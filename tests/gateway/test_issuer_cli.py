@@ -1,8 +1,11 @@
-"""`lockgw-issuer` as a subprocess: the docs/credentials.md walk-through, end to end."""
+"""`lockgw-issuer` as a subprocess (the docs/credentials.md walk-through, end to end) and how its
+key files reach the disk."""
 
 from __future__ import annotations
 
 import base64
+import errno
+import os
 import shutil
 import stat
 import subprocess
@@ -15,7 +18,7 @@ import pytest
 from gateway.authz import Authorizer, TrustStore, load_root_keys
 from gateway.clock import ManualClock
 from gateway.issuer_cli import parse_duration, parse_time
-from gateway.keyfiles import read_document
+from gateway.keyfiles import read_document, write_atomic
 from protocols.credentials import Policy
 from protocols.errors import TokenError
 
@@ -225,3 +228,43 @@ def test_time_and_duration_parsing() -> None:
     assert parse_time("2027-01-01T00:00:00Z") == 1798761600
     with pytest.raises(ValueError, match="bad time"):
         parse_time("tomorrow")
+
+
+def test_D9_key_files_are_written_temp_fsync_rename_dir_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", str(Path(f"/proc/self/fd/{fd}").readlink())))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        calls.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "root-1.key"
+    write_atomic(target, b"secret\n", mode=0o600)
+    assert target.read_bytes() == b"secret\n" and target.stat().st_mode & 0o777 == 0o600
+    assert [c[0] for c in calls] == ["fsync", "rename", "fsync"]
+    assert calls[0][1].startswith(str(tmp_path / ".root-1.key.tmp"))  # the temp file, before
+    assert calls[2][1] == str(tmp_path)  # the directory, after the rename
+
+
+def test_D9_a_failed_write_leaves_the_old_file_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "keyring.cose"
+    write_atomic(target, b"old")
+
+    def eio(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError, match="Input/output"):
+        write_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["keyring.cose"]
