@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,43 @@ def test_every_module_declares_all_and_exports_exist(package: str) -> None:
         assert exported is not None, f"{info.name} has no __all__"
         for name in exported:
             assert hasattr(module, name), f"{info.name}.__all__ names missing {name}"
+
+
+#: Secret material that must never be committed or shipped (THREATS B12, B13). Test vectors are
+#: public by design: their keys come from seeded generators and open nothing.
+SECRET_PATTERNS = {
+    "PEM private key": re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "inline password": re.compile(rb"""(?m)^\s*password\s*=\s*["'][^"']+["']"""),
+    "AWS-style access key": re.compile(rb"AKIA[0-9A-Z]{16}"),
+}
+SECRET_FILE_SUFFIXES = {".key", ".pem", ".p12", ".pfx", ".jks"}
+NOT_OURS = {".git", ".venv", ".tools", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+
+
+def repository_files() -> list[Path]:
+    out = []
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in NOT_OURS]  # pruned, not walked and filtered
+        out += [Path(top, f) for f in files]
+    return out
+
+
+def test_B12_no_private_keys_or_passwords_in_the_repository_or_the_wheel() -> None:
+    # The wheel ships gateway/, protocols/ and firmware_sim/: they are scanned with the rest.
+    found = []
+    for path in repository_files():
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "tests" and rel.parts[1] == "vectors":
+            continue
+        if path.suffix in SECRET_FILE_SUFFIXES:
+            found.append(f"{rel}: a key file")
+        data = path.read_bytes()
+        found += [f"{rel}: {what}" for what, rx in SECRET_PATTERNS.items() if rx.search(data)]
+    assert not found, found
+
+
+def test_the_secret_scan_catches_what_it_looks_for() -> None:
+    pem = b"-----BEGIN " + b"PRIVATE KEY-----\nMIIE\n"
+    assert SECRET_PATTERNS["PEM private key"].search(pem)
+    assert SECRET_PATTERNS["inline password"].search(b'[mqtt]\npassword = "hunter2"\n')
+    assert not SECRET_PATTERNS["inline password"].search(b'password_file = "/etc/lockgw/mqtt.pw"\n')

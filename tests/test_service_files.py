@@ -20,7 +20,7 @@ def test_example_config_is_valid() -> None:
     assert config.gateway.id == "gw-sandviken-1" and config.mqtt is not None
 
 
-def test_unit_is_notify_with_watchdog_and_no_bluetooth_sockets() -> None:
+def test_A3_unit_is_notify_with_watchdog_and_no_bluetooth_sockets() -> None:
     unit = (ROOT / "config" / "lockgw.service").read_text()
     assert "Type=notify" in unit and re.search(r"^WatchdogSec=\d+", unit, re.MULTILINE)
     families = re.search(r"^RestrictAddressFamilies=(.*)$", unit, re.MULTILINE)

@@ -87,7 +87,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         load_config(write(tmp_path, GOOD), env={"LOCKGW_POLICY__CLOCK_LEEWAY_S": "abc"})
 
 
-def test_secret_files_must_not_be_group_readable(tmp_path: Path) -> None:
+def test_B13_secret_files_must_not_be_group_readable(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("x")
     secret.chmod(0o640)
@@ -111,3 +111,19 @@ def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config_path(None) == Path("/tmp/x.toml")
     monkeypatch.delenv("LOCKGW_CONFIG")
     assert config_path(None) == Path("/etc/lockgw/lockgw.toml")
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("ble", "auto_unlock"),
+        ("ble", "unlock_on_proximity"),
+        ("ble", "rssi_unlock_threshold"),
+        ("policy", "auto_unlock"),
+    ],
+)
+def test_B3_no_proximity_or_auto_unlock_setting_exists(tmp_path: Path, section: str, key: str) -> None:
+    # Presence, RSSI or a connection never unlocks: there is no setting that could make it.
+    text = GOOD.replace(f"[{section}]\n", f"[{section}]\n{key} = true\n", 1)
+    with pytest.raises(ConfigError, match=f"{section}.{key}: unknown key"):
+        load_config(write(tmp_path, text), env={})

@@ -124,9 +124,11 @@ def test_doctor_reports_and_fails_without_a_keyring(field: Field) -> None:
     assert names["keyring"]["status"] == "fail" and "trust install" in names["keyring"]["fix"]
     assert names["database integrity"]["status"] == "pass"
     assert names["configuration"]["status"] == "pass"
+    assert names["alarms"]["status"] == "warn" and "trust_none" in names["alarms"]["detail"]
     field.run("trust", "install", str(field.tmp / "keyring.cose"))
     human = field.run("doctor", ok=None)
     assert "PASS  keyring: v1" in human.stdout
+    assert "PASS  alarms: none" in human.stdout
     assert human.returncode == (1 if "FAIL" in human.stdout else 0)
 
 

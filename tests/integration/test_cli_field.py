@@ -131,7 +131,7 @@ def test_lock_out_of_range_is_a_clear_failure_then_recovers(field: Field) -> Non
     assert json.loads(back.stdout)["data"]["state"] == "unlocked"
 
 
-def test_config_check_names_key_and_line_and_never_prints_secrets(field: Field, tmp_path: Path) -> None:
+def test_B13_config_check_names_key_and_line_and_never_prints_secrets(field: Field, tmp_path: Path) -> None:
     secret = "hunter2-very-secret"
     pw = tmp_path / "mqtt.pass"
     pw.write_text(secret)

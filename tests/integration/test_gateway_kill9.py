@@ -136,6 +136,6 @@ def run_kill9(data: Path, *, iterations: int, seed: int = 9) -> dict[str, int]:
     }
 
 
-def test_gateway_kill_9_loop(tmp_path: Path) -> None:
+def test_D11_gateway_kill_9_loop_loses_nothing_and_forwards_each_lock_log_entry_once(tmp_path: Path) -> None:
     report = run_kill9(tmp_path, iterations=20)
     assert report["ok_responses"] >= 20

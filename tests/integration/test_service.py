@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -268,3 +269,19 @@ async def test_low_battery_and_door_are_forwarded_as_events(rig: Rig) -> None:
     types = [e["type"] for e in await rig.events()]
     assert "lock.battery_low" in types
     assert rig.svc.views[sim.model.lock_id].battery_pct == 12
+
+
+async def test_A5_a_flooding_lock_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    async with build_rig(tmp_path, slots=2) as rig:
+        bad, good = rig.locks
+        await rig.radio.apply_fault(bad.model.lock_id, "hostile", "flood")
+        # Liveness bound only (speed is bench/'s): nothing here may hang.
+        async with asyncio.timeout(60):
+            failing = asyncio.create_task(rig.unlock(bad.model.lock_id))
+            served = [await rig.unlock(good.model.lock_id) for _ in range(5)]
+            refused = await failing
+        assert [r["status"] for r in served] == ["ok"] * 5
+        assert refused["error"]["code"] in {"lock_unreachable", "lock_error"}
+        assert bad.model.state.value == "locked" and good.model.state.value == "unlocked"
+        failed = [e for e in await rig.events() if e["type"] == "access.failed"]
+        assert [e["lock"] for e in failed] == [bad.model.lock_id]

@@ -297,7 +297,7 @@ def test_T3_small_order_cnf_key_cannot_turn_into_a_bearer_token(w: World) -> Non
     assert code_of(auth, bad, forged) == "token_invalid"
 
 
-def test_revocation_by_cti_and_by_subject(w: World) -> None:
+def test_B11_revocation_by_cti_and_by_subject(w: World) -> None:
     auth = w.authority()
     tok = w.token()
     cti = cbor.loads(cbor.loads(tok).value[2])[7]  # type: ignore[union-attr, index, call-overload]
@@ -434,7 +434,7 @@ def test_T5_expired_keyring_keeps_working_flagged_stale(w: World) -> None:
     assert d.trust_state == "stale" and "stale_keyring" in d.flags
 
 
-def test_rotation_old_key_signs_until_its_exp_and_verifies_after(w: World) -> None:
+def test_A2_rotation_old_key_signs_until_its_exp_and_verifies_after(w: World) -> None:
     """Two overlapping issuer keys; a token signed by A while A was valid stays valid to its exp."""
     auth = w.authority()
     a_exp = T0 + 60 * 86400
@@ -447,7 +447,7 @@ def test_rotation_old_key_signs_until_its_exp_and_verifies_after(w: World) -> No
     assert decide(auth, b, w.prove(auth, b), wall=at)
 
 
-def test_expiry_warnings_are_announced_ahead(w: World) -> None:
+def test_A2_expiry_warnings_are_announced_ahead(w: World) -> None:
     auth = w.authority()
     assert auth.expiring(T0) == []
     soon = auth.expiring(T0 + 31 * 86400)  # key A expires at T0 + 60 d: inside 30 days now
