@@ -40,6 +40,7 @@ from gateway.outbox import Outbox
 from gateway.registry import Registry
 from gateway.service import LockView, Service
 from gateway.systemd import notify, watchdog_interval_s
+from gateway.tasks import cancelling_until_done
 from protocols.credentials import Policy
 
 __all__ = ["Gateway"]
@@ -192,10 +193,9 @@ class Gateway:
             return
         notify("STOPPING=1", "STATUS=stopping")
         if self._tasks is not None:
-            for task in list(getattr(self._tasks, "_tasks", ())):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._tasks.__aexit__(None, None, None)
+            async with cancelling_until_done(list(getattr(self._tasks, "_tasks", ()))):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._tasks.__aexit__(None, None, None)
             self._tasks = None
         with contextlib.suppress(Exception):
             await self.service.event("gateway.stopping")

@@ -33,6 +33,7 @@ from gateway.backoff import backoff_for, should_retry
 from gateway.ble.link import LockClient
 from gateway.errors import BleError
 from gateway.registry import LockRecord
+from gateway.tasks import cancelling_until_done
 from protocols.limits import COMMAND_ID_LEN
 from protocols.messages import Op, Response
 from protocols.session import PairingCompleted
@@ -132,10 +133,9 @@ class LinkManager:
         for lock in list(self._links):
             await self._close(lock)
         if group is not None:
-            for task in list(getattr(group, "_tasks", ())):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await group.__aexit__(None, None, None)
+            async with cancelling_until_done(list(getattr(group, "_tasks", ()))):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await group.__aexit__(None, None, None)
 
     @property
     def healthy(self) -> bool:

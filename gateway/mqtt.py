@@ -25,7 +25,7 @@ import json
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Self
 
 import aiomqtt
@@ -36,6 +36,7 @@ from gateway.backoff import backoff_for
 from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
 from gateway.outbox import Outbox
+from gateway.tasks import cancel_and_wait
 
 __all__ = [
     "HEARTBEAT_S",
@@ -65,29 +66,7 @@ KEEPALIVE_S: Final = 15
 #: and the operator see it within 12 minutes — inside the 15-minute goal.
 RECEIPT_ALARM_S: Final = 600.0
 
-#: While stopping, a task still running this long after a cancel is cancelled again.
-CANCEL_RETRY_S: Final = 0.5
-
 Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
-
-
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait until every one has ended, cancelling again while any runs on.
-
-    aiomqtt's calls await ``asyncio.wait_for``, which on Python 3.11 swallows a cancellation that
-    arrives just as the call completes (python/cpython#86296, fixed in 3.12 by rewriting
-    ``wait_for``). A loop in such a task then carries on as if never cancelled, and one cancel
-    followed by a gather waits for ever — seen as a bridge that never closed. Exceptions the
-    tasks ended with are retrieved here; a caller that needs one reads it from the task."""
-    tasks = list(tasks)
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
-    for t in tasks:
-        if not t.cancelled():
-            t.exception()
 
 
 class ReceiptWatch:
