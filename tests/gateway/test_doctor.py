@@ -31,38 +31,42 @@ def test_hardened_main_conf_passes(tmp_path: Path) -> None:
     assert (c.status, c.detail, c.fix) == ("pass", "hardened", "")
 
 
-def test_B8_a_key_size_below_16_is_flagged(tmp_path: Path) -> None:
-    c = check(tmp_path, HARDENED.replace("KeySize = 16", "KeySize = 7"))
-    assert c.status == "warn" and c.detail == "GATT.KeySize=7" and "[GATT] KeySize = 16" in c.fix
-
-
 @pytest.mark.parametrize(
     ("line", "wrong", "detail"),
     [
-        ("ControllerMode = le", "ControllerMode = dual", "General.ControllerMode=dual"),
-        ("JustWorksRepairing = never", "JustWorksRepairing = always", "General.JustWorksRepairing=always"),
+        pytest.param("KeySize = 16", "KeySize = 7", "GATT.KeySize=7", id="B8-key-size-7"),
+        pytest.param(
+            "ControllerMode = le", "ControllerMode = dual", "General.ControllerMode=dual", id="B9-dual"
+        ),
+        pytest.param(
+            "JustWorksRepairing = never",
+            "JustWorksRepairing = always",
+            "General.JustWorksRepairing=always",
+            id="B9-just-works-repairing",
+        ),
+        pytest.param(
+            "SecureConnections = only",
+            "SecureConnections = on",
+            "General.SecureConnections=on",
+            id="B10-legacy",
+        ),
+        pytest.param(
+            "SecureConnections = only\n", "", "General.SecureConnections=(unset)", id="B10-legacy-by-default"
+        ),
+        pytest.param(
+            "AlwaysPairable = false",
+            "AlwaysPairable = true",
+            "General.AlwaysPairable=true",
+            id="B10-pairable",
+        ),
     ],
 )
-def test_B9_cross_transport_and_just_works_repairing_are_flagged(
+def test_B8_B9_B10_bluez_settings_that_weaken_the_link_are_flagged(
     tmp_path: Path, line: str, wrong: str, detail: str
 ) -> None:
     c = check(tmp_path, HARDENED.replace(line, wrong))
-    assert c.status == "warn" and c.detail == detail
-
-
-@pytest.mark.parametrize(
-    ("line", "wrong", "detail"),
-    [
-        ("SecureConnections = only", "SecureConnections = on", "General.SecureConnections=on"),
-        ("AlwaysPairable = false", "AlwaysPairable = true", "General.AlwaysPairable=true"),
-        ("SecureConnections = only\n", "", "General.SecureConnections=(unset)"),
-    ],
-)
-def test_B10_legacy_pairing_and_always_pairable_are_flagged(
-    tmp_path: Path, line: str, wrong: str, detail: str
-) -> None:
-    c = check(tmp_path, HARDENED.replace(line, wrong))
-    assert c.status == "warn" and c.detail == detail
+    assert (c.status, c.detail) == ("warn", detail)
+    assert "[GATT] KeySize = 16" in c.fix and "[General] SecureConnections = only" in c.fix
 
 
 def test_missing_or_broken_main_conf_is_a_warning_with_the_fix(tmp_path: Path) -> None:
