@@ -59,6 +59,9 @@ PUBLISH_TIMEOUT_S: Final = 10.0
 MAX_CONCURRENT_REQUESTS: Final = 32
 #: Re-send what no receipt covers when receipts stall this long (central may have missed it).
 REPUBLISH_AFTER_S: Final = 60.0
+#: Each re-send without receipt progress doubles the wait, up to this: a site whose central
+#: consumer is down for a day must not push its whole backlog through the broker every minute.
+REPUBLISH_MAX_S: Final = 3600.0
 KEEPALIVE_S: Final = 15
 #: Events the broker acknowledged that no receipt has covered for this long raise the
 #: ``receipts_stalled`` alarm (THREATS D10: acknowledged at one hop is not stored; an event
@@ -67,6 +70,12 @@ KEEPALIVE_S: Final = 15
 RECEIPT_ALARM_S: Final = 600.0
 
 Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+
+
+def republish_wait(current: float, *, base: float, stalled: bool) -> float:
+    """Quiet time before the next re-send: doubled (up to ``REPUBLISH_MAX_S``) after a re-send
+    that receipts did not follow, back to ``base`` once they move."""
+    return min(current * 2, max(REPUBLISH_MAX_S, base)) if stalled else base
 
 
 class ReceiptWatch:
@@ -285,9 +294,11 @@ class MqttBridge:
 
         If central's receipts stop advancing while events are outstanding (central reconnected
         after we published, to a broker that lost its session), the drain starts over from the
-        last receipt every ``republish_after_s``: delivery is at least once, deduplicated by id.
+        last receipt after ``republish_after_s`` of quiet, then after twice that while receipts
+        still do not move, up to ``REPUBLISH_MAX_S``: delivery is at least once, deduplicated by id.
         """
         next_seq = self._outbox.stats().receipt_seq + 1
+        quiet_s = self.republish_after_s
         inflight: collections.deque[tuple[int, asyncio.Task[None]]] = collections.deque()
 
         async def settle(*, keep: int) -> None:
@@ -318,12 +329,14 @@ class MqttBridge:
                     await settle(keep=0)
                     receipt = self._outbox.stats().receipt_seq
                     try:
-                        async with asyncio.timeout(self.republish_after_s):
+                        async with asyncio.timeout(quiet_s):
                             await self._outbox.appended.wait()
                     except TimeoutError:
                         stats = self._outbox.stats()
-                        if stats.receipt_seq == receipt and stats.backlog > 0:
+                        stalled = stats.receipt_seq == receipt and stats.backlog > 0
+                        if stalled:
                             next_seq = stats.receipt_seq + 1  # no receipt progress: send again
+                        quiet_s = republish_wait(quiet_s, base=self.republish_after_s, stalled=stalled)
         finally:
             for _, t in inflight:
                 t.cancel()

@@ -1,8 +1,8 @@
-"""THREATS D10: what the broker took but central never confirmed is noticed (the pure part)."""
+"""What central has not confirmed: the stall alarm (THREATS D10) and the re-send backoff (D6)."""
 
 from __future__ import annotations
 
-from gateway.mqtt import ReceiptWatch
+from gateway.mqtt import ReceiptWatch, republish_wait
 
 
 def test_D10_stall_is_raised_after_the_period_and_cleared_by_progress() -> None:
@@ -25,3 +25,13 @@ def test_D10_a_receipt_stuck_below_a_gap_stays_stalled() -> None:
     for t in range(60, 600, 60):
         assert not w.stalled(published_seq=7 + t, receipt_seq=6, now=t)
     assert w.stalled(published_seq=700, receipt_seq=6, now=600)
+
+
+def test_D6_re_sends_back_off_while_receipts_do_not_move() -> None:
+    waits, wait = [], 60.0
+    for _ in range(8):
+        wait = republish_wait(wait, base=60, stalled=True)
+        waits.append(wait)
+    assert waits == [120, 240, 480, 960, 1920, 3600, 3600, 3600]
+    assert republish_wait(3600, base=60, stalled=False) == 60  # receipts moved: back to the base
+    assert republish_wait(0.5, base=0.5, stalled=True) == 1.0
