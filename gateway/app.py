@@ -50,6 +50,9 @@ EXPIRY_CHECK_EVERY_S: Final = 86400.0
 SAVE_WALL_EVERY_S: Final = 60.0
 PRUNE_EVERY_S: Final = 3600.0
 TIME_STATE_EVERY_S: Final = 10.0
+#: On SIGTERM, commands in flight get this long to finish before they are cancelled (each then
+#: records access.failed). Leaves room in systemd's and the contract's 10 s for the rest.
+STOP_GRACE_S: Final = 3.0
 
 
 def _version() -> str:
@@ -197,8 +200,11 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._tasks.__aexit__(None, None, None)
             self._tasks = None
+        # Unlocks in flight get a grace period to finish; the rest are cancelled by their owners
+        # (MQTT bridge, control socket) and each records access.failed before it ends.
+        interrupted = await self.service.quiesce(STOP_GRACE_S)
         with contextlib.suppress(Exception):
-            await self.service.event("gateway.stopping")
+            await self.service.event("gateway.stopping", data={"interrupted_commands": interrupted})
         if self.mqtt is not None:
             # Give the drain a moment to publish the stopping event, then say offline.
             if self.mqtt.connected.is_set():

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, Self
 
+from gateway.tasks import cancel_and_wait
+
 __all__ = ["MAX_LINE", "ControlServer", "call"]
 
 MAX_LINE: Final = 64 * 1024
@@ -43,8 +45,7 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for task in list(self._clients):
-            task.cancel()
+        await cancel_and_wait(list(self._clients))  # an interrupted unlock records its outcome first
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -171,8 +171,9 @@ class MqttBridge:
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait([task])
-        for t in list(self._request_tasks):
-            t.cancel()
+        # Requests still running (the service gave them their grace) end now; an interrupted
+        # unlock records its outcome before its task ends.
+        await cancel_and_wait(list(self._request_tasks))
 
     # --- connection loop ----------------------------------------------------------------------
 

@@ -13,12 +13,14 @@ command response are skipped — and acknowledged to the lock only after the com
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
@@ -114,9 +116,24 @@ class Service:
     #: from time.perf_counter(): the gateway-added time is everything outside the command.
     trace: list[tuple[float, float, float, float]] | None = None
 
+    #: Set by :meth:`quiesce`: new unlock/lock requests get ``busy`` while the gateway stops.
+    stopping: bool = field(init=False, default=False)
+    _inflight: int = field(init=False, default=0)
+    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
     def __post_init__(self) -> None:
         for rec in self.registry.all():
             self.views.setdefault(rec.lock, LockView(rec.lock, rec.name))
+        self._idle.set()
+
+    async def quiesce(self, grace_s: float) -> int:
+        """Stopping: refuse new actuations (``busy``) and give the ones in flight ``grace_s`` to
+        finish. Returns how many are still running; cancelled, each records ``access.failed``."""
+        self.stopping = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+        return self._inflight
 
     # --- events ------------------------------------------------------------------------------
 
@@ -226,6 +243,8 @@ class Service:
 
     async def _actuate(self, action: str, body: dict[str, Any], tx: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
+        if self.stopping:
+            raise RequestError("the gateway is stopping; try again in a few seconds", code="busy")
         token_b64, proof_b64 = body.get("token"), body.get("proof")
         if not isinstance(token_b64, str):
             raise RequestError("field 'token' (base64url) is required", code="invalid_request")
@@ -280,6 +299,18 @@ class Service:
     async def _grant_and_run(
         self, record: LockRecord, action: str, d: Decision, tx: str | None, t0: float
     ) -> dict[str, Any]:
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._run_granted(record, action, d, tx, t0)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    async def _run_granted(
+        self, record: LockRecord, action: str, d: Decision, tx: str | None, t0: float
+    ) -> dict[str, Any]:
         cmd_id = os.urandom(COMMAND_ID_LEN)
         common = {"lock": record.lock, "sub": d.sub, "cti": d.cti, "role": d.role, "transaction": tx}
         await self.event(
@@ -302,6 +333,24 @@ class Service:
             response = await self.links.command(record, op, cmd_id=cmd_id, priority=Priority.ACCESS)
             t_reply = time.perf_counter()
             state, lock_seq = parse_actuation(response.result)
+        except asyncio.CancelledError:
+            # Stopped mid-command: the grant must not stand without an outcome. Whether the bolt
+            # moved is unknown here; the lock's own log, fetched on the next contact, tells.
+            await _uncancellable(
+                self.event(
+                    "access.failed",
+                    **common,
+                    outcome="failed",
+                    reason="lock_error",
+                    data={
+                        "action": action,
+                        "cmd_id": cmd_id.hex(),
+                        "message": "interrupted: the gateway stopped during the command; "
+                        "the lock's log shows whether it actuated",
+                    },
+                )
+            )
+            raise
         except (BleError, ProtocolError) as exc:
             code = exc.code if isinstance(exc, BleError) else "lock_error"
             code = code if code in ("lock_unreachable", "lock_error") else "lock_unreachable"
@@ -474,3 +523,15 @@ _B64: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 
 def _int_or_none(v: object) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+async def _uncancellable(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` to the end although the caller is being cancelled (a bounded outbox commit:
+    the record of an interrupted command). Further cancellations wait for it; the caller
+    re-raises its own."""
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: an outbox failure has raised its own alarm

@@ -21,6 +21,7 @@ from gateway.links import LinkManager
 from gateway.outbox import Outbox
 from gateway.registry import LockRecord, Registry
 from gateway.service import Service
+from gateway.tasks import cancel_and_wait
 from protocols import issuer
 from protocols.event_encoding import verify_chain
 
@@ -285,3 +286,37 @@ async def test_A5_a_flooding_lock_does_not_hold_up_the_others(tmp_path: Path) ->
         assert bad.model.state.value == "locked" and good.model.state.value == "unlocked"
         failed = [e for e in await rig.events() if e["type"] == "access.failed"]
         assert [e["lock"] for e in failed] == [bad.model.lock_id]
+
+
+async def granted(rig: Rig, n: int) -> None:
+    async with asyncio.timeout(30):  # liveness bound only
+        while sum(e["type"] == "access.granted" for e in await rig.events()) < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_stopping_lets_a_command_in_flight_finish_and_refuses_new_ones(rig: Rig) -> None:
+    lock = rig.locks[0].model.lock_id
+    running = asyncio.create_task(rig.unlock(lock))
+    await granted(rig, 1)
+    assert await rig.svc.quiesce(grace_s=30) == 0  # returned as soon as the command was done
+    assert (await running)["status"] == "ok"
+    refused = await rig.unlock(lock)
+    assert refused["error"]["code"] == "busy" and "stopping" in refused["error"]["message"]
+    assert [e["type"] for e in await rig.events()] == ["access.granted", "lock.unlocked"]
+
+
+async def test_stopping_records_a_command_it_had_to_interrupt(rig: Rig) -> None:
+    stuck = rig.locks[1]
+    await rig.radio.apply_fault(stuck.model.lock_id, "hostile", "truncated")  # never answers whole
+    hanging = asyncio.create_task(rig.unlock(stuck.model.lock_id))
+    await granted(rig, 1)
+    assert await rig.svc.quiesce(grace_s=0.2) == 1
+    async with asyncio.timeout(30):
+        await cancel_and_wait([hanging])  # what the MQTT bridge and the control socket do
+    assert hanging.cancelled()
+    events = await rig.events()
+    verify_chain(events)
+    assert [e["type"] for e in events] == ["access.granted", "access.failed"]
+    assert "interrupted" in events[1]["data"]["message"]
+    assert events[1]["data"]["cmd_id"] == events[0]["data"]["cmd_id"]
+    assert stuck.model.state.value == "locked"
