@@ -3,8 +3,10 @@ reverse, with the background loops owned by one TaskGroup.
 
 Start-up: trust store and authorizer → lock registry → outbox (``gateway.started``) → BLE host
 and link manager → service → MQTT bridge (when configured) → background loops → READY.
-Shutdown (SIGTERM/SIGINT): ``gateway.stopping`` committed, retained ``{"state": "offline"}``
-published, MQTT closed, links closed, outbox flushed and closed; well within 10 s.
+Shutdown (SIGTERM/SIGINT): background loops stopped, new unlocks refused (``busy``), commands
+in flight given ``STOP_GRACE_S`` to finish, ``gateway.stopping`` committed, retained
+``{"state": "offline"}`` published, MQTT closed (requests still running are cancelled and each
+records ``access.failed`` first), control socket, links, outbox flushed and closed; within 10 s.
 
 Background loops: heartbeat data, housekeeping (status and lock logs, one lock at a time at low
 priority), daily ``trust.expiring`` checks, the saved wall clock, time-state changes, pruning and
