@@ -25,10 +25,8 @@ from pathlib import Path
 import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from broker import Broker
+from broker import Broker, drain_only_bridge
 
-from gateway.config import MqttConfig
-from gateway.mqtt import MqttBridge
 from gateway.outbox import Outbox
 
 
@@ -124,21 +122,8 @@ async def bare_publisher(port: int, n: int, payload: bytes) -> float:
 
 async def drain(path: Path, port: int, n: int) -> float:
     async with Outbox(path, gw="gw-bench", site="s", wall=time.time) as ob:
-
-        async def noop(*_a: object) -> dict[str, object]:
-            return {}
-
-        bridge = MqttBridge(
-            MqttConfig(url=f"mqtt://127.0.0.1:{port}"),
-            gw_id="gw-bench",
-            site="s",
-            outbox=ob,
-            handle_request=noop,
-            install=noop,
-            info=dict,
-            heartbeat=dict,
-            lock_states=list,
-            heartbeat_s=3600,
+        bridge = drain_only_bridge(
+            f"mqtt://127.0.0.1:{port}", ob, gw_id="gw-bench", site="s", heartbeat_s=3600
         )
         t0 = time.perf_counter()
         async with bridge:

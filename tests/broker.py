@@ -1,4 +1,5 @@
-"""A real mosquitto per test session on a free port, which tests may kill and restart."""
+"""A real mosquitto per test session on a free port, which tests may kill and restart; and a
+bridge that only drains an outbox into it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+from gateway.config import MqttConfig
+from gateway.mqtt import MqttBridge
+from gateway.outbox import Outbox
 
 
 def free_port() -> int:
@@ -70,3 +76,24 @@ class Broker:
 
     def stop(self) -> None:
         self.kill()
+
+
+def drain_only_bridge(url: str, outbox: Outbox, *, gw_id: str, site: str, **kw: Any) -> MqttBridge:
+    """An MQTT bridge that only drains ``outbox`` (requests, trust documents and state are
+    no-ops): the gateway's publishing path alone, for tests and benchmarks."""
+
+    async def nothing(*_a: object) -> dict[str, object]:
+        return {}
+
+    return MqttBridge(
+        MqttConfig(url=url),
+        gw_id=gw_id,
+        site=site,
+        outbox=outbox,
+        handle_request=nothing,
+        install=nothing,
+        info=dict,
+        heartbeat=dict,
+        lock_states=list,
+        **kw,
+    )

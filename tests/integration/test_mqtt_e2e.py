@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from broker import Broker
+from broker import Broker, drain_only_bridge
 from credfix import SITE, World
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -20,9 +20,9 @@ from firmware_sim.bumble_peripheral import SimLock, SimRadio
 from gateway.app import Gateway
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.clock import ManualClock
-from gateway.config import Config, MqttConfig, load_config
+from gateway.config import Config, load_config
 from gateway.keyfiles import b64url
-from gateway.mqtt import RECEIPT_ALARM_S, MqttBridge
+from gateway.mqtt import RECEIPT_ALARM_S
 from gateway.outbox import Outbox
 from gateway.registry import LockRecord
 from protocols import cbor, issuer
@@ -322,9 +322,6 @@ async def test_D5_D6_a_thousand_events_queued_across_a_restart_arrive_in_order_d
             )
     live_broker.start()
 
-    async def nothing(*_a: object) -> dict[str, object]:
-        return {}
-
     # A restart: the outbox is the only queue; nothing of the first process's memory survives.
     async with (
         Outbox(path, gw=GW, site=SITE, wall=lambda: T0) as ob,
@@ -333,16 +330,11 @@ async def test_D5_D6_a_thousand_events_queued_across_a_restart_arrive_in_order_d
         ) as central,
     ):
         await central.subscribe(f"{B}/{GW}/events", qos=1)
-        bridge = MqttBridge(
-            MqttConfig(url=live_broker.url),
+        bridge = drain_only_bridge(
+            live_broker.url,
+            ob,
             gw_id=GW,
             site=SITE,
-            outbox=ob,
-            handle_request=nothing,
-            install=nothing,
-            info=dict,
-            heartbeat=dict,
-            lock_states=list,
             republish_after_s=0.5,  # no receipts yet: everything is sent again (at least once)
         )
         received: list[dict] = []
