@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Final
 
 import aiomqtt
 
@@ -34,17 +35,30 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def raw_inserts(path: Path, n: int) -> float:
-    db = sqlite3.connect(path, isolation_level=None)
+#: The same row for both baselines.
+PAYLOAD: Final = json.dumps({"type": "access.granted", "data": {"x": "y" * 300}})
+
+
+def raw_db(path: Path, *, any_thread: bool = False) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=not any_thread)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, json TEXT)")
-    payload = json.dumps({"type": "access.granted", "data": {"x": "y" * 300}})
+    return db
+
+
+def raw_insert(db: sqlite3.Connection, i: int) -> None:
+    """One single-row transaction, committed with its fsync."""
+    db.execute("BEGIN")
+    db.execute("INSERT INTO t VALUES (?, ?)", (i, PAYLOAD))
+    db.execute("COMMIT")
+
+
+def raw_inserts(path: Path, n: int) -> float:
+    db = raw_db(path)
     t0 = time.perf_counter()
     for i in range(n):
-        db.execute("BEGIN")
-        db.execute("INSERT INTO t VALUES (?, ?)", (i, payload))
-        db.execute("COMMIT")
+        raw_insert(db, i)
     dt = time.perf_counter() - t0
     db.close()
     return n / dt
@@ -54,20 +68,14 @@ async def thread_hop_inserts(path: Path, n: int) -> float:
     """The floor of the required design, without any of our code: the same raw insert, issued
     from the event loop to one writer thread and awaited (SimpleQueue in, call_soon_threadsafe
     back). The difference to ``raw_inserts`` is what two thread wake-ups cost on this machine."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, json TEXT)")
-    payload = json.dumps({"type": "access.granted", "data": {"x": "y" * 300}})
+    db = raw_db(path, any_thread=True)
     loop = asyncio.get_running_loop()
     jobs: queue.SimpleQueue[tuple[int, asyncio.Future[None]] | None] = queue.SimpleQueue()
 
     def writer() -> None:
         while (job := jobs.get()) is not None:
             i, done = job
-            db.execute("BEGIN")
-            db.execute("INSERT INTO t VALUES (?, ?)", (i, payload))
-            db.execute("COMMIT")
+            raw_insert(db, i)
             loop.call_soon_threadsafe(done.set_result, None)
 
     thread = threading.Thread(target=writer)

@@ -251,10 +251,11 @@ class Gateway:
         out = set(self.authz.alarms) | set(self.outbox.alarms)
         if self._control_error:
             out.add("control_socket_unavailable")
-        if self.mqtt is not None and not self.mqtt.connected.is_set():
-            out.add("mqtt_disconnected")
-        if self.mqtt is not None and self.mqtt.receipts_stalled():
-            out.add("receipts_stalled")
+        if self.mqtt is not None:
+            if not self.mqtt.connected.is_set():
+                out.add("mqtt_disconnected")
+            if self.mqtt.receipts_stalled():
+                out.add("receipts_stalled")
         return sorted(out)
 
     def _lock_state_changed(self, view: LockView) -> None:

@@ -43,7 +43,7 @@ __all__ = [
     "RECEIPT_ALARM_S",
     "MqttBridge",
     "ReceiptWatch",
-    "cancel_and_wait",
+    "republish_wait",
     "retrieve_disconnect_error",
 ]
 

@@ -11,14 +11,13 @@ grows by exactly 1; ``prev``/``hash`` chain every event (protocols.event_encodin
 seq and the chain head are advanced only after a successful COMMIT, so a failed transaction
 leaves no gap.
 
-Failures (THREATS D7, D8): free space below a watermark raises ``disk_low`` (checked after commits,
-at most every ``space_check_s``), well before anything fails. A full disk releases a reserved file
-(``reserve.bin``, preallocated at open) and retries the batch once, with the ``disk_full`` alarm;
-when space is back above the watermark the reserve is made again and the alarm clears. Any other
-write error — including an fsync
-EIO — stops the writer for good: the batch's callers get :class:`OutboxError`, nothing is
-retried on that connection, and the daemon exits non-zero; on restart SQLite recovers from the
-WAL.
+Failures (THREATS D7, D8): free space below a watermark raises ``disk_low`` (checked after
+commits, at most every ``space_check_s``), well before anything fails. A full disk releases a
+reserved file (``reserve.bin``, preallocated at open) and retries the batch once, with the
+``disk_full`` alarm; when space is back above the watermark the reserve is made again and the
+alarm clears. Any other write error — including an fsync EIO — stops the writer for good: the
+batch's callers get :class:`OutboxError`, nothing is retried on that connection, and the daemon
+exits non-zero; on restart SQLite recovers from the WAL.
 
 Retention: rows stay until a receipt covers them and for ``retention_s`` after that receipt.
 """
