@@ -38,12 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar, cast
 
+from gateway import log
 from gateway.errors import OutboxError
-from protocols.event_encoding import GENESIS, seal_event_json
+from protocols.event_encoding import GENESIS, INT64_MAX, check_fields, seal_event_json
 
 __all__ = ["DEFAULT_RETENTION_S", "Outbox", "OutboxStats"]
 
 T = TypeVar("T")
+
+_log = log.get("outbox")
 
 #: Events are kept this long after the receipt that covers them (CONTRACT §8.8).
 DEFAULT_RETENTION_S: Final = 30 * 86400
@@ -77,6 +80,29 @@ class OutboxStats:
     @property
     def backlog(self) -> int:
         return self.last_seq - self.receipt_seq
+
+
+class _JobFault(Exception):
+    """Writer thread: job ``index`` of a batch failed by its own fault (``cause``)."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(index, cause)
+        self.index, self.cause = index, cause
+
+
+#: SQLite errors that are the job's fault (a value or statement it brought), not the database's.
+_JOB_SQL_FAULTS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        if db.in_transaction:
+            db.execute("ROLLBACK")
 
 
 @dataclass(slots=True)
@@ -120,6 +146,8 @@ class Outbox:
         self._last_hash = GENESIS
         self._receipt_seq = 0
         self.appended = asyncio.Event()  # set after every commit (publisher wake-up)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: asyncio.Future[OutboxError] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -128,6 +156,7 @@ class Outbox:
             raise RuntimeError("Outbox is not reentrant")
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
+        self._loop, self._failure = loop, loop.create_future()
         self._thread = threading.Thread(
             target=self._run, args=(loop, ready), name="lockgw-outbox", daemon=True
         )
@@ -140,6 +169,13 @@ class Outbox:
         if thread is not None:
             self._jobs.put(None)
             await asyncio.to_thread(thread.join, 10)
+
+    async def wait_failed(self) -> OutboxError:
+        """Return when the store has failed for good (fail-stop): the supervisor's cue to stop
+        the daemon with exit 1 so that systemd restarts it."""
+        if self._failure is None:
+            raise OutboxError("outbox is not open")
+        return await asyncio.shield(self._failure)
 
     @property
     def healthy(self) -> bool:
@@ -239,8 +275,32 @@ class Outbox:
                             break
                         batch.append(nxt)
                 self._execute(db, batch)
+        except BaseException as exc:  # a bug of ours: fail-stop, loudly, never a silent dead thread
+            self._fail_stop(OutboxError(f"outbox writer crashed ({type(exc).__name__}: {exc})"), exc)
+            raise
         finally:
             db.close()
+            self._drain_after_stop()
+
+    def _drain_after_stop(self) -> None:
+        """Writer thread, ending: no job queued now or later waits for ever."""
+        if self._failed is None:
+            self._failed = OutboxError("outbox is closed")
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job is not None:
+                job.loop.call_soon_threadsafe(_set_exception, job.future, self._failed)
+
+    def _fail_stop(self, err: OutboxError, cause: BaseException) -> None:
+        """Writer thread: a failure that is not one job's fault. Every waiter gets ``err`` at
+        once, ``outbox_write_failed`` is raised, :meth:`wait_failed` returns (the supervisor then
+        stops the daemon with exit 1) and the watchdog is no longer fed (:attr:`healthy`)."""
+        _log.error("outbox_failed", reason=str(err), exc_info=cause)
+        self._failed = err
+        self.alarms.add("outbox_write_failed")
+        loop, failure = self._loop, self._failure
+        if loop is not None and failure is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_set_result, failure, err)
 
     def _execute(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
         if self._failed is not None:
@@ -252,77 +312,106 @@ class Outbox:
         for job in reads:
             try:
                 result = job.fn(db)
-            except sqlite3.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - fails this read alone, with its reason
                 job.loop.call_soon_threadsafe(
-                    _set_exception, job.future, OutboxError(f"outbox read failed: {exc}")
+                    _set_exception,
+                    job.future,
+                    OutboxError(f"outbox read failed: {type(exc).__name__}: {exc}"),
                 )
             else:
                 job.loop.call_soon_threadsafe(_set_result, job.future, result)
         if writes:
-            self._commit(db, writes, retry_after_reserve=True)
+            self._commit(db, writes)
 
-    def _commit(self, db: sqlite3.Connection, writes: list[_Job], *, retry_after_reserve: bool) -> None:
+    def _commit(self, db: sqlite3.Connection, writes: list[_Job]) -> None:
+        """Commit the batch in one transaction. A job that cannot be stored (its own fault: a
+        value SQLite refuses, a bug in its function) is failed alone and the rest committed
+        without it; any other failure is fail-stop, except a full disk, which releases the
+        reserve and tries once more."""
+        reserve_left = True
+        while writes:
+            try:
+                results = self._transaction(db, writes)
+            except _JobFault as fault:
+                _rollback(db)
+                job = writes.pop(fault.index)
+                _log.warning("outbox_job_refused", reason=str(fault.cause), exc_info=fault.cause)
+                job.loop.call_soon_threadsafe(
+                    _set_exception,
+                    job.future,
+                    OutboxError(f"event refused by the store: {type(fault.cause).__name__}: {fault.cause}"),
+                )
+                continue
+            except sqlite3.Error as exc:
+                _rollback(db)
+                full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+                if full and reserve_left and self._reserve.exists():
+                    reserve_left = False
+                    self.alarms.add("disk_full")
+                    _log.error("disk_full", reason=str(exc), reserve_released=self._reserve_bytes)
+                    with contextlib.suppress(OSError):
+                        self._reserve.unlink()
+                    continue
+                err = OutboxError(f"outbox commit failed ({exc}); the writer stopped — restart the daemon")
+                self._fail_stop(err, exc)
+                for job in writes:
+                    job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+                return
+            # One wake-up of the event loop per commit, however many callers it answers.
+            writes[0].loop.call_soon_threadsafe(
+                self._committed, [(j.future, r) for j, r in zip(writes, results, strict=True)]
+            )
+            self._check_space()  # after the answer: never on a caller's latency
+            return
+
+    def _transaction(self, db: sqlite3.Connection, writes: list[_Job]) -> list[Any]:
+        """One transaction over ``writes``; raises :class:`_JobFault` naming the job at fault,
+        or the ``sqlite3.Error`` that is nobody's fault. The seq and chain head move only after
+        COMMIT."""
         seq, head = self._last_seq, self._last_hash
         results: list[Any] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for job in writes:
+        db.execute("BEGIN IMMEDIATE")
+        for index, job in enumerate(writes):
+            try:
                 if job.appends is not None:
-                    sealed = []
-                    for fields in job.appends:
-                        seq += 1
-                        event, text = seal_event_json(
-                            fields,
-                            gw=self._gw,
-                            site=self._site,
-                            epoch=self.epoch,
-                            seq=seq,
-                            prev=head,
-                            wall=self._wall(),
-                        )
-                        head = event["hash"]
-                        db.execute(
-                            "INSERT INTO events (seq, type, lock, json, hash) VALUES (?, ?, ?, ?, ?)",
-                            (seq, event["type"], event["lock"], text, head),
-                        )
-                        sealed.append(event)
-                    if job.forwarded:
-                        db.executemany("INSERT OR IGNORE INTO forwarded VALUES (?, ?)", job.forwarded)
-                    if job.cursor is not None:
-                        db.execute(
-                            "INSERT INTO lock_cursor VALUES (?, ?) ON CONFLICT(lock) DO UPDATE "
-                            "SET lock_seq = max(lock_seq, excluded.lock_seq)",
-                            job.cursor,
-                        )
-                        db.execute("DELETE FROM forwarded WHERE lock = ? AND lock_seq <= ?", job.cursor)
+                    seq, head, sealed = self._insert(db, job, seq, head)
                     results.append(sealed)
                 else:
                     results.append(job.fn(db))
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
-            if full and retry_after_reserve and self._reserve.exists():
-                self.alarms.add("disk_full")
-                with contextlib.suppress(OSError):
-                    self._reserve.unlink()
-                self._commit(db, writes, retry_after_reserve=False)
-                return
-            self.alarms.add("outbox_write_failed")
-            self._failed = OutboxError(
-                f"outbox commit failed ({exc}); the writer stopped — restart the daemon"
-            )
-            for job in writes:
-                job.loop.call_soon_threadsafe(_set_exception, job.future, self._failed)
-            return
+            except sqlite3.Error as exc:
+                if isinstance(exc, _JOB_SQL_FAULTS):
+                    raise _JobFault(index, exc) from exc
+                raise
+            except Exception as exc:  # this job's fault, whatever it is
+                raise _JobFault(index, exc) from exc
+        db.execute("COMMIT")
         self._last_seq, self._last_hash = seq, head
-        # One wake-up of the event loop per commit, however many callers it answers.
-        writes[0].loop.call_soon_threadsafe(
-            self._committed, [(j.future, r) for j, r in zip(writes, results, strict=True)]
-        )
-        self._check_space()  # after the answer: never on a caller's latency
+        return results
+
+    def _insert(self, db: sqlite3.Connection, job: _Job, seq: int, head: str) -> tuple[int, str, list[Any]]:
+        assert job.appends is not None
+        sealed = []
+        for fields in job.appends:
+            seq += 1
+            event, text = seal_event_json(
+                fields, gw=self._gw, site=self._site, epoch=self.epoch, seq=seq, prev=head, wall=self._wall()
+            )
+            head = event["hash"]
+            db.execute(
+                "INSERT INTO events (seq, type, lock, json, hash) VALUES (?, ?, ?, ?, ?)",
+                (seq, event["type"], event["lock"], text, head),
+            )
+            sealed.append(event)
+        if job.forwarded:
+            db.executemany("INSERT OR IGNORE INTO forwarded VALUES (?, ?)", job.forwarded)
+        if job.cursor is not None:
+            db.execute(
+                "INSERT INTO lock_cursor VALUES (?, ?) ON CONFLICT(lock) DO UPDATE "
+                "SET lock_seq = max(lock_seq, excluded.lock_seq)",
+                job.cursor,
+            )
+            db.execute("DELETE FROM forwarded WHERE lock = ? AND lock_seq <= ?", job.cursor)
+        return seq, head, sealed
 
     def _committed(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
         for future, result in answers:
@@ -350,7 +439,10 @@ class Outbox:
         return await future
 
     async def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Commit one event durably; return it sealed (epoch, seq, id, prev, hash)."""
+        """Commit one event durably; return it sealed (epoch, seq, id, prev, hash). Fields that
+        cannot be stored as they are (:func:`protocols.event_encoding.check_fields`) are refused
+        here with :class:`OutboxError`, before anything is queued."""
+        _checked([fields])
         (event,) = await self._submit(_noop, write=True, appends=[fields])
         return cast("dict[str, Any]", event)
 
@@ -363,7 +455,16 @@ class Outbox:
     ) -> list[dict[str, Any]]:
         """Commit several events in one transaction, with the lock-log bookkeeping if given:
         ``forwarded`` marks (lock, lock_seq) pairs as reported, ``cursor`` advances the lock's
-        log cursor (and forgets the marks it covers)."""
+        log cursor (and forgets the marks it covers). Refused whole, before anything is queued,
+        if any event or (lock, lock_seq) cannot be stored as it is."""
+        _checked(events)
+        for lock_id, lock_seq in [*(forwarded or ()), *([cursor] if cursor else [])]:
+            if (
+                not isinstance(lock_id, str)
+                or not isinstance(lock_seq, int)
+                or not 0 <= lock_seq <= INT64_MAX
+            ):
+                raise OutboxError(f"lock_seq {lock_seq!r} of {lock_id!r} is outside 0..2^63-1")
         return list(await self._submit(_noop, write=True, appends=events, cursor=cursor, forwarded=forwarded))
 
     async def forwarded(self, lock: str, seqs: list[int]) -> set[int]:
@@ -427,7 +528,8 @@ class Outbox:
         self, from_seq: int, to_seq: int | None = None, *, limit: int = 500
     ) -> list[dict[str, Any]]:
         """Stored events with from_seq ≤ seq ≤ to_seq, in order (at most ``limit``)."""
-        hi = to_seq if to_seq is not None else 2**62
+        hi = min(to_seq, INT64_MAX) if to_seq is not None else INT64_MAX
+        from_seq = max(0, min(from_seq, INT64_MAX))
 
         def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = db.execute(
@@ -481,6 +583,14 @@ class Outbox:
 
     async def integrity_check(self) -> str:
         return str(await self._submit(lambda db: db.execute("PRAGMA quick_check").fetchone()[0], write=False))
+
+
+def _checked(events: Sequence[Mapping[str, Any]]) -> None:
+    for fields in events:
+        try:
+            check_fields(fields)
+        except ValueError as exc:
+            raise OutboxError(f"event refused: {exc}", code="internal_error") from exc
 
 
 def _noop(_db: sqlite3.Connection) -> None:

@@ -17,7 +17,12 @@ from typing import Any, Final
 __all__ = [
     "EVENT_TYPES",
     "GENESIS",
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_FIELD_DEPTH",
+    "EventFieldError",
     "canonical_json",
+    "check_fields",
     "event_hash",
     "format_ts",
     "seal_event",
@@ -26,6 +31,12 @@ __all__ = [
 ]
 
 GENESIS: Final = "0" * 64
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+#: Nesting of an event's fields (the envelope is level 1, ``data`` level 2, …).
+MAX_FIELD_DEPTH: Final = 8
+#: One text value of an event at most (characters).
+MAX_TEXT_LEN: Final = 16 * 1024
 #: Set by the outbox, never by the caller's fields.
 _ENVELOPE_KEYS: Final = frozenset({"v", "gw", "site", "epoch", "seq", "id", "prev", "hash", "replayed"})
 
@@ -55,6 +66,61 @@ EVENT_TYPES: Final = frozenset(
         "time.state_changed",
     }
 )
+
+
+class EventFieldError(ValueError):
+    """An event field that cannot be stored and hashed as it is (the message names it)."""
+
+
+def check_fields(fields: Mapping[str, Any]) -> None:
+    """Raise ValueError, naming the field, unless every value of an event's fields can be stored
+    and hashed as they are: JSON types only (``None``, bool, int, finite float, str, list, tuple,
+    dict with text keys), ints within int64, text that is valid Unicode (no lone surrogates) and at
+    most ``MAX_TEXT_LEN`` characters, nesting at most ``MAX_FIELD_DEPTH``; ``type`` is text and
+    ``lock`` text or null. Run by the caller before an event is queued, so the one writer never
+    meets a value it cannot encode (CONTRACT §8.13)."""
+    if not isinstance(fields.get("type"), str):
+        raise EventFieldError("event field 'type' must be text")
+    if not isinstance(fields.get("lock"), str | None):
+        raise EventFieldError("event field 'lock' must be text or null")
+    _check_value(fields, "event", 1)
+
+
+def _check_text(value: str, where: str) -> None:
+    if len(value) > MAX_TEXT_LEN:
+        raise EventFieldError(f"{where}: text longer than {MAX_TEXT_LEN} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EventFieldError(f"{where}: text is not valid Unicode (a lone surrogate)") from exc
+
+
+def _check_value(value: object, where: str, depth: int) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise EventFieldError(f"{where}: integer outside the int64 range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise EventFieldError(f"{where}: number is not finite")
+    elif isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, Mapping | list | tuple):
+        if depth > MAX_FIELD_DEPTH:
+            raise EventFieldError(f"{where}: nested deeper than {MAX_FIELD_DEPTH}")
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise EventFieldError(f"{where}: a key is not text")
+                _check_text(key, where)
+                _check_value(item, f"{where}.{key[:32]}", depth + 1)
+        else:
+            for item in value:
+                _check_value(item, f"{where}[]", depth + 1)
+    else:
+        raise EventFieldError(f"{where}: {type(value).__name__} is not a JSON value")
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:

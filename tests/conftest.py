@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 from broker import Broker
+from hypothesis import HealthCheck, settings
+
+# Speed belongs in bench/: no per-example deadline (CI shares two cores with simulators and
+# brokers), and no health check that fails a test for being slow to generate.
+settings.register_profile("lockgw", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("lockgw")
 
 
 @pytest.fixture(scope="session")
