@@ -181,7 +181,10 @@ def dumps(value: CborValue) -> bytes:
         raw = bytes(value)
         return _head(2, len(raw)) + raw
     if isinstance(value, str):
-        raw = value.encode("utf-8")
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: not Unicode text (RFC 8949 §3.1)
+            raise CborError("CBOR text string is not valid Unicode (lone surrogate)") from exc
         return _head(3, len(raw)) + raw
     if isinstance(value, list | tuple):
         return _head(4, len(value)) + b"".join(dumps(v) for v in value)

@@ -98,3 +98,14 @@ def test_shortest_integer_forms() -> None:
         "1a00010000",
         "3818",
     ]
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok\udfff", "\udbff\udc00"[0]])
+def test_B7_lone_surrogates_are_not_text_either_way(text: str) -> None:
+    # Encoding one is a CborError (never a UnicodeEncodeError), and its surrogatepass bytes
+    # (what a hostile lock could send) do not decode as text.
+    with pytest.raises(CborError, match="surrogate"):
+        cbor.dumps({"name": text})
+    raw = text.encode("utf-8", "surrogatepass")
+    with pytest.raises(CborError, match="UTF-8"):
+        cbor.loads(bytes([0x60 | len(raw)]) + raw)
