@@ -17,7 +17,11 @@ __all__ = [
     "MAX_CBOR_ITEMS",
     "MAX_FRAME_BODY",
     "MAX_ID_LEN",
+    "MAX_INT64",
     "MAX_KEYRING_BYTES",
+    "MAX_LOCK_TEXT_LEN",
+    "MAX_LOG_DATA_ITEMS",
+    "MAX_LOG_DATA_KEY_LEN",
     "MAX_MESSAGES_PER_SESSION",
     "MAX_OUTSTANDING_CHALLENGES",
     "MAX_PROOF_BYTES",
@@ -25,7 +29,9 @@ __all__ = [
     "MAX_TIME_STATEMENT_BYTES",
     "MAX_TOKEN_BYTES",
     "MIN_ATT_MTU",
+    "MIN_INT64",
     "NONCE_LEN",
+    "SPAKE2_MESSAGE_LEN",
 ]
 
 # --- lock wire protocol -------------------------------------------------------------------
@@ -64,6 +70,25 @@ COMMAND_CACHE: Final = 64
 
 #: Handshake nonces (bytes).
 NONCE_LEN: Final = 16
+
+#: A SPAKE2 message on Ed25519: one side byte ("A"/"B") and a 32-byte point. Anything else is
+#: refused before the spake2 library sees it.
+SPAKE2_MESSAGE_LEN: Final = 33
+
+# --- values a paired lock sends (untrusted too: CONTRACT §8.13, THREATS B7) -----------------
+
+#: Integers from a lock (lock_seq, log cursors, clock) must fit a signed 64-bit integer: the
+#: outbox stores them in SQLite INTEGER columns, which overflow past 2**63 - 1.
+MIN_INT64: Final = -(2**63)
+MAX_INT64: Final = 2**63 - 1
+
+#: Text a lock reports (firmware, name, log data values): a name on a display, not a document.
+MAX_LOCK_TEXT_LEN: Final = 64
+
+#: A log entry's ``data`` is a flat map of at most this many items (the simulator writes two at
+#: most); keys are short words. Bounds what one entry can add to an event.
+MAX_LOG_DATA_ITEMS: Final = 8
+MAX_LOG_DATA_KEY_LEN: Final = 32
 
 # --- CBOR / COSE (CONTRACT §3.1) ------------------------------------------------------------
 

@@ -15,11 +15,20 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 from protocols import cbor
 from protocols.errors import CborError, RemoteProtocolError
-from protocols.limits import COMMAND_ID_LEN, LOG_BATCH_MAX, MAX_ID_LEN
+from protocols.limits import (
+    COMMAND_ID_LEN,
+    LOG_BATCH_MAX,
+    MAX_ID_LEN,
+    MAX_INT64,
+    MAX_LOCK_TEXT_LEN,
+    MAX_LOG_DATA_ITEMS,
+    MAX_LOG_DATA_KEY_LEN,
+    MIN_INT64,
+)
 
 __all__ = [
     "LINK_POLICY",
@@ -34,13 +43,16 @@ __all__ = [
     "Request",
     "Response",
     "Status",
+    "check_result",
     "decode_request",
     "decode_response",
     "encode_request",
     "encode_response",
     "is_allowed",
+    "parse_ack",
     "parse_actuation",
     "parse_log",
+    "parse_set_time",
     "parse_status",
     "validate_id",
 ]
@@ -146,8 +158,31 @@ def validate_id(value: object, what: str) -> str:
     return value
 
 
+def _is_int(v: object) -> bool:
+    """A signed 64-bit integer (never a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and MIN_INT64 <= v <= MAX_INT64
+
+
+def _is_uint(v: object) -> bool:
+    """An integer in 0..2**63 - 1 (CONTRACT §8.13)."""
+    return _is_int(v) and isinstance(v, int) and v >= 0
+
+
+def _is_text(v: object, max_len: int) -> bool:
+    """Valid Unicode (no lone surrogates) of at most ``max_len`` characters."""
+    if not isinstance(v, str) or len(v) > max_len:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class LogEntry:
+    """One entry of a lock's own log; :meth:`from_cbor` range-checks every field."""
+
     lock_seq: int
     t: int
     kind: LogKind
@@ -157,33 +192,52 @@ class LogEntry:
     def to_cbor(self) -> cbor.CborValue:
         return [self.lock_seq, self.t, str(self.kind), self.cmd_id, dict(self.data)]
 
+    def event_data(self) -> dict[str, object]:
+        """The ``data`` of the event this entry becomes. The gateway's fields come from the
+        checked entry; the lock's own map is kept apart under ``lock_data``, so a lock can never
+        set ``lock_seq``, ``kind``, ``cmd_id``, ``source``, ``lock_time`` (or ``flags``,
+        ``alarm``, ...) of an event."""
+        return {
+            "lock_seq": self.lock_seq,
+            "lock_time": self.t,
+            "kind": str(self.kind),
+            "cmd_id": self.cmd_id.hex() if self.cmd_id is not None else None,
+            "lock_data": dict(self.data),
+        }
+
     @classmethod
     def from_cbor(cls, value: cbor.CborValue) -> LogEntry:
         if not isinstance(value, list) or len(value) != 5:
             raise RemoteProtocolError("log entry is not a 5-element array", code="bad_message")
         seq, t, kind, cmd_id, data = value
-        if not _is_uint(seq) or not _is_int(t) or not isinstance(kind, str):
-            raise RemoteProtocolError("log entry fields have wrong types", code="bad_message")
+        if not _is_uint(seq) or not isinstance(seq, int) or seq < 1:
+            raise RemoteProtocolError(f"log entry lock_seq out of range: {_short(seq)}", code="bad_message")
+        if not _is_int(t) or not isinstance(t, int):
+            raise RemoteProtocolError(f"log entry time out of range: {_short(t)}", code="bad_message")
+        if not _is_text(kind, MAX_LOCK_TEXT_LEN) or kind not in LogKind._value2member_map_:
+            raise RemoteProtocolError(f"unknown log kind {_short(kind)}", code="bad_message")
         if cmd_id is not None and (not isinstance(cmd_id, bytes) or len(cmd_id) != COMMAND_ID_LEN):
             raise RemoteProtocolError("log entry cmd_id malformed", code="bad_message")
-        if not isinstance(data, dict) or not all(
-            isinstance(k, str) and (_is_int(v) or isinstance(v, str)) for k, v in data.items()
+        if (
+            not isinstance(data, dict)
+            or len(data) > MAX_LOG_DATA_ITEMS
+            or not all(
+                _is_text(k, MAX_LOG_DATA_KEY_LEN) and k and (_is_int(v) or _is_text(v, MAX_LOCK_TEXT_LEN))
+                for k, v in data.items()
+            )
         ):
-            raise RemoteProtocolError("log entry data malformed", code="bad_message")
-        try:
-            log_kind = LogKind(kind)
-        except ValueError as exc:
-            raise RemoteProtocolError(f"unknown log kind {kind!r}", code="bad_message") from exc
+            raise RemoteProtocolError(
+                f"log entry data must be a flat map of ≤ {MAX_LOG_DATA_ITEMS} short items",
+                code="bad_message",
+            )
         clean = {str(k): v for k, v in data.items() if isinstance(v, int | str)}
-        return cls(seq, t, log_kind, cmd_id, clean)
+        return cls(seq, t, LogKind(str(kind)), cmd_id, clean)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
-
-
-def _is_uint(v: object) -> bool:
-    return _is_int(v) and isinstance(v, int) and v >= 0
+def _short(v: object) -> str:
+    """A bounded rendering of a hostile value for an error message."""
+    text = ascii(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +322,11 @@ def decode_response(data: bytes) -> Response:
 
 
 # --- typed views of lock results (a hostile lock's result is refused, never trusted) ---------
+#
+# Every value a lock sends is range-checked here (CONTRACT §8.13, THREATS B7): integers fit
+# 0..2**63 - 1 (lock_seq ≥ 1; the clock is any signed 64-bit value), battery 0..100, text is
+# valid Unicode of bounded length. A defect is a RemoteProtocolError(code="bad_message"); the
+# gateway's session raises it on receipt (:func:`check_result`), which ends that link.
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,52 +341,96 @@ class LockStatus:
     name: str
 
 
-def _field(result: Mapping[str, cbor.CborValue], name: str, kind: type) -> object:
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+def _bad(name: str, value: object) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        f"lock result field {name!r} missing, malformed or out of range: {_short(value)}",
+        code="bad_message",
+    )
+
+
+def _int_field(result: Mapping[str, cbor.CborValue], name: str, lo: int, hi: int) -> int:
     value = result.get(name)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RemoteProtocolError(f"lock result field {name!r} missing or malformed", code="bad_message")
+    if not _is_int(value) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _bad(name, value)
     return value
 
 
+def _text_field(result: Mapping[str, cbor.CborValue], name: str) -> str:
+    value = result.get(name)
+    if not _is_text(value, MAX_LOCK_TEXT_LEN) or not isinstance(value, str):
+        raise _bad(name, value)
+    return value
+
+
+def _enum_field(result: Mapping[str, cbor.CborValue], name: str, kind: type[_E]) -> _E:
+    value = result.get(name)
+    if not isinstance(value, str) or value not in kind._value2member_map_:
+        raise RemoteProtocolError(f"lock reported an unknown {name}: {_short(value)}", code="bad_message")
+    return kind(value)
+
+
 def parse_status(result: Mapping[str, cbor.CborValue]) -> LockStatus:
-    try:
-        state = LockState(str(_field(result, "state", str)))
-        door = DoorState(str(_field(result, "door", str)))
-    except ValueError as exc:
-        raise RemoteProtocolError(f"lock reported an unknown state: {exc}", code="bad_message") from exc
-    battery = int(str(_field(result, "battery_pct", int)))
-    firmware, name = str(_field(result, "firmware", str)), str(_field(result, "name", str))
-    if not 0 <= battery <= 100 or len(firmware) > 64 or len(name) > 64:
-        raise RemoteProtocolError("lock status out of range", code="bad_message")
     return LockStatus(
-        state,
-        door,
-        battery,
-        firmware,
-        int(str(_field(result, "clock", int))),
-        int(str(_field(result, "log_first", int))),
-        int(str(_field(result, "log_next", int))),
-        name,
+        _enum_field(result, "state", LockState),
+        _enum_field(result, "door", DoorState),
+        _int_field(result, "battery_pct", 0, 100),
+        _text_field(result, "firmware"),
+        _int_field(result, "clock", MIN_INT64, MAX_INT64),
+        _int_field(result, "log_first", 0, MAX_INT64),
+        _int_field(result, "log_next", 0, MAX_INT64),
+        _text_field(result, "name"),
     )
 
 
 def parse_actuation(result: Mapping[str, cbor.CborValue]) -> tuple[LockState, int]:
     """``(state, lock_seq)`` of an UNLOCK/LOCK result."""
-    try:
-        state = LockState(str(_field(result, "state", str)))
-    except ValueError as exc:
-        raise RemoteProtocolError(f"lock reported an unknown state: {exc}", code="bad_message") from exc
-    return state, int(str(_field(result, "lock_seq", int)))
+    return _enum_field(result, "state", LockState), _int_field(result, "lock_seq", 1, MAX_INT64)
 
 
 def parse_log(result: Mapping[str, cbor.CborValue]) -> tuple[list[LogEntry], int]:
     """``(entries, next_seq)`` of a READ_LOG result; entries must ascend strictly."""
-    raw = _field(result, "entries", list)
-    assert isinstance(raw, list)
+    raw = result.get("entries")
+    if not isinstance(raw, list):
+        raise _bad("entries", raw)
     if len(raw) > LOG_BATCH_MAX:
         raise RemoteProtocolError("lock returned more log entries than asked", code="bad_message")
     entries = [LogEntry.from_cbor(item) for item in raw]
     seqs = [e.lock_seq for e in entries]
     if seqs != sorted(set(seqs)):
         raise RemoteProtocolError("lock log entries out of order", code="bad_message")
-    return entries, int(str(_field(result, "next", int)))
+    return entries, _int_field(result, "next", 0, MAX_INT64)
+
+
+def parse_ack(result: Mapping[str, cbor.CborValue]) -> int:
+    """``first`` (the lowest lock_seq the lock still keeps) of an ACK_LOG result."""
+    return _int_field(result, "first", 0, MAX_INT64)
+
+
+def parse_set_time(result: Mapping[str, cbor.CborValue]) -> int:
+    """``clock`` (the lock's clock after setting it) of a SET_TIME result."""
+    return _int_field(result, "clock", MIN_INT64, MAX_INT64)
+
+
+def check_result(response: Response) -> None:
+    """Range-check a response's result as its op defines it (raises RemoteProtocolError).
+
+    Results of OK answers are checked for every op, and actuation results of JAMMED answers
+    too (they carry the jam's lock_seq); other statuses carry no values the gateway uses.
+    """
+    op, status = response.op, response.status
+    if op in (Op.UNLOCK, Op.LOCK):
+        if status in (Status.OK, Status.JAMMED):
+            parse_actuation(response.result)
+    elif status is not Status.OK or op is Op.UNPAIR:
+        return
+    elif op is Op.STATUS:
+        parse_status(response.result)
+    elif op is Op.READ_LOG:
+        parse_log(response.result)
+    elif op is Op.ACK_LOG:
+        parse_ack(response.result)
+    else:  # Op.SET_TIME
+        parse_set_time(response.result)
