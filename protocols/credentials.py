@@ -9,8 +9,12 @@ checks in :meth:`Authority.decide` is the contract's, and every refusal raises
 Safety reasoning (docs/credentials.md): nothing foreseeable locks staff out. A key verifies
 what it signed while it was valid (token ``iat`` in the key's window) even after it expired; a
 keyring or revocation list past its ``exp`` keeps working, flagged ``stale`` with an alarm;
-every expiry is announced ``expiry_warning_days`` ahead; the time floor moves only forward and
-only on authenticated time, and never ahead of a synchronised clock.
+every expiry is announced ``expiry_warning_days`` ahead; the time floor moves only on the
+authenticated time central publishes on purpose (time statements, installed keyrings and
+revocation lists — never a token, never a refused document), only forward but for a
+root-signed reset, and never ahead of a synchronised clock (CONTRACT §8.7 v1.1). Challenge
+nonces are stateless (MAC'd by a per-boot secret), so a flood of challenges cannot evict one
+(CONTRACT §8.14).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import base64
 import dataclasses
 import enum
 import hashlib
-from collections import OrderedDict
+import heapq
+import hmac
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -27,7 +33,7 @@ from typing import Any, Final
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
 from protocols.errors import CredentialError, TokenError, TrustDocumentError
-from protocols.limits import CHALLENGE_NONCE_LEN, CHALLENGE_TTL_S, MAX_OUTSTANDING_CHALLENGES
+from protocols.limits import CHALLENGE_NONCE_LEN, CHALLENGE_TTL_S
 from protocols.messages import validate_id
 
 __all__ = [
@@ -57,6 +63,10 @@ TOKEN_ROLES: Final = frozenset({"staff", "emergency"})
 TOKEN_ACTIONS: Final = frozenset({"unlock", "lock"})
 #: A value this far ahead of a synchronised clock does not move the floor (CONTRACT §3.6).
 MAX_AHEAD_OF_SYNCED_S: Final = 24 * 3600
+#: Consumed nonces remembered at once (each for at most its 30 s). Only a valid proof adds one,
+#: so real unlocks bound it; when full, new proofs get ``busy`` (retryable) — forgetting a
+#: consumed nonce early would allow a replay.
+MAX_CONSUMED_NONCES: Final = 4096
 _MAX_LOCKS: Final = 64
 _CTI_LEN: Final = 16
 _MAX_TEXT: Final = 256
@@ -149,6 +159,7 @@ class TimeStatement:
     site: str
     t: int
     raw: bytes = field(repr=False)
+    reset: bool = False  # root-signed: sets the floor to t even when lower (CONTRACT §8.7)
 
 
 TrustDocument = Keyring | RevocationList | TimeStatement
@@ -256,10 +267,12 @@ class TimeView:
 class TimeKeeper:
     """The persisted time floor and the time state (CONTRACT §3.6).
 
-    The floor moves only forward and only on authenticated time; while the clock is (or was,
-    this boot) synchronised, an offered value moves it at most to the clock, and a value more
-    than 24 h ahead is ignored and alarmed. Without a synchronised clock, the issuer's signature
-    is the only evidence and any valid value raises it (CONTRACT §8.7).
+    The floor moves only forward and only on authenticated time (:meth:`offer`: time
+    statements, installed keyrings and revocation lists — never tokens); while the clock is (or
+    was, this boot) synchronised, an offered value moves it at most to the clock, and a value
+    more than 24 h ahead is ignored and alarmed. Without a synchronised clock, the issuer's
+    signature is the only evidence and any valid value raises it. Only a root-signed reset
+    (:meth:`reset`) lowers it (CONTRACT §8.7).
     """
 
     floor: int
@@ -295,66 +308,137 @@ class TimeKeeper:
             return True
         return False
 
+    def reset(self, t: int, view: TimeView) -> bool:
+        """A root-signed reset: the floor becomes ``t`` even when lower, the time alarms clear.
+
+        With a synchronised clock the usual bounds hold (at most the clock; more than 24 h ahead
+        is ignored and alarmed). The saved wall clock is lowered with it, so a value pushed
+        ahead by a rogue NTP server stops flagging the clock as gone backwards. Returns False
+        when the statement was ignored.
+        """
+        if view.state is TimeState.UNKNOWN:
+            new = t
+        else:
+            if t > view.wall + MAX_AHEAD_OF_SYNCED_S:
+                self.alarms.add("signed_time_far_ahead")
+                return False
+            new = min(t, view.wall)
+        self.floor = new
+        if self.saved_wall is not None:
+            self.saved_wall = min(self.saved_wall, new)
+        self.alarms.clear()
+        return True
+
 
 # --- proof-of-possession challenges ------------------------------------------------------------
 
+_NONCE_DOMAIN: Final = b"lockgw-nonce-v1\x00"
+_NONCE_TAG_LEN: Final = 16
 
-@dataclass(frozen=True, slots=True)
-class _Challenge:
-    lock: str
-    action: str
-    issued_mono: float
+
+def _ms(mono: float) -> int:
+    return int(mono * 1000)
+
+
+def _nonce_error(code: str) -> TokenError:
+    if code == "nonce_expired":
+        return TokenError(
+            f"nonce is older than {CHALLENGE_TTL_S:.0f} s; ask for a new challenge", code="nonce_expired"
+        )
+    return TokenError(
+        "nonce was never issued, already used, or is bound to another lock or action", code="nonce_unknown"
+    )
 
 
 class Challenges:
-    """Outstanding nonces: 32 random bytes, bound to (lock, action), 30 s monotonic, single use.
+    """Stateless nonces (like TCP SYN cookies): 32 bytes, bound to (lock, action), 30 s by the
+    monotonic clock, single use (CONTRACT §3.4, §8.14).
 
-    Held in memory only: a restart forgets every nonce, so a nonce issued before it can never
-    be used after it (it is then ``nonce_unknown``) — the same guarantee a persisted
-    consumed-set would give, without writing on every challenge.
+    A nonce is ``issued (8 bytes, monotonic ms) ‖ random (8) ‖ tag (16)``, where the tag is
+    HMAC-SHA256 under a per-boot secret over (lock, action, issued, random), truncated. Issuing
+    stores nothing, so no number of challenges can evict or invalidate one already handed out.
+    Only consumed nonces are remembered, each until its 30 s are over; one is consumed only by a
+    proof that verified (a valid token, the holder's signature, the right gateway, lock, action
+    and token hash), so real unlocks bound the set. At :data:`MAX_CONSUMED_NONCES` new proofs
+    get ``busy`` (retryable) rather than forgetting a consumed nonce, which would allow a replay.
+
+    The secret lives in memory only: after a restart every earlier nonce is ``nonce_unknown``.
+    It is an argument (``secret=``) or, when not given, drawn from the first ``issue``'s rng.
     """
 
     def __init__(
-        self, *, ttl_s: float = CHALLENGE_TTL_S, max_outstanding: int = MAX_OUTSTANDING_CHALLENGES
+        self,
+        *,
+        secret: bytes | None = None,
+        ttl_s: float = CHALLENGE_TTL_S,
+        max_consumed: int = MAX_CONSUMED_NONCES,
     ) -> None:
-        self._ttl = ttl_s
-        self._max = max_outstanding
-        self._items: OrderedDict[bytes, _Challenge] = OrderedDict()
+        if secret is not None and len(secret) < 16:
+            raise ValueError("the nonce secret must be at least 16 bytes")
+        self._secret = secret
+        self._ttl_ms = _ms(ttl_s)
+        self._max = max_consumed
+        self._consumed: dict[bytes, int] = {}
+        self._by_issue: list[tuple[int, bytes]] = []  # heap of (issued ms, nonce)
 
     def __len__(self) -> int:
-        return len(self._items)
+        """How many consumed nonces are remembered."""
+        return len(self._consumed)
 
     def issue(self, *, lock: str, action: str, mono: float, rng: Callable[[int], bytes]) -> bytes:
-        self._expire(mono - 2 * self._ttl)
-        while len(self._items) >= self._max:
-            self._items.popitem(last=False)
-        nonce = rng(CHALLENGE_NONCE_LEN)
-        self._items[nonce] = _Challenge(lock, action, mono)
-        return nonce
+        if self._secret is None:
+            self._secret = rng(32)
+        head = struct.pack(">q", _ms(mono)) + rng(CHALLENGE_NONCE_LEN - 8 - _NONCE_TAG_LEN)
+        return head + self._tag(self._secret, lock, action, head)
+
+    @staticmethod
+    def _tag(secret: bytes, lock: str, action: str, head: bytes) -> bytes:
+        msg = bytearray(_NONCE_DOMAIN)
+        for part in (lock.encode(), action.encode()):
+            msg += len(part).to_bytes(2, "big") + part
+        msg += head
+        return hmac.new(secret, bytes(msg), hashlib.sha256).digest()[:_NONCE_TAG_LEN]
 
     def peek(self, nonce: bytes, *, lock: str, action: str, mono: float) -> None:
         """Raise nonce_unknown / nonce_expired unless ``nonce`` is usable for (lock, action)."""
-        item = self._items.get(nonce)
-        if item is None or item.lock != lock or item.action != action:
-            raise TokenError(
-                "nonce was never issued, already used, or is bound to another lock or action",
-                code="nonce_unknown",
-            )
-        if mono - item.issued_mono > self._ttl:
-            del self._items[nonce]
-            raise TokenError(
-                f"nonce is older than {self._ttl:.0f} s; ask for a new challenge", code="nonce_expired"
-            )
+        cut = CHALLENGE_NONCE_LEN - _NONCE_TAG_LEN
+        if (
+            self._secret is None
+            or len(nonce) != CHALLENGE_NONCE_LEN
+            or not hmac.compare_digest(self._tag(self._secret, lock, action, nonce[:cut]), nonce[cut:])
+        ):
+            raise _nonce_error("nonce_unknown")
+        issued = struct.unpack(">q", nonce[:8])[0]
+        now = _ms(mono)
+        if issued > now:  # cannot happen on one monotonic clock: not ours
+            raise _nonce_error("nonce_unknown")
+        if now - issued > self._ttl_ms:
+            raise _nonce_error("nonce_expired")
+        self._prune(now)
+        if nonce in self._consumed:
+            raise _nonce_error("nonce_unknown")
 
-    def consume(self, nonce: bytes) -> None:
-        self._items.pop(nonce, None)
+    def consume(self, nonce: bytes, *, mono: float) -> None:
+        """Remember a nonce whose proof verified (call after :meth:`peek` passed)."""
+        self._prune(_ms(mono))
+        if nonce in self._consumed:
+            raise _nonce_error("nonce_unknown")
+        if len(self._consumed) >= self._max:
+            raise TokenError(
+                "too many unlocks in the last 30 s to remember another nonce; ask for a new "
+                "challenge and retry",
+                code="busy",
+            )
+        issued = struct.unpack(">q", nonce[:8])[0]
+        self._consumed[nonce] = issued
+        heapq.heappush(self._by_issue, (issued, nonce))
 
-    def _expire(self, before: float) -> None:
-        while self._items:
-            nonce, item = next(iter(self._items.items()))
-            if item.issued_mono >= before:
-                break
-            del self._items[nonce]
+    def _prune(self, now_ms: int) -> None:
+        """Forget consumed nonces past their 30 s: they are refused as expired anyway."""
+        heap = self._by_issue
+        while heap and now_ms - heap[0][0] > self._ttl_ms:
+            _, old = heapq.heappop(heap)
+            self._consumed.pop(old, None)
 
 
 # --- decisions -------------------------------------------------------------------------------
@@ -389,6 +473,7 @@ class InstallResult:
     installed: bool  # False: the same version again (silent) or a time statement that raised nothing
     document: TrustDocument
     alarm: str | None = None
+    signer: CoseKey | None = None  # the key that verified it (persisted with it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +521,7 @@ class Authority:
         policy: Policy,
         floor: int,
         saved_wall: int | None = None,
+        nonce_secret: bytes | None = None,
     ) -> None:
         self.gw_id = gw_id
         self.site = site
@@ -443,15 +529,27 @@ class Authority:
         self.policy = policy
         self.keyring: Keyring | None = None
         self.revocations: RevocationList | None = None
+        #: The highest version ever installed per kind: the rollback floor. The gateway
+        #: persists it apart from the documents, so it survives rotations and restarts.
+        self.version_floor: dict[ContentType, int] = {}
+        #: Kinds whose stored document could not be verified at restore (alarm, ``stale``).
+        self.unverified: set[ContentType] = set()
+        #: The last root-signed reset applied (a re-delivery of it is silent, an older is refused).
+        self.last_reset: TimeStatement | None = None
         self.time = TimeKeeper(floor=floor, saved_wall=saved_wall)
-        self.challenges = Challenges()
+        self.challenges = Challenges(secret=nonce_secret)
 
     # -- state ------------------------------------------------------------------------------
 
     def trust_state(self, now: int) -> str:
+        """``ok``, ``stale`` (past an exp, or a stored document no longer verifies) or ``none``."""
         if self.keyring is None:
             return "none"
-        if now > self.keyring.exp or (self.revocations is not None and now > self.revocations.exp):
+        if (
+            now > self.keyring.exp
+            or (self.revocations is not None and now > self.revocations.exp)
+            or self.unverified
+        ):
             return "stale"
         return "ok"
 
@@ -525,45 +623,148 @@ class Authority:
             if set(keyring.keys) & set(self.roots):
                 raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
             current = self.keyring
-            if current is not None and keyring.version <= current.version:
-                if keyring.version == current.version and keyring.raw == current.raw:
-                    return InstallResult(kind, installed=False, document=current)
-                raise TrustDocumentError(
-                    f"keyring version {keyring.version} is not newer than {current.version}", code="rollback"
-                )
+            if current is not None and keyring.raw == current.raw:
+                return InstallResult(kind, installed=False, document=current)
+            self._check_newer(kind, keyring.version, current.version if current else None)
             self.keyring = keyring
+            self._installed(kind, keyring.version)
             self.time.offer(keyring.iat, view)
-            return InstallResult(kind, installed=True, document=keyring)
+            return InstallResult(kind, installed=True, document=keyring, signer=root)
         m = sign1.payload_map(code="malformed")
         if kind is ContentType.REVOCATIONS:
             _exact_keys(
                 m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed"
             )
             iat = _int(m, "iat", "iat", "malformed")
-            sign1.verify_with(self._signer(sign1.kid, "revocations", iat), code="bad_signature")
+            signer = self._signer(sign1.kid, "revocations", iat)
+            sign1.verify_with(signer, code="bad_signature")
             rl = _parse_revocations(m, raw, iat)
             if rl.site != self.site:
                 raise TrustDocumentError(f"revocation list is for site {rl.site}", code="wrong_site")
             cur = self.revocations
-            if cur is not None and rl.version <= cur.version:
-                if rl.version == cur.version and rl.raw == cur.raw:
-                    return InstallResult(kind, installed=False, document=cur)
-                raise TrustDocumentError(
-                    f"revocation list version {rl.version} is not newer than {cur.version}", code="rollback"
-                )
+            if cur is not None and rl.raw == cur.raw:
+                return InstallResult(kind, installed=False, document=cur)
+            self._check_newer(kind, rl.version, cur.version if cur else None)
             self.revocations = rl
+            self._installed(kind, rl.version)
             self.time.offer(rl.iat, view)
-            return InstallResult(kind, installed=True, document=rl)
-        _exact_keys(m, {"site", "t"}, set(), "time statement", "malformed")
-        t = _int(m, "t", "t", "malformed")
-        sign1.verify_with(self._signer(sign1.kid, "time", t), code="bad_signature")
-        ts = TimeStatement(validate_site(m["site"]), t, raw)
+            return InstallResult(kind, installed=True, document=rl, signer=signer)
+        ts = _parse_time_statement(m, raw)
+        if ts.reset:
+            root_key = self.roots.get(sign1.kid)
+            if root_key is None:
+                raise TrustDocumentError(
+                    "a reset time statement must be signed by a root key", code="bad_signature"
+                )
+            signer = root_key
+        else:
+            signer = self._signer(sign1.kid, "time", ts.t)
+        sign1.verify_with(signer, code="bad_signature")
         if ts.site != self.site:
             raise TrustDocumentError(f"time statement is for site {ts.site}", code="wrong_site")
         before = set(self.time.alarms)
-        raised = self.time.offer(t, view)
+        if ts.reset:
+            last = self.last_reset
+            if last is not None and last.raw == raw:
+                return InstallResult(kind, installed=False, document=last)
+            if last is not None and ts.t <= last.t:
+                raise TrustDocumentError(
+                    f"reset to {ts.t} is not later than the last reset ({last.t})", code="rollback"
+                )
+            raised = self.time.reset(ts.t, view)
+            if raised:
+                self.last_reset = ts
+        else:
+            raised = self.time.offer(ts.t, view)
         alarm = next(iter(self.time.alarms - before), None)
-        return InstallResult(kind, installed=raised, document=ts, alarm=alarm)
+        return InstallResult(kind, installed=raised, document=ts, alarm=alarm, signer=signer)
+
+    def _check_newer(self, kind: ContentType, version: int, current: int | None) -> None:
+        """No rollback: newer than the installed one and not below the highest ever installed.
+
+        The same version as the floor is accepted only when nothing of that version is
+        installed (the stored copy was lost): it is then authentic and no older.
+        """
+        floor = self.version_floor.get(kind)
+        if (current is not None and version <= current) or (floor is not None and version < floor):
+            newest = max(v for v in (current, floor) if v is not None)
+            raise TrustDocumentError(
+                f"{_KIND_NAME[kind]} version {version} is not newer than {newest}", code="rollback"
+            )
+
+    def _installed(self, kind: ContentType, version: int) -> None:
+        self.version_floor[kind] = max(version, self.version_floor.get(kind, version))
+        self.unverified.discard(kind)
+
+    def restore(self, raw: bytes, *, signer: CoseKey | None) -> bool:
+        """Reinstate a document installed before a restart; return False if it no longer verifies.
+
+        A stored document was verified when it was installed, so it stays in force whatever has
+        rotated since: a revocation list is checked against the key that verified it then
+        (``signer``, persisted with it), not against the current keyring, which may have
+        retired that key. A keyring is checked against the configured roots. A document that
+        parses but no longer verifies (a root removed from the configuration, a damaged store)
+        is still used — dropping it would lock staff out or un-revoke tokens — and its kind is
+        marked unverified: ``trust_state`` says ``stale`` and the gateway raises an alarm until
+        a newer one installs. One that cannot even be parsed is dropped, also marked. The time
+        floor does not move: it was persisted when the document was installed.
+        """
+        try:
+            kind = document_type(raw)
+        except CredentialError:
+            return False
+        try:
+            sign1 = parse_sign1(raw, kind, code="malformed")
+            assert sign1.kid is not None
+            doc: TrustDocument
+            if kind is ContentType.KEYRING:
+                doc = _parse_keyring_payload(sign1, raw)
+                candidates = [k for k in (self.roots.get(sign1.kid),) if k is not None]
+            else:
+                m = sign1.payload_map(code="malformed")
+                if kind is ContentType.REVOCATIONS:
+                    _exact_keys(
+                        m,
+                        {"site", "version", "iat", "exp", "cti", "sub"},
+                        set(),
+                        "revocation list",
+                        "malformed",
+                    )
+                    doc = _parse_revocations(m, raw, _int(m, "iat", "iat", "malformed"))
+                else:
+                    doc = _parse_time_statement(m, raw)
+                candidates = [signer] if signer is not None else []
+                if not candidates:  # stored before signers were kept: the current keyring or a root
+                    try:
+                        role = "revocations" if kind is ContentType.REVOCATIONS else "time"
+                        candidates = [self._signer(sign1.kid, role, _doc_time(doc))]
+                    except CredentialError:
+                        pass
+            if doc.site != self.site:
+                raise TrustDocumentError(
+                    f"stored {_KIND_NAME[kind]} is for site {doc.site}", code="wrong_site"
+                )
+        except CredentialError:
+            self.unverified.add(kind)
+            return False
+        verified = False
+        for key in candidates:
+            try:
+                sign1.verify_with(key, code="bad_signature")
+                verified = True
+            except CredentialError:
+                continue
+        if isinstance(doc, Keyring):
+            self.keyring = doc
+        elif isinstance(doc, RevocationList):
+            self.revocations = doc
+        else:
+            self.last_reset = doc
+            return verified  # a reset is history (the floor it set is persisted): no alarm
+        self.version_floor[kind] = max(doc.version, self.version_floor.get(kind, doc.version))
+        if not verified:
+            self.unverified.add(kind)
+        return verified
 
     # -- challenges ---------------------------------------------------------------------------
 
@@ -617,11 +818,10 @@ class Authority:
             raise _deny("token lacks an integer iat", "token_invalid")
         if not entry.covers(iat):
             raise _deny("token iat is outside its signing key's validity window", "token_invalid")
-        if role not in TOKEN_ROLES or role not in entry.roles:
-            raise _deny(f"signing key does not hold the token's role {role!r}", "token_invalid")
-        floor_before = self.time.floor
-        self.time.offer(iat, view)
-        view = self.time.view(wall=wall, synced=synced)
+        if not isinstance(role, str) or role not in TOKEN_ROLES or role not in entry.roles:
+            raise _deny(f"signing key does not hold the token's role {_show(role)}", "token_invalid")
+        # A token never moves the time floor (CONTRACT §8.7 v1.1): no token, however it is
+        # dated, changes what later tokens get.
         now = view.now
         ctx = _context(claims_map)
         # 7. aud
@@ -641,9 +841,15 @@ class Authority:
             or action not in TOKEN_ACTIONS
         ):
             raise _deny(f"token does not allow {action}", "action_not_allowed", **ctx)
-        # 10. nbf / iat ahead
+        # 10. nbf / iat ahead. With the clock unknown an iat ahead is no refusal: after a power
+        # cut the clock may be days behind, and refusing would lock staff out (§8.7).
         nbf = claims_map.get(5)
-        if iat - leeway > now or (isinstance(nbf, int) and not isinstance(nbf, bool) and nbf - leeway > now):
+        synced_view = view.state is not TimeState.UNKNOWN
+        if synced_view and iat > view.wall + MAX_AHEAD_OF_SYNCED_S:
+            self.time.alarms.add("signed_time_far_ahead")
+        if (synced_view and iat - leeway > now) or (
+            isinstance(nbf, int) and not isinstance(nbf, bool) and nbf - leeway > now
+        ):
             raise _deny("token is not valid yet (check the issuing clock)", "token_not_yet_valid", **ctx)
         # 11. exp
         exp = claims_map.get(4)
@@ -651,7 +857,7 @@ class Authority:
             raise _deny("token lacks an integer exp", "token_invalid", **ctx)
         if now > exp + leeway:
             raise _deny("token has expired", "token_expired", **ctx)
-        if view.state is TimeState.UNKNOWN and iat < floor_before - pol.max_token_ttl_s:
+        if view.state is TimeState.UNKNOWN and iat < self.time.floor - pol.max_token_ttl_s:
             raise _deny(
                 "clock unknown and the token was issued before the time floor allows", "token_expired", **ctx
             )
@@ -736,7 +942,6 @@ class Authority:
             self.challenges.peek(nonce, lock=lock, action=action, mono=mono)
         except TokenError as exc:
             raise _deny(str(exc), exc.code, **ctx) from exc
-        self.challenges.consume(nonce)  # single use: consumed on presentation
         try:
             sign1.verify_with(holder, code="proof_invalid")
         except CredentialError as exc:
@@ -745,6 +950,10 @@ class Authority:
             raise _deny("proof names another gateway, lock or action", "proof_invalid", **ctx)
         if payload["th"] != hashlib.sha256(token).digest():
             raise _deny("proof is bound to another token", "proof_invalid", **ctx)
+        try:  # single use: a proof that verified consumes its nonce
+            self.challenges.consume(nonce, mono=mono)
+        except TokenError as exc:
+            raise _deny(str(exc), exc.code, **ctx) from exc
 
 
 def _context(m: Mapping[Any, cbor.CborValue]) -> dict[str, object]:
@@ -754,9 +963,32 @@ def _context(m: Mapping[Any, cbor.CborValue]) -> dict[str, object]:
         ctx["sub"] = sub
     if isinstance(cti, bytes) and len(cti) == _CTI_LEN:
         ctx["cti"] = cti.hex()
-    if role in TOKEN_ROLES:
+    if isinstance(role, str) and role in TOKEN_ROLES:
         ctx["role"] = role
     return ctx
+
+
+def _show(value: object) -> str:
+    """A claim value for a message: short, and never a big structure."""
+    return repr(value) if isinstance(value, str) and len(value) <= 32 else f"of type {type(value).__name__}"
+
+
+_KIND_NAME: Final = {
+    ContentType.KEYRING: "keyring",
+    ContentType.REVOCATIONS: "revocation list",
+    ContentType.TIME: "time statement",
+}
+
+
+def _doc_time(doc: TrustDocument) -> int:
+    return doc.t if isinstance(doc, TimeStatement) else doc.iat
+
+
+def _parse_time_statement(m: Mapping[Any, cbor.CborValue], raw: bytes) -> TimeStatement:
+    _exact_keys(m, {"site", "t"}, {"reset"}, "time statement", "malformed")
+    if "reset" in m and m["reset"] is not True:
+        raise TrustDocumentError('time statement "reset" must be true when present', code="malformed")
+    return TimeStatement(validate_site(m["site"]), _int(m, "t", "t", "malformed"), raw, reset="reset" in m)
 
 
 def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:

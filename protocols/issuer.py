@@ -71,8 +71,13 @@ def revocations(
     return sign1(cbor.dumps(payload), signer, ContentType.REVOCATIONS, kid=signer.public.kid)
 
 
-def time_statement(signer: PrivateCoseKey, *, site: str, t: int) -> bytes:
-    return sign1(cbor.dumps({"site": site, "t": t}), signer, ContentType.TIME, kid=signer.public.kid)
+def time_statement(signer: PrivateCoseKey, *, site: str, t: int, reset: bool = False) -> bytes:
+    """``{"site", "t"}``; ``reset=True`` adds ``"reset": true``, which gateways accept only from a
+    root key: it sets their time floor to ``t`` even when lower (CONTRACT §8.7)."""
+    payload: dict[str, cbor.CborValue] = {"site": site, "t": t}
+    if reset:
+        payload["reset"] = True
+    return sign1(cbor.dumps(payload), signer, ContentType.TIME, kid=signer.public.kid)
 
 
 def token(

@@ -7,7 +7,7 @@ from credfix import GW, LOCK, SITE, T0, World
 
 from protocols import cbor, issuer
 from protocols.cose import ALG_EDDSA, ContentType, PrivateCoseKey, generate_private_key, sign1
-from protocols.credentials import Authority, Policy, TimeState
+from protocols.credentials import Authority, Challenges, Policy, TimeState
 from protocols.errors import TokenError, TrustDocumentError
 
 
@@ -459,3 +459,82 @@ def test_document_of_wrong_type_and_garbage(w: World) -> None:
     auth = w.authority()
     assert trust_code(auth, w.token()) == "wrong_type"
     assert trust_code(auth, b"\x00garbage") in {"wrong_type", "malformed"}
+
+
+# --- CONTRACT §8.14: stateless challenges a flood cannot evict ----------------------------------
+
+
+def test_A5_100000_challenges_for_one_lock_do_not_evict_the_honest_phones_nonce(w: World) -> None:
+    auth = w.authority()
+    tok = w.token()
+    honest = auth.challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
+    replay_me = auth.challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
+    flood = {
+        auth.challenge(lock=LOCK, action="unlock", mono=100.0 + i / 10_000, rng=w.rng) for i in range(100_000)
+    }
+    assert len(flood) == 100_000 and honest not in flood and all(len(n) == 32 for n in flood)
+    assert len(auth.challenges) == 0  # issuing stores nothing
+    proof = w.prove(auth, tok, nonce=honest)
+    assert decide(auth, tok, proof, mono=110.0).sub == "staff-17"
+    assert code_of(auth, tok, proof, mono=111.0) == "nonce_unknown"  # replayed proof
+    p2 = w.prove(auth, tok, nonce=replay_me)
+    decide(auth, tok, p2, mono=112.0)
+    assert code_of(auth, tok, p2, mono=129.0) == "nonce_unknown"
+    late = auth.challenge(lock=LOCK, action="unlock", mono=200.0, rng=w.rng)
+    assert code_of(auth, tok, w.prove(auth, tok, nonce=late), mono=230.5) == "nonce_expired"
+    other_lock = auth.challenge(lock="lk-door-2", action="unlock", mono=300.0, rng=w.rng)
+    other_act = auth.challenge(lock=LOCK, action="lock", mono=300.0, rng=w.rng)
+    assert code_of(auth, tok, w.prove(auth, tok, nonce=other_lock), mono=301.0) == "nonce_unknown"
+    assert code_of(auth, tok, w.prove(auth, tok, nonce=other_act), mono=301.0) == "nonce_unknown"
+
+
+def test_T4_forged_or_altered_nonces_are_nonce_unknown(w: World) -> None:
+    auth = w.authority()
+    tok = w.token()
+    good = auth.challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
+    for i in range(32):  # any flipped bit: time, random or tag
+        bad = bytearray(good)
+        bad[i] ^= 0x01
+        assert code_of(auth, tok, w.prove(auth, tok, nonce=bytes(bad))) == "nonce_unknown"
+    other = w.authority()  # another boot: another secret
+    assert code_of(other, tok, w.prove(auth, tok, nonce=good)) == "nonce_unknown"
+    assert decide(auth, tok, w.prove(auth, tok, nonce=good)).sub == "staff-17"
+
+
+def test_T4_a_failed_proof_does_not_consume_the_nonce(w: World) -> None:
+    auth = w.authority()
+    tok = w.token()
+    n = auth.challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
+    thief = generate_private_key(ALG_EDDSA, b"", w.rng)
+    forged = issuer.proof(thief, token_bytes=tok, nonce=n, gw=GW, lock=LOCK, act="unlock")
+    assert code_of(auth, tok, forged) == "proof_invalid"
+    assert len(auth.challenges) == 0  # only a proof that verified is remembered
+    assert decide(auth, tok, w.prove(auth, tok, nonce=n)).sub == "staff-17"
+    assert len(auth.challenges) == 1
+
+
+def test_A5_a_full_consumed_set_refuses_busy_and_never_forgets_a_consumed_nonce(w: World) -> None:
+    auth = w.authority()
+    auth.challenges = Challenges(secret=b"s" * 32, max_consumed=3)
+    tok = w.token()
+    proofs = [w.prove(auth, tok, mono=100.0) for _ in range(5)]
+    for p in proofs[:3]:
+        decide(auth, tok, p)
+    assert code_of(auth, tok, proofs[3]) == "busy"
+    for p in proofs[:3]:
+        assert code_of(auth, tok, p) == "nonce_unknown"  # still remembered: no replay
+    # 30 s after the consumed ones were issued they expire and room is made again.
+    fresh = w.prove(auth, tok, mono=131.0)
+    assert decide(auth, tok, fresh, mono=131.5).sub == "staff-17"
+    assert len(auth.challenges) == 1
+
+
+def test_nonce_secret_is_an_argument_and_must_be_long_enough() -> None:
+    a = Challenges(secret=b"k" * 32)
+    b = Challenges(secret=b"k" * 32)
+    rng = lambda n: b"\x07" * n  # noqa: E731
+    n = a.issue(lock=LOCK, action="unlock", mono=5.0, rng=rng)
+    assert n == b.issue(lock=LOCK, action="unlock", mono=5.0, rng=rng)  # pure: same inputs, same nonce
+    b.peek(n, lock=LOCK, action="unlock", mono=6.0)
+    with pytest.raises(ValueError):
+        Challenges(secret=b"short")

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import cbor, issuer
-from protocols.cose import SMALL_ORDER_ED25519, ContentType, CoseKey, decode_key, parse_sign1
+from protocols.cose import SMALL_ORDER_ED25519, ContentType, CoseKey, decode_key, parse_sign1, sign1
 from protocols.credentials import Authority, TimeKeeper, TimeState, load_cbor_or_b64
-from protocols.errors import CredentialError, TokenError
+from protocols.errors import CredentialError, TokenError, TrustDocumentError
 
 RELEASE = T0 - 200 * 86400  # the starting floor: the release date
 P = 2**255 - 19
@@ -24,12 +24,16 @@ def grant(w: World, auth: Authority, tok: bytes, *, wall: float, synced: bool, m
     )
 
 
-def test_C1_boot_at_1970_without_network_unlocks_fresh_tokens_and_raises_the_floor() -> None:
+def test_C1_boot_at_1970_without_network_unlocks_fresh_tokens_and_the_floor_refuses_old_ones() -> None:
     w = World()
     auth = w.authority(floor=RELEASE, synced=False)
     tok = w.token(iat=T0 - 60)
     d = grant(w, auth, tok, wall=0, synced=False)
     assert d.time_state is TimeState.UNKNOWN  # type: ignore[attr-defined]
+    assert auth.time.floor == T0 - 86400  # the keyring's iat; the token moved nothing
+    assert auth.install(
+        issuer.time_statement(w.issuer_a, site=SITE, t=T0 - 60), wall=0, synced=False
+    ).installed
     assert auth.time.floor == T0 - 60
     stale = w.token(iat=T0 - 60 - 43200 - 10, ttl=60)
     with pytest.raises(TokenError) as info:
@@ -63,12 +67,13 @@ def test_C3_far_future_iat_while_synced_does_not_move_the_floor() -> None:
     assert "signed_time_far_ahead" in auth.time.alarms
 
 
-def test_C3_in_unknown_a_fresh_token_ahead_of_the_clock_is_accepted() -> None:
+def test_C3_in_unknown_a_fresh_token_ahead_of_the_clock_is_accepted_and_moves_no_floor() -> None:
     w = World()
     auth = w.authority(floor=RELEASE, synced=False)
+    floor = auth.time.floor
     tok = w.token(iat=T0 + 2 * 86400)
     assert grant(w, auth, tok, wall=T0, synced=False)
-    assert auth.time.floor == T0 + 2 * 86400
+    assert auth.time.floor == floor
 
 
 def test_time_statement_raises_the_floor_only_forward_and_never_past_a_synced_clock() -> None:
@@ -89,11 +94,15 @@ def test_C2_clock_jumps_at_runtime(jump: int) -> None:
     w = World()
     auth = w.authority(floor=RELEASE)
     grant(w, auth, w.token(iat=T0 - 60), wall=T0, synced=True)
+    auth.time.saved_wall = T0  # the gateway saves its synchronised clock every minute
     floor = auth.time.floor
     view = auth.time.view(wall=T0 + jump, synced=True)
     assert auth.time.floor == floor  # a jump never moves the floor
     if T0 + jump < floor:
         assert view.state is TimeState.UNKNOWN and view.now == floor
+    if jump < 0:  # behind the saved clock: unknown and alarmed, so an iat "ahead" is no refusal
+        assert view.state is TimeState.UNKNOWN
+        assert auth.time.alarms & {"clock_went_backwards", "clock_behind_floor"}
     # A fresh token (real time T0) still unlocks after a backward jump; after a forward jump
     # beyond its lifetime it is expired by the (synchronised) clock.
     tok = w.token(iat=T0 - 30)
@@ -234,8 +243,6 @@ def test_B6_mutated_tokens_and_proofs_raise_only_token_errors(data: st.DataObjec
     )
 )
 def test_B6_arbitrary_well_formed_claims_raise_only_token_errors(claims: object) -> None:
-    from protocols.cose import sign1
-
     raw = sign1(cbor.dumps(claims), _w.issuer_a, ContentType.TOKEN, kid=b"iss-a")  # type: ignore[arg-type]
     with contextlib.suppress(TokenError):
         _auth.decide(raw, None, lock=LOCK, action="unlock", wall=T0, synced=True, mono=1.0)
@@ -250,3 +257,193 @@ def test_load_cbor_or_b64() -> None:
     with pytest.raises(CredentialError):
         load_cbor_or_b64(b"not base64 !")
     assert GW
+
+
+# --- CONTRACT §8.7 v1.1: only time statements, keyrings and revocation lists move the floor ----
+
+
+def test_C6_future_dated_tokens_while_unknown_then_20_honest_tokens_all_open() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE, synced=False)
+    floor = auth.time.floor
+    for ahead in (15 * 60, 59 * 86400):  # a skewed issuer, then a leaked key's far-future token
+        assert grant(w, auth, w.token(iat=T0 + ahead), wall=T0, synced=False)
+        assert auth.time.floor == floor
+    for i in range(20):
+        assert grant(w, auth, w.token(iat=T0 - 60 + i), wall=T0 + i, synced=False)
+    assert auth.time.floor == floor
+
+
+def test_C6_a_refused_token_moves_no_floor() -> None:
+    """Before v1.1 a token refused as wrong_lock still raised the floor."""
+    w = World()
+    auth = w.authority(floor=RELEASE, synced=False)
+    floor = auth.time.floor
+    for tok, code in (
+        (w.token(iat=T0 + 30 * 86400, locks=["lk-elsewhere"]), "wrong_lock"),
+        (w.token(iat=T0 + 30 * 86400, aud="site-other"), "wrong_audience"),
+        (w.token(iat=T0 + 30 * 86400, act=["lock"]), "action_not_allowed"),
+    ):
+        with pytest.raises(TokenError) as info:
+            grant(w, auth, tok, wall=T0, synced=False)
+        assert info.value.code == code
+    assert auth.time.floor == floor
+
+
+def test_C6_a_refused_document_moves_no_floor() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE, synced=False)
+    floor = auth.time.floor
+    other = World(rng=__import__("helpers").SeededRng(b"other"))
+    refused = [
+        issuer.time_statement(w.issuer_a, site="site-other", t=T0 + 86400),  # wrong site
+        issuer.time_statement(other.issuer_a, site=SITE, t=T0 + 86400),  # unknown key
+        issuer.revocations(w.issuer_b, site=SITE, version=1, iat=T0 + 86400, exp=T0 + 2 * 86400),  # role
+        w.keyring(1),  # same version, other bytes: rollback
+    ]
+    auth.install(w.keyring(2), wall=T0, synced=False)
+    floor = auth.time.floor
+    for doc in refused:
+        with pytest.raises(TrustDocumentError):
+            auth.install(doc, wall=T0, synced=False)
+    assert auth.time.floor == floor
+
+
+def test_C6_expired_tokens_older_than_the_floor_are_still_refused() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE, synced=False)
+    auth.install(issuer.time_statement(w.issuer_a, site=SITE, t=T0), wall=0, synced=False)
+    old = w.token(iat=T0 - 2 * 3600, ttl=3600)  # expired an hour before the floor
+    with pytest.raises(TokenError) as info:
+        grant(w, auth, old, wall=0, synced=False)
+    assert info.value.code == "token_expired"
+    very_old = w.token(iat=T0 - 43200 - 120, ttl=43200 + 600)  # unexpired but issued too early
+    with pytest.raises(TokenError) as info:
+        grant(w, auth, very_old, wall=0, synced=False)
+    assert info.value.code == "token_expired"
+
+
+def test_C6_root_time_2h_ahead_then_root_reset_honest_tokens_expire_then_open_again() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE, synced=False)
+    ahead = issuer.time_statement(w.root, site=SITE, t=T0 + 2 * 3600)
+    assert auth.install(ahead, wall=T0, synced=False).installed
+    honest = w.token(iat=T0 - 60, ttl=3600)
+    with pytest.raises(TokenError) as info:
+        grant(w, auth, honest, wall=T0, synced=False)
+    assert info.value.code == "token_expired"
+    auth.time.alarms.add("clock_behind_floor")
+    reset = issuer.time_statement(w.root, site=SITE, t=T0, reset=True)
+    r = auth.install(reset, wall=T0, synced=False)
+    assert r.installed and auth.time.floor == T0 and not auth.time.alarms
+    assert grant(w, auth, honest, wall=T0, synced=False)
+    assert grant(w, auth, w.token(iat=T0 - 30), wall=T0, synced=False)
+    # The same reset again (a retained topic re-delivers it) is silent; an older one is rollback.
+    assert not auth.install(reset, wall=T0 + 60, synced=False).installed
+    with pytest.raises(TrustDocumentError) as err:
+        auth.install(issuer.time_statement(w.root, site=SITE, t=T0 - 10, reset=True), wall=T0, synced=False)
+    assert err.value.code == "rollback"
+
+
+def test_C6_reset_must_be_root_signed_and_literally_true() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE, synced=False)
+    auth.install(issuer.time_statement(w.root, site=SITE, t=T0 + 86400), wall=T0, synced=False)
+    floor = auth.time.floor
+    with pytest.raises(TrustDocumentError) as err:  # issuer_a holds role time, but is no root
+        auth.install(issuer.time_statement(w.issuer_a, site=SITE, t=T0, reset=True), wall=T0, synced=False)
+    assert err.value.code == "bad_signature"
+    for value in (False, 1, "true"):
+        doc = sign1(
+            cbor.dumps({"site": SITE, "t": T0, "reset": value}), w.root, ContentType.TIME, kid=b"root-1"
+        )
+        with pytest.raises(TrustDocumentError) as err:
+            auth.install(doc, wall=T0, synced=False)
+        assert err.value.code == "malformed"
+    assert auth.time.floor == floor
+
+
+def test_C6_reset_with_a_synchronised_clock_is_bounded_by_it() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE)
+    auth.time.saved_wall = T0 + 86400  # a rogue NTP step was saved
+    r = auth.install(issuer.time_statement(w.root, site=SITE, t=T0 - 600, reset=True), wall=T0, synced=True)
+    assert r.installed and auth.time.floor == T0 - 600 and auth.time.saved_wall == T0 - 600
+    assert auth.time.view(wall=T0, synced=True).state is TimeState.SYNCED
+    far = issuer.time_statement(w.root, site=SITE, t=T0 + 3 * 86400, reset=True)
+    r = auth.install(far, wall=T0, synced=True)
+    assert not r.installed and r.alarm == "signed_time_far_ahead" and auth.time.floor == T0 - 600
+
+
+def test_C3_synced_token_far_ahead_is_not_yet_valid_alarmed_and_moves_no_floor() -> None:
+    w = World()
+    auth = w.authority(floor=RELEASE)
+    floor = auth.time.floor
+    with pytest.raises(TokenError) as info:
+        grant(w, auth, w.token(iat=T0 + 30 * 86400), wall=T0, synced=True)
+    assert info.value.code == "token_not_yet_valid"
+    assert "signed_time_far_ahead" in auth.time.alarms and auth.time.floor == floor
+    with pytest.raises(TokenError) as info:  # holdover is treated like synced
+        grant(w, auth, w.token(iat=T0 + 3600), wall=T0, synced=False)
+    assert info.value.code == "token_not_yet_valid"
+
+
+# --- claims of the wrong CBOR type ----------------------------------------------------------
+
+_CBOR_ANY = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**64), 2**64 - 1),
+        st.binary(max_size=40),
+        st.text(max_size=20),
+        st.sampled_from(["staff", "emergency", LOCK, SITE, "unlock", "central"]),
+    ),
+    lambda c: st.one_of(
+        st.lists(c, max_size=4),
+        st.dictionaries(st.one_of(st.integers(-5, 10), st.text(max_size=6)), c, max_size=4),
+        st.builds(cbor.Tag, st.sampled_from([1, 18, 61, 2**32]), c),
+    ),
+    max_leaves=10,
+)
+_CLAIM_NAMES = [1, 2, 3, 4, 5, 6, 7, 8, "locks", "act", "role", "alarm"]
+_CODES = {
+    "token_invalid",
+    "token_expired",
+    "token_not_yet_valid",
+    "token_revoked",
+    "wrong_audience",
+    "wrong_lock",
+    "action_not_allowed",
+    "unknown_key",
+    "proof_required",
+    "proof_invalid",
+    "nonce_unknown",
+    "nonce_expired",
+    "stale_trust",
+}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(_CLAIM_NAMES), _CBOR_ANY, st.booleans(), st.booleans())
+def test_B6_any_claim_of_any_cbor_type_is_a_token_error_with_a_contract_code(
+    name: object, value: object, synced: bool, with_proof: bool
+) -> None:
+    claims = dict(cbor.loads(cbor.loads(_good).value[2]))  # type: ignore[union-attr, index, call-overload]
+    claims[name] = value
+    raw = sign1(cbor.dumps(claims), _w.issuer_a, ContentType.TOKEN, kid=b"iss-a")  # type: ignore[arg-type]
+    proof = _w.prove(_auth, raw, mono=1.0) if with_proof else None
+    with pytest.raises(TokenError) as info:
+        _auth.decide(raw, proof, lock=LOCK, action="unlock", wall=T0, synced=synced, mono=1.0)
+        raise TokenError("accepted", code="accepted")  # a replaced claim may still be valid
+    assert info.value.code in _CODES | {"accepted"}
+
+
+def test_B6_role_of_the_wrong_type_is_token_invalid_not_a_type_error() -> None:
+    for role in (["staff"], {"staff": 1}, b"staff", 1, None, cbor.Tag(1, "staff")):
+        claims = dict(cbor.loads(cbor.loads(_good).value[2]))  # type: ignore[union-attr, index, call-overload]
+        claims["role"] = role
+        raw = sign1(cbor.dumps(claims), _w.issuer_a, ContentType.TOKEN, kid=b"iss-a")  # type: ignore[arg-type]
+        with pytest.raises(TokenError) as info:
+            _auth.decide(raw, None, lock=LOCK, action="unlock", wall=T0, synced=True, mono=1.0)
+        assert info.value.code == "token_invalid"
