@@ -17,13 +17,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, Self
 
+from gateway import log
 from gateway.tasks import cancel_and_wait
+from gateway.wire import ControlLine, WireError, loads_bounded, parse_model
 
 __all__ = ["MAX_LINE", "ControlServer", "call"]
 
 MAX_LINE: Final = 64 * 1024
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+_log = log.get("control")
 
 
 class ControlServer:
@@ -73,15 +76,13 @@ class ControlServer:
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
-            cmd, args = request["cmd"], request.get("args", {})
-            if not isinstance(cmd, str) or not isinstance(args, dict):
-                raise TypeError("cmd must be text and args an object")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            request = parse_model(ControlLine, loads_bounded(line, max_bytes=MAX_LINE))
+        except WireError as exc:
             return {"ok": False, "exit": 2, "error": f"malformed control request: {exc}"}
         try:
-            return await self._handler(cmd, args)
+            return await self._handler(request.cmd, request.args)
         except Exception as exc:  # noqa: BLE001 - the daemon answers, never dies, on a bad command
+            _log.error("control_command_crashed", cmd=request.cmd, exc_info=exc)
             return {"ok": False, "exit": 1, "error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -19,6 +19,7 @@ from bleak import BleakScanner
 from gateway.errors import AdapterUnavailable, BleError, PairingFailed
 from gateway.links import Priority
 from gateway.registry import LockRecord
+from protocols.event_encoding import INT64_MAX
 from protocols.gatt import COMPANY_ID, decode_advert
 from protocols.messages import Op, Status
 
@@ -106,8 +107,14 @@ async def _events(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     to there)."""
     since = args.get("since", 1)
     limit = args.get("limit", 100)
-    if not isinstance(since, int) or not isinstance(limit, int) or since < 1 or not 1 <= limit <= MAX_EVENTS:
-        return fail("events takes since ≥ 1 and 1 ≤ limit ≤ 10000", exit_code=2)
+    if (
+        not isinstance(since, int)
+        or isinstance(since, bool)
+        or not isinstance(limit, int)
+        or not 1 <= since <= INT64_MAX
+        or not 1 <= limit <= MAX_EVENTS
+    ):
+        return fail("events takes 1 ≤ since ≤ 2^63-1 and 1 ≤ limit ≤ 10000", exit_code=2)
     filters: dict[str, str | None] = {}
     for key in ("lock", "type", "sub", "from", "until"):
         value = args.get(key)

@@ -1,0 +1,207 @@
+"""The edge: wire input parsed once, bounded, into typed models (CONTRACT §4, §8.4, §8.13).
+
+Every surface that takes JSON from outside — MQTT requests and receipts, control-socket lines —
+goes through :func:`loads_bounded` and then one pydantic v2 strict model. Past this module the
+pipeline sees models, never a raw dict from the wire.
+
+:func:`loads_bounded` refuses, before ``json.loads`` recurses or allocates much:
+
+* a payload over its byte limit;
+* nesting deeper than ``MAX_JSON_DEPTH`` (a cheap pre-scan of brackets outside strings, so a
+  100 000-deep document costs a regex pass, not a RecursionError);
+* invalid UTF-8, ``NaN``/``Infinity``, duplicate keys;
+* any text, key or value, that is not valid Unicode (a lone surrogate escape such as
+  ``"\\ud800"`` decodes to a Python str that cannot be encoded again: CONTRACT §8.13).
+
+Integers are range-checked by the models (0..2^63−1 where the contract says so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import LockgwError
+from protocols.event_encoding import INT64_MAX
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_REQUEST_BYTES",
+    "MAX_TRANSACTION_LEN",
+    "ActuateRequest",
+    "ChallengeRequest",
+    "ControlLine",
+    "EmptyRequest",
+    "LockRequest",
+    "Receipt",
+    "ReplayRequest",
+    "WireError",
+    "first_error",
+    "loads_bounded",
+    "parse_model",
+    "transaction_of",
+]
+
+#: Requests larger than this are refused unread (CONTRACT §8.4).
+MAX_REQUEST_BYTES: Final = 64 * 1024
+MAX_TRANSACTION_LEN: Final = 128
+#: No request, receipt or control line of the contract nests deeper than a few levels.
+MAX_JSON_DEPTH: Final = 32
+#: Identifiers (lock ids, epochs) are short; anything longer is not one.
+MAX_ID_LEN: Final = 256
+
+M = TypeVar("M", bound=BaseModel)
+
+_TOKENS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class WireError(LockgwError):
+    """Input that is not what the contract allows; the message says what is wrong."""
+
+    code = "invalid_request"
+
+
+def _depth_ok(payload: bytes, limit: int) -> bool:
+    depth = 0
+    for m in _TOKENS.finditer(payload):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return False
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return True
+
+
+def _no_constants(name: str) -> Any:
+    raise WireError(f"{name} is not a JSON number")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise WireError("duplicate key in a JSON object")
+    return out
+
+
+def _check_text(value: Any, depth: int = 0) -> None:
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WireError("text is not valid Unicode (a lone surrogate escape)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, depth + 1)
+            _check_text(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, depth + 1)
+
+
+def loads_bounded(
+    payload: bytes, *, max_bytes: int = MAX_REQUEST_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """Parse JSON from the wire within bounds (module docstring), or raise :class:`WireError`."""
+    if len(payload) > max_bytes:
+        raise WireError(f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    if not _depth_ok(payload, max_depth):
+        raise WireError(f"JSON nested deeper than {max_depth}")
+    try:
+        text = payload.decode("utf-8")
+        value = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_pairs)
+    except WireError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise WireError("payload is not valid JSON") from exc
+    _check_text(value)
+    return value
+
+
+def first_error(exc: ValidationError) -> str:
+    """One readable line for the first problem pydantic found, naming the field."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+    return f"field {where!r}: {err.get('msg', 'invalid')}"
+
+
+def parse_model(model: type[M], value: Any) -> M:
+    """``value`` (from :func:`loads_bounded`) as ``model``, or :class:`WireError`."""
+    if not isinstance(value, dict):
+        raise WireError("must be a JSON object")
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise WireError(first_error(exc)) from None
+
+
+def transaction_of(value: Any) -> str | None:
+    """The request's ``transaction`` (CONTRACT §4: a string of at most 128 characters), or
+    :class:`WireError` if it is there and not one. Read first, so later errors can echo it."""
+    if not isinstance(value, dict):
+        raise WireError("request must be a JSON object")
+    tx = value.get("transaction")
+    if tx is not None and (not isinstance(tx, str) or len(tx) > MAX_TRANSACTION_LEN):
+        raise WireError("transaction must be a string of at most 128 characters")
+    return tx
+
+
+_Strict = ConfigDict(strict=True, extra="ignore", frozen=True)
+Seq = Annotated[int, Field(ge=0, le=INT64_MAX)]
+LockId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
+B64 = Annotated[str, Field(max_length=MAX_REQUEST_BYTES)]
+
+
+class EmptyRequest(BaseModel):
+    """``locks``: no fields."""
+
+    model_config = _Strict
+
+
+class LockRequest(BaseModel):
+    """``status``: one lock."""
+
+    model_config = _Strict
+    lock: LockId
+
+
+class ChallengeRequest(LockRequest):
+    act: Literal["unlock", "lock"] = "unlock"
+
+
+class ActuateRequest(LockRequest):
+    """``unlock`` / ``lock``: a token, an optional proof, and signed documents a phone may carry
+    (installed if valid and newer, CONTRACT §4 and §8.7)."""
+
+    token: B64
+    proof: B64 | None = None
+    keyring: B64 | None = None
+    revocations: B64 | None = None
+    time: B64 | None = None
+
+
+class ReplayRequest(BaseModel):
+    model_config = _Strict
+    from_seq: Annotated[int, Field(ge=1, le=INT64_MAX)]
+    to_seq: Seq | None = None
+
+
+class Receipt(BaseModel):
+    """``B/G/receipt``: central stored every event of ``epoch`` up to ``seq``."""
+
+    model_config = _Strict
+    epoch: Annotated[str, Field(max_length=MAX_ID_LEN)]
+    seq: Seq
+
+
+class ControlLine(BaseModel):
+    """One control-socket request line: ``{"cmd": str, "args": {...}}``."""
+
+    model_config = _Strict
+    cmd: Annotated[str, Field(min_length=1, max_length=64)]
+    args: dict[str, Any] = Field(default_factory=dict)
