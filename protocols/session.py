@@ -46,6 +46,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -56,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.ed25519_basic import NotOnCurve
 from spake2.spake2 import SPAKEError
 
 from protocols import cbor
@@ -68,11 +70,13 @@ from protocols.errors import (
     RemoteProtocolError,
 )
 from protocols.framing import Frame, FrameDecoder, FrameType, encode_frame
-from protocols.limits import MAX_FRAME_BODY, MAX_MESSAGES_PER_SESSION, NONCE_LEN
+from protocols.limits import MAX_FRAME_BODY, MAX_MESSAGES_PER_SESSION, NONCE_LEN, SPAKE2_MESSAGE_LEN
 from protocols.messages import (
     ErrorCode,
+    Op,
     Request,
     Response,
+    check_result,
     decode_request,
     decode_response,
     encode_request,
@@ -365,10 +369,21 @@ def _bstr(value: cbor.CborValue, length: int | None, what: str) -> bytes:
     return value
 
 
-def _bounded_bstr(value: cbor.CborValue, max_len: int, what: str) -> bytes:
-    if not isinstance(value, bytes) or not 1 <= len(value) <= max_len:
-        raise RemoteProtocolError(f"{what} must be 1..{max_len} bytes", code="bad_message")
-    return value
+#: Everything spake2 0.9 raises on a hostile message: its own errors (wrong side, reflection),
+#: ``NotOnCurve`` (an off-curve point; neither of the others) and ``ValueError`` (zero, wrong
+#: subgroup, undecodable). Mapped here, once, for both roles.
+_SPAKE2_ERRORS: Final = (SPAKEError, NotOnCurve, ValueError)
+
+
+def _spake_finish(spake: SPAKE2_A | SPAKE2_B, msg: cbor.CborValue, peer: str) -> bytes:
+    """The SPAKE2 key from the peer's message; any defect is an AuthenticationError."""
+    message = _bstr(msg, SPAKE2_MESSAGE_LEN, "spake2 message")
+    try:
+        return bytes(spake.finish(message))
+    except _SPAKE2_ERRORS as exc:
+        raise AuthenticationError(
+            f"invalid SPAKE2 message from {peer}: {str(exc) or type(exc).__name__}"
+        ) from exc
 
 
 def encode_error(code: ErrorCode, attempts_left: int | None, message: str) -> bytes:
@@ -473,6 +488,7 @@ class GatewayConnection(_Connection):
         self._hello = b""
         self._expected_lock = ""
         self._ltk = b""
+        self._pending: deque[tuple[Op, bytes]] = deque()  # requests sent, oldest first
 
     def start_pairing(self, setup_code: str) -> None:
         self._process(_G.START_PAIRING)
@@ -496,6 +512,7 @@ class GatewayConnection(_Connection):
     def send_request(self, request: Request) -> None:
         self._process(_G.SEND_REQUEST)
         self._seal(encode_request(request))
+        self._pending.append((request.op, request.cmd_id))
 
     def receive_data(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -527,20 +544,31 @@ class GatewayConnection(_Connection):
             return self._on_pair_done(frame.body)
         if inp is _G.RECV_HELLO_REPLY:
             return self._on_hello_reply(frame.body)
-        return [ResponseReceived(decode_response(self._open_data(frame)))]
+        return [ResponseReceived(self._on_response(decode_response(self._open_data(frame))))]
+
+    def _on_response(self, response: Response) -> Response:
+        """A response answers the oldest request, with its cmd_id and op, and carries values in
+        range (:func:`~protocols.messages.check_result`); anything else ends the link."""
+        if not self._pending:
+            raise RemoteProtocolError("lock sent a response to no request", code="response_mismatch")
+        op, cmd_id = self._pending.popleft()
+        if response.cmd_id != cmd_id or response.op is not op:
+            raise RemoteProtocolError(
+                f"lock answered {response.op.name} {response.cmd_id.hex()[:8]}… "
+                f"to {op.name} {cmd_id.hex()[:8]}…",
+                code="response_mismatch",
+            )
+        check_result(response)
+        return response
 
     def _on_pair_response(self, body: bytes) -> list[Event]:
         lock_id, msg_b, nonce_l = _array(body, 3, "PAIR_RESPONSE")
         self._pair_lock_id = validate_id(lock_id, "lock id")
-        msg = _bounded_bstr(msg_b, 64, "spake2 message")
         _bstr(nonce_l, NONCE_LEN, "nonce")
         assert self._spake is not None
-        try:
-            key = self._spake.finish(msg)
-        except (SPAKEError, ValueError) as exc:
-            raise AuthenticationError("invalid SPAKE2 message from lock") from exc
+        key = _spake_finish(self._spake, msg_b, "lock")
         th = _transcript(b"lockgw v1 pair", self._pair_request, body)
-        self._pair_keys = derive_pairing_keys(bytes(key), th)
+        self._pair_keys = derive_pairing_keys(key, th)
         confirm = _hmac(self._pair_keys.confirm_gw, b"gw confirm")
         self._out += encode_frame(FrameType.PAIR_CONFIRM, cbor.dumps([confirm]))
         return []
@@ -665,7 +693,7 @@ class LockConnection(_Connection):
     def _on_pair_request(self, body: bytes) -> list[Event]:
         gw_id, msg_a, nonce_g = _array(body, 3, "PAIR_REQUEST")
         gw = validate_id(gw_id, "gateway id")
-        msg = _bounded_bstr(msg_a, 64, "spake2 message")
+        _bstr(msg_a, SPAKE2_MESSAGE_LEN, "spake2 message")
         _bstr(nonce_g, NONCE_LEN, "nonce")
         if self._keys and gw not in self._keys:
             return self._refuse(
@@ -682,13 +710,10 @@ class LockConnection(_Connection):
             self._setup_code.encode(), idA=_SPAKE_ID_GW, idB=_SPAKE_ID_LOCK, entropy_f=self._rng
         )
         msg_b = self._spake.start()
-        try:
-            key = self._spake.finish(msg)
-        except (SPAKEError, ValueError) as exc:
-            raise AuthenticationError("invalid SPAKE2 message from gateway") from exc
+        key = _spake_finish(self._spake, msg_a, "gateway")
         reply = cbor.dumps([self.lock_id, msg_b, self._rng(NONCE_LEN)])
         th = _transcript(b"lockgw v1 pair", body, reply)
-        self._pair_keys = derive_pairing_keys(bytes(key), th)
+        self._pair_keys = derive_pairing_keys(key, th)
         self._pair_gw = gw
         self._out += encode_frame(FrameType.PAIR_RESPONSE, reply)
         if self._attempts_left is not None:

@@ -10,6 +10,7 @@ from helpers import ConnectionPair, SeededRng
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocols import cbor
 from protocols.errors import AuthenticationError, ProtocolError, RemoteProtocolError
 from protocols.framing import FrameType, encode_frame
 from protocols.messages import ErrorCode, Op, Request, Response, Status
@@ -130,7 +131,8 @@ def test_session_commands_roundtrip_at_every_mtu(mtu: int) -> None:
     pair.gw.send_request(Request(Op.READ_LOG, CMD, {"from": 1, "max": 16}))
     lock_events = pair.to_lock()
     assert lock_events == [RequestReceived(Request(Op.READ_LOG, CMD, {"from": 1, "max": 16}))]
-    resp = Response(Op.READ_LOG, CMD, Status.OK, {"entries": [[1, 5, "manual", None, {}]] * 16, "next": 17})
+    entries = [[seq, 5, "manual", None, {}] for seq in range(1, 17)]
+    resp = Response(Op.READ_LOG, CMD, Status.OK, {"entries": entries, "next": 17})
     pair.lock.send_response(resp)
     assert pair.to_gw() == [ResponseReceived(resp)]
 
@@ -286,3 +288,105 @@ def test_B6_random_bytes_to_gateway_raise_only_protocol_errors(data: bytes, wher
         gw = session(bytes(range(1, 33))).gw
     with contextlib.suppress(ProtocolError):
         gw.receive_data(data)
+
+
+# --- a hostile paired lock or pairing peer (THREATS B7) ------------------------------------
+
+OFF_CURVE = (2).to_bytes(32, "little")  # y = 2 has no x on Ed25519: spake2 raises NotOnCurve
+OTHER = bytes(range(16, 32))
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (Response(Op.UNLOCK, OTHER, Status.OK, {"state": "unlocked", "lock_seq": 4}), "cmd_id"),
+        (Response(Op.LOCK, CMD, Status.OK, {"state": "locked", "lock_seq": 4}), "op"),
+        (Response(Op.STATUS, CMD, Status.OK, {}), "op"),
+    ],
+)
+def test_B7_a_response_that_does_not_match_the_request_ends_the_link(answer: Response, why: str) -> None:
+    pair = session(bytes(range(1, 33)))
+    pair.gw.send_request(Request(Op.UNLOCK, CMD))
+    pair.to_lock()
+    pair.lock.send_response(answer)
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.to_gw()
+    assert info.value.code == "response_mismatch", why
+    assert pair.gw.state is State.CLOSED
+    with pytest.raises(ProtocolError):  # and nothing more is sent on it
+        pair.gw.send_request(Request(Op.UNLOCK, CMD))
+
+
+def test_B7_a_response_to_no_request_ends_the_link() -> None:
+    pair = session(bytes(range(1, 33)))
+    pair.lock.send_response(Response(Op.UNLOCK, CMD, Status.OK, {"state": "unlocked", "lock_seq": 4}))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.to_gw()
+    assert info.value.code == "response_mismatch" and pair.gw.state is State.CLOSED
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    pair = session(bytes(range(1, 33)))
+    pair.gw.send_request(Request(Op.ACK_LOG, CMD, {"upto": 3}))
+    pair.gw.send_request(Request(Op.SET_TIME, OTHER, {"t": 9}))
+    assert len(pair.to_lock()) == 2
+    first = Response(Op.ACK_LOG, CMD, Status.OK, {"first": 4})
+    second = Response(Op.SET_TIME, OTHER, Status.OK, {"clock": 9})
+    pair.lock.send_response(first)
+    pair.lock.send_response(second)
+    assert pair.to_gw() == [ResponseReceived(first), ResponseReceived(second)]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"state": "unlocked", "lock_seq": 2**64 - 1},
+        {"state": "unlocked", "lock_seq": 0},
+        {"state": "unlocked", "lock_seq": "4"},
+        {"state": "molten", "lock_seq": 4},
+        {"state": "unlocked"},
+    ],
+)
+def test_B7_an_out_of_range_result_ends_the_link_with_a_code(result: dict) -> None:
+    pair = session(bytes(range(1, 33)))
+    pair.gw.send_request(Request(Op.UNLOCK, CMD))
+    pair.to_lock()
+    pair.lock.send_response(Response(Op.UNLOCK, CMD, Status.OK, result))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.to_gw()
+    assert info.value.code == "bad_message"
+    assert pair.gw.state is State.CLOSED
+
+
+def test_B7_off_curve_spake2_message_from_a_lock_fails_pairing_at_once() -> None:
+    gw = GatewayConnection(gw_id="gw-test-1", rng=SeededRng("g"))
+    gw.start_pairing(CODE)
+    gw.data_to_send()
+    hostile = encode_frame(FrameType.PAIR_RESPONSE, cbor.dumps(["lock-a1", b"B" + OFF_CURVE, bytes(16)]))
+    with pytest.raises(AuthenticationError, match="invalid SPAKE2 message from lock"):
+        gw.receive_data(hostile)
+    assert gw.state is State.CLOSED and gw.data_to_send() == b""  # no confirmation goes out
+
+
+def test_B7_off_curve_spake2_message_from_a_gateway_is_refused_by_the_lock() -> None:
+    lock = LockConnection(lock_id="lock-a1", rng=SeededRng("l"), keys={}, setup_code=CODE, attempts_left=5)
+    hostile = encode_frame(FrameType.PAIR_REQUEST, cbor.dumps(["gw-test-1", b"A" + OFF_CURVE, bytes(16)]))
+    with pytest.raises(AuthenticationError, match="invalid SPAKE2 message from gateway"):
+        lock.receive_data(hostile)
+    assert lock.state is State.CLOSED
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([b"A", b"B", b"S", b"\x00"]),
+    st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=40)),
+)
+def test_B7_any_spake2_message_either_pairs_or_raises_a_protocol_error(side: bytes, point: bytes) -> None:
+    msg = side + point
+    gw = GatewayConnection(gw_id="gw-test-1", rng=SeededRng("g"))
+    gw.start_pairing(CODE)
+    with contextlib.suppress(ProtocolError):
+        gw.receive_data(encode_frame(FrameType.PAIR_RESPONSE, cbor.dumps(["lock-a1", msg, bytes(16)])))
+    lock = LockConnection(lock_id="lock-a1", rng=SeededRng("l"), keys={}, setup_code=CODE)
+    with contextlib.suppress(ProtocolError):
+        lock.receive_data(encode_frame(FrameType.PAIR_REQUEST, cbor.dumps(["gw-test-1", msg, bytes(16)])))
