@@ -1,25 +1,31 @@
 """The gateway's authorization service: the pure :class:`protocols.credentials.Authority`
 plus the OS clock, persistence and the results the event layer turns into events.
 
-State that must survive kill -9 and reboot — the installed keyring and revocation list (their
-exact signed bytes), the time floor and the saved wall clock — lives in ``trust.sqlite3`` in the
-data directory (WAL, ``synchronous=FULL``, asserted at open). Every change is one transaction;
-the floor is written with ``max()`` in SQL so that even a stale writer cannot lower it.
-Outstanding challenges are deliberately not persisted (see ``Challenges``): a restart forgets
-them all, so no nonce issued before it can be used after it.
+State that must survive kill -9 and reboot lives in ``trust.sqlite3`` in the data directory
+(WAL, ``synchronous=FULL``, asserted at open): the installed keyring and revocation list (their
+exact signed bytes) each with the key that verified it at install, the highest version ever
+installed per kind (the rollback floor), the last root-signed time reset, the time floor and
+the saved wall clock. Every install is one transaction; the floor and the version floors are
+written with ``max()`` in SQL so that even a stale writer cannot lower them — only a
+root-signed reset writes a lower floor. At start the stored documents are restored as they
+were verified (``Authority.restore``): a rotation that retired the key that signed the
+revocation list does not drop it, and one that no longer verifies is an alarm and
+``trust_state: "stale"``, never silently ``ok``. Challenges keep no state but a per-boot secret
+(see ``Challenges``): a restart invalidates every nonce issued before it.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import ConfigError, OutboxError
+from gateway.errors import OutboxError
+from gateway.keyfiles import load_root_keys
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, decode_key
 from protocols.credentials import (
@@ -27,9 +33,10 @@ from protocols.credentials import (
     Decision,
     Expiry,
     InstallResult,
+    Keyring,
     Policy,
+    RevocationList,
     TimeView,
-    load_cbor_or_b64,
 )
 from protocols.errors import CborError, CredentialError, TrustDocumentError
 
@@ -41,25 +48,6 @@ RELEASE_FLOOR: Final = 1_795_305_600
 
 #: How often the wall clock is saved (s): it only detects a clock that went backwards.
 SAVE_WALL_EVERY_S: Final = 60
-
-
-def load_root_keys(paths: Iterable[Path]) -> dict[bytes, CoseKey]:
-    """Root keys from files (COSE_Key with kid and alg, raw CBOR or base64url; CONTRACT §8.1)."""
-    roots: dict[bytes, CoseKey] = {}
-    for path in paths:
-        try:
-            raw = load_cbor_or_b64(Path(path).read_bytes())
-            key = decode_key(cbor.loads(raw))
-        except OSError as exc:
-            raise ConfigError(f"trust.root_keys: cannot read {path}: {exc.strerror}") from exc
-        except (CredentialError, CborError) as exc:
-            raise ConfigError(f"trust.root_keys: {path} is not a valid public COSE_Key: {exc}") from exc
-        if not key.kid:
-            raise ConfigError(f"trust.root_keys: {path} has no kid (label 2); keyrings name their root by it")
-        if key.kid in roots:
-            raise ConfigError(f"trust.root_keys: two root keys share kid {key.kid.hex()}")
-        roots[key.kid] = key
-    return roots
 
 
 class TrustStore:
@@ -94,35 +82,55 @@ class TrustStore:
         return int(row[0]) if row and row[0] is not None else None
 
     def put_blob(self, name: str, value: bytes) -> None:
-        self._write(
-            "INSERT INTO trust (name, blob) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET blob = excluded.blob",
-            (name, value),
-        )
+        self._write(_PUT_BLOB, (name, value))
 
     def put_num(self, name: str, value: int) -> None:
-        self._write(
-            "INSERT INTO trust (name, num) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET num = excluded.num",
-            (name, value),
-        )
+        self._write(_PUT_NUM, (name, value))
 
     def raise_num(self, name: str, value: int) -> None:
         """Store ``max(stored, value)``: the floor never decreases, whoever writes."""
-        self._write(
-            "INSERT INTO trust (name, num) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET num = max(num, excluded.num)",
-            (name, value),
-        )
+        self._write(_RAISE_NUM, (name, value))
+
+    def commit(
+        self,
+        *,
+        blobs: Mapping[str, bytes] | None = None,
+        nums: Mapping[str, int] | None = None,
+        raise_nums: Mapping[str, int] | None = None,
+    ) -> None:
+        """Several values in one transaction: a document, its signer and its version floor
+        are never stored apart."""
+        ops: list[tuple[str, tuple[object, ...]]] = []
+        ops += [(_PUT_BLOB, (k, v)) for k, v in (blobs or {}).items()]
+        ops += [(_PUT_NUM, (k, v)) for k, v in (nums or {}).items()]
+        ops += [(_RAISE_NUM, (k, v)) for k, v in (raise_nums or {}).items()]
+        self._write_many(ops)
 
     def _write(self, sql: str, args: tuple[object, ...]) -> None:
+        self._write_many([(sql, args)])
+
+    def _write_many(self, ops: list[tuple[str, tuple[object, ...]]]) -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(sql, args)
+            for sql, args in ops:
+                self._db.execute(sql, args)
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise OutboxError(f"trust store write failed: {exc}") from exc
+
+
+_PUT_BLOB: Final = (
+    "INSERT INTO trust (name, blob) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET blob = excluded.blob"
+)
+_PUT_NUM: Final = (
+    "INSERT INTO trust (name, num) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET num = excluded.num"
+)
+_RAISE_NUM: Final = (
+    "INSERT INTO trust (name, num) VALUES (?, ?) "
+    "ON CONFLICT(name) DO UPDATE SET num = max(coalesce(num, excluded.num), excluded.num)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +149,12 @@ class InstallOutcome:
 
 
 _KIND = {ContentType.KEYRING: "keyring", ContentType.REVOCATIONS: "revocations", ContentType.TIME: "time"}
+#: Stored documents, in restore order (a legacy revocation list is checked against the keyring).
+_STORED: Final = (
+    ("keyring", ContentType.KEYRING),
+    ("revocations", ContentType.REVOCATIONS),
+    ("time.reset", ContentType.TIME),
+)
 
 
 class Authorizer:
@@ -154,6 +168,7 @@ class Authorizer:
         store: TrustStore,
         clock: Clock | None = None,
         release_floor: int = RELEASE_FLOOR,
+        nonce_secret: bytes | None = None,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.store = store
@@ -165,18 +180,25 @@ class Authorizer:
             policy=policy,
             floor=floor,
             saved_wall=store.get_num("saved_wall"),
+            nonce_secret=nonce_secret or os.urandom(32),  # per boot: a restart voids every nonce
         )
-        self.load_alarms: list[str] = []
-        for name in ("keyring", "revocations"):
+        core = self.core
+        for name, kind in _STORED[:2]:
+            version = store.get_num(f"{name}.version")
+            if version is not None:
+                core.version_floor[kind] = version
+        for name, kind in _STORED:
             raw = store.get_blob(name)
             if raw is None:
                 continue
-            try:
-                self.core.install(raw, wall=self.clock.wall(), synced=self.clock.synced())
-            except CredentialError as exc:
-                # E.g. the root was removed from the configuration: run without it, loudly.
-                self.load_alarms.append(f"stored_{name}_invalid: {exc}")
-        self._persist_floor()
+            core.restore(raw, kind=kind, signer=_stored_key(store.get_blob(f"{name}.signer")))
+        # A store written before version floors were kept gets them from what it restored.
+        self.store.commit(
+            raise_nums={
+                "floor": core.time.floor,
+                **{f"{n}.version": core.version_floor[k] for n, k in _STORED[:2] if k in core.version_floor},
+            }
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -199,7 +221,8 @@ class Authorizer:
     @property
     def alarms(self) -> list[str]:
         view = self.time_view()
-        out = sorted(self.core.time.alarms) + self.load_alarms
+        out = sorted(self.core.time.alarms)
+        out += sorted(f"stored_{_KIND[kind]}_unverified" for kind in self.core.unverified)
         trust = self.core.trust_state(view.now)
         if trust != "ok":
             out.append(f"trust_{trust}")
@@ -227,11 +250,24 @@ class Authorizer:
         )
 
     def _persist(self, result: InstallResult) -> None:
-        if result.installed and result.kind is ContentType.KEYRING:
-            self.store.put_blob("keyring", result.document.raw)
-        elif result.installed and result.kind is ContentType.REVOCATIONS:
-            self.store.put_blob("revocations", result.document.raw)
-        self._persist_floor()
+        """One transaction: the document, the key that verified it, its version floor, the floor."""
+        doc, floor = result.document, self.core.time.floor
+        if not result.installed:
+            return
+        signer = cbor.dumps(result.signer.to_cbor()) if result.signer is not None else b""
+        if isinstance(doc, Keyring | RevocationList):
+            name = _KIND[result.kind]
+            self.store.commit(
+                blobs={name: doc.raw, f"{name}.signer": signer},
+                raise_nums={f"{name}.version": doc.version, "floor": floor},
+            )
+        elif doc.reset:
+            nums = {"floor": floor}  # a reset may lower it: written as is
+            if self.core.time.saved_wall is not None:
+                nums["saved_wall"] = self.core.time.saved_wall
+            self.store.commit(blobs={"time.reset": doc.raw, "time.reset.signer": signer}, nums=nums)
+        else:
+            self.store.raise_num("floor", floor)
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -239,21 +275,16 @@ class Authorizer:
         return self.core.challenge(lock=lock, action=action, mono=self.clock.mono(), rng=os.urandom)
 
     def decide(self, token: bytes, proof: bytes | None, *, lock: str, action: str) -> Decision:
-        """Raises TokenError (contract code) on refusal; persists a raised floor either way."""
-        before = self.core.time.floor
-        try:
-            return self.core.decide(
-                token,
-                proof,
-                lock=lock,
-                action=action,
-                wall=self.clock.wall(),
-                synced=self.clock.synced(),
-                mono=self.clock.mono(),
-            )
-        finally:
-            if self.core.time.floor != before:
-                self._persist_floor()
+        """Raises TokenError (contract code) on refusal. No token moves the time floor (§8.7)."""
+        return self.core.decide(
+            token,
+            proof,
+            lock=lock,
+            action=action,
+            wall=self.clock.wall(),
+            synced=self.clock.synced(),
+            mono=self.clock.mono(),
+        )
 
     def trust_summary(self) -> dict[str, object]:
         """The ``trust show`` object (CONTRACT §8.3)."""
@@ -269,6 +300,15 @@ class Authorizer:
 
     def trust_state(self) -> str:
         return self.core.trust_state(self.time_view().now)
+
+
+def _stored_key(raw: bytes | None) -> CoseKey | None:
+    if not raw:
+        return None
+    try:
+        return decode_key(cbor.loads(raw))
+    except (CredentialError, CborError):
+        return None  # restore then treats the document as unverifiable
 
 
 def _kind_of(raw: bytes) -> str:

@@ -32,7 +32,7 @@ import click
 from click.shell_completion import CompletionItem, get_completion_class
 
 from gateway.cli_ui import Ui
-from gateway.config import Config, config_path, load_config
+from gateway.config import Config, config_path, load_checked, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
 
 __all__ = ["cli", "main"]
@@ -199,7 +199,7 @@ def cli(ctx: click.Context, config: str | None, json_: bool) -> None:
 @click.pass_obj
 def run(opts: Opts) -> int:
     """Run the gateway daemon (systemd: Type=notify)."""
-    return asyncio.run(_run_daemon(opts.load()))
+    return asyncio.run(_run_daemon(load_checked(config_path(opts.config)).config))
 
 
 @cli.command(epilog=_example("lockgw demo", "lockgw demo --locks 5 --seed 7"))
@@ -228,7 +228,7 @@ def config_check(opts: Opts, path: str | None) -> int:
     Every error names the key and the file line; secret values are never printed.
     """
     where = Path(path) if path else config_path(opts.config)
-    cfg = load_config(where)
+    cfg = load_checked(where).config  # exactly what `run` validates, root key files included
     summary = {
         "ok": True,
         "path": str(where),

@@ -14,6 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -21,9 +22,19 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ConfigError
-from gateway.keyfiles import check_secret_permissions
+from gateway.keyfiles import check_secret_permissions, load_root_keys
+from protocols.cose import CoseKey
 
-__all__ = ["DEFAULT_PATH", "BleConfig", "Config", "MqttConfig", "config_path", "load_config"]
+__all__ = [
+    "DEFAULT_PATH",
+    "BleConfig",
+    "CheckedConfig",
+    "Config",
+    "MqttConfig",
+    "config_path",
+    "load_checked",
+    "load_config",
+]
 
 DEFAULT_PATH = Path("/etc/lockgw/lockgw.toml")
 _ID = r"^[a-z0-9][a-z0-9-]{0,63}$"
@@ -189,3 +200,20 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files
     if config.ble.backend == "bumble" and not config.ble.transport:
         raise ConfigError(f'{path}: ble.transport: required when ble.backend = "bumble"')
     return config
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedConfig:
+    """A configuration with everything it names loaded: what ``run`` starts from."""
+
+    config: Config
+    roots: dict[bytes, CoseKey]
+
+
+def load_checked(path: Path, *, env: Mapping[str, str] | None = None) -> CheckedConfig:
+    """The one validation ``lockgw run`` and ``lockgw config check`` share: the file (keys,
+    types, values, secret file modes), then the root key files it names (readable, valid
+    public COSE_Keys with a kid: a small-order Ed25519 point is refused). Raises ConfigError
+    naming the key; so ``config check`` answers ``ok`` exactly when ``run`` would start."""
+    config = load_config(path, env=env)
+    return CheckedConfig(config, load_root_keys(config.trust.root_keys))

@@ -143,7 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "time":
         signer = read_private_key(Path(args.signer), "--signer")
-        _emit(issuer.time_statement(signer, site=args.site, t=parse_time(args.t, now)), args.out)
+        _emit(
+            issuer.time_statement(signer, site=args.site, t=parse_time(args.t, now), reset=args.reset),
+            args.out,
+        )
         return 0
     if args.command == "token":
         signer = read_private_key(Path(args.signer), "--signer")
@@ -241,11 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     tm = sub.add_parser(
         "time",
         help="a time statement",
-        epilog="example: lockgw-issuer time --signer issuer-a.key --site s1 --out time.cose",
+        epilog="example: lockgw-issuer time --signer issuer-a.key --site s1 --out time.cose\n"
+        "recovery: lockgw-issuer time --signer root-1.key --site s1 --reset --out reset.cose",
     )
     tm.add_argument("--signer", required=True)
     tm.add_argument("--site", required=True)
     tm.add_argument("--t", default="now")
+    tm.add_argument(
+        "--reset",
+        action="store_true",
+        help='add "reset": true: sets gateways\' time floor to --t even when lower and clears their '
+        "time alarms (recovery from a floor pushed ahead); gateways accept it only signed by a root key",
+    )
     tm.add_argument("--out")
     tk = sub.add_parser(
         "token",

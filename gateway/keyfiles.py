@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +21,7 @@ from protocols.errors import CborError, CredentialError
 __all__ = [
     "b64url",
     "check_secret_permissions",
+    "load_root_keys",
     "read_document",
     "read_private_key",
     "read_public_key",
@@ -94,6 +96,30 @@ def _from_pem(data: bytes, path: Path, what: str) -> PrivateCoseKey:
         return decode_private_key(cose)
     except CredentialError as exc:
         raise ConfigError(f"{what}: {path}: {exc}") from exc
+
+
+def load_root_keys(paths: Iterable[Path]) -> dict[bytes, CoseKey]:
+    """Root keys from files (COSE_Key with kid and alg, raw CBOR or base64url; CONTRACT §8.1).
+
+    Raises ConfigError naming ``trust.root_keys`` and the file: unreadable, not a public COSE_Key
+    (a small-order or non-canonical Ed25519 point, an invalid P-256 point), no kid, or a kid
+    that two files share. ``lockgw run`` and ``lockgw config check`` both call it.
+    """
+    roots: dict[bytes, CoseKey] = {}
+    for path in paths:
+        try:
+            raw = load_cbor_or_b64(Path(path).read_bytes())
+            key = decode_key(cbor.loads(raw))
+        except OSError as exc:
+            raise ConfigError(f"trust.root_keys: cannot read {path}: {exc.strerror}") from exc
+        except (CredentialError, CborError) as exc:
+            raise ConfigError(f"trust.root_keys: {path} is not a valid public COSE_Key: {exc}") from exc
+        if not key.kid:
+            raise ConfigError(f"trust.root_keys: {path} has no kid (label 2); keyrings name their root by it")
+        if key.kid in roots:
+            raise ConfigError(f"trust.root_keys: two root keys share kid {key.kid.hex()}")
+        roots[key.kid] = key
+    return roots
 
 
 def check_secret_permissions(path: Path, what: str) -> None:

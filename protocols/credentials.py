@@ -696,7 +696,7 @@ class Authority:
         self.version_floor[kind] = max(version, self.version_floor.get(kind, version))
         self.unverified.discard(kind)
 
-    def restore(self, raw: bytes, *, signer: CoseKey | None) -> bool:
+    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:
         """Reinstate a document installed before a restart; return False if it no longer verifies.
 
         A stored document was verified when it was installed, so it stays in force whatever has
@@ -709,10 +709,6 @@ class Authority:
         a newer one installs. One that cannot even be parsed is dropped, also marked. The time
         floor does not move: it was persisted when the document was installed.
         """
-        try:
-            kind = document_type(raw)
-        except CredentialError:
-            return False
         try:
             sign1 = parse_sign1(raw, kind, code="malformed")
             assert sign1.kid is not None
@@ -745,7 +741,8 @@ class Authority:
                     f"stored {_KIND_NAME[kind]} is for site {doc.site}", code="wrong_site"
                 )
         except CredentialError:
-            self.unverified.add(kind)
+            if kind is not ContentType.TIME:  # a lost reset record only loses its replay guard
+                self.unverified.add(kind)
             return False
         verified = False
         for key in candidates:

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from gateway.config import config_path, load_config
+from gateway import cli
+from gateway.config import config_path, load_checked, load_config
 from gateway.errors import ConfigError
+from gateway.keyfiles import b64url
+from protocols import cbor
+from protocols.cose import ALG_EDDSA, PrivateCoseKey, generate_private_key
 
 GOOD = """
 [gateway]
@@ -127,3 +132,49 @@ def test_B3_no_proximity_or_auto_unlock_setting_exists(tmp_path: Path, section: 
     text = GOOD.replace(f"[{section}]\n", f"[{section}]\n{key} = true\n", 1)
     with pytest.raises(ConfigError, match=f"{section}.{key}: unknown key"):
         load_config(write(tmp_path, text), env={})
+
+
+# --- `config check` runs exactly the validation `run` does (issue 10 §2) -----------------------
+
+
+def _field_config(tmp_path: Path, root_file: Path) -> Path:
+    return write(
+        tmp_path,
+        f'[gateway]\nid = "gw-1"\nsite = "site-a"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[control]\nsocket = "{tmp_path / "ctl.sock"}"\n[trust]\nroot_keys = ["{root_file}"]\n',
+    )
+
+
+@pytest.mark.parametrize("problem", ["missing", "small_order", "no_kid", "not_a_key"])
+def test_B6_T3_config_check_and_run_both_refuse_a_bad_root_key_file_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], problem: str
+) -> None:
+    root = tmp_path / "root-1.pub"
+    if problem == "small_order":  # the identity point: cryptography would accept forgeries for it
+        root.write_bytes(cbor.dumps({1: 1, 2: b"root-1", 3: -8, -1: 6, -2: bytes.fromhex("01" + "00" * 31)}))
+    elif problem == "no_kid":
+        root.write_bytes(cbor.dumps(_root_key().public.to_cbor(with_kid=False)))
+    elif problem == "not_a_key":
+        root.write_text("hello\n")
+    path = _field_config(tmp_path, root)
+    for argv in (["config", "check", str(path)], ["--config", str(path), "run"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "trust.root_keys" in err and str(root) in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # run refused before touching the data directory
+
+
+def test_config_check_ok_with_a_good_root_key_and_load_checked_returns_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root-1.pub"
+    root.write_text(b64url(cbor.dumps(_root_key().public.to_cbor())) + "\n")
+    path = _field_config(tmp_path, root)
+    assert cli.main(["--json", "config", "check", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    checked = load_checked(path, env={})
+    assert checked.config.gateway.id == "gw-1" and set(checked.roots) == {b"root-1"}
+
+
+def _root_key() -> PrivateCoseKey:
+    return generate_private_key(ALG_EDDSA, b"root-1", lambda n: b"\x05" * n)

@@ -268,3 +268,35 @@ def test_D9_a_failed_write_leaves_the_old_file_and_no_temp(
         write_atomic(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["keyring.cose"]
+
+
+def test_C6_time_reset_from_the_cli_is_installed_only_when_root_signed(tmp_path: Path) -> None:
+    run = lambda *a: issuer(*a, cwd=tmp_path)  # noqa: E731
+    run("keygen", "--role", "root", "--alg", "EdDSA", "--out", "root-1")
+    run("keygen", "--role", "issuer", "--alg", "EdDSA", "--out", "issuer-a")
+    run(
+        "keyring", "--root", "root-1.key", "--site", "site-a", "--version", "1", "--iat", "now-1d",
+        "--exp", "now+180d", "--entry", "issuer-a.pub,roles=staff+time,nbf=now-1d,exp=now+90d",
+        "--out", "keyring.cose",
+    )  # fmt: skip
+    now = int(time.time())
+    run("time", "--signer", "root-1.key", "--site", "site-a", "--t", str(now + 7200), "--out", "ahead.cose")
+    for signer, name in (("root-1.key", "reset.cose"), ("issuer-a.key", "bad-reset.cose")):
+        run("time", "--signer", signer, "--site", "site-a", "--t", str(now), "--reset", "--out", name)
+    authz = Authorizer(
+        gw_id="gw-1",
+        site="site-a",
+        roots=load_root_keys([tmp_path / "root-1.pub"]),
+        policy=Policy(),
+        store=TrustStore(tmp_path / "trust.sqlite3"),
+        clock=ManualClock(now, is_synced=False),  # no NTP: the floor follows signed time
+    )
+    assert authz.install((tmp_path / "keyring.cose").read_bytes()).installed
+    assert authz.install((tmp_path / "ahead.cose").read_bytes()).installed
+    assert authz.core.time.floor == now + 7200
+    bad = authz.install((tmp_path / "bad-reset.cose").read_bytes())
+    assert (bad.rejected, bad.code) == (True, "bad_signature")
+    assert authz.core.time.floor == now + 7200
+    good = authz.install((tmp_path / "reset.cose").read_bytes())
+    assert good.installed and good.kind == "time" and authz.core.time.floor == now
+    assert "--reset" in issuer("time", "--help", cwd=tmp_path).stdout
