@@ -189,7 +189,7 @@ def cti_of(tok: bytes) -> bytes:
     return cbor.loads(cbor.loads(tok).value[2])[7]  # type: ignore[union-attr, index, call-overload, no-any-return]
 
 
-def test_B11_T5_revocations_survive_a_rotation_retiring_their_signer_and_a_restart(tmp_path: Path) -> None:
+def test_B11_T8_revocations_survive_a_rotation_retiring_their_signer_and_a_restart(tmp_path: Path) -> None:
     w = World()
     clock = ManualClock(T0)
     a = open_authz(w, tmp_path, clock)
@@ -216,7 +216,7 @@ def test_B11_T5_revocations_survive_a_rotation_retiring_their_signer_and_a_resta
     assert granted_or_code(c, w, revoked) == "token_revoked"
 
 
-def test_T5_version_floor_is_kept_apart_from_the_documents_and_never_decreases(tmp_path: Path) -> None:
+def test_T8_version_floor_is_kept_apart_from_the_documents_and_never_decreases(tmp_path: Path) -> None:
     w = World()
     clock = ManualClock(T0)
     a = open_authz(w, tmp_path, clock)
@@ -237,7 +237,7 @@ def test_T5_version_floor_is_kept_apart_from_the_documents_and_never_decreases(t
     assert b.install(issuer.revocations(w.issuer_a, site=SITE, version=8, iat=T0, exp=T0 + 86400)).installed
 
 
-def test_T5_a_stored_keyring_whose_root_was_removed_is_kept_alarmed_and_stale(tmp_path: Path) -> None:
+def test_T8_a_stored_keyring_whose_root_was_removed_is_kept_alarmed_and_stale(tmp_path: Path) -> None:
     w = World()
     clock = ManualClock(T0)
     a = open_authz(w, tmp_path, clock)
@@ -278,7 +278,7 @@ def test_T5_a_stored_keyring_whose_root_was_removed_is_kept_alarmed_and_stale(tm
     assert b.trust_state() == "ok" and not b.alarms
 
 
-def test_a_damaged_stored_document_is_an_alarm_and_stale_never_silently_ok(tmp_path: Path) -> None:
+def test_T8_a_damaged_stored_document_is_an_alarm_and_stale_never_silently_ok(tmp_path: Path) -> None:
     w = World()
     clock = ManualClock(T0)
     a = open_authz(w, tmp_path, clock)

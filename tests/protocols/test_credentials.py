@@ -464,7 +464,7 @@ def test_document_of_wrong_type_and_garbage(w: World) -> None:
 # --- CONTRACT §8.14: stateless challenges a flood cannot evict ----------------------------------
 
 
-def test_A5_100000_challenges_for_one_lock_do_not_evict_the_honest_phones_nonce(w: World) -> None:
+def test_T7_100000_challenges_for_one_lock_do_not_evict_the_honest_phones_nonce(w: World) -> None:
     auth = w.authority()
     tok = w.token()
     honest = auth.challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
@@ -501,7 +501,7 @@ def test_T4_forged_or_altered_nonces_are_nonce_unknown(w: World) -> None:
     assert decide(auth, tok, w.prove(auth, tok, nonce=good)).sub == "staff-17"
 
 
-def test_T4_a_failed_proof_does_not_consume_the_nonce(w: World) -> None:
+def test_T7_a_failed_proof_does_not_consume_the_nonce(w: World) -> None:
     auth = w.authority()
     tok = w.token()
     n = auth.challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
@@ -513,7 +513,7 @@ def test_T4_a_failed_proof_does_not_consume_the_nonce(w: World) -> None:
     assert len(auth.challenges) == 1
 
 
-def test_A5_a_full_consumed_set_refuses_busy_and_never_forgets_a_consumed_nonce(w: World) -> None:
+def test_T7_a_full_consumed_set_refuses_busy_and_never_forgets_a_consumed_nonce(w: World) -> None:
     auth = w.authority()
     auth.challenges = Challenges(secret=b"s" * 32, max_consumed=3)
     tok = w.token()
