@@ -4,11 +4,14 @@
   housekeeping), first come first served within a priority — no starvation of unlocks.
 * Connection attempts are serialised (one pending LE connection per controller; Bumble and
   many BlueZ controllers allow only one), each time-boxed by the lock client.
-* One command at a time per lock (a per-lock lock); links are opened on demand and closed after
-  ``idle_s`` without use to spare batteries; an idle link gives its slot up at once when someone
-  waits for one.
+* One command at a time per lock, through a per-lock gate with the same priority waiters (CONTRACT
+  §8.14): an unlock queued behind thirty status commands on its lock runs next, after the one
+  in progress. Links are opened on demand and closed after ``idle_s`` without use to spare
+  batteries; a link gives its slot up after its current command when someone waits for one
+  (so a lock kept busy by a status flood hands its slot to another lock's unlock).
 * A failed attempt is retried on a new link with **the same command id** (the lock's
-  idempotency cache answers without actuating again), after :func:`gateway.backoff.backoff_for`.
+  idempotency cache answers without actuating again), after :func:`gateway.backoff.backoff_for`;
+  the gate is let go during the backoff, so a retrying status never holds up an unlock.
 
 ``LinkManager`` is an async context manager owning a TaskGroup with its reaper task.
 """
@@ -111,7 +114,7 @@ class LinkManager:
         self._backend = backend
         self._slots = _Slots(max_connections)
         self._connect_lock = asyncio.Lock()
-        self._per_lock: dict[str, asyncio.Lock] = {}
+        self._per_lock: dict[str, _Slots] = {}
         self._links: dict[str, _Link] = {}
         self._idle_s = idle_s
         self._on_contact = on_contact
@@ -159,35 +162,44 @@ class LinkManager:
         """Run one command on a lock, retrying link failures with the same command id (as the
         backoff policy says, or at most ``attempts`` times)."""
         cmd_id = cmd_id or os.urandom(COMMAND_ID_LEN)
-        lock_mutex = self._per_lock.setdefault(record.lock, asyncio.Lock())
+        gate = self._per_lock.setdefault(record.lock, _Slots(1))
         self.stats.commands += 1
         self.stats.by_priority[priority.name] = self.stats.by_priority.get(priority.name, 0) + 1
-        async with lock_mutex:
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    link = await self._link(record, priority)
-                    link.busy = True
-                    try:
-                        response = await link.client.request(op, args, cmd_id=cmd_id)
-                    finally:
-                        link.busy = False
-                        link.last_used = time.monotonic()
-                except BleError as exc:
+        attempt = 0
+        while True:
+            attempt += 1
+            await gate.acquire(priority)
+            try:
+                response = await self._attempt(record, op, args, cmd_id, priority)
+            except BleError as exc:
+                await self._close(record.lock)
+                if not should_retry(exc, attempt) or (attempts is not None and attempt >= attempts):
+                    self._contact(record.lock, ok=False, reason=exc.code)
+                    raise
+                wait = backoff_for(exc, attempt, self._rng)
+            else:
+                self._contact(record.lock, ok=True)
+                if self._slots.waiting:
+                    # Someone waits for a connection slot: hand ours over now rather than
+                    # holding an idle link for idle_s.
                     await self._close(record.lock)
-                    if not should_retry(exc, attempt) or (attempts is not None and attempt >= attempts):
-                        self._contact(record.lock, ok=False, reason=exc.code)
-                        raise
-                    self.stats.retries += 1
-                    await asyncio.sleep(backoff_for(exc, attempt, self._rng))
-                else:
-                    self._contact(record.lock, ok=True)
-                    if self._slots.waiting:
-                        # Someone waits for a connection slot: hand ours over now rather than
-                        # holding an idle link for idle_s.
-                        await self._close(record.lock)
-                    return response
+                return response
+            finally:
+                gate.release()
+            # Back off outside the gate: an unlock waiting for this lock runs meanwhile.
+            self.stats.retries += 1
+            await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, record: LockRecord, op: Op, args: dict[str, Any] | None, cmd_id: bytes, priority: Priority
+    ) -> Response:
+        link = await self._link(record, priority)
+        link.busy = True
+        try:
+            return await link.client.request(op, args, cmd_id=cmd_id)
+        finally:
+            link.busy = False
+            link.last_used = time.monotonic()
 
     async def pair(self, address: str, setup_code: str) -> PairingCompleted:
         """Pair with a lock in pairing mode (one attempt: a wrong code must not be retried)."""
