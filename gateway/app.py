@@ -29,6 +29,7 @@ from typing import Any, Final, Self
 from bleak.backends.client import BaseBleakClient
 from bleak.backends.scanner import BaseBleakScanner
 
+from gateway import log
 from gateway.adverts import AdvertWatcher
 from gateway.authz import Authorizer, TrustStore, load_root_keys
 from gateway.ble.bumble_backend import BumbleHost
@@ -41,8 +42,8 @@ from gateway.mqtt import MqttBridge
 from gateway.outbox import Outbox
 from gateway.registry import Registry
 from gateway.service import LockView, Service
+from gateway.supervisor import Component, Failure, OnFailure, Supervisor
 from gateway.systemd import notify, watchdog_interval_s
-from gateway.tasks import cancelling_until_done
 from protocols.credentials import Policy
 
 __all__ = ["Gateway"]
@@ -52,9 +53,18 @@ EXPIRY_CHECK_EVERY_S: Final = 86400.0
 SAVE_WALL_EVERY_S: Final = 60.0
 PRUNE_EVERY_S: Final = 3600.0
 TIME_STATE_EVERY_S: Final = 10.0
+ADAPTER_CHECK_S: Final = 10.0
 #: On SIGTERM, commands in flight get this long to finish before they are cancelled (each then
 #: records access.failed). Leaves room in systemd's and the contract's 10 s for the rest.
 STOP_GRACE_S: Final = 3.0
+
+
+_log = log.get("gateway")
+
+
+def _exit_reason(exc: tuple[object, ...]) -> str:
+    error = exc[1] if len(exc) > 1 else None
+    return "signal" if error is None else f"{type(error).__name__}: {error}"
 
 
 def _version() -> str:
@@ -86,8 +96,12 @@ class Gateway:
     links: LinkManager = field(init=False)
     service: Service = field(init=False)
     mqtt: MqttBridge | None = field(init=False, default=None)
+    #: Direct mode for a reader (``events``, ``locks``): no lock on the data directory at all, so
+    #: a technician's ``events --follow`` never keeps the daemon from starting.
+    readonly: bool = False
+    supervisor: Supervisor | None = field(init=False, default=None)
     _stack: contextlib.AsyncExitStack = field(init=False, default_factory=contextlib.AsyncExitStack)
-    _tasks: asyncio.TaskGroup | None = field(init=False, default=None)
+    _adapter_error: str | None = field(init=False, default=None)
     _last_time_state: str = field(init=False, default="")
     _control_error: str | None = field(init=False, default=None)
 
@@ -97,7 +111,15 @@ class Gateway:
         stack = self._stack
         await stack.__aenter__()
         try:
-            stack.enter_context(_exclusive(data / ".lock", "the daemon" if self.direct else "another lockgw"))
+            if not self.direct:
+                stack.enter_context(_exclusive(data / ".lock", "another lockgw daemon"))
+            elif not self.readonly:
+                # A direct command that drives the adapter or writes events: the data directory
+                # for the length of the command (seconds). A daemon starting meanwhile exits and
+                # systemd starts it again; readers take no lock at all.
+                stack.enter_context(_exclusive(data / ".lock", "the daemon"))
+            else:
+                _daemon_absent(data / ".lock")
             policy = Policy(**cfg.policy.model_dump())
             self.authz = Authorizer(
                 gw_id=gw.id,
@@ -158,29 +180,7 @@ class Gateway:
                     mono=self.clock.mono,
                 )
                 self.service.replay_sink = self.mqtt.publish_replayed
-                await self.mqtt.__aenter__()
-            self._tasks = asyncio.TaskGroup()
-            await self._tasks.__aenter__()
-            for name, coro in (
-                ("housekeeping", self._housekeeping()),
-                ("expiry", self._expiry_loop()),
-                ("wall-clock", self._wall_clock_loop()),
-                ("prune", self._prune_loop()),
-                ("time-state", self._time_state_loop()),
-                ("watchdog", self._watchdog_loop()),
-            ):
-                self._tasks.create_task(coro, name=f"gateway-{name}")
-            # Watch adverts with the configured stack; with an injected client backend (tests),
-            # only when a matching scanner backend is injected too.
-            if self.watch_adverts and (self.scanner_backend is not None or self.ble_backend is None):
-                watcher = AdvertWatcher(
-                    known=lambda lock: self.registry.get(lock) is not None,
-                    refresh=self._refresh_lock,
-                    on_rssi=self._saw_rssi,
-                    backend=self.scanner_backend,
-                    clock=self.clock.mono,
-                )
-                self._tasks.create_task(watcher.run(), name="gateway-adverts")
+            self.supervisor = await stack.enter_async_context(Supervisor(self._components()))
             try:
                 await stack.enter_async_context(ControlServer(cfg.control.socket, self.control))
             except OSError as exc:
@@ -197,11 +197,11 @@ class Gateway:
             await self._stack.aclose()
             return
         notify("STOPPING=1", "STATUS=stopping")
-        if self._tasks is not None:
-            async with cancelling_until_done(list(getattr(self._tasks, "_tasks", ()))):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._tasks.__aexit__(None, None, None)
-            self._tasks = None
+        _log.info("stopping", reason=_exit_reason(exc))
+        sup = self.supervisor
+        if sup is not None:
+            # Everything but the MQTT bridge, which still has the stopping event to publish.
+            await sup.stop([name for name in sup.names() if name != "mqtt"])
         # Unlocks in flight get a grace period to finish; the rest are cancelled by their owners
         # (MQTT bridge, control socket) and each records access.failed before it ends.
         interrupted = await self.service.quiesce(STOP_GRACE_S)
@@ -215,6 +215,7 @@ class Gateway:
                         await self.mqtt.wait_drained(self.outbox.stats().last_seq)
             await self.mqtt.close(graceful=True)
         await self._stack.aclose()
+        _log.info("stopped")
 
     # --- published state --------------------------------------------------------------------
 
@@ -251,6 +252,10 @@ class Gateway:
         out = set(self.authz.alarms) | set(self.outbox.alarms)
         if self._control_error:
             out.add("control_socket_unavailable")
+        if self._adapter_error:
+            out.add("ble_adapter_unavailable")
+        if self.supervisor is not None:
+            out.update(f"{name}_restarting" for name in self.supervisor.restarting())
         if self.mqtt is not None:
             if not self.mqtt.connected.is_set():
                 out.add("mqtt_disconnected")
@@ -267,10 +272,48 @@ class Gateway:
             self._spawn(self.mqtt.publish_info())
 
     def _spawn(self, coro: Any) -> None:
-        if self._tasks is not None:
-            self._tasks.create_task(coro)
+        if self.supervisor is not None:
+            self.supervisor.spawn(coro, "publish")
         else:
             coro.close()
+
+    def _components(self) -> list[Component]:
+        """What the supervisor runs, and what each one's failure means (gateway/supervisor.py)."""
+        out = [
+            Component("outbox", self._outbox_watch, OnFailure.STOP),
+            Component("housekeeping", self._housekeeping),
+            Component("expiry", self._expiry_loop),
+            Component("wall-clock", self._wall_clock_loop),
+            Component("prune", self._prune_loop),
+            Component("time-state", self._time_state_loop),
+            Component("adapter", self._adapter_loop),
+            Component("watchdog", self._watchdog_loop),
+        ]
+        # Watch adverts with the configured stack; with an injected client backend (tests),
+        # only when a matching scanner backend is injected too.
+        if self.watch_adverts and (self.scanner_backend is not None or self.ble_backend is None):
+            watcher = AdvertWatcher(
+                known=lambda lock: self.registry.get(lock) is not None,
+                refresh=self._refresh_lock,
+                on_rssi=self._saw_rssi,
+                backend=self.scanner_backend,
+                clock=self.clock.mono,
+            )
+            out.append(Component("adverts", watcher.run))
+        if self.mqtt is not None:
+            out.append(Component("mqtt", self.mqtt.run))
+        return out
+
+    @property
+    def failed(self) -> asyncio.Future[Failure]:
+        """Resolves when a component whose failure stops the daemon failed (exit 1)."""
+        assert self.supervisor is not None, "the daemon's supervisor runs only outside direct mode"
+        return self.supervisor.failure
+
+    def healthy(self) -> bool:
+        """What the watchdog is fed on: the event loop runs (we are here), the outbox's writer is
+        alive, the link manager is up and the BLE adapter is reachable."""
+        return self.outbox.healthy and self.links.healthy and self._adapter_error is None
 
     async def _refresh_lock(self, lock: str) -> None:
         record = self.registry.get(lock)
@@ -335,14 +378,60 @@ class Gateway:
                 self._last_time_state = state
             await asyncio.sleep(TIME_STATE_EVERY_S)
 
+    async def _outbox_watch(self) -> None:
+        raise await self.outbox.wait_failed()
+
+    async def _adapter_loop(self) -> None:
+        """Is the BLE adapter there? Tried every ``ADAPTER_CHECK_S`` (a lazy Bumble host opens
+        now, so a missing dongle or simulator is seen before a door needs it)."""
+        host = self.ble_host
+        if host is None:
+            return  # an injected backend (tests) or BlueZ: bleak reports its own failures per call
+        while True:
+            try:
+                await host.open()
+            except AdapterUnavailable as exc:
+                if self._adapter_error is None:
+                    _log.error("alarm_raised", alarm="ble_adapter_unavailable", reason=str(exc))
+                self._adapter_error = str(exc)
+            else:
+                if self._adapter_error is not None:
+                    _log.info("alarm_cleared", alarm="ble_adapter_unavailable")
+                self._adapter_error = None
+            await asyncio.sleep(ADAPTER_CHECK_S)
+
     async def _watchdog_loop(self) -> None:
         interval = watchdog_interval_s()
         if interval is None:
             return
+        fed = True
         while True:
-            if self.outbox.healthy and self.links.healthy:
+            if self.healthy():
                 notify("WATCHDOG=1")
+                if not fed:
+                    _log.info("watchdog_fed_again")
+                fed = True
+            elif fed:
+                _log.error("watchdog_starved", outbox=self.outbox.healthy, adapter=self._adapter_error)
+                fed = False
             await asyncio.sleep(interval)
+
+
+def _daemon_absent(path: Path) -> None:
+    """A reader in direct mode: refuse (exit 3, use the socket) only while a daemon holds the
+    directory; hold nothing, so a daemon that starts later wins at once."""
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise AdapterUnavailable(
+            f"{path.parent} is in use by the daemon (pid {other}); run the command through it"
+        ) from exc
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

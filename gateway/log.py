@@ -92,4 +92,4 @@ def get(component: str) -> Any:
     ``--json`` output goes)."""
     if not _configured:
         configure()
-    return structlog.get_logger().bind(component=component)
+    return structlog.get_logger(component=component)

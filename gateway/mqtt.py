@@ -10,7 +10,7 @@ only a ``B/G/receipt`` from central marks it delivered.
 Per connection the bridge runs, in one TaskGroup: the receiver (requests, receipts, trust
 documents), the event drain (a capped window of QoS 1 publishes in seq order) and the heartbeat
 (QoS 0, every 60 s). Requests run as their own tasks, at most ``MAX_CONCURRENT_REQUESTS`` at a
-time (beyond that: ``busy``), so a slow unlock never blocks receipts. A lost connection ends the
+time plus ``MAX_CONCURRENT_ACTUATIONS`` unlock/lock (beyond that: ``busy``), so a slow unlock never blocks receipts. A lost connection ends the
 TaskGroup with ``MqttError``; the bridge waits a jittered backoff and reconnects. Unlocks never
 wait for the broker: requests arriving through other paths and doors opened meanwhile are
 committed to the outbox and drained later.
@@ -31,12 +31,15 @@ from typing import Any, Final, Self
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway import log
 from gateway.backoff import backoff_for
 from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
 from gateway.outbox import Outbox
 from gateway.tasks import cancel_and_wait
+from gateway.wire import Receipt, WireError, loads_bounded, parse_model, transaction_of
 
 __all__ = [
     "HEARTBEAT_S",
@@ -56,13 +59,20 @@ SESSION_EXPIRY_S: Final = 7 * 86400
 PUBLISH_WINDOW: Final = 64
 #: Per-publish timeout: a broker that stopped answering is noticed, never waited on forever.
 PUBLISH_TIMEOUT_S: Final = 10.0
+#: Concurrent requests other than unlock/lock (status, locks, challenge, replay); beyond: ``busy``.
 MAX_CONCURRENT_REQUESTS: Final = 32
+#: unlock/lock have a budget of their own (CONTRACT §8.14): a status flood that fills the one
+#: above never turns a person at the door away with ``busy``.
+MAX_CONCURRENT_ACTUATIONS: Final = 32
+_ACTUATIONS: Final = frozenset({"unlock", "lock"})
 #: Re-send what no receipt covers when receipts stall this long (central may have missed it).
 REPUBLISH_AFTER_S: Final = 60.0
 #: Each re-send without receipt progress doubles the wait, up to this: a site whose central
 #: consumer is down for a day must not push its whole backlog through the broker every minute.
 REPUBLISH_MAX_S: Final = 3600.0
 KEEPALIVE_S: Final = 15
+#: MQTT 5 DISCONNECT reason code "Disconnect with Will Message": the broker publishes the will.
+DISCONNECT_WITH_WILL: Final = 0x04
 #: Events the broker acknowledged that no receipt has covered for this long raise the
 #: ``receipts_stalled`` alarm (THREATS D10: acknowledged at one hop is not stored; an event
 #: central lost keeps its receipts from passing the gap). With heartbeats every 60 s, central
@@ -70,6 +80,7 @@ KEEPALIVE_S: Final = 15
 RECEIPT_ALARM_S: Final = 600.0
 
 Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+_log = log.get("mqtt")
 
 
 def republish_wait(current: float, *, base: float, stalled: bool) -> float:
@@ -141,6 +152,7 @@ class MqttBridge:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._requests = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._actuations = asyncio.Semaphore(MAX_CONCURRENT_ACTUATIONS)
         self._request_tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.connects = 0
@@ -154,20 +166,33 @@ class MqttBridge:
     async def __aenter__(self) -> Self:
         if self._task is not None:
             raise RuntimeError("MqttBridge is not reentrant")
-        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="mqtt-bridge")
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="mqtt-bridge")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close(graceful=True)
 
     async def close(self, *, graceful: bool) -> None:
-        """Stop; when graceful and connected, publish the retained offline state first."""
+        """Stop. When graceful, the retained state left behind is "offline", for certain: published
+        as such, or — when that publish did not complete (a slow or failing broker, a session
+        still starting, a reconnect meanwhile) — as the will, by disconnecting with MQTT 5 reason
+        code 0x04 "Disconnect with Will Message". The normal disconnect that ends the session
+        would discard the will and leave "online" retained for ever."""
         client = self._client
+        offline = False
         if graceful and client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await client.publish(
                     self.t_availability, json.dumps({"state": "offline"}), qos=1, retain=True, timeout=3
                 )
+                offline = self._client is client
+        current = self._client
+        if graceful and current is not None and not offline:
+            # Sent before the session is cancelled (nothing awaits in between): the broker acts
+            # on this DISCONNECT and closes, so the normal one from aiomqtt's exit never counts.
+            current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+            )
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait([task])
@@ -208,10 +233,16 @@ class MqttBridge:
             tls_context=tls_context,
         )
         # aiomqtt warns once per publish beyond 10 pending calls; our window is deliberate.
-        client.pending_calls_threshold = PUBLISH_WINDOW + MAX_CONCURRENT_REQUESTS + 8
+        client.pending_calls_threshold = (
+            PUBLISH_WINDOW + MAX_CONCURRENT_REQUESTS + MAX_CONCURRENT_ACTUATIONS + 8
+        )
         return client
 
-    async def _run_forever(self) -> None:
+    async def run(self) -> None:
+        """Connect, serve, reconnect after a jittered backoff — for ever. Expected faults (the
+        broker gone, TLS refused) are one log line each; anything else propagates to whoever
+        runs this (the supervisor restarts it). :meth:`close` cancels it."""
+        self._task = asyncio.current_task()
         attempt = 0
         while True:
             client = self._make_client()
@@ -220,12 +251,15 @@ class MqttBridge:
                     attempt = 0
                     self._client = client
                     self.connects += 1
+                    _log.info("mqtt_connected", connects=self.connects)
                     await self._session(client)
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc)
             except (OSError, ssl.SSLError, ValueError, MqttUnavailable) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
             finally:
+                if self.connected.is_set():
+                    _log.warning("mqtt_disconnected", reason=self.last_error)
                 self._client = None
                 self.connected.clear()
                 retrieve_disconnect_error(client)
@@ -368,51 +402,81 @@ class MqttBridge:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            topic = str(message.topic)
-            payload = bytes(message.payload)
-            if topic == self.t_receipt:
-                await self._on_receipt(payload)
-            elif topic in self.t_site:
-                if payload:  # an empty retained message clears the topic: nothing to install
-                    await self._install(payload)
-            elif topic.startswith(self.t_request):
-                self._spawn_request(topic[len(self.t_request) :], payload, message.properties)
+            try:
+                await self._on_message(str(message.topic), bytes(message.payload), message.properties)
+            except Exception as exc:  # noqa: BLE001 - one message never ends the session
+                _log.error("message_crashed", topic=str(message.topic)[:128], exc_info=exc)
+
+    async def _on_message(self, topic: str, payload: bytes, props: Properties | None) -> None:
+        if topic == self.t_receipt:
+            await self._on_receipt(payload)
+        elif topic in self.t_site:
+            if payload:  # an empty retained message clears the topic: nothing to install
+                await self._install(payload)
+        elif topic.startswith(self.t_request):
+            self._spawn_request(topic[len(self.t_request) :], payload, props)
 
     async def _on_receipt(self, payload: bytes) -> None:
+        """Malformed receipts (CONTRACT §8.13: not an int in 0..2^63-1, invalid text, too deep)
+        are ignored and change nothing; one log line says why."""
         try:
-            body = json.loads(payload)
-            epoch, seq = body["epoch"], body["seq"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            return  # malformed receipts are ignored (and change nothing)
-        if isinstance(epoch, str) and isinstance(seq, int) and not isinstance(seq, bool):
-            await self._outbox.receipt(epoch, seq)
+            receipt = parse_model(Receipt, loads_bounded(payload, max_bytes=1024, max_depth=4))
+        except WireError as exc:
+            _log.warning("receipt_ignored", reason=str(exc))
+            return
+        if await self._outbox.receipt(receipt.epoch, receipt.seq):
             self.receipts_stalled()  # progress restarts the stall clock
+
+    def response_topic(self, action: str, requested: object) -> tuple[str, bool]:
+        """Where the answer to a request goes (CONTRACT §8.10), and whether the requested
+        Response Topic was refused: it is used unless it holds a wildcard or lies under
+        ``B/G/`` outside ``B/G/response/`` (a reply may never land on the gateway's own events,
+        state or request topics); then the answer is ``invalid_request`` on ``B/G/response/<action>``."""
+        own = self.t_response + (action if action.isascii() and action.isprintable() else "invalid")[:64]
+        if requested is None or requested == "":
+            return own, False
+        if not isinstance(requested, str):
+            return own, True
+        base = self.t_request[: -len("request/")]
+        bad = (
+            "+" in requested
+            or "#" in requested
+            or "\x00" in requested
+            or len(requested.encode("utf-8", "replace")) > 1024
+            or (requested.startswith(base) and not requested.startswith(self.t_response))
+            or requested + "/" == base
+        )
+        return (own, True) if bad else (requested, False)
 
     def _spawn_request(self, action: str, payload: bytes, props: Properties | None) -> None:
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
 
         async def run() -> None:
-            if self._requests.locked():
+            topic, refused = self.response_topic(action, response_topic)
+            if refused:
                 response: dict[str, Any] = {
+                    "transaction": _tx(payload),
+                    "status": "error",
+                    "error": {
+                        "code": "invalid_request",
+                        "message": "Response Topic must not hold a wildcard or lie on this gateway's "
+                        "own topics outside response/ (CONTRACT §8.10)",
+                    },
+                }
+            elif (budget := self._actuations if action in _ACTUATIONS else self._requests).locked():
+                response = {
                     "transaction": _tx(payload),
                     "status": "error",
                     "error": {"code": "busy", "message": "too many requests in progress"},
                 }
             else:
-                async with self._requests:
+                async with budget:
                     response = await self._handle_request(action, payload)
             out_props = None
             if correlation is not None:
                 out_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 out_props.CorrelationData = correlation
-            topic = (
-                response_topic
-                if isinstance(response_topic, str) and response_topic
-                else (
-                    self.t_response + (action if action.isascii() and "/" not in action else "invalid")[:64]
-                )
-            )
             with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
                 await self._publish(topic, json.dumps(response, sort_keys=True), properties=out_props)
 
@@ -422,10 +486,11 @@ class MqttBridge:
 
 
 def _tx(payload: bytes) -> str | None:
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
-        tx = json.loads(payload).get("transaction")
-        return tx if isinstance(tx, str) and len(tx) <= 128 else None
-    return None
+    """The request's transaction for an answer given without reading the request, or None."""
+    try:
+        return transaction_of(loads_bounded(payload))
+    except WireError:
+        return None
 
 
 def retrieve_disconnect_error(client: aiomqtt.Client) -> None:

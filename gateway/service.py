@@ -17,18 +17,33 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
+from pydantic import BaseModel
+
+from gateway import log
 from gateway.authz import Authorizer, InstallOutcome
 from gateway.errors import BleError, LockgwError, OutboxError
 from gateway.links import LinkManager, Priority
 from gateway.outbox import Outbox
 from gateway.registry import LockRecord, Registry
+from gateway.wire import (
+    MAX_REQUEST_BYTES,
+    ActuateRequest,
+    ChallengeRequest,
+    EmptyRequest,
+    LockRequest,
+    ReplayRequest,
+    WireError,
+    loads_bounded,
+    parse_model,
+    transaction_of,
+)
 from protocols.credentials import Decision
 from protocols.errors import ProtocolError, TokenError
 from protocols.limits import CHALLENGE_TTL_S, COMMAND_ID_LEN
@@ -45,9 +60,14 @@ from protocols.messages import (
 
 __all__ = ["ACTIONS", "MAX_REQUEST_BYTES", "LockView", "RequestError", "Service"]
 
-#: Requests larger than this are refused unread (CONTRACT §8.4).
-MAX_REQUEST_BYTES: Final = 64 * 1024
-MAX_TRANSACTION_LEN: Final = 128
+#: A lock state refreshed from the lock less than this long ago answers a ``status`` request at
+#: once, with no round trip (CONTRACT §8.14): a 30-a-second status flood costs the lock one
+#: STATUS every 2 s, and a door's state is seldom worth more than that to a caller.
+STATUS_FRESH_S: Final = 2.0
+#: ``status`` requests waiting on one lock's refresh in flight at most; more get ``busy`` at once
+#: (CONTRACT §8.14: refused work is ``busy``, never silence). Half the MQTT bridge's budget for
+#: such requests, so one lock alone never fills it.
+STATUS_WAITERS_MAX: Final = 16
 ACTIONS: Final = frozenset({"challenge", "unlock", "lock", "status", "locks", "replay"})
 _LOG_EVENT: Final = {
     LogKind.UNLOCKED: "lock.unlocked",
@@ -66,6 +86,10 @@ _LOG_EVENT: Final = {
 
 class RequestError(LockgwError):
     """A refusal that becomes an error response."""
+
+
+_log = log.get("service")
+_Route = tuple[type[BaseModel], Callable[..., Awaitable[dict[str, Any]]]]
 
 
 @dataclass
@@ -115,11 +139,19 @@ class Service:
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
     #: from time.perf_counter(): the gateway-added time is everything outside the command.
     trace: list[tuple[float, float, float, float]] | None = None
+    status_fresh_s: float = STATUS_FRESH_S
+    status_waiters_max: int = STATUS_WAITERS_MAX
 
     #: Set by :meth:`quiesce`: new unlock/lock requests get ``busy`` while the gateway stops.
     stopping: bool = field(init=False, default=False)
     _inflight: int = field(init=False, default=0)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    #: Refreshes in flight, by (lock, priority), shared by concurrent callers (see refresh).
+    _refreshing: dict[tuple[str, Priority], _Refresh] = field(init=False, default_factory=dict)
+    #: When each lock's state last came from the lock (clock.mono()).
+    _fresh_at: dict[str, float] = field(init=False, default_factory=dict)
+    #: One log fetch at a time per lock: forwarded exactly once however refreshes overlap.
+    _log_mutex: dict[str, asyncio.Lock] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         for rec in self.registry.all():
@@ -180,82 +212,62 @@ class Service:
     # --- requests ----------------------------------------------------------------------------
 
     async def handle(self, action: str, payload: bytes) -> dict[str, Any]:
-        """Answer one request; never raises for bad input (CONTRACT §4: errors are responses)."""
+        """Answer one request; never raises for bad input (CONTRACT §4: errors are responses).
+
+        The payload is parsed once, bounded, into the action's typed model (gateway/wire.py);
+        a bug of ours is logged with its traceback and answered ``internal_error``."""
         transaction: str | None = None
         try:
-            if len(payload) > MAX_REQUEST_BYTES:
-                raise RequestError(
-                    f"request of {len(payload)} bytes exceeds {MAX_REQUEST_BYTES}", code="invalid_request"
-                )
-            try:
-                body = json.loads(payload)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise RequestError("request is not valid JSON", code="invalid_request") from exc
-            if not isinstance(body, dict):
-                raise RequestError("request must be a JSON object", code="invalid_request")
-            raw_tx = body.get("transaction")
-            if raw_tx is not None and (not isinstance(raw_tx, str) or len(raw_tx) > MAX_TRANSACTION_LEN):
-                raise RequestError(
-                    "transaction must be a string of at most 128 characters", code="invalid_request"
-                )
-            transaction = raw_tx
-            if action not in ACTIONS:
+            value = loads_bounded(payload)
+            transaction = transaction_of(value)
+            route = self._ROUTES.get(action)
+            if route is None:
                 raise RequestError(
                     f"unknown action {action[:64]!r}; use one of {sorted(ACTIONS)}", code="unknown_action"
                 )
-            data = await getattr(self, f"_do_{action}")(body, transaction)
-        except RequestError as exc:
-            return {
-                "transaction": transaction,
-                "status": "error",
-                "error": {"code": exc.code, "message": str(exc)},
-            }
+            model, method = route
+            data = await method(self, parse_model(model, value), transaction)
+        except (RequestError, WireError) as exc:
+            return _error(transaction, exc.code, str(exc))
         except OutboxError as exc:
-            return {
-                "transaction": transaction,
-                "status": "error",
-                "error": {"code": "internal_error", "message": f"event store failure: {exc}"},
-            }
+            return _error(transaction, "internal_error", f"event store failure: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, answered, never the end of the caller
+            _log.error("request_crashed", action=action[:64], transaction=transaction, exc_info=exc)
+            return _error(transaction, "internal_error", f"internal error ({type(exc).__name__})")
         return {"transaction": transaction, "status": "ok", "data": data}
 
-    def _record(self, body: dict[str, Any]) -> LockRecord:
-        lock = body.get("lock")
-        if not isinstance(lock, str) or not lock:
-            raise RequestError("field 'lock' (a lock id) is required", code="invalid_request")
-        record = self.registry.get(lock)
+    def _record(self, request: LockRequest) -> LockRecord:
+        record = self.registry.get(request.lock)
         if record is None:
-            raise RequestError(f"lock {lock[:64]!r} is not paired with this gateway", code="unknown_lock")
+            raise RequestError(
+                f"lock {request.lock[:64]!r} is not paired with this gateway", code="unknown_lock"
+            )
         return record
 
-    async def _do_challenge(self, body: dict[str, Any], _tx: str | None) -> dict[str, Any]:
-        act = body.get("act", "unlock")
-        if act not in ("unlock", "lock"):
-            raise RequestError("field 'act' must be 'unlock' or 'lock'", code="invalid_request")
+    async def _do_challenge(self, body: ChallengeRequest, _tx: str | None) -> dict[str, Any]:
         record = self._record(body)
-        nonce = self.authz.challenge(lock=record.lock, action=act)
+        nonce = self.authz.challenge(lock=record.lock, action=body.act)
         return {"nonce": _b64(nonce), "expires_in": int(CHALLENGE_TTL_S), "gw": self.gw_id}
 
-    async def _do_lock(self, body: dict[str, Any], tx: str | None) -> dict[str, Any]:
+    async def _do_lock(self, body: ActuateRequest, tx: str | None) -> dict[str, Any]:
         return await self._actuate("lock", body, tx)
 
-    async def _do_unlock(self, body: dict[str, Any], tx: str | None) -> dict[str, Any]:
+    async def _do_unlock(self, body: ActuateRequest, tx: str | None) -> dict[str, Any]:
         return await self._actuate("unlock", body, tx)
 
-    async def _actuate(self, action: str, body: dict[str, Any], tx: str | None) -> dict[str, Any]:
+    async def _actuate(self, action: str, body: ActuateRequest, tx: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if self.stopping:
             raise RequestError("the gateway is stopping; try again in a few seconds", code="busy")
-        token_b64, proof_b64 = body.get("token"), body.get("proof")
-        if not isinstance(token_b64, str):
-            raise RequestError("field 'token' (base64url) is required", code="invalid_request")
-        for name in ("proof", "keyring", "revocations"):
-            if body.get(name) is not None and not isinstance(body[name], str):
-                raise RequestError(f"field {name!r} must be base64url text", code="invalid_request")
         record = self._record(body)
-        for name in ("keyring", "revocations"):
-            if body.get(name):
+        for name, carried in (
+            ("keyring", body.keyring),
+            ("revocations", body.revocations),
+            ("time", body.time),
+        ):
+            if carried:
                 try:
-                    raw = _unb64(body[name])
+                    raw = _unb64(carried)
                 except ValueError:
                     await self.trust_event(
                         InstallOutcome(
@@ -266,13 +278,13 @@ class Service:
                     continue
                 await self.install(raw, transaction=tx)
         try:
-            token = _unb64(token_b64)
+            token = _unb64(body.token)
         except ValueError:
             return await self._deny(
                 record, action, tx, TokenError("token is not base64url", code="token_invalid")
             )
         try:
-            proof = _unb64(proof_b64) if isinstance(proof_b64, str) else None
+            proof = _unb64(body.proof) if body.proof is not None else None
         except ValueError:
             proof = b"\x00"  # undecodable: the proof check reports proof_invalid in its place in the order
         try:
@@ -405,21 +417,23 @@ class Service:
             "data": {"lock_seq": lock_seq, "cmd_id": cmd_id.hex(), "source": "gateway"},
         }
 
-    async def _do_status(self, body: dict[str, Any], _tx: str | None) -> dict[str, Any]:
+    async def _do_status(self, body: LockRequest, _tx: str | None) -> dict[str, Any]:
         record = self._record(body)
-        await self.refresh(record, priority=Priority.INTERACTIVE)
+        fresh_at = self._fresh_at.get(record.lock)
+        if fresh_at is None or self.authz.clock.mono() - fresh_at >= self.status_fresh_s:
+            await self.refresh(record, priority=Priority.INTERACTIVE)
         return self.views[record.lock].as_json()
 
-    async def _do_locks(self, _body: dict[str, Any], _tx: str | None) -> dict[str, Any]:
+    async def _do_locks(self, _body: EmptyRequest, _tx: str | None) -> dict[str, Any]:
         return {
             "locks": [
                 self.views.setdefault(r.lock, LockView(r.lock, r.name)).as_json() for r in self.registry.all()
             ]
         }
 
-    async def _do_replay(self, body: dict[str, Any], _tx: str | None) -> dict[str, Any]:
-        lo, hi = _int_or_none(body.get("from_seq")), _int_or_none(body.get("to_seq"))
-        if lo is None or lo < 1 or (body.get("to_seq") is not None and (hi is None or hi < lo)):
+    async def _do_replay(self, body: ReplayRequest, _tx: str | None) -> dict[str, Any]:
+        lo, hi = body.from_seq, body.to_seq
+        if hi is not None and hi < lo:
             raise RequestError(
                 "replay takes from_seq ≥ 1 and optional to_seq ≥ from_seq", code="invalid_request"
             )
@@ -439,11 +453,59 @@ class Service:
     # --- housekeeping: status and lock logs ---------------------------------------------------
 
     async def refresh(self, record: LockRecord, *, priority: Priority = Priority.HOUSEKEEPING) -> None:
-        """STATUS, then forward the lock's new log entries (exactly once) and acknowledge them."""
+        """STATUS, then forward the lock's new log entries (exactly once) and acknowledge them.
+
+        Concurrent refreshes of one lock share one round trip (CONTRACT §8.14): a caller joins a
+        refresh in flight at its own priority or a higher one, else starts one. A refresh for a
+        request (not housekeeping) takes at most ``status_waiters_max`` callers; one more is
+        ``busy``. It runs in its own task so a caller that goes away (cancelled) leaves it to
+        the others; the last one to go cancels it."""
+        flight = next(
+            (
+                f
+                for p in Priority
+                if p <= priority and (f := self._refreshing.get((record.lock, p))) is not None
+            ),
+            None,
+        )
+        if flight is None:
+            flight = _Refresh(
+                (record.lock, priority), asyncio.ensure_future(self._refresh_once(record, priority))
+            )
+            self._refreshing[flight.key] = flight
+            flight.task.add_done_callback(functools.partial(self._refresh_done, flight))
+        elif priority is not Priority.HOUSEKEEPING and flight.waiters >= self.status_waiters_max:
+            raise RequestError(
+                f"{flight.waiters} status requests already wait for lock {record.lock}; try again",
+                code="busy",
+            )
+        flight.waiters += 1
+        try:
+            await asyncio.shield(flight.task)
+        except (BleError, ProtocolError) as exc:
+            if priority is not Priority.HOUSEKEEPING:
+                raise RequestError(
+                    f"lock {record.lock} is unreachable: {exc}", code="lock_unreachable"
+                ) from exc
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.task.done():
+                # Nobody wants it any more (all its callers were cancelled); nobody joins it now.
+                flight.task.cancel()
+                self._refresh_done(flight)
+
+    def _refresh_done(self, flight: _Refresh, _task: object = None) -> None:
+        if self._refreshing.get(flight.key) is flight:
+            del self._refreshing[flight.key]
+        if flight.task.done() and not flight.task.cancelled():
+            flight.task.exception()  # retrieved: every caller got it, or none was left to
+
+    async def _refresh_once(self, record: LockRecord, priority: Priority) -> None:
         view = self.views.setdefault(record.lock, LockView(record.lock, record.name))
         try:
             status = parse_status((await self.links.command(record, Op.STATUS, priority=priority)).result)
         except (BleError, ProtocolError) as exc:
+            self._fresh_at.pop(record.lock, None)
             if view.available:
                 view.available = False
                 await self.event(
@@ -454,20 +516,21 @@ class Service:
                     data={"message": str(exc)},
                 )
                 self.on_lock_state(view)
-            if priority is not Priority.HOUSEKEEPING:
-                raise RequestError(
-                    f"lock {record.lock} is unreachable: {exc}", code="lock_unreachable"
-                ) from exc
-            return
+            raise
         was_available = view.available
         view.state, view.door, view.battery_pct = str(status.state), str(status.door), status.battery_pct
         view.firmware, view.available, view.last_contact = status.firmware, True, int(self.authz.clock.wall())
+        self._fresh_at[record.lock] = self.authz.clock.mono()
         if not was_available:
             await self.event("lock.reachable", lock=record.lock)
         await self.fetch_log(record, priority=priority)
         self.on_lock_state(view)
 
     async def fetch_log(self, record: LockRecord, *, priority: Priority = Priority.HOUSEKEEPING) -> int:
+        async with self._log_mutex.setdefault(record.lock, asyncio.Lock()):
+            return await self._fetch_log(record, priority)
+
+    async def _fetch_log(self, record: LockRecord, priority: Priority) -> int:
         forwarded = 0
         while True:
             cursor = await self.outbox.lock_cursor(record.lock)
@@ -494,14 +557,31 @@ class Service:
             "type": _LOG_EVENT.get(entry.kind, "lock.log"),
             "lock": record.lock,
             **self._stamp(),
-            "data": {
-                "lock_seq": entry.lock_seq,
-                "lock_time": entry.t,
-                "kind": str(entry.kind),
-                "cmd_id": entry.cmd_id.hex() if entry.cmd_id else None,
-                **dict(entry.data),
-            },
+            "data": entry.event_data(),  # the lock's own map stays under lock_data (THREATS B7)
         }
+
+    #: Each action: the model its payload is parsed into, and the use case that answers it.
+    _ROUTES: ClassVar[dict[str, _Route]] = {
+        "challenge": (ChallengeRequest, _do_challenge),
+        "unlock": (ActuateRequest, _do_unlock),
+        "lock": (ActuateRequest, _do_lock),
+        "status": (LockRequest, _do_status),
+        "locks": (EmptyRequest, _do_locks),
+        "replay": (ReplayRequest, _do_replay),
+    }
+
+
+@dataclass
+class _Refresh:
+    """One refresh of one lock in flight, and how many callers wait for it."""
+
+    key: tuple[str, Priority]
+    task: asyncio.Future[None]
+    waiters: int = 0
+
+
+def _error(transaction: str | None, code: str, message: str) -> dict[str, Any]:
+    return {"transaction": transaction, "status": "error", "error": {"code": code, "message": message}}
 
 
 def _b64(data: bytes) -> str:
@@ -519,10 +599,6 @@ def _unb64(text: str) -> bytes:
 
 
 _B64: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=")
-
-
-def _int_or_none(v: object) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 async def _uncancellable(coro: Coroutine[Any, Any, Any]) -> None:

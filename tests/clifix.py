@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,16 @@ from simproc import start_sim
 from gateway.keyfiles import b64url
 from protocols import cbor, issuer
 
-__all__ = ["EXE", "Field", "field", "token_file"]
+__all__ = [
+    "EXE",
+    "Daemon",
+    "Field",
+    "default_signals",
+    "field",
+    "ignoring_signals",
+    "start_daemon",
+    "token_file",
+]
 
 EXE = [shutil.which("lockgw")] if shutil.which("lockgw") else [sys.executable, "-m", "gateway.cli"]
 
@@ -60,6 +71,90 @@ class Field:
         self.sim.stdin.write(json.dumps({"lock": lock, "fault": name, "value": value}) + "\n")
         self.sim.stdin.flush()
         assert json.loads(self.sim.stdout.readline())["ok"] is True
+
+
+#: What a shell without job control (``cmd &``, ``nohup cmd &``) leaves ignored in its children,
+#: and SIGTERM besides.
+INHERITED: tuple[signal.Signals, ...] = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+
+def _dispositions(handler: signal.Handlers) -> Callable[[], None]:
+    def preexec() -> None:
+        for sig in INHERITED:
+            signal.signal(sig, handler)
+
+    return preexec
+
+
+#: ``preexec_fn`` for a child that starts with default signal dispositions, however the test run
+#: itself was started (``(trap '' INT; pytest …)`` or ``nohup pytest … &`` ignore SIGINT).
+default_signals = _dispositions(signal.SIG_DFL)
+#: ``preexec_fn`` for a child started as by ``nohup … &``: SIGHUP, SIGINT, SIGQUIT, SIGTERM ignored.
+ignoring_signals = _dispositions(signal.SIG_IGN)
+
+#: Bounds the wait for a daemon to serve (not a speed requirement: it fails only a hung start).
+READY_WITHIN_S = 60.0
+
+
+@dataclass
+class Daemon:
+    """``lockgw run`` with its stdout and stderr in a file (never a pipe nobody reads)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    control: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            return s.connect_ex(str(self.control)) == 0
+
+    def wait_ready(self) -> None:
+        """Until the daemon's control socket takes connections (it opens last, once the daemon
+        serves; whatever its log lines look like); fails with the daemon's output if it exits
+        first or never gets there."""
+        deadline = time.monotonic() + READY_WITHIN_S
+        while not self._answers():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the daemon exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the daemon did not start serving:\n{self.output()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        """SIGTERM, then its exit code; kill -9 if it does not end (the test fails then)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            pytest.fail(f"the daemon did not stop on SIGTERM:\n{self.output()}")
+
+
+def start_daemon(f: Field, *args: str) -> Daemon:
+    """``lockgw [args] run`` on the field's config, ready to serve; default signal dispositions."""
+    log = f.tmp / f"daemon-{time.monotonic_ns()}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*EXE, "--config", str(f.cfg), *args, "run"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            preexec_fn=default_signals,  # noqa: PLW1509 - the tests run no threads of their own
+        )
+    daemon = Daemon(proc, log, f.tmp / "ctl.sock")
+    try:
+        daemon.wait_ready()
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
+    return daemon
 
 
 @pytest.fixture
