@@ -328,6 +328,8 @@ class SimRadio:
             model.clock_offset_s = float(value)
         elif fault == "hostile":
             sim.hostile = value or None
+        elif fault == "lie":
+            model.set_lie(value or None)
         elif fault == "pairing_mode":
             model.press_pairing_button(now)
         elif fault == "factory_reset":

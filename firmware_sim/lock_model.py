@@ -30,7 +30,7 @@ from protocols.messages import (
     Status,
 )
 
-__all__ = ["FIRMWARE_VERSION", "LockModel", "PairingPolicy"]
+__all__ = ["FIRMWARE_VERSION", "LIE_MODES", "LockModel", "PairingPolicy"]
 
 FIRMWARE_VERSION: Final = "sim-1.0.0"
 
@@ -39,6 +39,51 @@ LOG_CAPACITY: Final = 512
 #: Battery drain per actuation (percent): ~2000 actuations from full, like a CR123A pack.
 DRAIN_PER_ACTUATION: Final = 0.05
 BATTERY_LOW_PCT: Final = 20.0
+
+
+class _RawText(str):
+    """Text that encodes its lone surrogates anyway (``surrogatepass``): the bytes a broken or
+    hostile lock puts on the wire, which no honest encoder produces. Only the ``lie`` fault
+    makes these."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:  # noqa: ARG002 - always surrogatepass
+        return str.encode(self, encoding, "surrogatepass")
+
+
+_BIG: Final = 2**64 - 1  # the largest CBOR unsigned integer; past SQLite's INTEGER
+_HUGE_TEXT: Final = "x" * 200  # far past the 64-character limit, yet one response fits a frame
+
+#: The ``lie`` fault (docs/simulator.md): the lock executes each command as usual (the bolt
+#: moves), then answers with values a gateway must refuse. Field name -> the lie told there.
+_LIES: Final[dict[str, dict[str, cbor.CborValue]]] = {
+    "lock_seq": dict.fromkeys(("lock_seq", "log_first", "log_next", "next", "first"), _BIG),
+    "battery": {"battery_pct": 300},
+    "time": {"clock": -(2**64)},
+    "huge": {
+        **dict.fromkeys(("state", "firmware", "name"), _HUGE_TEXT),
+        **dict.fromkeys(("lock_seq", "first", "clock"), 2**63),
+    },
+    "types": {
+        "state": 5,
+        "door": None,
+        "lock_seq": "7",
+        "battery_pct": True,
+        "clock": b"\x00\x01",
+        "firmware": ["sim"],
+        "name": cbor.Tag(0, "Door"),
+        "log_first": -1,
+        "log_next": {"n": 1},
+        "entries": {"0": [1, 2, "manual", None, {}]},
+        "next": None,
+        "first": [1],
+    },
+    "surrogate": {n: _RawText("\ud800") for n in ("state", "door", "firmware", "name")},
+}
+#: Every mode of the ``lie`` fault: the value lies above, plus ``cmd_id`` (answers carry another
+#: command's id) and ``op`` (answers name another command).
+LIE_MODES: Final = frozenset({*_LIES, "cmd_id", "op"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +125,11 @@ class LockModel:
     results: OrderedDict[bytes, Response] = field(default_factory=OrderedDict)
     relock_at: float | None = None
     state_counter: int = 0
+    #: Commands run by op (not those answered from the idempotency cache), for tests; not persisted.
+    ran: dict[Op, int] = field(default_factory=dict)
     policy: PairingPolicy = field(default_factory=PairingPolicy)
     path: Path | None = None
+    lie: str | None = None  # the `lie` fault: one of LIE_MODES, not persisted
 
     # --- clock ---------------------------------------------------------------------------
 
@@ -167,10 +215,19 @@ class LockModel:
             self._log(now, LogKind.BATTERY_LOW, data={"pct": int(self.battery_pct)})
         self.save()
 
+    def set_lie(self, mode: str | None) -> None:
+        """Answer every command with hostile values from now on (``None`` ends it)."""
+        if mode is not None and mode not in LIE_MODES:
+            raise ValueError(f"lie takes one of {sorted(LIE_MODES)} or null")
+        self.lie = mode
+
     # --- commands ------------------------------------------------------------------------
 
     def execute(self, request: Request, now: float) -> Response:
         """Run a command once: a repeated ``cmd_id`` returns the first result unchanged."""
+        return self._told(self._execute(request, now))
+
+    def _execute(self, request: Request, now: float) -> Response:
         cached = self.results.get(request.cmd_id)
         if cached is not None and cached.op is request.op:
             return cached
@@ -184,8 +241,47 @@ class LockModel:
             self.save()
         return response
 
+    def _told(self, response: Response) -> Response:
+        """The answer as the ``lie`` fault tells it (the command itself ran honestly)."""
+        if self.lie is None:
+            return response
+        if self.lie == "cmd_id":
+            return Response(
+                response.op, bytes(b ^ 0xFF for b in response.cmd_id), response.status, response.result
+            )
+        if self.lie == "op":
+            other = Op.STATUS if response.op is not Op.STATUS else Op.UNLOCK
+            return Response(other, response.cmd_id, response.status, response.result)
+        lies = _LIES[self.lie]
+        result = {k: lies.get(k, v) for k, v in response.result.items()}
+        entries = response.result.get("entries")
+        if isinstance(entries, list) and self.lie in {"lock_seq", "time", "huge", "surrogate"}:
+            result["entries"] = self._lie_entries(entries)
+        return Response(response.op, response.cmd_id, response.status, result)
+
+    def _lie_entries(self, entries: list[cbor.CborValue]) -> list[cbor.CborValue]:
+        """A READ_LOG batch with the lie in every entry (one made up if the log is empty)."""
+        if self.lie == "huge":  # more entries than asked, the first with a 40-item data map
+            return [
+                [i, 0, "manual", None, {f"k{j}": j for j in range(40)} if i == 1 else {}]
+                for i in range(1, 18)
+            ]
+        out: list[cbor.CborValue] = []
+        for entry in entries or [[1, 0, "manual", None, {}]]:
+            assert isinstance(entry, list)
+            seq, t, kind, cmd_id, data = entry
+            if self.lie == "lock_seq":
+                seq = _BIG
+            elif self.lie == "time":
+                t = -(2**64)
+            elif self.lie == "surrogate":
+                data = {"state": _RawText("\udfff")}
+            out.append([seq, t, kind, cmd_id, data])
+        return out
+
     def _run(self, request: Request, now: float) -> Response:
         op, cmd_id = request.op, request.cmd_id
+        self.ran[op] = self.ran.get(op, 0) + 1
         if op in (Op.UNLOCK, Op.LOCK):
             target = LockState.UNLOCKED if op is Op.UNLOCK else LockState.LOCKED
             entry = self._actuate(target, now, cmd_id, source="gateway")
