@@ -176,14 +176,29 @@ class LockClient:
         """Send one command and wait for its response (same ``cmd_id`` ⇒ same result)."""
         cmd_id = cmd_id or self._rng(COMMAND_ID_LEN)
         async with self._request_lock:
-            self._conn.send_request(Request(op, cmd_id, args or {}))
+            if self._poisoned is not None:
+                raise self._poisoned
+            try:
+                self._conn.send_request(Request(op, cmd_id, args or {}))
+            except ProtocolError as exc:  # the session ended (the lock sent ERROR) or args too big
+                err = LockMisbehaved(f"cannot send {op.name} on this link: {exc}", code="lock_error")
+                await self._poison(err)
+                raise err from exc
             event = await self._exchange(self._request_timeout_s)
-        if not isinstance(event, ResponseReceived):
-            raise LockMisbehaved(f"unexpected answer to {op.name}: {type(event).__name__}")
-        response = event.response
-        if response.cmd_id != cmd_id or response.op is not op:
-            await self._poison(LockMisbehaved("response does not match the request"))
-        return response
+            # The session already refuses a response to another request (THREATS B7); a
+            # mismatch reaching here is still never returned as the answer.
+            if (
+                not isinstance(event, ResponseReceived)
+                or event.response.cmd_id != cmd_id
+                or event.response.op is not op
+            ):
+                err = LockMisbehaved(
+                    f"lock answered {op.name} with {_describe(event)}: not this request's answer",
+                    code="lock_error",
+                )
+                await self._poison(err)
+                raise err
+        return event.response
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -264,6 +279,12 @@ async def _quiet_disconnect(client: BleakClient) -> None:
     with contextlib.suppress(BleakError, TimeoutError, OSError):
         async with asyncio.timeout(5):
             await client.disconnect()
+
+
+def _describe(event: Event) -> str:
+    if isinstance(event, ResponseReceived):
+        return f"{event.response.op.name} {event.response.cmd_id.hex()[:8]}…"
+    return type(event).__name__
 
 
 def _name(device: BLEDevice | str) -> str:
