@@ -215,9 +215,6 @@ class Authorizer:
             self.store.put_num("saved_wall", wall)
             self.core.time.saved_wall = wall
 
-    def _persist_floor(self) -> None:
-        self.store.raise_num("floor", self.core.time.floor)
-
     @property
     def alarms(self) -> list[str]:
         view = self.time_view()
