@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import click
 from click.shell_completion import CompletionItem, get_completion_class
@@ -46,6 +46,8 @@ EXIT_USAGE: Final = 2
 EXIT_BUSY: Final = 3
 #: `events --follow` polls this often; the control socket answers a poll in well under a ms.
 FOLLOW_POLL_S: Final = 1.0
+#: End a command cleanly (``_Stop``): Ctrl-C, and what systemd, ``timeout`` and ``kill`` send.
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 _CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -141,17 +143,94 @@ class _Link:
             self._gw = None
 
 
-def _with_link(opts: Opts, body: Callable[[_Link, Ui], Awaitable[int]]) -> int:
-    config = opts.load()
+class _Stop:
+    """SIGINT and SIGTERM for one command, installed whatever dispositions the process inherited.
+
+    A shell without job control (``cmd &``, ``nohup cmd &``) starts its children with SIGINT and
+    SIGQUIT ignored, and Python then installs no Ctrl-C handler: such a ``events --follow`` never
+    ended. Here the first signal cancels the command's work (again every ``CANCEL_RETRY_S`` until
+    it ended: python/cpython#86296) and its cleanup then runs normally; a second signal while it
+    is still ending takes the signal's default action at once (Ctrl-C twice forces).
+    """
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._event = asyncio.Event()
+
+    def __enter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.signal is not None:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+        self.signal = sig
+        self._event.set()
+
+    async def run(self, work: Awaitable[int]) -> int | None:
+        """``work``'s result, or None once a signal arrived and ``work`` was cancelled and ended."""
+        from gateway.tasks import cancel_and_wait  # noqa: PLC0415 - keeps CLI start-up light
+
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([task, waiter])
+        return None if task.cancelled() else task.result()  # its own error propagates
+
+
+def _stopped_by(sig: signal.Signals, *, as_json: bool) -> int:
+    """A command other than ``--follow`` ended by a signal: say so; exit 128 + the signal."""
+    return _fail(f"stopped by {sig.name}", "failed", 128 + sig.value, as_json=as_json)
+
+
+def _run_stoppable(
+    work: Callable[[], Awaitable[int]],
+    *,
+    stopped: Callable[[signal.Signals], int],
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """``asyncio.run`` for a long-running command, ended cleanly by SIGINT or SIGTERM (:class:`_Stop`):
+    ``cleanup`` runs either way, and a stopped command returns ``stopped(signal)``."""
 
     async def go() -> int:
-        link = _Link(config)
-        try:
-            return await body(link, opts.ui)
-        finally:
-            await link.close()
+        with _Stop() as stop:
+            try:
+                rc = await stop.run(work())
+            finally:
+                if cleanup is not None:
+                    await cleanup()
+            if rc is None:  # only a signal cancels the work
+                assert stop.signal is not None
+                return stopped(stop.signal)
+            return rc
 
     return asyncio.run(go())
+
+
+def _with_link(
+    opts: Opts,
+    body: Callable[[_Link, Ui], Awaitable[int]],
+    *,
+    stopped: Callable[[signal.Signals], int] | None = None,
+) -> int:
+    """Run ``body`` on a link; SIGINT or SIGTERM end it, and the link is closed either way."""
+    config = opts.load()
+    link = _Link(config)
+    return _run_stoppable(
+        lambda: body(link, opts.ui),
+        stopped=stopped or (lambda sig: _stopped_by(sig, as_json=opts.json)),
+        cleanup=link.close,
+    )
 
 
 def _emit(ui: Ui, answer: dict[str, Any], human: Callable[[Any], None]) -> int:
@@ -210,7 +289,9 @@ def demo(locks: int, seed: int | None) -> int:
     """Play a scripted shift: simulated locks, broker, gateway."""
     from gateway.demo import run_demo  # noqa: PLC0415
 
-    return asyncio.run(run_demo(locks=locks, seed=seed))
+    return _run_stoppable(
+        lambda: run_demo(locks=locks, seed=seed), stopped=lambda sig: _stopped_by(sig, as_json=False)
+    )
 
 
 @cli.group(epilog=_example("lockgw config check /etc/lockgw/lockgw.toml"))
@@ -495,10 +576,16 @@ def events(  # noqa: PLR0917 - click passes one parameter per option
             if len(d["events"]) < limit:
                 await asyncio.sleep(FOLLOW_POLL_S)
 
+    # --follow ends with Ctrl-C or SIGTERM: that is success. (KeyboardInterrupt: a Ctrl-C
+    # while the configuration is read, before the command's own handling is installed.)
     try:
-        return _with_link(opts, body)
-    except KeyboardInterrupt:  # --follow ends with Ctrl-C: that is success
-        return EXIT_OK
+        return _with_link(
+            opts, body, stopped=lambda _sig: EXIT_OK if follow else _stopped_by(_sig, as_json=opts.json)
+        )
+    except KeyboardInterrupt:
+        if follow:
+            return EXIT_OK
+        raise
 
 
 @cli.group(epilog=_example("lockgw trust show", "lockgw trust install keyring.cose"))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
-from clifix import EXE, Field
+from clifix import EXE, Field, start_daemon
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 
@@ -40,14 +39,8 @@ def test_direct_mode_pair_trust_unlock_events(field: Field) -> None:
 
 
 def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
-    daemon = subprocess.Popen(
-        [*EXE, "--config", str(field.cfg), "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    daemon = start_daemon(field)  # fails, with the daemon's output, unless its socket answers
     try:
-        for _ in range(100):
-            if (field.tmp / "ctl.sock").exists():
-                break
-            time.sleep(0.1)
         lock = field.locks[1]
         paired = json.loads(field.run("--json", "pair", lock["address"], "--code", lock["setup_code"]).stdout)
         assert paired["lock"] == lock["lock"]
@@ -63,8 +56,8 @@ def test_daemon_mode_and_exclusive_data_dir(field: Field) -> None:
         unknown = field.run("status", "lk-nope", ok=None)
         assert unknown.returncode == 2
     finally:
-        daemon.terminate()
-        daemon.communicate(timeout=15)
+        stopped = daemon.stop()
+    assert stopped == 0, daemon.output()
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clifix import EXE, Field
+from clifix import EXE, Field, default_signals, ignoring_signals, start_daemon
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 
@@ -204,18 +204,9 @@ def test_a_lock_paired_elsewhere_is_refused_with_a_clear_message(field: Field, t
 def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(field: Field) -> None:
     lock = field.locks[0]
     pair(field, lock)
-    daemon = subprocess.Popen(
-        [*EXE, "--config", str(field.cfg), "run"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    daemon = start_daemon(field)
     follower: subprocess.Popen[str] | None = None
     try:
-        for _ in range(100):
-            if (field.tmp / "ctl.sock").exists():
-                break
-            time.sleep(0.1)
         last = json.loads(field.run("--json", "events").stdout)["last_seq"]
         follower = subprocess.Popen(
             [*EXE, "--config", str(field.cfg), "--json", "events", "--follow", "--type", "access.*"],
@@ -223,6 +214,7 @@ def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            preexec_fn=default_signals,  # noqa: PLW1509 - however this test run was started
         )
         field.act("unlock", lock["lock"])
         field.act("unlock", lock["lock"], proof=False, ok=None)
@@ -237,8 +229,61 @@ def test_events_follow_through_the_daemon_streams_json_lines_and_ends_on_ctrl_c(
         if follower is not None and follower.poll() is None:
             follower.kill()
             follower.communicate(timeout=10)
-        daemon.terminate()
-        daemon.communicate(timeout=20)
+        stopped = daemon.stop()
+    assert stopped == 0, daemon.output()
+
+
+def started_ignoring_signals(f: Field, *args: str) -> subprocess.Popen[str]:
+    """The CLI as ``nohup lockgw … &`` starts it: SIGHUP, SIGINT, SIGQUIT (and here SIGTERM) ignored."""
+    return subprocess.Popen(
+        [*EXE, "--config", str(f.cfg), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        preexec_fn=ignoring_signals,  # noqa: PLW1509 - the tests run no threads of their own
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_events_follow_ends_cleanly_on_a_signal_it_inherited_as_ignored(
+    field: Field, sig: signal.Signals
+) -> None:
+    field.run("trust", "install", str(field.tmp / "keyring.cose"))
+    follower = started_ignoring_signals(field, "--json", "events", "--follow")
+    try:
+        assert follower.stdout is not None
+        assert json.loads(follower.stdout.readline())["type"] == "trust.installed"  # following now
+        follower.send_signal(sig)
+        out, err = follower.communicate(timeout=20)
+        assert follower.returncode == 0 and "Traceback" not in err, err
+        assert out == ""  # nothing half-written after the signal
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate(timeout=10)
+    # The direct follower held the data directory; it let go as it ended.
+    assert json.loads(field.run("--json", "events").stdout)["events"][0]["type"] == "trust.installed"
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["plain", "json"])
+def test_a_long_command_stopped_by_sigterm_says_so_and_exits_143(field: Field, json_flag: list[str]) -> None:
+    scan = started_ignoring_signals(field, *json_flag, "scan", "--timeout", "60")
+    try:
+        assert scan.stderr is not None
+        assert scan.stderr.readline().startswith("scanning for 60 s")  # inside the command now
+        scan.send_signal(signal.SIGTERM)
+        out, err = scan.communicate(timeout=20)  # well before the 60 s scan would end
+        assert scan.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+        assert "stopped by SIGTERM" in err
+        if json_flag:
+            assert json.loads(out) == {"error": "stopped by SIGTERM", "code": "failed"}
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+            scan.communicate(timeout=10)
+    field.run("--json", "locks")  # the data directory is free again
 
 
 def test_lock_status_and_unpair_on_both_ends_or_forced(field: Field) -> None:
