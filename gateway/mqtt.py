@@ -10,7 +10,8 @@ only a ``B/G/receipt`` from central marks it delivered.
 Per connection the bridge runs, in one TaskGroup: the receiver (requests, receipts, trust
 documents), the event drain (a capped window of QoS 1 publishes in seq order) and the heartbeat
 (QoS 0, every 60 s). Requests run as their own tasks, at most ``MAX_CONCURRENT_REQUESTS`` at a
-time plus ``MAX_CONCURRENT_ACTUATIONS`` unlock/lock (beyond that: ``busy``), so a slow unlock never blocks receipts. A lost connection ends the
+time plus ``MAX_CONCURRENT_ACCESS`` unlock/lock/challenge (beyond that: ``busy``), so a slow
+unlock never blocks receipts and a status flood never blocks unlocks. A lost connection ends the
 TaskGroup with ``MqttError``; the bridge waits a jittered backoff and reconnects. Unlocks never
 wait for the broker: requests arriving through other paths and doors opened meanwhile are
 committed to the outbox and drained later.
@@ -59,12 +60,14 @@ SESSION_EXPIRY_S: Final = 7 * 86400
 PUBLISH_WINDOW: Final = 64
 #: Per-publish timeout: a broker that stopped answering is noticed, never waited on forever.
 PUBLISH_TIMEOUT_S: Final = 10.0
-#: Concurrent requests other than unlock/lock (status, locks, challenge, replay); beyond: ``busy``.
+#: Concurrent requests other than the access path below (status, locks, replay); beyond: ``busy``.
 MAX_CONCURRENT_REQUESTS: Final = 32
-#: unlock/lock have a budget of their own (CONTRACT §8.14): a status flood that fills the one
-#: above never turns a person at the door away with ``busy``.
-MAX_CONCURRENT_ACTUATIONS: Final = 32
-_ACTUATIONS: Final = frozenset({"unlock", "lock"})
+#: The access path — unlock, lock and the challenge a phone needs first — has a budget of its
+#: own (CONTRACT §8.14): a status flood that fills the one above never turns a person at the
+#: door away with ``busy``. A challenge never awaits the radio, so it holds this budget only
+#: for an instant and a challenge flood cannot fill it against the unlocks.
+MAX_CONCURRENT_ACCESS: Final = 32
+_ACCESS_ACTIONS: Final = frozenset({"unlock", "lock", "challenge"})
 #: Re-send what no receipt covers when receipts stall this long (central may have missed it).
 REPUBLISH_AFTER_S: Final = 60.0
 #: Each re-send without receipt progress doubles the wait, up to this: a site whose central
@@ -152,7 +155,7 @@ class MqttBridge:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._requests = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
-        self._actuations = asyncio.Semaphore(MAX_CONCURRENT_ACTUATIONS)
+        self._access = asyncio.Semaphore(MAX_CONCURRENT_ACCESS)
         self._request_tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.connects = 0
@@ -233,9 +236,7 @@ class MqttBridge:
             tls_context=tls_context,
         )
         # aiomqtt warns once per publish beyond 10 pending calls; our window is deliberate.
-        client.pending_calls_threshold = (
-            PUBLISH_WINDOW + MAX_CONCURRENT_REQUESTS + MAX_CONCURRENT_ACTUATIONS + 8
-        )
+        client.pending_calls_threshold = PUBLISH_WINDOW + MAX_CONCURRENT_REQUESTS + MAX_CONCURRENT_ACCESS + 8
         return client
 
     async def run(self) -> None:
@@ -464,7 +465,7 @@ class MqttBridge:
                         "own topics outside response/ (CONTRACT §8.10)",
                     },
                 }
-            elif (budget := self._actuations if action in _ACTUATIONS else self._requests).locked():
+            elif (budget := self._access if action in _ACCESS_ACTIONS else self._requests).locked():
                 response = {
                     "transaction": _tx(payload),
                     "status": "error",
