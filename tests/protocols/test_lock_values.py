@@ -248,7 +248,26 @@ def test_B7_the_edges_of_each_range_are_accepted() -> None:
 @pytest.mark.parametrize("status", [Status.BUSY, Status.DENIED, Status.BAD_REQUEST, Status.FAILED])
 def test_refusals_carry_no_values_to_check(status: Status) -> None:
     check_result(Response(Op.STATUS, CMD, status, {"error": "busy"}))
+    check_result(Response(Op.UNLOCK, CMD, status, {"error": "busy"}))
     check_result(Response(Op.UNPAIR, CMD, Status.OK, {}))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {0: 99, 1: CMD, 2: 0, 3: {}},
+        {0: 1, 1: CMD, 2: 99, 3: {}},
+        {0: 1, 1: CMD, 2: True, 3: {}},
+        {0: 1, 1: b"short", 2: 0, 3: {}},
+        {0: 1, 1: CMD, 2: 0, 3: [1]},
+        {0: 1, 1: CMD, 2: 0, 3: {1: "x"}},
+        {0: 1, 1: CMD, 2: 0},
+    ],
+)
+def test_malformed_responses_are_refused(raw: cbor.CborValue) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_response(cbor.dumps(raw))
+    assert info.value.code == "bad_message"
 
 
 def test_B7_a_jammed_actuation_is_checked_too() -> None:
