@@ -36,7 +36,7 @@ from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink, Transport
 
-from firmware_sim.lock_model import LockModel, make_setup_code
+from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_response
 from firmware_sim.peripheral import LinkDriver
 from protocols.framing import fragment
 from protocols.gatt import (
@@ -69,7 +69,7 @@ class SimLock:
     address: Address
     tx: gatt.Characteristic[bytes]
     extra_latency_s: float = 0.0
-    hostile: str | None = None  # None | "garbage" | "oversized" | "truncated" | "flood"
+    hostile: str | None = None  # None | "garbage" | "oversized" | "truncated" | "flood" | "spake2"
     drop_next_after_write: bool = False
     out_of_range: bool = False  # neither advertises nor accepts connections (the `range` fault)
     # Keyed by the Connection object, not its handle: the controller reuses handles, and a
@@ -293,6 +293,8 @@ class SimRadio:
         elif mode == "flood":
             for _ in range(200):
                 await notify(connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big"))
+        elif mode == "spake2":  # a hostile pairing peer: an off-curve SPAKE2 point
+            await notify(connection, sim.tx, off_curve_pair_response(sim.model.lock_id))
 
     # --- faults (see docs/simulator.md) ------------------------------------------------
 

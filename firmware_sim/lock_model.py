@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from protocols import cbor
-from protocols.limits import COMMAND_CACHE, LOG_BATCH_MAX
+from protocols.framing import FrameType, encode_frame
+from protocols.limits import COMMAND_CACHE, LOG_BATCH_MAX, NONCE_LEN
 from protocols.messages import (
     DoorState,
     LockState,
@@ -30,7 +31,7 @@ from protocols.messages import (
     Status,
 )
 
-__all__ = ["FIRMWARE_VERSION", "LIE_MODES", "LockModel", "PairingPolicy"]
+__all__ = ["FIRMWARE_VERSION", "LIE_MODES", "LockModel", "PairingPolicy", "off_curve_pair_response"]
 
 FIRMWARE_VERSION: Final = "sim-1.0.0"
 
@@ -84,6 +85,13 @@ _LIES: Final[dict[str, dict[str, cbor.CborValue]]] = {
 #: Every mode of the ``lie`` fault: the value lies above, plus ``cmd_id`` (answers carry another
 #: command's id) and ``op`` (answers name another command).
 LIE_MODES: Final = frozenset({*_LIES, "cmd_id", "op"})
+
+
+def off_curve_pair_response(lock_id: str) -> bytes:
+    """A hostile pairing peer's PAIR_RESPONSE frame: its SPAKE2 message is a point that is not
+    on Ed25519 (y = 2 has no x), for the ``hostile`` fault mode ``spake2``."""
+    body = cbor.dumps([lock_id, b"B" + (2).to_bytes(32, "little"), bytes(NONCE_LEN)])
+    return encode_frame(FrameType.PAIR_RESPONSE, body)
 
 
 @dataclass(frozen=True, slots=True)

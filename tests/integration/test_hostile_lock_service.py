@@ -11,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from airfix import Air
 from test_service import Rig, build_rig
 
+from gateway.ble.link import LockClient
+from gateway.errors import LockMisbehaved
 from protocols.event_encoding import verify_chain
 from protocols.messages import LogEntry, LogKind
 
@@ -122,3 +125,16 @@ async def test_B7_lock_log_data_cannot_overwrite_the_gateways_fields(tmp_path: P
             "lock_data": hostile,
         }
         verify_chain(events)
+
+
+async def test_B7_an_off_curve_spake2_peer_fails_pair_at_once_with_a_clear_error(air: Air) -> None:
+    sim, other = air.locks
+    await air.radio.apply_fault(sim.model.lock_id, "hostile", "spake2")
+    # Before, NotOnCurve escaped the notification callback and pair sat out its 20 s timeout
+    # (LinkTimeout); now the link ends on the first frame with the reason.
+    async with LockClient(str(sim.address), gw_id="gw-test-1", backend=air.host.client_backend()) as client:
+        with pytest.raises(LockMisbehaved, match="invalid SPAKE2 message from lock") as info:
+            await client.pair(sim.model.setup_code)
+        assert info.value.code == "lock_error" and not client.is_connected
+    async with LockClient(str(other.address), gw_id="gw-test-1", backend=air.host.client_backend()) as client:
+        assert (await client.pair(other.model.setup_code)).lock_id == other.model.lock_id
