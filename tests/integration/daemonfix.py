@@ -1,0 +1,157 @@
+"""A whole site for attacks on the running daemon: `lockgw-sim` (two paired locks on Bumble),
+a real mosquitto, `lockgw run` as a process, and a phone/attacker speaking MQTT 5 to it.
+
+Used by tests/integration/test_daemon_attacks.py (bounded cases in CI) and
+bench/daemon_fuzz.py (the long run). Every wait is bounded; a hang fails with the daemon's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from broker import Broker, free_port
+from clifix import Daemon, Field, start_daemon
+from credfix import SITE, World
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from simproc import start_sim
+
+from gateway.keyfiles import b64url
+from protocols import cbor, issuer
+from protocols.event_encoding import verify_chain
+
+GW = "gw-attack"
+BASE = "lockgw"
+#: Bounds every wait for an answer: a hang guard, not a speed requirement.
+ANSWER_WITHIN_S = 20.0
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class Site:
+    field: Field
+    daemon: Daemon
+    broker: Broker
+    locks: list[str]
+    db: Path
+    _n: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def w(self) -> World:
+        return self.field.w
+
+    def alive(self) -> bool:
+        return self.daemon.proc.poll() is None
+
+    def client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.broker.port,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            identifier=f"attacker-{next(self._n)}",
+        )
+
+    async def request(
+        self,
+        c: aiomqtt.Client,
+        action: str,
+        payload: bytes,
+        *,
+        response_topic: str | None = "attack/r",
+        expect_on: str | None = None,
+    ) -> dict[str, Any]:
+        """Publish a request and return the answer (fails if none comes). ``c`` must already be
+        subscribed to ``attack/#`` and ``BASE/GW/response/#`` (see :meth:`session`)."""
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        corr = f"c{next(self._n)}".encode()
+        props.CorrelationData = corr
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        await c.publish(f"{BASE}/{GW}/request/{action}", payload, qos=1, properties=props)
+        want = expect_on or response_topic or f"{BASE}/{GW}/response/"
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            async for m in c.messages:
+                topic = str(m.topic)
+                got_corr = getattr(m.properties, "CorrelationData", None)
+                if topic.startswith(want) and got_corr == corr:
+                    body = json.loads(m.payload)
+                    assert isinstance(body, dict)
+                    return body
+        raise AssertionError("no answer")
+
+    async def session(self) -> aiomqtt.Client:
+        c = self.client()
+        await c.__aenter__()
+        await c.subscribe("attack/#", qos=1)
+        await c.subscribe(f"{BASE}/{GW}/response/#", qos=1)
+        return c
+
+    async def unlock(self, c: aiomqtt.Client, lock: str, *, action: str = "unlock") -> dict[str, Any]:
+        """The honest phone: challenge, proof, unlock — the answer."""
+        ch = await self.request(c, "challenge", json.dumps({"lock": lock, "act": action}).encode())
+        assert ch["status"] == "ok", ch
+        nonce = base64.urlsafe_b64decode(ch["data"]["nonce"] + "==")
+        token = self.w.token(locks=[lock], iat=int(time.time()) - 30)
+        proof = issuer.proof(self.w.holder, token_bytes=token, nonce=nonce, gw=GW, lock=lock, act=action)
+        body = {"lock": lock, "token": _b64(token), "proof": _b64(proof), "transaction": "honest"}
+        return await self.request(c, action, json.dumps(body).encode())
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every stored event, read-only from the daemon's database (WAL: readers never block)."""
+        db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return [json.loads(r[0]) for r in db.execute("SELECT json FROM events ORDER BY seq")]
+        finally:
+            db.close()
+
+    def check_store(self) -> list[dict[str, Any]]:
+        """Gap-free, hash-chained, one gateway.started (the daemon never restarted)."""
+        events = self.events()
+        verify_chain(events)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert sum(e["type"] == "gateway.started" for e in events) == 1
+        return events
+
+
+def make_site(tmp: Path, broker: Broker, *, seed: int = 77) -> tuple[Site, subprocess.Popen[str]]:
+    port = free_port()
+    sim, locks = start_sim(port, seed=seed, locks=2)
+    w = World()
+    root = tmp / "root.pub"
+    root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
+    cfg = tmp / "lockgw.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{tmp / "data"}"\n'
+        f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
+        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp / "ctl.sock"}"\n'
+        f'[mqtt]\nurl = "{broker.url}"\nbase_topic = "{BASE}"\n'
+    )
+    now = int(time.time())
+    (tmp / "keyring.cose").write_bytes(
+        issuer.keyring(
+            w.root,
+            site=SITE,
+            version=1,
+            iat=now - 10,
+            exp=now + 90 * 86400,
+            entries=[issuer.KeyringEntry(w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"])],
+        )
+    )
+    f = Field(tmp, cfg, locks, w, sim)
+    f.run("trust", "install", str(tmp / "keyring.cose"))
+    ids = [f.run("pair", lock["address"], "--code", lock["setup_code"]).stdout.strip() for lock in locks]
+    daemon = start_daemon(f)
+    return Site(f, daemon, broker, ids, tmp / "data" / "events.sqlite3"), sim

@@ -1,0 +1,280 @@
+"""Attacks on the running daemon (issue: fail-safe core §2 and §7; THREATS F1-F5, B6, D1).
+
+One site per module: `lockgw-sim` with two paired locks, a real mosquitto, `lockgw run`. Each
+case sends what an outsider can send — to every request action, the receipt and trust topics,
+the control socket — and then checks: the daemon is alive and never restarted, the request got
+an answer, an honest unlock still opens the door, and the stored events are gap-free and
+hash-chained. The named cases are the ones that stopped every door before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from broker import Broker
+from clifix import EXE
+from credfix import SITE
+from daemonfix import BASE, GW, Site, make_site
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = [pytest.mark.ble, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[Site]:
+    if broker.proc is None or broker.proc.poll() is not None:
+        broker.start()
+    s, sim = make_site(tmp_path_factory.mktemp("attacks"), broker)
+    try:
+        yield s
+        assert s.daemon.stop() == 0, s.daemon.output()
+        assert "Traceback" not in s.daemon.output()
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=10)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _with_session(site: Site, body: Any) -> Any:
+    c = await site.session()
+    try:
+        return await body(c)
+    finally:
+        await c.__aexit__(None, None, None)
+
+
+def assert_still_serving(site: Site) -> None:
+    assert site.alive(), site.daemon.output()
+
+    async def honest(c: Any) -> None:
+        answer = await site.unlock(c, site.locks[0])
+        assert answer["status"] == "ok", answer
+
+    run(_with_session(site, honest))
+    site.check_store()
+
+
+# --- the cases that stopped every door -------------------------------------------------------
+
+
+def test_F1_a_70_byte_message_with_a_lone_surrogate_transaction_is_refused(site: Site) -> None:
+    payload = b'{"lock": "%s", "token": "AAAA", "transaction": "\\ud800"}' % site.locks[0].encode()
+
+    async def go(c: Any) -> dict[str, Any]:
+        return await site.request(c, "unlock", payload)
+
+    answer = run(_with_session(site, go))
+    assert answer["status"] == "error" and answer["error"]["code"] == "invalid_request"
+    assert answer["transaction"] is None
+    assert_still_serving(site)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"from_seq": 2**63}, "invalid_request"),
+        ({"from_seq": 1, "to_seq": 2**64}, "invalid_request"),
+        ({"from_seq": -1}, "invalid_request"),
+        ({"from_seq": True}, "invalid_request"),
+        ({"from_seq": 2**63 - 1}, None),
+    ],
+)
+def test_F2_replay_bounds_are_the_contracts(site: Site, body: dict[str, Any], code: str | None) -> None:
+    async def go(c: Any) -> dict[str, Any]:
+        return await site.request(c, "replay", json.dumps(body).encode())
+
+    answer = run(_with_session(site, go))
+    if code is None:
+        assert answer == {"transaction": None, "status": "ok", "data": {"count": 0}}
+    else:
+        assert answer["error"]["code"] == code
+    assert site.alive()
+
+
+def test_F2_a_receipt_nested_100000_deep_is_ignored_and_receipts_still_work(site: Site) -> None:
+    async def go(c: Any) -> None:
+        topic = f"{BASE}/{GW}/receipt"
+        await c.publish(topic, b"[" * 100_000 + b"]" * 100_000, qos=1)
+        await c.publish(topic, b'{"epoch": "\\ud800", "seq": 1}', qos=1)
+        await c.publish(topic, json.dumps({"epoch": "x", "seq": 2**64}).encode(), qos=1)
+        # A request after them is answered: the bridge is alive and in order.
+        answer = await site.request(c, "locks", b"{}")
+        assert answer["status"] == "ok"
+
+    run(_with_session(site, go))
+    assert_still_serving(site)
+
+
+def test_F2_deep_json_in_a_request_is_invalid_request(site: Site) -> None:
+    async def go(c: Any) -> dict[str, Any]:
+        return await site.request(c, "status", b'{"lock": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+    assert run(_with_session(site, go))["error"]["code"] == "invalid_request"
+    assert site.alive()
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "attack/+/r",
+        "attack/#",
+        f"{BASE}/{GW}/events",
+        f"{BASE}/{GW}/locks/x/state",
+        f"{BASE}/{GW}/request/unlock",
+        f"{BASE}/{GW}/availability",
+    ],
+)
+def test_F4_a_response_topic_on_a_wildcard_or_the_gateways_own_topics_is_refused_unexecuted(
+    site: Site, topic: str
+) -> None:
+    """CONTRACT §8.10: answered invalid_request on B/G/response/<action>; the unlock is not run."""
+    before = len(site.events())
+
+    async def go(c: Any) -> dict[str, Any]:
+        body = {"lock": site.locks[0], "transaction": "t-topic"}
+        return await site.request(
+            c,
+            "status",
+            json.dumps(body).encode(),
+            response_topic=topic,
+            expect_on=f"{BASE}/{GW}/response/status",
+        )
+
+    answer = run(_with_session(site, go))
+    assert answer == {
+        "transaction": "t-topic",
+        "status": "error",
+        "error": {"code": "invalid_request", "message": answer["error"]["message"]},
+    }
+    assert len(site.events()) == before
+
+
+def test_F5_control_socket_lines_out_of_range_get_an_error_line(site: Site) -> None:
+    lines = [
+        json.dumps({"cmd": "events", "args": {"since": 2**63}}),
+        json.dumps({"cmd": "events", "args": {"since": 2**70, "limit": 1}}),
+        '{"cmd": "\\ud800"}',
+        "[" * 50_000,
+        '{"cmd": "events", "args": {"since": 1e400}}',
+        '{"cmd": 1}',
+        "not json",
+    ]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(site.daemon.control))
+        reader = s.makefile("rb")
+        for line in lines:
+            s.sendall(line.encode() + b"\n")
+            answer = json.loads(reader.readline())
+            assert answer["ok"] is False and answer["exit"] == 2, (line[:40], answer)
+        s.sendall(json.dumps({"cmd": "ping"}).encode() + b"\n")
+        assert json.loads(reader.readline())["ok"] is True
+    assert site.alive()
+
+
+def test_F5_cli_events_since_past_int64_is_a_usage_error(site: Site) -> None:
+
+    proc = subprocess.run(
+        [*EXE, "--config", str(site.field.cfg), "--json", "events", "--since", str(2**63)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert site.alive()
+
+
+# --- generated attacks -------------------------------------------------------------------------
+
+_text = st.text(max_size=40) | st.sampled_from(["\ud800", "\udfff", "a\x00b", "é" * 200, ""])
+_leaf = st.none() | st.booleans() | st.integers() | st.floats() | _text
+_json = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    ["lock", "token", "proof", "keyring", "revocations", "time", "transaction", "act", "from_seq", "to_seq"]
+)
+
+
+def _payload(locks: list[str]) -> st.SearchStrategy[bytes]:
+    lock = st.sampled_from(locks) | _text
+    b64ish = st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode()) | _text
+    obj = st.fixed_dictionaries(
+        {},
+        optional={
+            "lock": lock | _json,
+            "token": b64ish | _json,
+            "proof": b64ish | _json,
+            "keyring": b64ish | _json,
+            "time": b64ish | _json,
+            "transaction": _text | _json,
+            "act": st.sampled_from(["unlock", "lock", "status"]) | _json,
+            "from_seq": st.integers() | _json,
+            "to_seq": st.integers() | _json,
+        },
+    )
+    as_json = (obj | st.dictionaries(_keys | _text, _json, max_size=5) | _json).map(
+        lambda v: json.dumps(v, ensure_ascii=True).encode()
+    )
+    return (
+        as_json
+        | st.binary(max_size=300)
+        | st.sampled_from([b"", b"{", b"[" * 5000, b'{"a":1,"a":2}', b"NaN"])
+    )
+
+
+_action = st.sampled_from(["challenge", "unlock", "lock", "status", "locks", "replay"]) | st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Co"), blacklist_characters="+#/\ufeff"),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=60, suppress_health_check=list(HealthCheck), deadline=None)
+@given(data=st.data())
+def test_F_generated_requests_receipts_and_trust_documents_never_stop_the_daemon(
+    site: Site, data: st.DataObject
+) -> None:
+    action = data.draw(_action, label="action")
+    payload = data.draw(_payload(site.locks), label="payload")
+    receipt = data.draw(_payload(site.locks), label="receipt")
+    trust = data.draw(st.binary(max_size=300), label="trust")
+
+    async def go(c: Any) -> None:
+        await c.publish(f"{BASE}/{GW}/receipt", receipt, qos=1)
+        await c.publish(f"{BASE}/{SITE}/keyring", trust, qos=1)
+        answer = await site.request(c, action, payload)
+        assert answer["status"] in ("ok", "error")
+        assert set(answer) == {"transaction", "status", "data" if answer["status"] == "ok" else "error"}
+
+    run(_with_session(site, go))
+    assert site.alive(), site.daemon.output()
+
+
+def test_F_after_the_generated_attacks_the_site_still_serves_and_nothing_was_lost(site: Site) -> None:
+    """Runs after the generated cases (file order): every door still opens, the store is
+    gap-free and hash-chained from seq 1, the daemon started once."""
+    for lock in site.locks:
+
+        async def honest(c: Any, lock: str = lock) -> None:
+            answer = await site.unlock(c, lock)
+            assert answer["status"] == "ok", answer
+
+        run(_with_session(site, honest))
+    events = site.check_store()
+    assert events[-1]["type"] == "lock.unlocked" or any(e["type"] == "lock.unlocked" for e in events[-3:])
+    assert "Traceback" not in site.daemon.output()
