@@ -54,6 +54,7 @@ SAVE_WALL_EVERY_S: Final = 60.0
 PRUNE_EVERY_S: Final = 3600.0
 TIME_STATE_EVERY_S: Final = 10.0
 ADAPTER_CHECK_S: Final = 10.0
+ALARM_LOG_EVERY_S: Final = 5.0
 #: On SIGTERM, commands in flight get this long to finish before they are cancelled (each then
 #: records access.failed). Leaves room in systemd's and the contract's 10 s for the rest.
 STOP_GRACE_S: Final = 3.0
@@ -287,6 +288,7 @@ class Gateway:
             Component("prune", self._prune_loop),
             Component("time-state", self._time_state_loop),
             Component("adapter", self._adapter_loop),
+            Component("alarms", self._alarm_log_loop),
             Component("watchdog", self._watchdog_loop),
         ]
         # Watch adverts with the configured stack; with an injected client backend (tests),
@@ -378,6 +380,19 @@ class Gateway:
                 self._last_time_state = state
             await asyncio.sleep(TIME_STATE_EVERY_S)
 
+    async def _alarm_log_loop(self) -> None:
+        """One log line for every alarm raised and every alarm cleared (seen within
+        ``ALARM_LOG_EVERY_S``), whichever component holds it."""
+        active: set[str] = set()
+        while True:
+            now = set(self.alarms())
+            for alarm in sorted(now - active):
+                _log.warning("alarm_raised", alarm=alarm)
+            for alarm in sorted(active - now):
+                _log.info("alarm_cleared", alarm=alarm)
+            active = now
+            await asyncio.sleep(ALARM_LOG_EVERY_S)
+
     async def _outbox_watch(self) -> None:
         raise await self.outbox.wait_failed()
 
@@ -392,11 +407,9 @@ class Gateway:
                 await host.open()
             except AdapterUnavailable as exc:
                 if self._adapter_error is None:
-                    _log.error("alarm_raised", alarm="ble_adapter_unavailable", reason=str(exc))
+                    _log.error("adapter_unavailable", reason=str(exc))
                 self._adapter_error = str(exc)
             else:
-                if self._adapter_error is not None:
-                    _log.info("alarm_cleared", alarm="ble_adapter_unavailable")
                 self._adapter_error = None
             await asyncio.sleep(ADAPTER_CHECK_S)
 

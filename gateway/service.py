@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
+import structlog
 from pydantic import BaseModel
 
 from gateway import log
@@ -215,7 +216,20 @@ class Service:
         """Answer one request; never raises for bad input (CONTRACT §4: errors are responses).
 
         The payload is parsed once, bounded, into the action's typed model (gateway/wire.py);
-        a bug of ours is logged with its traceback and answered ``internal_error``."""
+        a bug of ours is logged with its traceback and answered ``internal_error``. One log line
+        per request (action, transaction, lock, outcome, reason code; never a token or proof)."""
+        with structlog.contextvars.bound_contextvars(action=action[:64], transaction=None, lock=None):
+            answer = await self._answer(action, payload)
+            error = answer.get("error")
+            _log.info(
+                "request",
+                transaction=answer["transaction"],
+                outcome=answer["status"],
+                reason=error["code"] if error else None,
+            )
+            return answer
+
+    async def _answer(self, action: str, payload: bytes) -> dict[str, Any]:
         transaction: str | None = None
         try:
             value = loads_bounded(payload)
@@ -230,13 +244,15 @@ class Service:
         except (RequestError, WireError) as exc:
             return _error(transaction, exc.code, str(exc))
         except OutboxError as exc:
+            _log.error("request_failed", reason=f"event store failure: {exc}")
             return _error(transaction, "internal_error", f"event store failure: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, answered, never the end of the caller
-            _log.error("request_crashed", action=action[:64], transaction=transaction, exc_info=exc)
+            _log.error("request_crashed", exc_info=exc)
             return _error(transaction, "internal_error", f"internal error ({type(exc).__name__})")
         return {"transaction": transaction, "status": "ok", "data": data}
 
     def _record(self, request: LockRequest) -> LockRecord:
+        structlog.contextvars.bind_contextvars(lock=request.lock[:64])
         record = self.registry.get(request.lock)
         if record is None:
             raise RequestError(

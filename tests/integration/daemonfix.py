@@ -47,6 +47,9 @@ class Site:
     broker: Broker
     locks: list[str]
     db: Path
+    #: Every secret the site used (tokens, proofs, setup codes, the phone's key): none may
+    #: appear in any log line (THREATS B13).
+    secrets: list[str] = field(default_factory=list)
     _n: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -107,6 +110,7 @@ class Site:
         token = self.w.token(locks=[lock], iat=int(time.time()) - 30)
         proof = issuer.proof(self.w.holder, token_bytes=token, nonce=nonce, gw=GW, lock=lock, act=action)
         body = {"lock": lock, "token": _b64(token), "proof": _b64(proof), "transaction": "honest"}
+        self.secrets += [body["token"], body["proof"], nonce.hex()]
         return await self.request(c, action, json.dumps(body).encode())
 
     def events(self) -> list[dict[str, Any]]:
@@ -154,4 +158,7 @@ def make_site(tmp: Path, broker: Broker, *, seed: int = 77) -> tuple[Site, subpr
     f.run("trust", "install", str(tmp / "keyring.cose"))
     ids = [f.run("pair", lock["address"], "--code", lock["setup_code"]).stdout.strip() for lock in locks]
     daemon = start_daemon(f)
-    return Site(f, daemon, broker, ids, tmp / "data" / "events.sqlite3"), sim
+    site = Site(f, daemon, broker, ids, tmp / "data" / "events.sqlite3")
+    site.secrets += [lock["setup_code"] for lock in locks]
+    site.secrets.append(b64url(cbor.dumps(w.holder.to_cbor())))
+    return site, sim

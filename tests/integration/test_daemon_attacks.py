@@ -278,3 +278,11 @@ def test_F_after_the_generated_attacks_the_site_still_serves_and_nothing_was_los
     events = site.check_store()
     assert events[-1]["type"] == "lock.unlocked" or any(e["type"] == "lock.unlocked" for e in events[-3:])
     assert "Traceback" not in site.daemon.output()
+
+
+def test_B13_no_secret_the_site_used_appears_in_the_daemons_log(site: Site) -> None:
+    output = site.daemon.output()
+    assert '"event": "request"' in output  # the log does speak of every request
+    assert len(site.secrets) > 5
+    for secret in site.secrets:
+        assert secret not in output
