@@ -108,6 +108,10 @@ def _complete_locks(ctx: click.Context, _param: click.Parameter, incomplete: str
 # --- the link to the daemon (or the data directory) ------------------------------------------------
 
 
+#: Direct-mode commands that only read: they never keep ``lockgw run`` from starting.
+_READERS: Final = frozenset({"events", "locks", "trust_show", "ping"})
+
+
 class _Link:
     """Where a command's calls go: the daemon's control socket, or — without a daemon — one
     direct Gateway held for the whole command (so a challenge and the unlock that answers it
@@ -127,7 +131,8 @@ class _Link:
             except (FileNotFoundError, ConnectionRefusedError):
                 from gateway.app import Gateway  # noqa: PLC0415
 
-                gw = Gateway(self.config, direct=True)
+                # Readers hold no lock on the data directory: the daemon always wins it.
+                gw = Gateway(self.config, direct=True, readonly=cmd in _READERS)
                 await gw.__aenter__()
                 self._gw = gw
             except PermissionError as exc:
@@ -520,7 +525,13 @@ class _When(click.ParamType[str]):
         "lockgw --json events --sub staff-17 --from 2026-11-22 --until 2026-11-23",
     )
 )
-@click.option("--since", type=click.IntRange(min=1), default=1, show_default=True, help="First seq to show.")
+@click.option(
+    "--since",
+    type=click.IntRange(min=1, max=2**63 - 1),
+    default=1,
+    show_default=True,
+    help="First seq to show.",
+)
 @click.option(
     "--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Events at most."
 )
@@ -690,21 +701,27 @@ def completion(ctx: click.Context, shell: str) -> int:
 
 
 async def _run_daemon(config: Config) -> int:
-    from gateway.app import Gateway  # noqa: PLC0415 - keeps CLI start-up light
+    """The daemon: until SIGTERM/SIGINT (exit 0), or until a component whose failure stops it
+    fails (exit 1, the reason logged) so that systemd restarts it."""
+    from gateway import log  # noqa: PLC0415 - keeps CLI start-up light
+    from gateway.app import Gateway  # noqa: PLC0415
 
+    log.configure()
+    logger = log.get("daemon")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Gateway(config) as gateway:
-        print(f"lockgw: serving {len(gateway.registry.all())} locks as {config.gateway.id}", file=sys.stderr)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1):
-                    await stop.wait()
-            if not gateway.outbox.healthy:
-                print("lockgw: the event store failed; exiting so systemd restarts us", file=sys.stderr)
-                return EXIT_FAILED
+        logger.info("serving", locks=len(gateway.registry.all()), gw=config.gateway.id)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([stopped, gateway.failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if gateway.failed.done():
+            logger.critical("exiting", exit_code=EXIT_FAILED, reason=str(gateway.failed.result()))
+            return EXIT_FAILED
     return EXIT_OK
 
 
