@@ -205,3 +205,25 @@ async def test_A7_a_status_flood_that_fills_the_request_budget_never_answers_a_p
     codes = [a["status"] if a["status"] == "ok" else a["error"]["code"] for a in answers]
     assert codes.count("ok") == MAX_CONCURRENT_REQUESTS and codes.count("busy") == n - MAX_CONCURRENT_REQUESTS
     assert s.locks[0].model.ran.get(Op.STATUS, 0) == 1
+
+
+async def test_A7_a_status_backing_off_before_its_retry_lets_a_waiting_unlock_run(tmp_path: Path) -> None:
+    async with build_rig(tmp_path) as rig:
+        rec = record(rig, 0)
+        done: list[str] = []
+        await rig.svc.links.command(rec, Op.STATUS, priority=Priority.INTERACTIVE)  # a warm link
+        await rig.radio.apply_fault(rec.lock, "drop_after_write")  # the next STATUS runs, the link drops
+
+        async def status() -> None:
+            await rig.svc.links.command(rec, Op.STATUS, priority=Priority.INTERACTIVE)
+            done.append("status")
+
+        retrying = asyncio.create_task(status())
+        await asyncio.sleep(0)  # it holds the gate
+        await rig.svc.links.command(
+            rec, Op.UNLOCK, cmd_id=os.urandom(COMMAND_ID_LEN), priority=Priority.ACCESS
+        )
+        done.append("unlock")
+        await retrying
+        assert done == ["unlock", "status"]  # the unlock ran while the status backed off
+        assert rig.svc.links.stats.retries == 1 and ran(rig, 0, Op.STATUS) == 3
