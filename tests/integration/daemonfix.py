@@ -22,6 +22,7 @@ import aiomqtt
 from broker import Broker, free_port
 from clifix import Daemon, Field, start_daemon
 from credfix import SITE, World
+from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from simproc import start_sim
@@ -113,6 +114,15 @@ class Site:
         self.secrets += [body["token"], body["proof"], nonce.hex()]
         return await self.request(c, action, json.dumps(body).encode())
 
+    async def attack(self, c: aiomqtt.Client, case: Case) -> dict[str, Any]:
+        """Send one generated case; the request's answer (a well-formed response, or it fails)."""
+        await c.publish(f"{BASE}/{GW}/receipt", case.receipt, qos=1)
+        await c.publish(f"{BASE}/{SITE}/keyring", case.trust, qos=1)
+        answer = await self.request(c, case.action, case.payload)
+        assert answer["status"] in ("ok", "error")
+        assert set(answer) == {"transaction", "status", "data" if answer["status"] == "ok" else "error"}
+        return answer
+
     def events(self) -> list[dict[str, Any]]:
         """Every stored event, read-only from the daemon's database (WAL: readers never block)."""
         db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
@@ -162,3 +172,64 @@ def make_site(tmp: Path, broker: Broker, *, seed: int = 77) -> tuple[Site, subpr
     site.secrets += [lock["setup_code"] for lock in locks]
     site.secrets.append(b64url(cbor.dumps(w.holder.to_cbor())))
     return site, sim
+
+
+# --- generated attacks (the CI test and bench/daemon_fuzz.py) ---------------------------------
+
+_text = st.text(max_size=40) | st.sampled_from(["\ud800", "\udfff", "a\x00b", "é" * 200, ""])
+_leaf = st.none() | st.booleans() | st.integers() | st.floats() | _text
+_json = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    ["lock", "token", "proof", "keyring", "revocations", "time", "transaction", "act", "from_seq", "to_seq"]
+)
+
+
+def payloads(locks: list[str]) -> st.SearchStrategy[bytes]:
+    lock = st.sampled_from(locks) | _text
+    b64ish = st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode()) | _text
+    obj = st.fixed_dictionaries(
+        {},
+        optional={
+            "lock": lock | _json,
+            "token": b64ish | _json,
+            "proof": b64ish | _json,
+            "keyring": b64ish | _json,
+            "time": b64ish | _json,
+            "transaction": _text | _json,
+            "act": st.sampled_from(["unlock", "lock", "status"]) | _json,
+            "from_seq": st.integers() | _json,
+            "to_seq": st.integers() | _json,
+        },
+    )
+    as_json = (obj | st.dictionaries(_keys | _text, _json, max_size=5) | _json).map(
+        lambda v: json.dumps(v, ensure_ascii=True).encode()
+    )
+    return (
+        as_json
+        | st.binary(max_size=300)
+        | st.sampled_from([b"", b"{", b"[" * 5000, b'{"a":1,"a":2}', b"NaN"])
+    )
+
+
+actions = st.sampled_from(["challenge", "unlock", "lock", "status", "locks", "replay"]) | st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Co"), blacklist_characters="+#/\ufeff"),
+    min_size=1,
+    max_size=12,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    action: str
+    payload: bytes
+    receipt: bytes
+    trust: bytes
+
+
+def attack_cases(locks: list[str]) -> st.SearchStrategy[Case]:
+    """A request to any action (or none), a receipt and a trust document, each generated."""
+    return st.builds(Case, actions, payloads(locks), payloads(locks), st.binary(max_size=300))

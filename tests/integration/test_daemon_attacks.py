@@ -10,7 +10,6 @@ hash-chained. The named cases are the ones that stopped every door before.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import subprocess
@@ -20,8 +19,7 @@ from typing import Any
 import pytest
 from broker import Broker
 from clifix import EXE
-from credfix import SITE
-from daemonfix import BASE, GW, Site, make_site
+from daemonfix import BASE, GW, Site, attack_cases, make_site
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -198,70 +196,14 @@ def test_F5_cli_events_since_past_int64_is_a_usage_error(site: Site) -> None:
 
 # --- generated attacks -------------------------------------------------------------------------
 
-_text = st.text(max_size=40) | st.sampled_from(["\ud800", "\udfff", "a\x00b", "é" * 200, ""])
-_leaf = st.none() | st.booleans() | st.integers() | st.floats() | _text
-_json = st.recursive(
-    _leaf,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
-    max_leaves=12,
-)
-_keys = st.sampled_from(
-    ["lock", "token", "proof", "keyring", "revocations", "time", "transaction", "act", "from_seq", "to_seq"]
-)
-
-
-def _payload(locks: list[str]) -> st.SearchStrategy[bytes]:
-    lock = st.sampled_from(locks) | _text
-    b64ish = st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode()) | _text
-    obj = st.fixed_dictionaries(
-        {},
-        optional={
-            "lock": lock | _json,
-            "token": b64ish | _json,
-            "proof": b64ish | _json,
-            "keyring": b64ish | _json,
-            "time": b64ish | _json,
-            "transaction": _text | _json,
-            "act": st.sampled_from(["unlock", "lock", "status"]) | _json,
-            "from_seq": st.integers() | _json,
-            "to_seq": st.integers() | _json,
-        },
-    )
-    as_json = (obj | st.dictionaries(_keys | _text, _json, max_size=5) | _json).map(
-        lambda v: json.dumps(v, ensure_ascii=True).encode()
-    )
-    return (
-        as_json
-        | st.binary(max_size=300)
-        | st.sampled_from([b"", b"{", b"[" * 5000, b'{"a":1,"a":2}', b"NaN"])
-    )
-
-
-_action = st.sampled_from(["challenge", "unlock", "lock", "status", "locks", "replay"]) | st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Co"), blacklist_characters="+#/\ufeff"),
-    min_size=1,
-    max_size=12,
-)
-
 
 @settings(max_examples=60, suppress_health_check=list(HealthCheck), deadline=None)
 @given(data=st.data())
 def test_F_generated_requests_receipts_and_trust_documents_never_stop_the_daemon(
     site: Site, data: st.DataObject
 ) -> None:
-    action = data.draw(_action, label="action")
-    payload = data.draw(_payload(site.locks), label="payload")
-    receipt = data.draw(_payload(site.locks), label="receipt")
-    trust = data.draw(st.binary(max_size=300), label="trust")
-
-    async def go(c: Any) -> None:
-        await c.publish(f"{BASE}/{GW}/receipt", receipt, qos=1)
-        await c.publish(f"{BASE}/{SITE}/keyring", trust, qos=1)
-        answer = await site.request(c, action, payload)
-        assert answer["status"] in ("ok", "error")
-        assert set(answer) == {"transaction", "status", "data" if answer["status"] == "ok" else "error"}
-
-    run(_with_session(site, go))
+    case = data.draw(attack_cases(site.locks), label="case")
+    run(_with_session(site, lambda c: site.attack(c, case)))
     assert site.alive(), site.daemon.output()
 
 
