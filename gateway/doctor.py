@@ -170,6 +170,15 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
             "central is not sending receipts: check its consumer" if stats.backlog > BACKLOG_WARN else "",
         )
     )
+    restarting = gw.supervisor.restarting() if gw.supervisor is not None else []
+    out.append(
+        Check(
+            "components",
+            "fail" if restarting else "pass",
+            f"restarting after a crash: {', '.join(restarting)}" if restarting else "all running",
+            "the daemon's log has each crash with its traceback (journalctl -u lockgw)" if restarting else "",
+        )
+    )
     alarms = gw.alarms()
     out.append(
         Check(
