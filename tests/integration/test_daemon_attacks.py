@@ -194,6 +194,43 @@ def test_F5_cli_events_since_past_int64_is_a_usage_error(site: Site) -> None:
     assert site.alive()
 
 
+@pytest.mark.parametrize(
+    "mode", ["lock_seq", "battery", "time", "huge", "types", "surrogate", "cmd_id", "op"]
+)
+def test_B7_a_lying_lock_fails_alone_on_the_running_daemon(site: Site, mode: str) -> None:
+    """The simulator's `lie` fault on lock 2: its unlock fails with a lock error, never the
+    gateway; lock 1 opens meanwhile; once lock 2 tells the truth again it opens too."""
+    liar, honest = site.field.locks[1]["lock"], site.locks[0]
+    assert liar == site.locks[1]
+    site.field.fault(liar, "lie", mode)
+    try:
+
+        async def during(c: Any) -> None:
+            if mode in ("battery", "time"):  # lies in STATUS and the log only: ask for a status
+                answer = await site.request(c, "status", json.dumps({"lock": liar}).encode())
+                if answer["status"] == "ok":  # a state fresh from before the lie (2 s window)
+                    assert answer["data"]["battery_pct"] in (None, *range(101)), answer
+            else:
+                answer = await site.unlock(c, liar)
+            if answer["status"] == "error":
+                assert answer["error"]["code"] in ("lock_error", "lock_unreachable"), answer
+            else:
+                assert mode in ("battery", "time"), answer
+            assert (await site.unlock(c, honest))["status"] == "ok"
+
+        run(_with_session(site, during))
+    finally:
+        site.field.fault(liar, "lie", None)
+
+    async def after(c: Any) -> None:
+        answer = await site.unlock(c, liar)
+        assert answer["status"] == "ok", answer
+
+    run(_with_session(site, after))
+    assert site.alive()
+    site.check_store()
+
+
 # --- generated attacks -------------------------------------------------------------------------
 
 
