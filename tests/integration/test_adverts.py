@@ -37,8 +37,14 @@ async def test_advert_change_triggers_a_refresh(tmp_path: Path) -> None:
             )
             async with gw:
                 done = await gw.links.pair(str(sim.address), sim.model.setup_code)
-                gw.registry.put(LockRecord(done.lock_id, str(sim.address), "Door", done.ltk))
-                await asyncio.sleep(0.5)  # the watcher learns the current counter
+                record = LockRecord(done.lock_id, str(sim.address), "Door", done.ltk)
+                gw.registry.put(record)
+                await gw.service.refresh(record)  # the lock's view exists from here on
+                # The watcher has seen an advert of the paired lock since (it records the RSSI
+                # and the state counter together): it knows the counter the change moves from.
+                async with asyncio.timeout(15):
+                    while (v := gw.service.views.get(sim.model.lock_id)) is None or v.rssi is None:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
                 await radio.apply_fault(sim.model.lock_id, "manual")
                 async with asyncio.timeout(15):
                     while True:

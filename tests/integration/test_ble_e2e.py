@@ -8,6 +8,7 @@ import pytest
 from airfix import Air
 from bleak import BleakScanner
 
+from firmware_sim.bumble_peripheral import SimLock
 from gateway.ble.link import LockClient
 from gateway.errors import BleError, LinkLost, LinkTimeout, LockMisbehaved, PairingFailed
 from protocols.gatt import COMPANY_ID, decode_advert
@@ -15,6 +16,14 @@ from protocols.messages import LockState, LogEntry, LogKind, Op, Status
 
 pytestmark = pytest.mark.ble
 GW = "gw-test-1"
+
+
+async def wait_links_gone(sim: SimLock) -> None:
+    """Until the simulated lock has seen every link to it end: it processes nothing more after
+    that (a write still queued is dropped with its link) and advertises as connectable again."""
+    async with asyncio.timeout(15):
+        while sim.drivers:  # noqa: ASYNC110 - the simulator keeps no event for it
+            await asyncio.sleep(0.01)
 
 
 async def pair(air: Air, index: int = 0) -> bytes:
@@ -91,7 +100,7 @@ async def test_retried_unlock_after_link_drop_actuates_once(air: Air) -> None:
             await client.request(Op.UNLOCK, cmd_id=cmd)
     seq_after_first = sim.model.next_seq
     assert sim.model.state is LockState.UNLOCKED  # actuated, but the response was lost
-    await asyncio.sleep(0.1)
+    await wait_links_gone(sim)
     async with LockClient(str(sim.address), gw_id=GW, backend=backend) as client:
         await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
         r = await client.request(Op.UNLOCK, cmd_id=cmd)
@@ -176,6 +185,6 @@ async def test_B2_replayed_recording_over_ble_is_refused(air: Air) -> None:
                 await raw.write_gatt_char(RX_CHAR_UUID, piece, response=True)
             except Exception:  # the lock drops the link once the replay fails
                 break
-        await asyncio.sleep(0.2)
+    await wait_links_gone(sim)  # every replayed piece the lock took has been processed
     assert sim.model.state is LockState.LOCKED
     assert sim.model.next_seq == seq  # no actuation, no log entry

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from helpers import ConnectionPair, SeededRng
 
 from protocols.messages import Op, Request, Response, Status
@@ -77,10 +78,14 @@ def current() -> dict[str, object]:
 
 
 def test_lock_link_vectors_match() -> None:
-    vectors = current()
-    if os.environ.get("LOCKGW_REGEN_VECTORS") == "1":
+    """Compares with the file as committed; regenerating writes the new vectors and still fails
+    (a run that rewrites its own expectation must never pass)."""
+    vectors = json.loads(json.dumps(current()))
+    recorded = json.loads(VECTORS.read_text())
+    if recorded != vectors and os.environ.get("LOCKGW_REGEN_VECTORS") == "1":
         VECTORS.write_text(json.dumps(vectors, indent=1, sort_keys=True) + "\n")
-    assert json.loads(VECTORS.read_text()) == json.loads(json.dumps(vectors))
+        pytest.fail(f"{VECTORS.name} regenerated: review the diff, add a CHANGELOG line, run again")
+    assert recorded == vectors
 
 
 def test_recorded_session_frames_replay_into_a_fresh_lock_fail() -> None:
