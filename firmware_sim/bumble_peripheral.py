@@ -24,17 +24,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from bumble import gatt, hci, ll
+from bumble.controller import Connection as ControllerConnection
 from bumble.controller import Controller
-from bumble.core import UUID, AdvertisingData
+from bumble.core import UUID, AdvertisingData, InvalidPacketError, PhysicalTransport
 from bumble.device import Connection, Device
 from bumble.hci import Address
 from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.transport import open_transport
-from bumble.transport.common import AsyncPipeSink, Transport
+from bumble.transport.common import AsyncPipeSink, PacketParser, Transport
 
 from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_response
 from firmware_sim.peripheral import LinkDriver
@@ -49,7 +50,15 @@ from protocols.gatt import (
 )
 from protocols.limits import MAX_FRAME_BODY
 
-__all__ = ["GatewayController", "RadioTiming", "SimAir", "SimLock", "SimRadio"]
+__all__ = [
+    "GatewayController",
+    "HciTcpServer",
+    "RadioTiming",
+    "SimAir",
+    "SimLock",
+    "SimRadio",
+    "SupervisedController",
+]
 
 log = logging.getLogger("lockgw.sim")
 
@@ -101,7 +110,7 @@ class SimRadio:
         self._rng = rng or random.Random()  # noqa: S311 - simulation noise only, not keys
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
-        self._transports: list[Transport] = []
+        self._transports: list[Transport | HciTcpServer] = []
         self._controllers: list[Controller] = []
 
     async def __aenter__(self) -> Self:
@@ -135,7 +144,7 @@ class SimRadio:
         # Stable across restarts (str hash() is salted per process): a gateway stores addresses.
         digest = int.from_bytes(hashlib.sha256(model.lock_id.encode()).digest()[:4], "big")
         address = Address(_address(index, 0x1000 + digest % 0x100000))
-        controller = Controller(f"lock{index}", link=self.link, public_address=str(address))
+        controller = SupervisedController(f"lock{index}", link=self.link, public_address=str(address))
         device = Device(address=address, host=Host(controller, AsyncPipeSink(controller)))
         device.name = model.lock_id
         holder: dict[str, SimLock] = {}
@@ -352,16 +361,29 @@ class SimRadio:
         return controller
 
     async def serve_hci(self, transport_name: str, address: str = "F0:F0:F0:F0:F0:01") -> None:
-        """Expose a controller on this link over an HCI transport (e.g. ``tcp-server:...``)."""
-        transport = await open_transport(transport_name)
-        self._transports.append(transport)
-        controller = GatewayController(
-            "gateway",
-            host_source=transport.source,
-            host_sink=transport.sink,
-            link=self.link,
-            public_address=address,
-        )
+        """Expose a controller on this link over an HCI transport (e.g. ``tcp-server:...``).
+
+        ``tcp-server:HOST:PORT`` is served by :class:`HciTcpServer` (one host at a time, each
+        new one starting from a clean packet parser); other Bumble transport names are opened
+        with Bumble's ``open_transport``."""
+        if transport_name.startswith("tcp-server:"):
+            host, _, port = transport_name.removeprefix("tcp-server:").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected tcp-server:HOST:PORT, got {transport_name!r}")
+            controller = GatewayController("gateway", link=self.link, public_address=address)
+            server = HciTcpServer(controller)
+            await server.start(host, int(port))
+            self._transports.append(server)
+        else:
+            transport = await open_transport(transport_name)
+            self._transports.append(transport)
+            controller = GatewayController(
+                "gateway",
+                host_source=transport.source,
+                host_sink=transport.sink,
+                link=self.link,
+                public_address=address,
+            )
         self.link.centrals.add(controller)
         self._controllers.append(controller)
 
@@ -391,7 +413,121 @@ class SimAir(LocalLink):
             loop.call_soon(c.on_ll_advertising_pdu, packet)
 
 
-class GatewayController(Controller):
+#: A link whose peer went silent is dropped after the supervision timeout the central chose;
+#: this floor stands in for a CONNECT_IND that carries none (Core Vol 6 Part B 4.5.2: 100 ms).
+MIN_SUPERVISION_TIMEOUT_S: Final = 0.1
+#: Supervision checks per timeout: a silent peer is noticed between 1 and 1.25 timeouts.
+_CHECKS_PER_TIMEOUT: Final = 4
+
+
+class SupervisedController(Controller):
+    """Bumble's Controller with two behaviours of a real one that the simulation needs.
+
+    **Link supervision** (Core Vol 6 Part B 4.5.2). Bumble's LE links end only by an
+    LL_TERMINATE_IND; a peer that goes silent — a central whose controller was reset when its
+    gateway restarted — leaves the link up for ever, and a lock on it never advertises again.
+    Here each end of a link checks that the other end still holds that same link, and after the
+    supervision timeout without it reports Disconnection Complete with CONNECTION_TIMEOUT to its
+    own host, as a radio that stopped hearing its peer does.
+
+    **HCI Reset** (Core Vol 4 Part E 7.3.2) returns the controller to its state after power-on:
+    no links (dropped silently: the radio just stops, each peer notices by its supervision
+    timeout), no pending connection, no scanning, no advertising. Bumble's answers SUCCESS and
+    changes nothing, so a host that restarts finds the previous host's links and pending
+    connection still there.
+
+    A link the controller no longer holds hears nothing: late data and control PDUs for it are
+    dropped without a log line (Bumble logs each as an error).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._supervised: dict[int, asyncio.TimerHandle] = {}
+
+    # --- link supervision -----------------------------------------------------------------
+
+    def on_le_connect_ind(self, packet: ll.ConnectInd) -> None:
+        super().on_le_connect_ind(packet)
+        connection = self.le_connections.get(packet.initiator_address)
+        if connection is not None:
+            self._supervise(connection, packet.timeout)
+
+    def create_le_connection(self, peer_address: hci.Address) -> None:
+        pending = self.pending_le_connection
+        super().create_le_connection(peer_address)
+        if pending is None or self.pending_le_connection is not None:
+            return  # not made (Bumble keeps it pending)
+        timeout = (
+            pending.supervision_timeouts[0]
+            if isinstance(pending, hci.HCI_LE_Extended_Create_Connection_Command)
+            else pending.supervision_timeout
+        )
+        connection = self.le_connections.get(pending.peer_address)
+        if connection is not None:
+            self._supervise(connection, timeout)
+
+    def _supervise(self, connection: ControllerConnection, timeout_10ms: int) -> None:
+        timeout_s = max(MIN_SUPERVISION_TIMEOUT_S, timeout_10ms / 100)
+        loop = asyncio.get_running_loop()
+        state: dict[str, Any] = {"peer": None, "heard": loop.time()}
+
+        def check() -> None:
+            self._supervised.pop(id(connection), None)
+            if self.le_connections.get(connection.peer_address) is not connection:
+                return  # ended the ordinary way
+            peer = self._peer_connection(connection)
+            if peer is not None and (state["peer"] is None or state["peer"] is peer):
+                state["peer"], state["heard"] = peer, loop.time()
+            elif loop.time() - state["heard"] >= timeout_s:
+                log.info("%s: link to %s timed out (peer silent)", self.name, connection.peer_address)
+                self.on_le_disconnected(connection, hci.HCI_ErrorCode.CONNECTION_TIMEOUT_ERROR)
+                return
+            self._supervised[id(connection)] = loop.call_later(timeout_s / _CHECKS_PER_TIMEOUT, check)
+
+        self._supervised[id(connection)] = loop.call_later(timeout_s / _CHECKS_PER_TIMEOUT, check)
+
+    def _peer_connection(self, connection: ControllerConnection) -> ControllerConnection | None:
+        """The other end's record of this link, if the other end still holds it."""
+        for other in self.link.controllers:
+            if other is self:
+                continue
+            theirs = other.le_connections.get(connection.self_address)
+            if theirs is not None and theirs.self_address == connection.peer_address:
+                return theirs
+        return None
+
+    # --- reset ------------------------------------------------------------------------------
+
+    def on_hci_reset_command(self, command: hci.HCI_Reset_Command) -> hci.HCI_StatusReturnParameters:
+        for handle in self._supervised.values():
+            handle.cancel()
+        self._supervised.clear()
+        self.le_connections.clear()
+        self.pending_le_connection = None
+        self.le_scan_enable = False
+        self.filter_duplicates = False
+        self.le_legacy_advertiser.stop()
+        for advertising_set in self.advertising_sets.values():
+            advertising_set.stop()
+        self.advertising_sets.clear()
+        return super().on_hci_reset_command(command)
+
+    # --- a link no longer held hears nothing ------------------------------------------------
+
+    def on_link_acl_data(
+        self, sender_address: hci.Address, transport: PhysicalTransport, data: bytes
+    ) -> None:
+        if transport == PhysicalTransport.LE and sender_address not in self.le_connections:
+            return
+        super().on_link_acl_data(sender_address, transport, data)
+
+    def on_ll_control_pdu(self, sender_address: hci.Address, packet: ll.ControlPdu) -> None:
+        if sender_address not in self.le_connections:
+            return
+        super().on_ll_control_pdu(sender_address, packet)
+
+
+class GatewayController(SupervisedController):
     """A central's virtual controller that really cancels a pending LE connection.
 
     Bumble's Controller acknowledges LE Create Connection Cancel and keeps the attempt pending
@@ -422,6 +558,91 @@ class GatewayController(Controller):
         )
         asyncio.get_running_loop().call_soon(self.send_hci_packet, event)
         return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.SUCCESS)
+
+
+class HciTcpServer:
+    """HCI over TCP for one host at a time, the way a controller on a UART or USB is owned.
+
+    Bumble's ``tcp-server`` transport shares one packet parser across every client, so a host
+    killed in the middle of a packet leaves half of it to be glued to the next host's first
+    command (its HCI Reset is then never answered); and a second client silently takes the
+    event stream from the first. Here each connection starts from a clean parser, and a new
+    host takes the controller over from the previous one (whose socket is closed: after a
+    kill -9 it is usually gone already). What the controller sends with no host is dropped, as a
+    UART drops it. The host's HCI Reset (Bumble's ``power_on`` sends one) then drops the links
+    and pending connection the previous host left (:class:`SupervisedController`).
+    """
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self._parser = PacketParser(controller)
+        self._server: asyncio.Server | None = None
+        self._host: asyncio.Transport | None = None
+        self.hosts_seen = 0
+        controller.host = self
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HciTcpPort(self), host=None if host == "_" else host, port=port
+        )
+
+    # Controller -> host.
+    def on_packet(self, packet: bytes) -> None:
+        if self._host is not None and not self._host.is_closing():
+            self._host.write(packet)
+
+    # Host -> controller, from one connection at a time.
+    def attach(self, transport: asyncio.Transport) -> None:
+        previous, self._host = self._host, transport
+        self.hosts_seen += 1
+        if previous is not None:
+            log.info("a new HCI host takes the controller over; closing the previous one")
+            previous.close()
+        self._parser.reset()
+
+    def received(self, transport: asyncio.Transport, data: bytes) -> None:
+        if transport is not self._host:
+            return
+        try:
+            self._parser.feed_data(data)
+        except InvalidPacketError as exc:
+            log.warning("HCI host sent an invalid packet (%s); closing its connection", exc)
+            self.detach(transport)
+            transport.close()
+
+    def detach(self, transport: asyncio.Transport) -> None:
+        if transport is self._host:
+            self._host = None
+            self._parser.reset()
+
+    async def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class _HciTcpPort(asyncio.Protocol):
+    def __init__(self, server: HciTcpServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._server.attach(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._server.received(self._transport, data)
+
+    def connection_lost(self, _exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._server.detach(self._transport)
+            self._transport = None
 
 
 class _RandBelow:
