@@ -135,8 +135,9 @@ class Daemon:
             pytest.fail(f"the daemon did not stop on SIGTERM:\n{self.output()}")
 
 
-def start_daemon(f: Field, *args: str) -> Daemon:
-    """``lockgw [args] run`` on the field's config, ready to serve; default signal dispositions."""
+def start_daemon(f: Field, *args: str, preexec: Callable[[], None] | None = None) -> Daemon:
+    """``lockgw [args] run`` on the field's config, ready to serve; default signal dispositions
+    unless ``preexec`` sets others."""
     log = f.tmp / f"daemon-{time.monotonic_ns()}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -145,7 +146,7 @@ def start_daemon(f: Field, *args: str) -> Daemon:
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
-            preexec_fn=default_signals,  # noqa: PLW1509 - the tests run no threads of their own
+            preexec_fn=preexec or default_signals,  # noqa: PLW1509 - the tests run no threads of their own
         )
     daemon = Daemon(proc, log, f.tmp / "ctl.sock")
     try:

@@ -267,6 +267,19 @@ def test_events_follow_ends_cleanly_on_a_signal_it_inherited_as_ignored(
     assert json.loads(field.run("--json", "events").stdout)["events"][0]["type"] == "trust.installed"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_daemon_stops_cleanly_on_a_signal_it_inherited_as_ignored(
+    field: Field, sig: signal.Signals
+) -> None:
+    daemon = start_daemon(field, preexec=ignoring_signals)
+    try:
+        daemon.proc.send_signal(sig)
+        assert daemon.proc.wait(timeout=30) == 0, daemon.output()
+    finally:
+        daemon.stop()
+    assert json.loads(field.run("--json", "events").stdout)["events"][-1]["type"] == "gateway.stopping"
+
+
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["plain", "json"])
 def test_a_long_command_stopped_by_sigterm_says_so_and_exits_143(field: Field, json_flag: list[str]) -> None:
     scan = started_ignoring_signals(field, *json_flag, "scan", "--timeout", "60")
