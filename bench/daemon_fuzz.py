@@ -8,7 +8,8 @@ receipts and trust documents. After every case: the daemon is alive and answered
 gap-free, hash-chained, with one ``gateway.started``.
 
 Run: .venv/bin/python bench/daemon_fuzz.py [--cases 10000] [--check-every 500] [--seed 1]
-Prints {"cases", "answered", "crashes", "hangs", "honest_unlocks", "events", "restarts", "seconds"}.
+Prints {"cases", "answered", "crashes", "hangs", "honest_unlocks", "events", "restarts", "seconds",
+"log_lines", "error_log_lines"} (an error line is a crash or a failure the daemon logged).
 """
 
 from __future__ import annotations
@@ -86,7 +87,13 @@ def main() -> None:
     try:
         result = fuzz(site, cases=args.cases, check_every=args.check_every, rng_seed=args.seed)
         assert site.daemon.stop() == 0
-        result["tracebacks_in_log"] = site.daemon.output().count("Traceback")
+        levels = [
+            json.loads(line).get("level")
+            for line in site.daemon.output().splitlines()
+            if line.startswith("{")
+        ]
+        result["log_lines"] = len(levels)
+        result["error_log_lines"] = sum(level in ("error", "critical") for level in levels)
         print(json.dumps(result))
     finally:
         if site.alive():
