@@ -85,6 +85,9 @@ class SimLock:
     # late disconnection callback of an old link must not tear down a new one.
     drivers: dict[Connection, LinkDriver] = field(default_factory=dict)
     queues: dict[Connection, asyncio.Queue[bytes]] = field(default_factory=dict)
+    # Advert updates run one at a time: two interleaved ones (a link's end, then a fault) could
+    # each find advertising off and the first restart it after the second decided it must stop.
+    advert_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _address(index: int, base: int) -> str:
@@ -194,6 +197,10 @@ class SimRadio:
         return out
 
     async def _advertise(self, sim: SimLock) -> None:
+        async with sim.advert_lock:
+            await self._advertise_now(sim)
+
+    async def _advertise_now(self, sim: SimLock) -> None:
         model = sim.model
         advert = Advert(
             model.lock_id,
@@ -348,7 +355,8 @@ class SimRadio:
         else:
             raise ValueError(f"unknown fault {fault!r}")
         model.save()
-        self.refresh_advert(sim)
+        # In effect when the answer goes out: a lock sent out of range is silent from then on.
+        await self._advertise(sim)
         return {"lock": lock_id, "fault": fault, "ok": True}
 
     # --- the gateway's controller ------------------------------------------------------

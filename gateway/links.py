@@ -34,7 +34,7 @@ from bleak.backends.client import BaseBleakClient
 
 from gateway.backoff import backoff_for, should_retry
 from gateway.ble.link import LockClient
-from gateway.errors import BleError
+from gateway.errors import BleError, LockUnreachable
 from gateway.registry import LockRecord
 from gateway.tasks import cancelling_until_done
 from protocols.limits import COMMAND_ID_LEN
@@ -42,6 +42,16 @@ from protocols.messages import Op, Response
 from protocols.session import PairingCompleted
 
 __all__ = ["LinkManager", "Priority"]
+
+#: Connect + discovery + subscribe for one attempt. A lock in range advertises several times a
+#: second (the simulator every 20 ms, real units every 100-1000 ms) and a link is up in well
+#: under a second; 5 s covers a few advertising intervals and a busy controller, and an
+#: unreachable lock fails in seconds rather than holding the person at the door for 30.
+CONNECT_TIMEOUT_S = 5.0
+#: Attempts for a lock that could not be connected at all (LockUnreachable): one retry covers a
+#: lock busy with another central for a moment; more only stretch the wait for a lock that is
+#: gone (out of range, flat battery). Other link failures keep the backoff policy's attempts.
+UNREACHABLE_ATTEMPTS = 2
 
 
 class Priority(enum.IntEnum):
@@ -173,6 +183,8 @@ class LinkManager:
                 response = await self._attempt(record, op, args, cmd_id, priority)
             except BleError as exc:
                 await self._close(record.lock)
+                if isinstance(exc, LockUnreachable) and attempts is None:
+                    attempts = UNREACHABLE_ATTEMPTS
                 if not should_retry(exc, attempt) or (attempts is not None and attempt >= attempts):
                     self._contact(record.lock, ok=False, reason=exc.code)
                     raise
@@ -206,7 +218,9 @@ class LinkManager:
         await self._acquire_slot(Priority.INTERACTIVE)
         try:
             async with self._connect_lock:
-                client = LockClient(address, gw_id=self._gw_id, backend=self._backend)
+                client = LockClient(
+                    address, gw_id=self._gw_id, backend=self._backend, connect_timeout_s=CONNECT_TIMEOUT_S
+                )
                 await client.__aenter__()
             try:
                 return await client.pair(setup_code)
@@ -232,7 +246,12 @@ class LinkManager:
         await self._acquire_slot(priority)
         try:
             async with self._connect_lock:
-                client = LockClient(record.address, gw_id=self._gw_id, backend=self._backend)
+                client = LockClient(
+                    record.address,
+                    gw_id=self._gw_id,
+                    backend=self._backend,
+                    connect_timeout_s=CONNECT_TIMEOUT_S,
+                )
                 await client.__aenter__()
             self.stats.connects += 1
             try:

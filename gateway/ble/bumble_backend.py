@@ -64,7 +64,8 @@ def _map_bumble_errors(what: str) -> Iterator[None]:
             raise
         raise BleakError(f"{what}: link lost") from exc
     except (core.BaseBumbleError, hci.HCI_Error, ConnectionError, OSError) as exc:
-        raise BleakError(f"{what}: {exc}") from exc
+        # Several Bumble errors carry no text (core.TimeoutError(), ConnectionError()): name them.
+        raise BleakError(f"{what}: {str(exc) or type(exc).__name__}") from exc
 
 
 _PROPERTY_NAMES: tuple[tuple[int, str], ...] = (
@@ -340,15 +341,22 @@ class BumbleBleakClient(BaseBleakClient):
                 with _map_bumble_errors(f"connect to {self.address}"):
                     # Bumble's own timeout cancels the pending LE connection; ours is a backstop.
                     async with asyncio.timeout(self._timeout + 2):
-                        connection = await device.connect(self._peer_address, timeout=self._timeout)
+                        try:
+                            connection = await device.connect(self._peer_address, timeout=self._timeout)
+                        except core.TimeoutError as exc:
+                            # Nothing heard from the lock: the one message LockClient gives for it.
+                            raise TimeoutError(f"no connection within {self._timeout:g} s") from exc
             except (TimeoutError, BleakError):
                 # A connection attempt left pending in the controller would make every later
                 # one fail with COMMAND_DISALLOWED: cancel it whatever happened (the LE cancel;
                 # Device.cancel_connection(address) would send the BR/EDR one). A controller
-                # with nothing pending answers COMMAND_DISALLOWED, which is fine.
+                # with nothing pending (Bumble's timeout cancelled it already) answers
+                # COMMAND_DISALLOWED, which is fine: unchecked, so Bumble logs no warning for it.
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(2):
-                        await device.send_sync_command(hci.HCI_LE_Create_Connection_Cancel_Command())
+                        await device.host.send_command(
+                            hci.HCI_LE_Create_Connection_Cancel_Command(), check_result=False
+                        )
                 raise
         self._connection = connection
         connection.on("disconnection", self._on_disconnection)
