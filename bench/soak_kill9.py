@@ -1,8 +1,11 @@
-"""The long kill -9 soak (THREATS D1/D11): the CI test's loop, for many more iterations.
+"""The long kill -9 soak (THREATS D1/D11/A8): the CI test's loop, for many more iterations.
 
 Run: .venv/bin/python bench/soak_kill9.py [--iterations 1000] [--seed 1]
-Prints {"iterations", "ok_responses", "events", "lost", "gaps", "duplicates"}; any loss, gap,
-duplicate (lock, lock_seq) or ok response without its access.granted fails with an assertion.
+One simulator process serves every gateway process (killed idle, mid-connect, mid-command in
+turn). Prints {"iterations", "kills", "ok_responses", "events", "lost", "gaps", "duplicates",
+"restart_to_status_s", "status_s"}; any loss, gap, duplicate (lock, lock_seq), ok response
+without its access.granted, lock unreachable after a restart or simulator crash fails with an
+assertion.
 """
 
 from __future__ import annotations
