@@ -710,6 +710,7 @@ async def _run_daemon(config: Config) -> int:
     logger = log.get("daemon")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log.loop_exception_handler)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Gateway(config) as gateway:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -35,48 +34,18 @@ from gateway.app import Gateway
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.config import load_config
 from gateway.keyfiles import b64url
-from gateway.mqtt import retrieve_disconnect_error
+from gateway.mqtt import quiet_closed_socket_callbacks, retrieve_disconnect_error
 from gateway.registry import LockRecord
 from protocols import cbor, issuer
 from protocols.cose import ALG_EDDSA, ALG_ES256, PrivateCoseKey, generate_private_key
 from protocols.event_encoding import event_hash
 
-__all__ = ["quiet_closed_socket_callbacks", "run_demo"]
+__all__ = ["run_demo"]
 
 GW, SITE, BASE = "gw-demo-1", "demo-site", "lockgw"
 
 
 _log = log.get("demo")
-
-
-def quiet_closed_socket_callbacks(loop: asyncio.AbstractEventLoop) -> None:
-    """Turn one known race into one log line instead of asyncio's "Exception in callback" traceback.
-
-    aiomqtt has paho's socket callbacks, which run on paho's thread, register the socket with the
-    loop through ``call_soon_threadsafe(loop.add_writer, sock.fileno(), ...)`` (and add_reader).
-    When the broker dies, paho closes the socket before the loop runs that call, and it fails
-    with EBADF ("Bad file descriptor"). Nothing is lost (the client's disconnect is already
-    noticed and handled by its owner), so it is an expected fault. Any other error in a callback
-    still goes to the previous handler (asyncio's default: a logged traceback).
-    """
-    previous = loop.get_exception_handler()
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        callback = getattr(context.get("handle"), "_callback", None)
-        if (
-            isinstance(exc, OSError)
-            and exc.errno == errno.EBADF
-            and callback in (loop.add_writer, loop.add_reader)
-        ):
-            _log.warning("socket_closed_before_registered", reason=f"{exc.strerror} (MQTT broker gone?)")
-            return
-        if previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
 
 
 def _say(text: str) -> None:

@@ -14,6 +14,7 @@ secret they used (``tests/integration/test_logging.py``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -21,7 +22,7 @@ from typing import Any, Final, TextIO
 
 import structlog
 
-__all__ = ["SECRET_FIELDS", "configure", "get"]
+__all__ = ["SECRET_FIELDS", "configure", "get", "loop_exception_handler"]
 
 #: Field names whose values are never written to a log line, at any depth of the line's fields.
 SECRET_FIELDS: Final = frozenset(
@@ -43,6 +44,7 @@ SECRET_FIELDS: Final = frozenset(
 _REDACTED: Final = "[redacted]"
 
 _configured: list[TextIO] = []
+_loop_log = structlog.get_logger(component="asyncio")
 
 
 def _redact(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -77,6 +79,18 @@ def configure(
     ]
     if as_json:
         processors.append(structlog.processors.format_exc_info)  # no locals: they may hold secrets
+    # Libraries log through the stdlib (aiomqtt, bumble): the same lines, the same format.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                *processors,
+            ],
+        )
+    )
+    logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -84,6 +98,17 @@ def configure(
         cache_logger_on_first_use=False,
     )
     _configured[:] = [out]
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's "Exception in callback …" as one structured line (with its traceback)."""
+    del loop
+    exc = context.get("exception")
+    _loop_log.error(
+        "asyncio_error",
+        reason=str(context.get("message", "")),
+        exc_info=exc if isinstance(exc, BaseException) else None,
+    )
 
 
 def get(component: str) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import random
 import ssl
@@ -47,6 +48,7 @@ __all__ = [
     "RECEIPT_ALARM_S",
     "MqttBridge",
     "ReceiptWatch",
+    "quiet_closed_socket_callbacks",
     "republish_wait",
     "retrieve_disconnect_error",
 ]
@@ -244,6 +246,7 @@ class MqttBridge:
         broker gone, TLS refused) are one log line each; anything else propagates to whoever
         runs this (the supervisor restarts it). :meth:`close` cancels it."""
         self._task = asyncio.current_task()
+        quiet_closed_socket_callbacks(asyncio.get_running_loop())
         attempt = 0
         while True:
             client = self._make_client()
@@ -432,13 +435,22 @@ class MqttBridge:
         """Where the answer to a request goes (CONTRACT §8.10), and whether the requested
         Response Topic was refused: it is used unless it holds a wildcard or lies under
         ``B/G/`` outside ``B/G/response/`` (a reply may never land on the gateway's own events,
-        state or request topics); then the answer is ``invalid_request`` on ``B/G/response/<action>``."""
+        state or request topics); then the answer is ``invalid_request`` on ``B/G/response/<action>``.
+
+        Beyond the letter of §8.10 (a decision, docs/architecture.md): the site's trust topics
+        (``B/S/keyring``, ``revocations``, ``time``) and any gateway's request or receipt topic are
+        refused too — else a requester could make the gateway publish, with its own broker
+        rights, where only central or phones may (every gateway of the site would then record a
+        ``trust.rejected``)."""
         own = self.t_response + (action if action.isascii() and action.isprintable() else "invalid")[:64]
         if requested is None or requested == "":
             return own, False
         if not isinstance(requested, str):
             return own, True
         base = self.t_request[: -len("request/")]
+        levels = requested.split("/")
+        root = self.cfg.base_topic
+        foreign = len(levels) >= 3 and levels[0] == root and (levels[2] in ("request", "receipt"))
         bad = (
             "+" in requested
             or "#" in requested
@@ -446,6 +458,8 @@ class MqttBridge:
             or len(requested.encode("utf-8", "replace")) > 1024
             or (requested.startswith(base) and not requested.startswith(self.t_response))
             or requested + "/" == base
+            or requested in self.t_site
+            or foreign
         )
         return (own, True) if bad else (requested, False)
 
@@ -492,6 +506,39 @@ def _tx(payload: bytes) -> str | None:
         return transaction_of(loads_bounded(payload))
     except WireError:
         return None
+
+
+def quiet_closed_socket_callbacks(loop: asyncio.AbstractEventLoop) -> None:
+    """Turn one known race into one log line instead of asyncio's "Exception in callback" traceback.
+
+    aiomqtt has paho's socket callbacks, which run on paho's thread, register the socket with the
+    loop through ``call_soon_threadsafe(loop.add_writer, sock.fileno(), ...)`` (and add_reader).
+    When the broker dies, paho closes the socket before the loop runs that call, and it fails
+    with EBADF ("Bad file descriptor"). Nothing is lost (the client's disconnect is already
+    noticed and handled by its owner), so it is an expected fault. Any other error in a callback
+    still goes to the previous handler (asyncio's default: a logged traceback).
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_closed_sockets", False):
+        return  # installed already (a bridge restarted by the supervisor)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        callback = getattr(context.get("handle"), "_callback", None)
+        if (
+            isinstance(exc, OSError)
+            and exc.errno == errno.EBADF
+            and callback in (loop.add_writer, loop.add_reader)
+        ):
+            _log.warning("socket_closed_before_registered", reason=f"{exc.strerror} (MQTT broker gone?)")
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.quiets_closed_sockets = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 def retrieve_disconnect_error(client: aiomqtt.Client) -> None:
