@@ -18,21 +18,30 @@ from pathlib import Path
 from typing import Any, Final, Self
 
 from gateway import log
+from gateway.errors import AdapterUnavailable
 from gateway.tasks import cancel_and_wait
 from gateway.wire import ControlLine, WireError, loads_bounded, parse_model
 
 __all__ = ["MAX_LINE", "ControlServer", "call"]
 
 MAX_LINE: Final = 64 * 1024
+#: Connections at once; one more is refused with an error line (exit 3: busy).
+MAX_CLIENTS: Final = 64
+#: A connection with no complete request line for this long is closed (the CLI sends its line at
+#: once; a follower asks again every second).
+IDLE_S: Final = 60.0
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 _log = log.get("control")
 
 
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(
+        self, path: Path, handler: Handler, *, max_clients: int = MAX_CLIENTS, idle_s: float = IDLE_S
+    ) -> None:
         self.path = path
         self._handler = handler
+        self._max_clients, self._idle_s = max_clients, idle_s
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -53,16 +62,26 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= self._max_clients:
+            # Bounded: a client that opens connections without end cannot use up the daemon's
+            # file descriptors (and with them the MQTT reconnect and the CLI's own connection).
+            _log.warning("control_refused", reason=f"more than {self._max_clients} connections")
+            writer.write(_line({"ok": False, "exit": 3, "error": "too many control connections; try again"}))
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._clients.add(task)
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(self._idle_s):
+                        line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     writer.write(_line({"ok": False, "exit": 2, "error": "request line too long"}))
                     break
+                except TimeoutError:
+                    break  # idle (or a line that never ends): the connection is closed
                 if not line:
                     break
                 writer.write(_line(await self._answer(line)))
@@ -96,8 +115,14 @@ async def call(path: Path, cmd: str, args: dict[str, Any], *, timeout_s: float =
     try:
         writer.write(_line({"cmd": cmd, "args": args}))
         await writer.drain()
-        async with asyncio.timeout(timeout_s):
-            line = await reader.readline()
+        try:
+            async with asyncio.timeout(timeout_s):
+                line = await reader.readline()
+        except TimeoutError:
+            raise AdapterUnavailable(
+                f"the daemon did not answer within {timeout_s:.0f} s on {path}; is it hung? "
+                "(systemctl status lockgw)"
+            ) from None
         if not line:
             raise ConnectionResetError("the daemon closed the control connection")
         answer = json.loads(line)

@@ -32,6 +32,7 @@ MAX_EVENTS: Final = 10_000
 MAX_SCAN_S: Final = 60.0
 #: Filter strings longer than this are not lock ids, types or subjects (bounds the query).
 MAX_FILTER_LEN: Final = 256
+_ADDRESS: Final = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _TYPE_FILTER: Final = re.compile(r"[a-z_]+(\.[a-z_]+)*(\.\*)?")
 
 
@@ -150,10 +151,13 @@ async def _trust_show(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _trust_install(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    document = args.get("document")
     try:
-        raw = base64.b64decode(str(args.get("document", "")), validate=True)
+        if not isinstance(document, str) or not document:
+            raise ValueError(document)
+        raw = base64.b64decode(document, validate=True)
     except (binascii.Error, ValueError):
-        return fail("document must be base64", exit_code=2)
+        return fail("document must be base64 text", exit_code=2)
     outcome = await gw.service.install(raw)
     data = {
         "kind": outcome.kind,
@@ -170,6 +174,10 @@ async def _pair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     address, code, name = args.get("address"), args.get("code"), args.get("name") or ""
     if not isinstance(address, str) or not isinstance(code, str) or not isinstance(name, str):
         return fail("pair needs an address and a setup code", exit_code=2)
+    if not _ADDRESS.fullmatch(address):
+        return fail(f"ADDRESS {address[:40]!r} is not a BLE address (AA:BB:CC:DD:EE:FF)", exit_code=2)
+    if not code or len(code) > MAX_FILTER_LEN or len(name) > MAX_FILTER_LEN:
+        return fail("pair: the setup code and the name are short, non-empty texts", exit_code=2)
     try:
         done = await gw.links.pair(address, code)
     except PairingFailed as exc:

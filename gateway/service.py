@@ -147,6 +147,7 @@ class Service:
     stopping: bool = field(init=False, default=False)
     _inflight: int = field(init=False, default=0)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _replaying: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     #: Refreshes in flight, by (lock, priority), shared by concurrent callers (see refresh).
     _refreshing: dict[tuple[str, Priority], _Refresh] = field(init=False, default_factory=dict)
     #: When each lock's state last came from the lock (clock.mono()).
@@ -453,18 +454,23 @@ class Service:
             raise RequestError(
                 "replay takes from_seq ≥ 1 and optional to_seq ≥ from_seq", code="invalid_request"
             )
-        count = 0
-        cursor = lo
-        while True:
-            batch = await self.outbox.read(cursor, hi, limit=500)
-            for event in batch:
-                if self.replay_sink is not None:
-                    await self.replay_sink({**event, "replayed": True})
-                count += 1
-            if len(batch) < 500:
-                break
-            cursor = batch[-1]["seq"] + 1
-        return {"count": count}
+        if self._replaying.locked():
+            # One replay at a time: each can re-publish the whole store (found by attack: 40 at
+            # once re-published 33 000 events and held every request slot).
+            raise RequestError("a replay is already running; ask again when it ends", code="busy")
+        async with self._replaying:
+            count = 0
+            cursor = lo
+            while True:
+                batch = await self.outbox.read(cursor, hi, limit=500)
+                for event in batch:
+                    if self.replay_sink is not None:
+                        await self.replay_sink({**event, "replayed": True})
+                    count += 1
+                if len(batch) < 500:
+                    break
+                cursor = batch[-1]["seq"] + 1
+            return {"count": count}
 
     # --- housekeeping: status and lock logs ---------------------------------------------------
 

@@ -174,6 +174,9 @@ def test_F5_control_socket_lines_out_of_range_get_an_error_line(site: Site) -> N
         '{"cmd": "events", "args": {"since": 1e400}}',
         '{"cmd": 1}',
         "not json",
+        json.dumps({"cmd": "pair", "args": {"address": "zz:zz", "code": "1"}}),
+        json.dumps({"cmd": "pair", "args": {"address": "", "code": "1"}}),
+        json.dumps({"cmd": "trust_install", "args": {"document": None}}),
     ]
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(20)

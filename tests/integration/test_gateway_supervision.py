@@ -59,3 +59,25 @@ async def test_F1_the_outbox_failing_for_good_resolves_failed_with_the_reason(tm
             failure = await gw.failed
         assert failure.component == "outbox" and "disk I/O error" in str(failure)
         assert not gw.healthy()  # the watchdog is no longer fed
+
+
+async def test_A7_one_replay_at_a_time_the_others_get_busy(tmp_path: Path) -> None:
+    """Found by attack: 40 replays from seq 1 at once re-published the store 40 times over."""
+    gate = asyncio.Event()
+    sent: list[int] = []
+
+    async def slow_sink(event: dict[str, object]) -> None:
+        await gate.wait()
+        sent.append(int(str(event["seq"])))
+
+    async with gateway(tmp_path) as gw:
+        gw.service.replay_sink = slow_sink
+        first = asyncio.create_task(gw.service.handle("replay", b'{"from_seq": 1}'))
+        await asyncio.sleep(0.05)  # the first is now waiting on its sink
+        second = await gw.service.handle("replay", b'{"from_seq": 1, "transaction": "t2"}')
+        assert second["status"] == "error" and second["error"]["code"] == "busy"
+        assert second["transaction"] == "t2"
+        gate.set()
+        async with asyncio.timeout(BOUND_S):
+            done = await first
+        assert done["status"] == "ok" and done["data"]["count"] == len(sent) >= 1

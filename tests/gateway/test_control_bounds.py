@@ -1,0 +1,69 @@
+"""The control socket is bounded (found by attack: idle half-lines held for ever used up the
+daemon's file descriptors; a CLI facing a silent daemon said nothing and exited 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.control import ControlServer, call
+from gateway.errors import AdapterUnavailable
+
+BOUND_S = 10.0  # hang guard
+
+
+async def echo(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": True, "exit": 0, "data": {"cmd": cmd, "args": args}}
+
+
+async def test_F5_connections_beyond_the_cap_are_refused_with_a_line_and_the_rest_serve(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "ctl.sock"
+    async with ControlServer(sock, echo, max_clients=4):
+        held = [await asyncio.open_unix_connection(str(sock)) for _ in range(4)]
+        for _, w in held:
+            w.write(b'{"cmd": "pi')  # half a line, held open
+            await w.drain()
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        async with asyncio.timeout(BOUND_S):
+            refused = json.loads(await reader.readline())
+        writer.close()
+        assert refused["ok"] is False and refused["exit"] == 3 and "too many" in refused["error"]
+        for _, w in held:
+            w.close()
+            await w.wait_closed()
+        async with asyncio.timeout(BOUND_S):
+            while True:  # the held connections end as the server notices they closed
+                answer = await call(sock, "ping", {}, timeout_s=5)
+                if answer["ok"]:
+                    break
+                await asyncio.sleep(0.05)
+        assert answer["data"] == {"cmd": "ping", "args": {}}
+
+
+async def test_F5_an_idle_connection_is_closed(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    async with ControlServer(sock, echo, idle_s=0.2):
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(b'{"cmd": "pi')
+        await writer.drain()
+        async with asyncio.timeout(BOUND_S):
+            assert await reader.read() == b""  # closed by the server
+        writer.close()
+
+
+async def test_F5_a_daemon_that_never_answers_is_exit_3_with_a_message(tmp_path: Path) -> None:
+    sock = tmp_path / "silent.sock"
+
+    async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_unix_server(silent, path=str(sock))
+    async with server:
+        with pytest.raises(AdapterUnavailable, match="did not answer within 0 s"):
+            await call(sock, "ping", {}, timeout_s=0.3)
