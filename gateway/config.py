@@ -65,6 +65,13 @@ class MqttConfig(_Section):
     def _url(cls, v: str) -> str:
         if not re.fullmatch(r"mqtts?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", v):
             raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError as exc:  # "Port out of range 0-65535", "Invalid IPv6 URL"
+            raise ValueError(f"must look like mqtt://HOST:PORT or mqtts://HOST:PORT ({exc})") from None
+        if not parts.hostname or (port is not None and not 1 <= port <= 65535):
+            raise ValueError("must name a host and a port in 1..65535")
         return v
 
     @property
@@ -98,6 +105,13 @@ class PolicyConfig(_Section):
 
 class ControlConfig(_Section):
     socket: Path = Path("/run/lockgw/control.sock")
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, v: Path) -> Path:
+        if len(os.fsencode(v)) > MAX_SOCKET_PATH:
+            raise ValueError(f"a unix socket path has at most {MAX_SOCKET_PATH} bytes")
+        return v
 
 
 class Config(_Section):
@@ -148,16 +162,31 @@ def _line_of(text: str, section: str, key: str) -> int | None:
     return None
 
 
+#: A configuration file is a few KiB; anything this large is the wrong file.
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+#: sun_path is 108 bytes with its terminating NUL (Linux).
+MAX_SOCKET_PATH: Final = 107
+
+
 def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files: bool = True) -> Config:
     """Read, merge the environment, validate. Raises ConfigError naming the key."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a configuration file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
     for section, values in _env_overrides(os.environ if env is None else env).items():
         current = data.setdefault(section, {})
         if not isinstance(current, dict):

@@ -8,6 +8,7 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -33,14 +34,27 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _read(path: Path, what: str) -> bytes:
+#: No key or credential file is larger (a COSE key is ~100 bytes; a keyring a few KiB).
+MAX_KEY_FILE: Final = 2 * 1024 * 1024
+
+
+def read_bounded(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them read (``/dev/zero`` as a key file
+    must be an error, not an endless read)."""
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise ConfigError(f"{what}: {path} is not a regular file")
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
-    if len(data) > 2 * 1024 * 1024:
-        raise ConfigError(f"{what}: {path} is larger than 2 MiB")
+    if len(data) > limit:
+        raise ConfigError(f"{what}: {path} is larger than {limit // (1024 * 1024)} MiB")
     return data
+
+
+def _read(path: Path, what: str) -> bytes:
+    return read_bounded(path, what)
 
 
 def read_document(path: Path, what: str) -> bytes:
@@ -108,7 +122,7 @@ def load_root_keys(paths: Iterable[Path]) -> dict[bytes, CoseKey]:
     roots: dict[bytes, CoseKey] = {}
     for path in paths:
         try:
-            raw = load_cbor_or_b64(Path(path).read_bytes())
+            raw = load_cbor_or_b64(read_bounded(Path(path), "trust.root_keys"))
             key = decode_key(cbor.loads(raw))
         except OSError as exc:
             raise ConfigError(f"trust.root_keys: cannot read {path}: {exc.strerror}") from exc

@@ -249,7 +249,14 @@ class MqttBridge:
         quiet_closed_socket_callbacks(asyncio.get_running_loop())
         attempt = 0
         while True:
-            client = self._make_client()
+            try:
+                client = self._make_client()
+            except (OSError, ssl.SSLError, ValueError) as exc:  # a password or TLS file unreadable
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                _log.error("mqtt_client_unusable", reason=self.last_error)
+                attempt += 1
+                await asyncio.sleep(backoff_for(MqttUnavailable("broker"), min(attempt, 7), random.random))
+                continue
             try:
                 async with client:
                     attempt = 0

@@ -178,3 +178,32 @@ def test_config_check_ok_with_a_good_root_key_and_load_checked_returns_it(
 
 def _root_key() -> PrivateCoseKey:
     return generate_private_key(ALG_EDDSA, b"root-1", lambda n: b"\x05" * n)
+
+
+# Found by attack on `config check` (THREATS B6, F2): each was a traceback, a pass that failed at
+# run time, or an endless read; each is now exit 2 naming what is wrong.
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        pytest.param("x = " + "[" * 5000, "nested too deeply", id="deep-toml"),
+        pytest.param(GOOD.replace("mqtt://127.0.0.1:1883", "mqtt://h:99999"), "mqtt.url", id="port-range"),
+        pytest.param(GOOD.replace("mqtt://127.0.0.1:1883", "mqtt://[::1"), "mqtt.url", id="bad-ipv6"),
+        pytest.param(GOOD + f'\n[control]\nsocket = "/tmp/{"s" * 120}.sock"\n', "control.socket", id="long-socket"),
+    ],
+)
+def test_F2_config_check_refuses_what_run_would_trip_on(tmp_path: Path, text: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_config(write(tmp_path, text), env={}, check_files=False)
+
+
+def test_F2_a_config_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> None:
+    p = tmp_path / "lockgw.toml"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(p, env={})
+
+
+def test_F2_a_root_key_that_is_a_device_is_refused_without_reading_it(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace("/etc/lockgw/root-1.pub", "/dev/zero"))
+    with pytest.raises(ConfigError, match="trust.root_keys.*not a regular file"):
+        load_checked(p, env={})
