@@ -205,5 +205,5 @@ def test_F2_a_config_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> 
 
 def test_F2_a_root_key_that_is_a_device_is_refused_without_reading_it(tmp_path: Path) -> None:
     p = write(tmp_path, GOOD.replace("/etc/lockgw/root-1.pub", "/dev/zero"))
-    with pytest.raises(ConfigError, match="trust.root_keys.*not a regular file"):
+    with pytest.raises(ConfigError, match=r"trust\.root_keys.*not a regular file"):
         load_checked(p, env={})
