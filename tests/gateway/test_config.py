@@ -188,7 +188,9 @@ def _root_key() -> PrivateCoseKey:
         pytest.param("x = " + "[" * 5000, "nested too deeply", id="deep-toml"),
         pytest.param(GOOD.replace("mqtt://127.0.0.1:1883", "mqtt://h:99999"), "mqtt.url", id="port-range"),
         pytest.param(GOOD.replace("mqtt://127.0.0.1:1883", "mqtt://[::1"), "mqtt.url", id="bad-ipv6"),
-        pytest.param(GOOD + f'\n[control]\nsocket = "/tmp/{"s" * 120}.sock"\n', "control.socket", id="long-socket"),
+        pytest.param(
+            GOOD + f'\n[control]\nsocket = "/tmp/{"s" * 120}.sock"\n', "control.socket", id="long-socket"
+        ),
     ],
 )
 def test_F2_config_check_refuses_what_run_would_trip_on(tmp_path: Path, text: str, says: str) -> None:
