@@ -66,6 +66,9 @@ case "$cmd" in
         sync_env
         echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
         echo "== mypy --strict" && .venv/bin/mypy
+        echo "== import-linter (layers, no cycles)"
+        layers=$(.venv/bin/lint-imports --no-cache 2>&1) || { echo "$layers"; exit 1; }
+        echo "$layers" | grep -E "^Contracts:"
         echo "== pytest"
         export PYTHONASYNCIODEBUG=${PYTHONASYNCIODEBUG:-1}
         exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

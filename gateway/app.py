@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -97,6 +97,9 @@ class Gateway:
     links: LinkManager = field(init=False)
     service: Service = field(init=False)
     mqtt: MqttBridge | None = field(init=False, default=None)
+    #: What answers the control socket (``gateway.control_commands.dispatch``, injected by the
+    #: CLI so that this layer never imports the one above it); None: no control socket.
+    control_handler: Callable[[Gateway, str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     #: Direct mode for a reader (``events``, ``locks``): no lock on the data directory at all, so
     #: a technician's ``events --follow`` never keeps the daemon from starting.
     readonly: bool = False
@@ -183,7 +186,8 @@ class Gateway:
                 self.service.replay_sink = self.mqtt.publish_replayed
             self.supervisor = await stack.enter_async_context(Supervisor(self._components()))
             try:
-                await stack.enter_async_context(ControlServer(cfg.control.socket, self.control))
+                if self.control_handler is not None:
+                    await stack.enter_async_context(ControlServer(cfg.control.socket, self.control))
             except OSError as exc:
                 # Doors keep opening without the CLI: run on, alarm.
                 self._control_error = f"control socket {cfg.control.socket}: {exc.strerror or exc}"
@@ -330,10 +334,11 @@ class Gateway:
     # --- the control socket ---------------------------------------------------------------
 
     async def control(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Commands from ``lockgw`` while the daemon runs (gateway/control.py)."""
-        from gateway.control_commands import dispatch  # noqa: PLC0415 - keeps the import graph flat
-
-        return await dispatch(self, cmd, args)
+        """Commands from ``lockgw`` while the daemon runs (gateway/control.py), answered by the
+        injected ``control_handler`` (gateway/control_commands.py: the CLI layer, above this one)."""
+        if self.control_handler is None:
+            return {"ok": False, "exit": 2, "error": "this gateway serves no control commands"}
+        return await self.control_handler(self, cmd, args)
 
     # --- loops ------------------------------------------------------------------------------
 
@@ -397,21 +402,27 @@ class Gateway:
         raise await self.outbox.wait_failed()
 
     async def _adapter_loop(self) -> None:
-        """Is the BLE adapter there? Tried every ``ADAPTER_CHECK_S`` (a lazy Bumble host opens
-        now, so a missing dongle or simulator is seen before a door needs it)."""
+        """Is the BLE adapter there and answering? Tried every ``ADAPTER_CHECK_S`` (a lazy Bumble
+        host opens now, so a missing dongle or simulator is seen before a door needs it), with
+        a health probe (an HCI command bounded to 2 s), so a stalled controller raises
+        ``ble_adapter_unavailable`` and starves the watchdog; the same check re-opens a host
+        whose transport dropped or whose controller answers again after a stall."""
         host = self.ble_host
         if host is None:
             return  # an injected backend (tests) or BlueZ: bleak reports its own failures per call
         while True:
             try:
-                await host.open()
+                await host.check()
             except AdapterUnavailable as exc:
                 if self._adapter_error is None:
                     _log.error("adapter_unavailable", reason=str(exc))
                 self._adapter_error = str(exc)
             else:
+                if self._adapter_error is not None:
+                    _log.info("adapter_available_again")
                 self._adapter_error = None
-            await asyncio.sleep(ADAPTER_CHECK_S)
+            # Early when an HCI command went unanswered (a stall seen by a request).
+            await host.wait_suspect(ADAPTER_CHECK_S)
 
     async def _watchdog_loop(self) -> None:
         interval = watchdog_interval_s()

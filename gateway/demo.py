@@ -33,6 +33,7 @@ from gateway import log
 from gateway.app import Gateway
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.config import load_config
+from gateway.control_commands import dispatch
 from gateway.keyfiles import b64url
 from gateway.mqtt import quiet_closed_socket_callbacks, retrieve_disconnect_error
 from gateway.registry import LockRecord
@@ -289,7 +290,13 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
             sims = await radio.add_locks(locks, seed=seed)
             async with (
                 BumbleHost(controller=radio.open_gateway_controller()) as host,
-                Gateway(config, ble_backend=host.client_backend(), heartbeat_s=5, republish_after_s=2) as gw,
+                Gateway(
+                    config,
+                    ble_backend=host.client_backend(),
+                    heartbeat_s=5,
+                    republish_after_s=2,
+                    control_handler=dispatch,
+                ) as gw,
             ):
                 consumer = asyncio.create_task(_consume(central, broker.port, stop)) if have_broker else None
                 _say("\n1. A technician pairs the lock units (setup code printed on each)")
