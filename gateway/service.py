@@ -528,6 +528,12 @@ class Service:
             status = parse_status((await self.links.command(record, Op.STATUS, priority=priority)).result)
         except (BleError, ProtocolError) as exc:
             self._fresh_at.pop(record.lock, None)
+            _log.warning(
+                "link_failed",
+                lock=record.lock,
+                priority=priority.name.lower(),
+                reason=f"{type(exc).__name__}: {exc}",
+            )
             if view.available:
                 view.available = False
                 await self.event(
@@ -544,6 +550,7 @@ class Service:
         view.firmware, view.available, view.last_contact = status.firmware, True, int(self.authz.clock.wall())
         self._fresh_at[record.lock] = self.authz.clock.mono()
         if not was_available:
+            _log.info("link_restored", lock=record.lock)
             await self.event("lock.reachable", lock=record.lock)
         await self.fetch_log(record, priority=priority)
         self.on_lock_state(view)
