@@ -12,6 +12,11 @@
 * A failed attempt is retried on a new link with **the same command id** (the lock's
   idempotency cache answers without actuating again), after :func:`gateway.backoff.backoff_for`;
   the gate is let go during the backoff, so a retrying status never holds up an unlock.
+* Every command has an overall deadline, ``COMMAND_DEADLINE_S`` from the call, whatever the HCI
+  layer below does (a stalled controller answers nothing, and a wait for its one command slot or
+  its pending connect is not bounded by the per-step timeouts): past it the caller gets
+  :class:`~gateway.errors.LockUnreachable` (``lock_unreachable``) at once, and the attempt is
+  cancelled and its link closed in the background — the lock's gate is held until that is done.
 
 ``LinkManager`` is an async context manager owning a TaskGroup with its reaper task.
 """
@@ -52,6 +57,11 @@ CONNECT_TIMEOUT_S = 5.0
 #: lock busy with another central for a moment; more only stretch the wait for a lock that is
 #: gone (out of range, flat battery). Other link failures keep the backoff policy's attempts.
 UNREACHABLE_ATTEMPTS = 2
+#: The most a caller waits for one command, queueing, connects, retries and backoffs included.
+#: An unreachable lock fails by itself in about 10.6 s (2 connects of 5 s and a 0.5 s backoff);
+#: a live lock answers in under a second. 15 s is what a person at the door is asked to wait at
+#: most, and what a frozen controller (THREATS A9) costs a request.
+COMMAND_DEADLINE_S = 15.0
 
 
 class Priority(enum.IntEnum):
@@ -119,6 +129,7 @@ class LinkManager:
         idle_s: float = 1.0,
         on_contact: Callable[[str, bool, str], None] | None = None,
         rng: Callable[[], float] = random.random,
+        deadline_s: float = COMMAND_DEADLINE_S,
     ) -> None:
         self._gw_id = gw_id
         self._backend = backend
@@ -131,6 +142,9 @@ class LinkManager:
         self._rng = rng
         self._group: asyncio.TaskGroup | None = None
         self._slot_wanted = asyncio.Event()
+        self._deadline_s = deadline_s
+        #: Attempts past their deadline, still cleaning up (cancelled; closing their link).
+        self._abandoned: set[asyncio.Task[Response]] = set()
         self.stats = LinkStats()
 
     async def __aenter__(self) -> Self:
@@ -143,6 +157,8 @@ class LinkManager:
 
     async def __aexit__(self, *exc: object) -> None:
         group, self._group = self._group, None
+        if self._abandoned:
+            await asyncio.wait(self._abandoned)
         for lock in list(self._links):
             await self._close(lock)
         if group is not None:
@@ -170,8 +186,46 @@ class LinkManager:
         attempts: int | None = None,
     ) -> Response:
         """Run one command on a lock, retrying link failures with the same command id (as the
-        backoff policy says, or at most ``attempts`` times)."""
+        backoff policy says, or at most ``attempts`` times), within the deadline
+        (``COMMAND_DEADLINE_S``; past it: LockUnreachable)."""
         cmd_id = cmd_id or os.urandom(COMMAND_ID_LEN)
+        run = asyncio.ensure_future(
+            self._command(record, op, args, cmd_id, priority=priority, attempts=attempts)
+        )
+        try:
+            done, _ = await asyncio.wait({run}, timeout=self._deadline_s)
+        except asyncio.CancelledError:
+            # The caller is cancelled (shutdown): the command with it, its cleanup awaited.
+            run.cancel()
+            await asyncio.wait({run})
+            raise
+        if done:
+            return run.result()
+        # Past the deadline: answer now; the attempt ends (and closes its link) in the background.
+        run.cancel()
+        self._abandoned.add(run)
+        run.add_done_callback(self._abandon_done)
+        self._contact(record.lock, ok=False, reason="lock_unreachable")
+        raise LockUnreachable(
+            f"lock {record.lock} did not complete {op.name} within {self._deadline_s:g} s "
+            "(the lock or the BLE controller does not answer)"
+        )
+
+    def _abandon_done(self, run: asyncio.Task[Response]) -> None:
+        self._abandoned.discard(run)
+        if not run.cancelled():
+            run.exception()  # retrieved: its caller was answered at the deadline
+
+    async def _command(
+        self,
+        record: LockRecord,
+        op: Op,
+        args: dict[str, Any] | None,
+        cmd_id: bytes,
+        *,
+        priority: Priority,
+        attempts: int | None,
+    ) -> Response:
         gate = self._per_lock.setdefault(record.lock, _Slots(1))
         self.stats.commands += 1
         self.stats.by_priority[priority.name] = self.stats.by_priority.get(priority.name, 0) + 1
@@ -181,6 +235,10 @@ class LinkManager:
             await gate.acquire(priority)
             try:
                 response = await self._attempt(record, op, args, cmd_id, priority)
+            except asyncio.CancelledError:
+                # Mid-exchange: a late reply would meet the next request on this link. Close it.
+                await self._close(record.lock)
+                raise
             except BleError as exc:
                 await self._close(record.lock)
                 if isinstance(exc, LockUnreachable) and attempts is None:
