@@ -28,7 +28,7 @@ import hmac
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
@@ -509,6 +509,46 @@ class _Claims:
 _CLAIM_KEYS: Final = {1, 2, 3, 4, 5, 6, 7, 8, "locks", "act", "role", "alarm"}
 
 
+@dataclass
+class _Checking:
+    """One decision in progress: the request, then what each check of §8.4 found."""
+
+    token: bytes
+    proof: bytes | None
+    lock: str
+    action: str
+    mono: float
+    view: TimeView
+    sign1: Sign1 | None = None
+    entry: KeyringKey | None = None
+    claims_map: Mapping[Any, cbor.CborValue] | None = None
+    iat: int = 0
+    ctx: dict[str, object] = field(default_factory=dict)
+    parsed: _Claims | None = None
+    holder: CoseKey | None = None
+    flags: list[str] = field(default_factory=list)
+
+    # Each accessor is reached only after the check that sets its value passed.
+    @property
+    def signed(self) -> Sign1:
+        assert self.sign1 is not None
+        return self.sign1
+
+    @property
+    def key_entry(self) -> KeyringKey:
+        assert self.entry is not None
+        return self.entry
+
+    def claims(self) -> Mapping[Any, cbor.CborValue]:
+        assert self.claims_map is not None
+        return self.claims_map
+
+    @property
+    def claims_parsed(self) -> _Claims:
+        assert self.parsed is not None
+        return self.parsed
+
+
 class Authority:
     """The gateway's authorization state and decision procedure (pure)."""
 
@@ -781,36 +821,44 @@ class Authority:
         synced: bool,
         mono: float,
     ) -> Decision:
-        """Check a token (and its proof) for ``action`` on ``lock`` in the contract's order."""
-        pol = self.policy
-        leeway = pol.clock_leeway_s
-        view = self.time.view(wall=wall, synced=synced)
-        # 4. token parse and size
+        """Check a token (and its proof) for ``action`` on ``lock`` in the contract's order
+        (CONTRACT §8.4): each check of :attr:`CHECKS`, in turn, raises its code or passes."""
+        c = _Checking(token, proof, lock, action, mono, self.time.view(wall=wall, synced=synced))
+        for check in self.CHECKS:
+            check(self, c)
+        return self._decision(c)
+
+    # §8.4 steps 4–14, one function each, in order. Each reads what the earlier ones found.
+
+    def _token_shape(self, c: _Checking) -> None:
+        """4. token parse and size → token_invalid."""
         try:
-            sign1 = parse_sign1(token, ContentType.TOKEN, code="token_invalid")
+            c.sign1 = parse_sign1(c.token, ContentType.TOKEN, code="token_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "token_invalid") from exc
-        # 5. kid
-        assert sign1.kid is not None
-        entry = self.keyring.keys.get(sign1.kid) if self.keyring is not None else None
-        if entry is None:
+
+    def _known_key(self, c: _Checking) -> None:
+        """5. kid → unknown_key."""
+        kid = c.signed.kid
+        assert kid is not None
+        c.entry = self.keyring.keys.get(kid) if self.keyring is not None else None
+        if c.entry is None:
             raise _deny(
                 "token signed by a key this gateway does not know"
                 if self.keyring
                 else "no keyring installed: every token is unknown_key",
                 "unknown_key",
             )
-        # 6. signature, key window, role held by the key
+
+    def _signature_window_role(self, c: _Checking) -> None:
+        """6. signature, key window, role held by the key → token_invalid."""
+        entry = c.key_entry
         try:
-            sign1.verify_with(entry.key, code="token_invalid")
+            c.signed.verify_with(entry.key, code="token_invalid")
+            c.claims_map = c.signed.payload_map(code="token_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "token_invalid") from exc
-        try:
-            claims_map = sign1.payload_map(code="token_invalid")
-        except CredentialError as exc:
-            raise _deny(str(exc), "token_invalid") from exc
-        iat = claims_map.get(6)
-        role = claims_map.get("role")
+        iat, role = c.claims_map.get(6), c.claims_map.get("role")
         if not isinstance(iat, int) or isinstance(iat, bool) or not -(2**63) <= iat < 2**63:
             raise _deny("token lacks an integer iat", "token_invalid")
         if not entry.covers(iat):
@@ -819,48 +867,64 @@ class Authority:
             raise _deny(f"signing key does not hold the token's role {_show(role)}", "token_invalid")
         # A token never moves the time floor (CONTRACT §8.7 v1.1): no token, however it is
         # dated, changes what later tokens get.
-        now = view.now
-        ctx = _context(claims_map)
-        # 7. aud
-        aud = claims_map.get(3)
-        if aud not in (self.site, self.gw_id):
-            raise _deny("token is addressed to another site or gateway", "wrong_audience", **ctx)
-        # 8. lock in locks
-        locks = claims_map.get("locks")
-        if not isinstance(locks, Sequence) or isinstance(locks, str | bytes) or lock not in locks:
-            raise _deny(f"token does not name lock {lock}", "wrong_lock", **ctx)
-        # 9. act
-        act = claims_map.get("act")
+        c.iat, c.ctx = iat, _context(c.claims_map)
+
+    def _audience(self, c: _Checking) -> None:
+        """7. aud → wrong_audience."""
+        if c.claims().get(3) not in (self.site, self.gw_id):
+            raise _deny("token is addressed to another site or gateway", "wrong_audience", **c.ctx)
+
+    def _lock_named(self, c: _Checking) -> None:
+        """8. lock in locks → wrong_lock."""
+        locks = c.claims().get("locks")
+        if not isinstance(locks, Sequence) or isinstance(locks, str | bytes) or c.lock not in locks:
+            raise _deny(f"token does not name lock {c.lock}", "wrong_lock", **c.ctx)
+
+    def _action_allowed(self, c: _Checking) -> None:
+        """9. act → action_not_allowed."""
+        act = c.claims().get("act")
         if (
             not isinstance(act, Sequence)
             or isinstance(act, str | bytes)
-            or action not in act
-            or action not in TOKEN_ACTIONS
+            or c.action not in act
+            or c.action not in TOKEN_ACTIONS
         ):
-            raise _deny(f"token does not allow {action}", "action_not_allowed", **ctx)
-        # 10. nbf / iat ahead. With the clock unknown an iat ahead is no refusal: after a power
-        # cut the clock may be days behind, and refusing would lock staff out (§8.7).
-        nbf = claims_map.get(5)
+            raise _deny(f"token does not allow {c.action}", "action_not_allowed", **c.ctx)
+
+    def _valid_yet(self, c: _Checking) -> None:
+        """10. nbf / iat ahead → token_not_yet_valid. With the clock unknown an iat ahead is no
+        refusal: after a power cut the clock may be days behind, and refusing would lock staff
+        out (§8.7)."""
+        leeway, view = self.policy.clock_leeway_s, c.view
+        nbf = c.claims().get(5)
         synced_view = view.state is not TimeState.UNKNOWN
-        if synced_view and iat > view.wall + MAX_AHEAD_OF_SYNCED_S:
+        if synced_view and c.iat > view.wall + MAX_AHEAD_OF_SYNCED_S:
             self.time.alarms.add("signed_time_far_ahead")
-        if (synced_view and iat - leeway > now) or (
-            isinstance(nbf, int) and not isinstance(nbf, bool) and nbf - leeway > now
+        if (synced_view and c.iat - leeway > view.now) or (
+            isinstance(nbf, int) and not isinstance(nbf, bool) and nbf - leeway > view.now
         ):
-            raise _deny("token is not valid yet (check the issuing clock)", "token_not_yet_valid", **ctx)
-        # 11. exp
-        exp = claims_map.get(4)
+            raise _deny("token is not valid yet (check the issuing clock)", "token_not_yet_valid", **c.ctx)
+
+    def _not_expired(self, c: _Checking) -> None:
+        """11. exp → token_expired (and, with the clock unknown, an iat before the floor allows)."""
+        exp = c.claims().get(4)
         if not isinstance(exp, int) or isinstance(exp, bool):
-            raise _deny("token lacks an integer exp", "token_invalid", **ctx)
-        if now > exp + leeway:
-            raise _deny("token has expired", "token_expired", **ctx)
-        if view.state is TimeState.UNKNOWN and iat < self.time.floor - pol.max_token_ttl_s:
+            raise _deny("token lacks an integer exp", "token_invalid", **c.ctx)
+        if c.view.now > exp + self.policy.clock_leeway_s:
+            raise _deny("token has expired", "token_expired", **c.ctx)
+        if c.view.state is TimeState.UNKNOWN and c.iat < self.time.floor - self.policy.max_token_ttl_s:
             raise _deny(
-                "clock unknown and the token was issued before the time floor allows", "token_expired", **ctx
+                "clock unknown and the token was issued before the time floor allows",
+                "token_expired",
+                **c.ctx,
             )
-        # 12. lifetime caps, emergency alarm, claim shapes, cnf key
-        claims = _claims(claims_map, ctx)
-        ttl_cap = min(entry.max_ttl, pol.max_token_ttl_s)
+
+    def _lifetime_and_claims(self, c: _Checking) -> None:
+        """12. lifetime caps, emergency alarm, claim shapes, small-order or invalid cnf key →
+        token_invalid."""
+        pol, ctx = self.policy, c.ctx
+        claims = c.parsed = _claims(c.claims(), ctx)
+        ttl_cap = min(c.key_entry.max_ttl, pol.max_token_ttl_s)
         if claims.role == "emergency":
             ttl_cap = min(ttl_cap, pol.max_emergency_ttl_s)
             if claims.alarm is None:
@@ -869,49 +933,71 @@ class Authority:
                 raise _deny("an emergency token opens exactly one door", "token_invalid", **ctx)
         if claims.exp - claims.iat > ttl_cap or claims.exp < claims.iat:
             raise _deny(f"token lifetime exceeds {ttl_cap} s", "token_invalid", **ctx)
-        holder: CoseKey | None = None
         if claims.cnf is not None:
             if not isinstance(claims.cnf, Mapping) or set(claims.cnf) != {1}:
                 raise _deny("cnf must be {1: COSE_Key}", "token_invalid", **ctx)
             try:
-                holder = decode_key(claims.cnf[1])
+                c.holder = decode_key(claims.cnf[1])
             except CredentialError as exc:
                 raise _deny(f"cnf key refused: {exc}", "token_invalid", **ctx) from exc
-        # 13. revocation
-        rl = self.revocations
+
+    def _not_revoked(self, c: _Checking) -> None:
+        """13. revocation → token_revoked (a stale list per policy: stale_trust, or a flag)."""
+        rl, claims = self.revocations, c.claims_parsed
         if rl is not None and rl.revokes(claims.cti, claims.sub, claims.iat):
-            raise _deny("token or its subject is revoked", "token_revoked", **ctx)
-        flags: list[str] = []
-        if rl is not None and now > rl.exp:
-            if pol.on_stale_revocations == "deny":
-                raise _deny("revocation list is past its exp and policy is deny", "stale_trust", **ctx)
-            flags.append("stale_revocations")
-        # 14. proof
-        if holder is None:
-            if not entry.bearer:
+            raise _deny("token or its subject is revoked", "token_revoked", **c.ctx)
+        if rl is not None and c.view.now > rl.exp:
+            if self.policy.on_stale_revocations == "deny":
+                raise _deny("revocation list is past its exp and policy is deny", "stale_trust", **c.ctx)
+            c.flags.append("stale_revocations")
+
+    def _possession(self, c: _Checking) -> None:
+        """14. proof → proof_required, nonce_unknown, nonce_expired, proof_invalid."""
+        if c.holder is None:
+            if not c.key_entry.bearer:
                 raise _deny(
-                    "token has no cnf and its key does not allow bearer tokens", "proof_required", **ctx
+                    "token has no cnf and its key does not allow bearer tokens", "proof_required", **c.ctx
                 )
-        else:
-            if proof is None:
-                raise _deny("holder-bound token needs a proof of possession", "proof_required", **ctx)
-            self._check_proof(proof, holder, token, lock=lock, action=action, mono=mono, ctx=ctx)
+            return
+        if c.proof is None:
+            raise _deny("holder-bound token needs a proof of possession", "proof_required", **c.ctx)
+        self._check_proof(c.proof, c.holder, c.token, lock=c.lock, action=c.action, mono=c.mono, ctx=c.ctx)
+
+    #: The contract's check order (§8.4, after request shape, lock and carried documents).
+    CHECKS: ClassVar[tuple[Callable[[Authority, _Checking], None], ...]] = (
+        _token_shape,
+        _known_key,
+        _signature_window_role,
+        _audience,
+        _lock_named,
+        _action_allowed,
+        _valid_yet,
+        _not_expired,
+        _lifetime_and_claims,
+        _not_revoked,
+        _possession,
+    )
+
+    def _decision(self, c: _Checking) -> Decision:
+        now, claims = c.view.now, c.claims_parsed
         trust = self.trust_state(now)
         if self.keyring is not None and now > self.keyring.exp:
-            flags.append("stale_keyring")
+            c.flags.append("stale_keyring")
+        kid = c.signed.kid
+        assert kid is not None
         return Decision(
-            lock,
-            action,
+            c.lock,
+            c.action,
             claims.sub,
             claims.cti.hex(),
             claims.role,
             claims.iss,
             claims.iat,
             claims.exp,
-            sign1.kid.hex(),
-            view.state,
+            kid.hex(),
+            c.view.state,
             trust,
-            tuple(flags),
+            tuple(c.flags),
             claims.alarm,
         )
 

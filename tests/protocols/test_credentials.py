@@ -538,3 +538,23 @@ def test_nonce_secret_is_an_argument_and_must_be_long_enough() -> None:
     b.peek(n, lock=LOCK, action="unlock", mono=6.0)
     with pytest.raises(ValueError):
         Challenges(secret=b"short")
+
+
+def test_the_check_order_is_the_contracts_as_a_list() -> None:
+    """CONTRACT §8.4, steps after request shape, lock and carried documents: one function per
+    check, in order — the order is visible (and reviewable) as this list."""
+    from protocols.credentials import Authority
+
+    assert [check.__name__ for check in Authority.CHECKS] == [
+        "_token_shape",  # token parse and size: token_invalid
+        "_known_key",  # kid: unknown_key
+        "_signature_window_role",  # signature, key window, role: token_invalid
+        "_audience",  # aud: wrong_audience
+        "_lock_named",  # lock in locks: wrong_lock
+        "_action_allowed",  # act: action_not_allowed
+        "_valid_yet",  # nbf / iat ahead: token_not_yet_valid
+        "_not_expired",  # exp: token_expired
+        "_lifetime_and_claims",  # caps, emergency alarm, shapes, cnf: token_invalid
+        "_not_revoked",  # revocation: token_revoked
+        "_possession",  # proof: proof_required, nonce_unknown, nonce_expired, proof_invalid
+    ]
