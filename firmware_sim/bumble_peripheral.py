@@ -314,7 +314,7 @@ class SimRadio:
 
     # --- faults (see docs/simulator.md) ------------------------------------------------
 
-    async def apply_fault(self, lock_id: str, fault: str, value: Any = None) -> dict[str, Any]:
+    async def apply_fault(self, lock_id: str, fault: str, value: Any = None) -> dict[str, Any]:  # noqa: C901, PLR0912 - a dispatcher: one branch per fault command of docs/simulator.md
         sim = self.locks.get(lock_id)
         if sim is None:
             raise KeyError(f"no simulated lock {lock_id!r}")

@@ -170,56 +170,14 @@ MAX_SOCKET_PATH: Final = 107
 
 def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files: bool = True) -> Config:
     """Read, merge the environment, validate. Raises ConfigError naming the key."""
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a configuration file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
-    for section, values in _env_overrides(os.environ if env is None else env).items():
-        current = data.setdefault(section, {})
-        if not isinstance(current, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table")
-        current.update(values)
-    # TOML gives str for paths; strict pydantic wants Path objects.
-    for section in data.values():
-        if isinstance(section, dict):
-            for key, value in list(section.items()):
-                if (key.endswith(("_file", "_dir")) or key == "socket") and isinstance(value, str):
-                    section[key] = Path(value)
-                elif key == "root_keys" and isinstance(value, list):
-                    section[key] = [Path(v) if isinstance(v, str) else v for v in value]
+    text = _read_text(path)
+    data = _parse_toml(path, text)
+    _merge_env(path, data, os.environ if env is None else env)
+    _paths_as_paths(data)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            parts = [str(p) for p in err["loc"]]
-            line = _line_of(text, parts[0] if len(parts) > 1 else "", parts[-1]) if parts else None
-            where = f"{path}:{line}" if line else str(path)
-            message = (
-                err["msg"]
-                .replace("Extra inputs are not permitted", "unknown key")
-                .removeprefix("Value error, ")
-            )
-            if message == "unknown key" and parts and parts[-1] in _INLINE_SECRETS:
-                message += (
-                    f"; secrets are never inline: put it in a file (mode 0600) and set {parts[-1]}_file"
-                )
-            problems.append(f"{where}: {loc}: {message}")
-        raise ConfigError("; ".join(problems)) from exc
+        raise ConfigError("; ".join(_problems(path, text, exc))) from exc
     config = config.model_copy(update={"source": path})
     if check_files and config.mqtt is not None:
         for key in ("password_file", "key_file"):
@@ -229,6 +187,66 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files
     if config.ble.backend == "bumble" and not config.ble.transport:
         raise ConfigError(f'{path}: ble.transport: required when ble.backend = "bumble"')
     return config
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: bounded, UTF-8."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a configuration file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
+
+
+def _merge_env(path: Path, data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for section, values in _env_overrides(env).items():
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        current.update(values)
+
+
+def _paths_as_paths(data: dict[str, Any]) -> None:
+    """TOML gives str for paths; strict pydantic wants Path objects."""
+    for section in data.values():
+        if isinstance(section, dict):
+            for key, value in list(section.items()):
+                if (key.endswith(("_file", "_dir")) or key == "socket") and isinstance(value, str):
+                    section[key] = Path(value)
+                elif key == "root_keys" and isinstance(value, list):
+                    section[key] = [Path(v) if isinstance(v, str) else v for v in value]
+
+
+def _problems(path: Path, text: str, exc: ValidationError) -> list[str]:
+    """Each validation error as ``FILE:LINE: section.key: what is wrong``."""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts = [str(p) for p in err["loc"]]
+        line = _line_of(text, parts[0] if len(parts) > 1 else "", parts[-1]) if parts else None
+        where = f"{path}:{line}" if line else str(path)
+        message = (
+            err["msg"].replace("Extra inputs are not permitted", "unknown key").removeprefix("Value error, ")
+        )
+        if message == "unknown key" and parts and parts[-1] in _INLINE_SECRETS:
+            message += f"; secrets are never inline: put it in a file (mode 0600) and set {parts[-1]}_file"
+        problems.append(f"{where}: {loc}: {message}")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)

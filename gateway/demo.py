@@ -264,7 +264,7 @@ def _show(label: str, resp: dict[str, Any]) -> None:
         _say(f"  {label}: refused ({resp['error']['code']}: {resp['error']['message']})")
 
 
-async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:
+async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 - the demo's shift, scripted step by step
     _say("lockgw demo — a home-care shift with simulated locks, a broker, a gateway and central\n")
     quiet_closed_socket_callbacks(asyncio.get_running_loop())  # the broker is killed in step 6
     work = Path(tempfile.mkdtemp(prefix="lockgw-demo-"))

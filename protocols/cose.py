@@ -312,7 +312,7 @@ _SIG1_PREFIX: Final = b"\x84" + cbor.dumps("Signature1")
 _bstr_head = cbor.bstr_head
 
 
-def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:
+def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:  # noqa: C901, PLR0912 - one branch per refusal of CONTRACT §8.12 and THREATS T1
     """Parse, bounded, a COSE_Sign1 of the expected content type. Raises CredentialError(code)."""
     limit = MAX_BYTES[expected]
     if len(raw) > limit:

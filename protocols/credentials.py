@@ -643,7 +643,7 @@ class Authority:
         except CredentialError as exc:
             raise TrustDocumentError(str(exc), code=exc.code) from exc
 
-    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:
+    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:  # noqa: C901, PLR0912, PLR0915 - one branch per trust-document refusal of CONTRACT §8.5 (to split like decide)
         kind = document_type(raw)
         view = self.time.view(wall=wall, synced=synced)
         sign1 = parse_sign1(raw, kind, code="malformed")
@@ -736,7 +736,7 @@ class Authority:
         self.version_floor[kind] = max(version, self.version_floor.get(kind, version))
         self.unverified.discard(kind)
 
-    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:
+    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:  # noqa: C901, PLR0912 - one branch per stored document state (to split like decide)
         """Reinstate a document installed before a restart; return False if it no longer verifies.
 
         A stored document was verified when it was installed, so it stays in force whatever has
