@@ -279,6 +279,11 @@ _HOST_LOG: Final = logging.getLogger("bumble.host")
 HCI_RESPONSE_TIMEOUT_S: Final = 10.0
 
 
+class _Abandoned(TimeoutError):
+    """The command's answer will never come: its host was re-opened or its transport lost.
+    A TimeoutError, because that is what callers handle and what Bumble does not log."""
+
+
 class _GatewayHost(Host):
     """Bumble's host with two corrections.
 
@@ -347,7 +352,8 @@ class _GatewayHost(Host):
         if exchange.cancelled():
             return
         exc = exchange.exception()  # retrieved: the caller that would have seen it was cancelled
-        if isinstance(exc, TimeoutError) and self.on_stall is not None and not self.retired:
+        stalled = isinstance(exc, TimeoutError) and not isinstance(exc, _Abandoned)
+        if stalled and self.on_stall is not None and not self.retired:
             self.on_stall(f"{name} unanswered for {timeout:g} s")
 
     def retire(self, reason: str) -> None:
@@ -365,7 +371,7 @@ class _GatewayHost(Host):
     def _abandon(self, reason: str) -> None:
         pending = self.pending_response
         if pending is not None and not pending.done():
-            pending.set_exception(TimeoutError(reason))
+            pending.set_exception(_Abandoned(reason))
 
     # --- late events after a stall ------------------------------------------------------------
 

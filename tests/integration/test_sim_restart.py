@@ -11,10 +11,12 @@ import asyncio
 
 import pytest
 from broker import free_port
+from simproc import start_sim
 
 from firmware_sim.bumble_peripheral import SimRadio
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.ble.link import LockClient
+from gateway.errors import BleError
 from protocols.messages import Op, Status
 
 pytestmark = pytest.mark.ble
@@ -80,3 +82,34 @@ async def test_A8_a_new_host_takes_the_controller_over_and_the_old_connection_is
             async with LockClient(str(sim.address), gw_id=GW, backend=host.client_backend()) as client:
                 assert (await client.pair(sim.model.setup_code)).lock_id == sim.model.lock_id
         old_writer.close()
+
+
+async def test_A9_the_simulator_restarted_under_a_running_host_is_reached_again() -> None:
+    """The HCI transport drops after the host opened it (the simulator restarted, a UART gone):
+    the host re-opens it by itself on the next use; no gateway restart."""
+    port = free_port()
+    sim, [lock] = start_sim(port, seed=3, locks=1)
+    try:
+        async with (
+            asyncio.timeout(HANG_GUARD_S * 3),
+            BumbleHost(transport=f"tcp-client:127.0.0.1:{port}") as host,
+        ):
+            async with LockClient(lock["address"], gw_id=GW, backend=host.client_backend()) as client:
+                assert (await client.pair(lock["setup_code"])).lock_id == lock["lock"]
+            sim.terminate()
+            sim.communicate(timeout=10)
+            sim, [lock] = start_sim(port, seed=4, locks=1)  # a new simulator on the same port
+            attempts = 0
+            while True:  # the first use may still find the old transport; the next ones reopen it
+                attempts += 1
+                try:
+                    async with LockClient(lock["address"], gw_id=GW, backend=host.client_backend()) as c:
+                        assert (await c.pair(lock["setup_code"])).lock_id == lock["lock"]
+                        break
+                except BleError:
+                    continue
+            assert host.reopened == 1
+            print(f"\nreached the restarted simulator after {attempts} attempt(s)")
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=10)
