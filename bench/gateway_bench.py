@@ -32,14 +32,14 @@ from broker import free_port
 from credfix import SITE, T0, World
 from simproc import start_sim
 
-from gateway.app import Gateway
+from gateway.authz.clock import ManualClock
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.clock import ManualClock
+from gateway.ble.links import LinkManager
+from gateway.ble.registry import LockRecord, Registry
 from gateway.config import load_config
-from gateway.links import LinkManager
-from gateway.outbox import Outbox
-from gateway.registry import LockRecord, Registry
-from gateway.service import Service
+from gateway.runtime.app import Gateway
+from gateway.runtime.service import Service
+from gateway.store.outbox import Outbox
 from protocols import issuer
 
 GW = "gw-bench"

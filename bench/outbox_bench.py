@@ -28,7 +28,7 @@ import aiomqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from broker import Broker, drain_only_bridge
 
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 
 
 def rss_mb() -> float:

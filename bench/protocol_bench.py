@@ -27,7 +27,7 @@ from helpers import ConnectionPair
 
 from firmware_sim.bumble_peripheral import SimRadio
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
 from protocols.messages import Op, Request, Response, Status
 from protocols.session import GatewayConnection, LockConnection
 

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.authz.keyfiles import check_secret_permissions, load_root_keys
 from gateway.errors import ConfigError
-from gateway.keyfiles import check_secret_permissions, load_root_keys
 from protocols.cose import CoseKey
 
 __all__ = [

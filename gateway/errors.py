@@ -1,5 +1,5 @@
 """The gateway's error tree. Third-party errors are mapped into it at one boundary each
-(bleak/bumble in :mod:`gateway.ble`, aiomqtt in :mod:`gateway.mqtt`, sqlite3 in the outbox).
+(bleak/bumble in :mod:`gateway.ble`, aiomqtt in :mod:`gateway.mqtt.bridge`, sqlite3 in the outbox).
 
 ::
 

@@ -17,8 +17,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from gateway.config import MqttConfig
-from gateway.mqtt import MqttBridge
-from gateway.outbox import Outbox
+from gateway.mqtt.bridge import MqttBridge
+from gateway.store.outbox import Outbox
 
 
 def free_port() -> int:

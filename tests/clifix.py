@@ -19,7 +19,7 @@ from broker import free_port
 from credfix import SITE, World
 from simproc import start_sim
 
-from gateway.keyfiles import b64url
+from gateway.authz.keyfiles import b64url
 from protocols import cbor, issuer
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
     "token_file",
 ]
 
-EXE = [shutil.which("lockgw")] if shutil.which("lockgw") else [sys.executable, "-m", "gateway.cli"]
+EXE = [shutil.which("lockgw")] if shutil.which("lockgw") else [sys.executable, "-m", "gateway.cli.main"]
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from helpers import SeededRng
 
-from gateway.authz import Authorizer, TrustStore
-from gateway.clock import Clock
+from gateway.authz.authorizer import Authorizer, TrustStore
+from gateway.authz.clock import Clock
 from protocols import issuer
 from protocols.cose import ALG_EDDSA, ALG_ES256, PrivateCoseKey, generate_private_key
 from protocols.credentials import Authority, Policy

@@ -23,7 +23,7 @@ from bumble.link import LocalLink
 
 from firmware_sim.bumble_peripheral import SimRadio
 from gateway.ble.bumble_backend import BumbleBleakClient, BumbleBleakScanner, BumbleHost
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
 from gateway.errors import LockUnreachable
 from protocols.gatt import RX_CHAR_UUID, TX_CHAR_UUID
 

@@ -51,7 +51,7 @@ def test_unit_exposure_at_most_2() -> None:
 @pytest.mark.slow
 def test_demo_runs_and_reports_no_gaps() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--seed", "5"],
+        [sys.executable, "-m", "gateway.cli.main", "demo", "--seed", "5"],
         capture_output=True,
         text=True,
         check=False,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from credfix import GW, LOCK, SITE, T0, World
 
-from gateway.authz import RELEASE_FLOOR, Authorizer, TrustStore, load_root_keys
-from gateway.clock import ManualClock, SystemClock
+from gateway.authz.authorizer import RELEASE_FLOOR, Authorizer, TrustStore, load_root_keys
+from gateway.authz.clock import ManualClock, SystemClock
+from gateway.authz.keyfiles import b64url
 from gateway.errors import ConfigError
-from gateway.keyfiles import b64url
 from protocols import cbor, issuer
 from protocols.cose import ALG_EDDSA, generate_private_key
 from protocols.credentials import TimeState
@@ -93,7 +93,7 @@ def test_C5_floor_survives_kill_9_mid_write(tmp_path: Path) -> None:
     """A child raises the floor in a loop and is killed; the stored floor is intact and monotonic."""
     script = textwrap.dedent(f"""
         import sys
-        from gateway.authz import TrustStore
+        from gateway.authz.authorizer import TrustStore
         store = TrustStore(__import__("pathlib").Path({str(tmp_path / "trust.sqlite3")!r}))
         t = {T0}
         while True:

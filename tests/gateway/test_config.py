@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
+from gateway.authz.keyfiles import b64url
+from gateway.cli import main as cli
 from gateway.config import config_path, load_checked, load_config
 from gateway.errors import ConfigError
-from gateway.keyfiles import b64url
 from protocols import cbor
 from protocols.cose import ALG_EDDSA, PrivateCoseKey, generate_private_key
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.control import ControlServer, call
 from gateway.errors import AdapterUnavailable
+from gateway.runtime.control import ControlServer, call
 
 BOUND_S = 10.0  # hang guard
 
@@ -33,6 +33,7 @@ async def test_F5_connections_beyond_the_cap_are_refused_with_a_line_and_the_res
         async with asyncio.timeout(BOUND_S):
             refused = json.loads(await reader.readline())
         writer.close()
+        await writer.wait_closed()
         assert refused["ok"] is False and refused["exit"] == 3 and "too many" in refused["error"]
         for _, w in held:
             w.close()
@@ -55,13 +56,17 @@ async def test_F5_an_idle_connection_is_closed(tmp_path: Path) -> None:
         async with asyncio.timeout(BOUND_S):
             assert await reader.read() == b""  # closed by the server
         writer.close()
+        await writer.wait_closed()
 
 
 async def test_F5_a_daemon_that_never_answers_is_exit_3_with_a_message(tmp_path: Path) -> None:
     sock = tmp_path / "silent.sock"
 
-    async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
-        await reader.read()
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        finally:
+            writer.close()
 
     server = await asyncio.start_unix_server(silent, path=str(sock))
     async with server:

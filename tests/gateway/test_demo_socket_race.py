@@ -10,7 +10,7 @@ import socket
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.mqtt import quiet_closed_socket_callbacks
+from gateway.mqtt.bridge import quiet_closed_socket_callbacks
 
 
 def _fail() -> None:

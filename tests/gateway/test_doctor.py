@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.doctor import Check, _bluez_settings
+from gateway.cli.doctor import Check, _bluez_settings
 
 HARDENED = """
 [General]

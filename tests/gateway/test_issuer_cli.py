@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.authz import Authorizer, TrustStore, load_root_keys
-from gateway.clock import ManualClock
-from gateway.issuer_cli import parse_duration, parse_time
-from gateway.keyfiles import read_document, write_atomic
+from gateway.authz.authorizer import Authorizer, TrustStore, load_root_keys
+from gateway.authz.clock import ManualClock
+from gateway.authz.keyfiles import read_document, write_atomic
+from gateway.cli.issuer import parse_duration, parse_time
 from protocols.credentials import Policy
 from protocols.errors import TokenError
 
@@ -26,7 +26,7 @@ EXE = shutil.which("lockgw-issuer") or ""
 
 
 def issuer(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [EXE] if EXE else [sys.executable, "-m", "gateway.issuer_cli"]
+    cmd = [EXE] if EXE else [sys.executable, "-m", "gateway.cli.issuer"]
     proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
     if ok:
         assert proc.returncode == 0, proc.stderr

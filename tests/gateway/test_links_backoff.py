@@ -5,8 +5,8 @@ import asyncio
 import pytest
 
 from gateway.backoff import MAX_COMMAND_ATTEMPTS, backoff_for, should_retry
+from gateway.ble.links import Priority, _Slots
 from gateway.errors import LinkLost, LinkTimeout, LockMisbehaved, LockUnreachable, MqttUnavailable
-from gateway.links import Priority, _Slots
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.errors import OutboxError
-from gateway.outbox import RESERVE_BYTES, Outbox
+from gateway.store.outbox import RESERVE_BYTES, Outbox
 from protocols.event_encoding import GENESIS, event_hash, verify_chain
 
 WALL = 1_800_000_000.0
@@ -169,7 +169,7 @@ def test_D1_kill_9_at_random_points_loses_nothing_committed(tmp_path: Path) -> N
     script = textwrap.dedent(f"""
         import asyncio, sys
         from pathlib import Path
-        from gateway.outbox import Outbox
+        from gateway.store.outbox import Outbox
         async def main():
             async with Outbox(Path({str(tmp_path / "k.sqlite3")!r}), gw="gw-1", site="s-1",
                               wall=lambda: 1.8e9) as ob:

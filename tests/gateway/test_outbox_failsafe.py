@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import OutboxError
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 from protocols.event_encoding import verify_chain
 
 WALL = 1_800_000_000.0

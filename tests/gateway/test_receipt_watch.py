@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.mqtt import ReceiptWatch, republish_wait
+from gateway.mqtt.bridge import ReceiptWatch, republish_wait
 
 
 def test_D10_stall_is_raised_after_the_period_and_cleared_by_progress() -> None:

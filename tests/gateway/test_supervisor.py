@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from gateway import log
-from gateway.supervisor import Component, OnFailure, Supervisor
+from gateway.runtime.supervisor import Component, OnFailure, Supervisor
 
 BOUND_S = 10.0  # hang guard
 

@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from simproc import start_sim
 
-from gateway.keyfiles import b64url
+from gateway.authz.keyfiles import b64url
 from protocols import cbor, issuer
 from protocols.event_encoding import verify_chain
 

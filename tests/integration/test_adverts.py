@@ -10,11 +10,11 @@ import pytest
 from credfix import SITE, T0
 
 from firmware_sim.bumble_peripheral import SimRadio
-from gateway.app import Gateway
+from gateway.authz.clock import ManualClock
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.clock import ManualClock
+from gateway.ble.registry import LockRecord
 from gateway.config import load_config
-from gateway.registry import LockRecord
+from gateway.runtime.app import Gateway
 
 pytestmark = pytest.mark.ble
 

@@ -15,12 +15,12 @@ from broker import Broker, free_port
 from credfix import SITE, T0, World
 
 from firmware_sim.bumble_peripheral import SimRadio
-from gateway.app import Gateway
+from gateway.authz.clock import ManualClock
+from gateway.authz.keyfiles import b64url
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.clock import ManualClock
+from gateway.ble.registry import LockRecord
 from gateway.config import load_config
-from gateway.keyfiles import b64url
-from gateway.registry import LockRecord
+from gateway.runtime.app import Gateway
 from protocols import cbor, issuer
 from protocols.event_encoding import verify_chain
 

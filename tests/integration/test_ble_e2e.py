@@ -9,7 +9,7 @@ from airfix import Air
 from bleak import BleakScanner
 
 from firmware_sim.bumble_peripheral import SimLock
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
 from gateway.errors import BleError, LinkLost, LinkTimeout, LockMisbehaved, PairingFailed
 from protocols.gatt import COMPANY_ID, decode_advert
 from protocols.messages import LockState, LogEntry, LogKind, Op, Status

@@ -26,9 +26,9 @@ from clifix import Field, start_daemon
 from simproc import start_sim
 
 from gateway.ble.bumble_backend import BumbleHost
+from gateway.ble.links import COMMAND_DEADLINE_S, LinkManager
+from gateway.ble.registry import LockRecord
 from gateway.errors import AdapterUnavailable, BleError, LockUnreachable
-from gateway.links import COMMAND_DEADLINE_S, LinkManager
-from gateway.registry import LockRecord
 from protocols.messages import Op, Status
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]

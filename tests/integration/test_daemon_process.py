@@ -18,7 +18,7 @@ from broker import PUBLISH, Broker, MqttProxy, drain_only_bridge, free_port
 from clifix import default_signals
 from simproc import start_sim
 
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
 GW = "gw-proc-1"
@@ -43,7 +43,7 @@ def start_gateway(tmp_path: Path, broker: Broker, sim_port: int, log: Path) -> s
     )
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--config", str(cfg), "run"],
+            [sys.executable, "-m", "gateway.cli.main", "--config", str(cfg), "run"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -136,7 +136,7 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[gateway]\nid = "gw-1"\nsite = "s"\n[policy]\nclock_leeway_s = "soon"\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--config", str(cfg), "run"],
+        [sys.executable, "-m", "gateway.cli.main", "--config", str(cfg), "run"],
         capture_output=True,
         text=True,
         check=False,

@@ -17,10 +17,10 @@ from paho.mqtt.properties import Properties
 from test_mqtt_e2e import GW, B, Central, Setup, central, next_on, setup, unlock_via_mqtt  # noqa: F401 - the broker-backed gateway fixtures
 from test_service import Rig, build_rig
 
-from gateway.links import Priority
-from gateway.mqtt import MAX_CONCURRENT_REQUESTS
-from gateway.registry import LockRecord
-from gateway.service import STATUS_FRESH_S, STATUS_WAITERS_MAX
+from gateway.ble.links import Priority
+from gateway.ble.registry import LockRecord
+from gateway.mqtt.bridge import MAX_CONCURRENT_REQUESTS
+from gateway.runtime.service import STATUS_FRESH_S, STATUS_WAITERS_MAX
 from protocols.limits import COMMAND_ID_LEN
 from protocols.messages import Op
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_service import build_rig
 
-from gateway.outbox import RESERVE_BYTES
+from gateway.store.outbox import RESERVE_BYTES
 from protocols.event_encoding import verify_chain
 
 pytestmark = [pytest.mark.ble]

@@ -39,7 +39,7 @@ import pytest
 from broker import free_port
 from simproc import start_sim
 
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 from protocols.event_encoding import verify_chain
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
@@ -56,13 +56,13 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from credfix import SITE, T0, World
-    from gateway.authz import Authorizer, TrustStore
+    from gateway.authz.authorizer import Authorizer, TrustStore
     from gateway.ble.bumble_backend import BumbleHost
-    from gateway.clock import ManualClock
-    from gateway.links import LinkManager, Priority
-    from gateway.outbox import Outbox
-    from gateway.registry import LockRecord, Registry
-    from gateway.service import Service
+    from gateway.authz.clock import ManualClock
+    from gateway.ble.links import LinkManager, Priority
+    from gateway.store.outbox import Outbox
+    from gateway.ble.registry import LockRecord, Registry
+    from gateway.runtime.service import Service
     from protocols import issuer
 
     data = Path({data!r})

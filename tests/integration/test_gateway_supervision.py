@@ -11,12 +11,12 @@ from pathlib import Path
 
 from credfix import SITE, T0
 
-from gateway.app import Gateway
-from gateway.clock import ManualClock
+from gateway.authz.clock import ManualClock
+from gateway.cli.doctor import run_checks
 from gateway.config import load_config
-from gateway.doctor import run_checks
 from gateway.errors import OutboxError
-from gateway.supervisor import Component
+from gateway.runtime.app import Gateway
+from gateway.runtime.supervisor import Component
 
 BOUND_S = 15.0  # hang guard
 

@@ -14,7 +14,7 @@ import pytest
 from airfix import Air
 from test_service import Rig, build_rig
 
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
 from gateway.errors import LockMisbehaved
 from protocols.event_encoding import verify_chain
 from protocols.messages import LogEntry, LogKind

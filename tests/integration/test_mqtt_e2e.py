@@ -17,14 +17,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from firmware_sim.bumble_peripheral import SimLock, SimRadio
-from gateway.app import Gateway
+from gateway.authz.clock import ManualClock
+from gateway.authz.keyfiles import b64url
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.clock import ManualClock
+from gateway.ble.registry import LockRecord
 from gateway.config import Config, load_config
-from gateway.keyfiles import b64url
-from gateway.mqtt import RECEIPT_ALARM_S
-from gateway.outbox import Outbox
-from gateway.registry import LockRecord
+from gateway.mqtt.bridge import RECEIPT_ALARM_S
+from gateway.runtime.app import Gateway
+from gateway.store.outbox import Outbox
 from protocols import cbor, issuer
 from protocols.event_encoding import verify_chain
 

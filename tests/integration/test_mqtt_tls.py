@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.app import Gateway
-from gateway.clock import ManualClock
+from gateway.authz.clock import ManualClock
 from gateway.config import load_config
+from gateway.runtime.app import Gateway
 
 pytestmark = [
     pytest.mark.slow,

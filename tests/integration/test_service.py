@@ -15,12 +15,12 @@ import pytest
 from credfix import SITE, World
 
 from firmware_sim.bumble_peripheral import SimLock, SimRadio
+from gateway.authz.clock import ManualClock
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.clock import ManualClock
-from gateway.links import LinkManager
-from gateway.outbox import Outbox
-from gateway.registry import LockRecord, Registry
-from gateway.service import Service
+from gateway.ble.links import LinkManager
+from gateway.ble.registry import LockRecord, Registry
+from gateway.runtime.service import Service
+from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
 from protocols import issuer
 from protocols.event_encoding import verify_chain

@@ -11,7 +11,7 @@ from broker import free_port
 from simproc import start_sim
 
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
 from gateway.errors import AdapterUnavailable
 from protocols.messages import Op, Status
 

@@ -15,7 +15,7 @@ from simproc import start_sim
 
 from firmware_sim.bumble_peripheral import SimRadio
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
 from gateway.errors import BleError
 from protocols.messages import Op, Status
 

@@ -7,10 +7,10 @@ import logging
 import pytest
 from airfix import Air
 
-from gateway.ble.link import LockClient
+from gateway.ble.links import CONNECT_TIMEOUT_S, UNREACHABLE_ATTEMPTS, LinkManager
+from gateway.ble.lock_client import LockClient
+from gateway.ble.registry import LockRecord
 from gateway.errors import LockUnreachable
-from gateway.links import CONNECT_TIMEOUT_S, UNREACHABLE_ATTEMPTS, LinkManager
-from gateway.registry import LockRecord
 from protocols.messages import Op, Status
 
 pytestmark = pytest.mark.ble

@@ -28,11 +28,11 @@ import structlog
 from pydantic import BaseModel
 
 from gateway import log
-from gateway.authz import Authorizer, InstallOutcome
+from gateway.authz.authorizer import Authorizer, InstallOutcome
+from gateway.ble.links import LinkManager, Priority
+from gateway.ble.registry import LockRecord, Registry
 from gateway.errors import BleError, LockgwError, OutboxError
-from gateway.links import LinkManager, Priority
-from gateway.outbox import Outbox
-from gateway.registry import LockRecord, Registry
+from gateway.store.outbox import Outbox
 from gateway.wire import (
     MAX_REQUEST_BYTES,
     ActuateRequest,

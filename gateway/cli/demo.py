@@ -30,13 +30,13 @@ import aiomqtt
 
 from firmware_sim.bumble_peripheral import SimRadio
 from gateway import log
-from gateway.app import Gateway
+from gateway.authz.keyfiles import b64url
 from gateway.ble.bumble_backend import BumbleHost
+from gateway.ble.registry import LockRecord
+from gateway.cli.commands import dispatch
 from gateway.config import load_config
-from gateway.control_commands import dispatch
-from gateway.keyfiles import b64url
-from gateway.mqtt import quiet_closed_socket_callbacks, retrieve_disconnect_error
-from gateway.registry import LockRecord
+from gateway.mqtt.bridge import quiet_closed_socket_callbacks, retrieve_disconnect_error
+from gateway.runtime.app import Gateway
 from protocols import cbor, issuer
 from protocols.cose import ALG_EDDSA, ALG_ES256, PrivateCoseKey, generate_private_key
 from protocols.event_encoding import event_hash

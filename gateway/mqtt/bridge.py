@@ -39,7 +39,7 @@ from gateway import log
 from gateway.backoff import backoff_for
 from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
 from gateway.wire import Receipt, WireError, loads_bounded, parse_model, transaction_of
 

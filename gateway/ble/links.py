@@ -38,9 +38,9 @@ from typing import Any, Self
 from bleak.backends.client import BaseBleakClient
 
 from gateway.backoff import backoff_for, should_retry
-from gateway.ble.link import LockClient
+from gateway.ble.lock_client import LockClient
+from gateway.ble.registry import LockRecord
 from gateway.errors import BleError, LockUnreachable
-from gateway.registry import LockRecord
 from gateway.tasks import cancelling_until_done
 from protocols.limits import COMMAND_ID_LEN
 from protocols.messages import Op, Response

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from bleak import BleakScanner
 
+from gateway.ble.links import Priority
+from gateway.ble.registry import LockRecord
 from gateway.errors import AdapterUnavailable, BleError, PairingFailed
-from gateway.links import Priority
-from gateway.registry import LockRecord
 from protocols.event_encoding import INT64_MAX
 from protocols.gatt import COMPANY_ID, decode_advert
 from protocols.messages import Op, Status
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.runtime.app import Gateway
 
 __all__ = ["dispatch"]
 
@@ -252,7 +252,7 @@ async def _scan(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _doctor(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
-    from gateway.doctor import as_json, run_checks  # noqa: PLC0415
+    from gateway.cli.doctor import as_json, run_checks  # noqa: PLC0415
 
     report = as_json(await run_checks(gw, daemon=not gw.direct))
     return {

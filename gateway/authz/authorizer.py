@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from gateway.clock import Clock, SystemClock
+from gateway.authz.clock import Clock, SystemClock
+from gateway.authz.keyfiles import load_root_keys
 from gateway.errors import OutboxError
-from gateway.keyfiles import load_root_keys
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, decode_key
 from protocols.credentials import (

@@ -9,7 +9,7 @@ flag or key); 3 the daemon or adapter is busy or unreachable. ``--json`` (before
 command) prints one JSON object; with ``events --follow``, one JSON object per line.
 
 Output on a terminal is rich (tables, colour, spinners); piped, it is plain and stable
-(:mod:`gateway.cli_ui`). Shell completion: ``eval "$(lockgw completion bash)"`` (or zsh, fish);
+(:mod:`gateway.cli.ui`). Shell completion: ``eval "$(lockgw completion bash)"`` (or zsh, fish);
 lock ids complete from the local registry when it is readable.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, Final, Self, TypeVar
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 
-from gateway.cli_ui import Ui
+from gateway.cli.ui import Ui
 from gateway.config import Config, config_path, load_checked, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
 
@@ -122,14 +122,14 @@ class _Link:
         self._gw: Any = None
 
     async def call(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-        from gateway.control import call  # noqa: PLC0415 - keeps CLI start-up light
-        from gateway.control_commands import dispatch  # noqa: PLC0415
+        from gateway.cli.commands import dispatch  # noqa: PLC0415
+        from gateway.runtime.control import call  # noqa: PLC0415 - keeps CLI start-up light
 
         if self._gw is None:
             try:
                 return await call(self.config.control.socket, cmd, args)
             except (FileNotFoundError, ConnectionRefusedError):
-                from gateway.app import Gateway  # noqa: PLC0415
+                from gateway.runtime.app import Gateway  # noqa: PLC0415
 
                 # Readers hold no lock on the data directory: the daemon always wins it.
                 gw = Gateway(self.config, direct=True, readonly=cmd in _READERS)
@@ -292,7 +292,7 @@ def run(opts: Opts) -> int:
 @json_option
 def demo(locks: int, seed: int | None) -> int:
     """Play a scripted shift: simulated locks, broker, gateway."""
-    from gateway.demo import run_demo  # noqa: PLC0415
+    from gateway.cli.demo import run_demo  # noqa: PLC0415
 
     return _run_stoppable(
         lambda: run_demo(locks=locks, seed=seed), stopped=lambda sig: _stopped_by(sig, as_json=False)
@@ -398,7 +398,7 @@ def unpair(opts: Opts, lock: str, force: bool) -> int:
 
 
 def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
-    from gateway.service import LockView  # noqa: PLC0415
+    from gateway.runtime.service import LockView  # noqa: PLC0415
 
     return _emit(ui, answer, lambda d: ui.table(d["locks"], list(LockView.FIELDS), title="locks"))
 
@@ -463,7 +463,7 @@ def _actuate_command(action: str) -> click.Command:
 async def _actuate(  # noqa: PLR0917 - the command's arguments
     link: _Link, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
 ) -> int:
-    from gateway.keyfiles import read_document, read_private_key  # noqa: PLC0415
+    from gateway.authz.keyfiles import read_document, read_private_key  # noqa: PLC0415
     from protocols import issuer  # noqa: PLC0415
 
     token = read_document(Path(token_path), "--token")
@@ -704,8 +704,8 @@ async def _run_daemon(config: Config) -> int:
     """The daemon: until SIGTERM/SIGINT (exit 0), or until a component whose failure stops it
     fails (exit 1, the reason logged) so that systemd restarts it."""
     from gateway import log  # noqa: PLC0415 - keeps CLI start-up light
-    from gateway.app import Gateway  # noqa: PLC0415
-    from gateway.control_commands import dispatch  # noqa: PLC0415
+    from gateway.cli.commands import dispatch  # noqa: PLC0415
+    from gateway.runtime.app import Gateway  # noqa: PLC0415
 
     log.configure()
     logger = log.get("daemon")

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.authz.keyfiles import b64url, read_document, read_private_key, read_public_key, write_atomic
 from gateway.errors import ConfigError
-from gateway.keyfiles import b64url, read_document, read_private_key, read_public_key, write_atomic
 from protocols import cbor, issuer
 from protocols.cose import ALG_EDDSA, ALG_ES256, generate_private_key
 from protocols.credentials import ACTIONS, ROLES

@@ -30,20 +30,20 @@ from bleak.backends.client import BaseBleakClient
 from bleak.backends.scanner import BaseBleakScanner
 
 from gateway import log
-from gateway.adverts import AdvertWatcher
-from gateway.authz import Authorizer, TrustStore, load_root_keys
+from gateway.authz.authorizer import Authorizer, TrustStore, load_root_keys
+from gateway.authz.clock import Clock, SystemClock
+from gateway.ble.adverts import AdvertWatcher
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.clock import Clock, SystemClock
+from gateway.ble.links import LinkManager, Priority
+from gateway.ble.registry import Registry
 from gateway.config import Config
-from gateway.control import ControlServer
 from gateway.errors import AdapterUnavailable
-from gateway.links import LinkManager, Priority
-from gateway.mqtt import MqttBridge
-from gateway.outbox import Outbox
-from gateway.registry import Registry
-from gateway.service import LockView, Service
-from gateway.supervisor import Component, Failure, OnFailure, Supervisor
-from gateway.systemd import notify, watchdog_interval_s
+from gateway.mqtt.bridge import MqttBridge
+from gateway.runtime.control import ControlServer
+from gateway.runtime.service import LockView, Service
+from gateway.runtime.supervisor import Component, Failure, OnFailure, Supervisor
+from gateway.runtime.systemd import notify, watchdog_interval_s
+from gateway.store.outbox import Outbox
 from protocols.credentials import Policy
 
 __all__ = ["Gateway"]
@@ -97,7 +97,7 @@ class Gateway:
     links: LinkManager = field(init=False)
     service: Service = field(init=False)
     mqtt: MqttBridge | None = field(init=False, default=None)
-    #: What answers the control socket (``gateway.control_commands.dispatch``, injected by the
+    #: What answers the control socket (``gateway.cli.commands.dispatch``, injected by the
     #: CLI so that this layer never imports the one above it); None: no control socket.
     control_handler: Callable[[Gateway, str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     #: Direct mode for a reader (``events``, ``locks``): no lock on the data directory at all, so
@@ -283,7 +283,7 @@ class Gateway:
             coro.close()
 
     def _components(self) -> list[Component]:
-        """What the supervisor runs, and what each one's failure means (gateway/supervisor.py)."""
+        """What the supervisor runs, and what each one's failure means (gateway/runtime/supervisor.py)."""
         out = [
             Component("outbox", self._outbox_watch, OnFailure.STOP),
             Component("housekeeping", self._housekeeping),
@@ -334,8 +334,8 @@ class Gateway:
     # --- the control socket ---------------------------------------------------------------
 
     async def control(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Commands from ``lockgw`` while the daemon runs (gateway/control.py), answered by the
-        injected ``control_handler`` (gateway/control_commands.py: the CLI layer, above this one)."""
+        """Commands from ``lockgw`` while the daemon runs (gateway/runtime/control.py), answered by the
+        injected ``control_handler`` (gateway/cli/commands.py: the CLI layer, above this one)."""
         if self.control_handler is None:
             return {"ok": False, "exit": 2, "error": "this gateway serves no control commands"}
         return await self.control_handler(self, cmd, args)

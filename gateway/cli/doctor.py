@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from gateway.authz.keyfiles import check_secret_permissions
 from gateway.errors import AdapterUnavailable, ConfigError
-from gateway.keyfiles import check_secret_permissions
-from gateway.outbox import LOW_SPACE_BYTES
+from gateway.store.outbox import LOW_SPACE_BYTES
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.runtime.app import Gateway
 
 __all__ = ["Check", "run_checks"]
 
