@@ -1,7 +1,7 @@
 """Offline authorization: keyrings, revocation lists, time statements, tokens and proofs.
 
 Pure: wall-clock time (``wall=``), the clock-synchronisation flag (``synced=``), monotonic time
-(``mono=``) and randomness (``rng=``) are arguments. The gateway (``gateway/authz.py``) adds the
+(``mono=``) and randomness (``rng=``) are arguments. The gateway (``gateway/authz/authorizer.py``) adds the
 OS clock, persistence and events. CONTRACT §3 and §8.4–8.7 are implemented here; the order of
 checks in :meth:`Authority.decide` is the contract's, and every refusal raises
 :class:`~protocols.errors.TokenError` whose ``code`` is the contract's error code.
