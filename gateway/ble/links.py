@@ -105,7 +105,7 @@ class _Slots:
 
 
 @dataclass
-class _Link:
+class _OpenLink:
     client: LockClient
     last_used: float
     busy: bool = False
@@ -136,7 +136,7 @@ class LinkManager:
         self._slots = _Slots(max_connections)
         self._connect_lock = asyncio.Lock()
         self._per_lock: dict[str, _Slots] = {}
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, _OpenLink] = {}
         self._idle_s = idle_s
         self._on_contact = on_contact
         self._rng = rng
@@ -295,7 +295,7 @@ class LinkManager:
             await self._close_idle(force=True)
         await self._slots.acquire(priority)
 
-    async def _link(self, record: LockRecord, priority: Priority) -> _Link:
+    async def _link(self, record: LockRecord, priority: Priority) -> _OpenLink:
         link = self._links.get(record.lock)
         if link is not None and link.client.is_connected:
             return link
@@ -320,7 +320,7 @@ class LinkManager:
         except BaseException:
             self._slots.release()
             raise
-        link = _Link(client, time.monotonic())
+        link = _OpenLink(client, time.monotonic())
         self._links[record.lock] = link
         return link
 

@@ -112,7 +112,7 @@ def _complete_locks(ctx: click.Context, _param: click.Parameter, incomplete: str
 _READERS: Final = frozenset({"events", "locks", "trust_show", "ping"})
 
 
-class _Link:
+class _DaemonOrDirect:
     """Where a command's calls go: the daemon's control socket, or — without a daemon — one
     direct Gateway held for the whole command (so a challenge and the unlock that answers it
     meet the same in-memory nonce)."""
@@ -224,13 +224,13 @@ def _run_stoppable(
 
 def _with_link(
     opts: Opts,
-    body: Callable[[_Link, Ui], Awaitable[int]],
+    body: Callable[[_DaemonOrDirect, Ui], Awaitable[int]],
     *,
     stopped: Callable[[signal.Signals], int] | None = None,
 ) -> int:
     """Run ``body`` on a link; SIGINT or SIGTERM end it, and the link is closed either way."""
     config = opts.load()
-    link = _Link(config)
+    link = _DaemonOrDirect(config)
     return _run_stoppable(
         lambda: body(link, opts.ui),
         stopped=stopped or (lambda sig: _stopped_by(sig, as_json=opts.json)),
@@ -348,7 +348,7 @@ def scan(opts: Opts, timeout: float) -> int:
     pairing mode.
     """
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress(f"scanning for {timeout:g} s …"):
             a = await link.call("scan", {"timeout": timeout})
         cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
@@ -366,7 +366,7 @@ def scan(opts: Opts, timeout: float) -> int:
 def pair(opts: Opts, address: str, code: str, name: str) -> int:
     """Pair a lock that is in pairing mode; prints the lock id alone."""
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         ui.note("put the lock in pairing mode (hold its button until the light blinks blue)")
         with ui.progress(f"pairing with {address} …"):
             a = await link.call("pair", {"address": address, "code": code, "name": name})
@@ -389,7 +389,7 @@ def pair(opts: Opts, address: str, code: str, name: str) -> int:
 def unpair(opts: Opts, lock: str, force: bool) -> int:
     """Wipe a lock's key on both ends."""
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress(f"unpairing {lock} …"):
             a = await link.call("unpair", {"lock": lock, "force": force})
         return _emit(ui, a, lambda _d: ui.line(f"unpaired {lock}"))
@@ -409,7 +409,7 @@ def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
 def locks(opts: Opts) -> int:
     """List paired locks and their last known state."""
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         return _lock_table(ui, await link.call("locks", {}))
 
     return _with_link(opts, body)
@@ -422,7 +422,7 @@ def locks(opts: Opts) -> int:
 def status(opts: Opts, lock: str | None) -> int:
     """Refresh and show a lock's state (every lock without L)."""
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         if lock is None:
             with ui.progress("asking every lock …"):
                 return _lock_table(ui, await link.call("status", {}))
@@ -461,7 +461,7 @@ def _actuate_command(action: str) -> click.Command:
 
 
 async def _actuate(  # noqa: PLR0917 - the command's arguments
-    link: _Link, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
+    link: _DaemonOrDirect, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
 ) -> int:
     from gateway.authz.keyfiles import read_document, read_private_key  # noqa: PLC0415
     from protocols import issuer  # noqa: PLC0415
@@ -561,7 +561,7 @@ def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one 
     """
     filters = {"lock": lock, "type": type_, "sub": sub, "from": from_, "until": until}
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         cursor = since
         while True:
             a = await link.call(
@@ -616,7 +616,7 @@ def _doc(doc: Any) -> str:
 def trust_show(opts: Opts) -> int:
     """Installed keyring and revocation list (versions, days to expiry) and the time floor."""
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         a = await link.call("trust_show", {})
         d = a.get("data") or {}
         if a.get("ok") and ui.json_mode:
@@ -645,7 +645,7 @@ def trust_install(opts: Opts, file: str) -> int:
     """Install a keyring, revocation list or time statement (told apart by content type)."""
     raw = Path(file).read_bytes()
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         a = await link.call("trust_install", {"document": base64.b64encode(raw).decode()})
         return _emit(
             ui,
@@ -669,7 +669,7 @@ def doctor(opts: Opts) -> int:
     and TLS, time state, keyring and revocation expiry, outbox backlog, systemd watchdog.
     """
 
-    async def body(link: _Link, ui: Ui) -> int:
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress("checking …"):
             a = await link.call("doctor", {})
         if ui.json_mode:
