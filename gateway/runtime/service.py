@@ -366,30 +366,20 @@ class Service:
             # Stopped mid-command: the grant must not stand without an outcome. Whether the bolt
             # moved is unknown here; the lock's own log, fetched on the next contact, tells.
             await _uncancellable(
-                self.event(
-                    "access.failed",
-                    **common,
-                    outcome="failed",
-                    reason="lock_error",
-                    data={
-                        "action": action,
-                        "cmd_id": cmd_id.hex(),
-                        "message": "interrupted: the gateway stopped during the command; "
-                        "the lock's log shows whether it actuated",
-                    },
+                self._failed(
+                    common,
+                    action,
+                    cmd_id,
+                    "lock_error",
+                    message="interrupted: the gateway stopped during the command; "
+                    "the lock's log shows whether it actuated",
                 )
             )
             raise
         except (BleError, ProtocolError) as exc:
             code = exc.code if isinstance(exc, BleError) else "lock_error"
             code = code if code in ("lock_unreachable", "lock_error") else "lock_unreachable"
-            await self.event(
-                "access.failed",
-                **common,
-                outcome="failed",
-                reason=code,
-                data={"action": action, "message": str(exc), "cmd_id": cmd_id.hex()},
-            )
+            await self._failed(common, action, cmd_id, code, message=str(exc))
             raise RequestError(f"{action} was authorised but failed: {exc}", code=code) from exc
         view = self.views.setdefault(record.lock, LockView(record.lock, record.name))
         view.state, view.available, view.last_contact = str(state), True, int(self.authz.clock.wall())
@@ -397,23 +387,11 @@ class Service:
             await self.outbox.append_many(
                 [self._fields("lock.jammed", common, lock_seq, cmd_id)], forwarded=[(record.lock, lock_seq)]
             )
-            await self.event(
-                "access.failed",
-                **common,
-                outcome="failed",
-                reason="lock_jammed",
-                data={"action": action, "cmd_id": cmd_id.hex(), "lock_seq": lock_seq},
-            )
+            await self._failed(common, action, cmd_id, "lock_jammed", lock_seq=lock_seq)
             self.on_lock_state(view)
             raise RequestError("the lock jammed; check the door and the bolt", code="lock_jammed")
         if response.status is not Status.OK:
-            await self.event(
-                "access.failed",
-                **common,
-                outcome="failed",
-                reason="lock_error",
-                data={"action": action, "cmd_id": cmd_id.hex(), "status": response.status.name},
-            )
+            await self._failed(common, action, cmd_id, "lock_error", status=response.status.name)
             raise RequestError(f"the lock answered {response.status.name}", code="lock_error")
         type_ = "lock.unlocked" if action == "unlock" else "lock.locked"
         (done,) = await self.outbox.append_many(
@@ -425,6 +403,19 @@ class Service:
         if self.trace is not None:
             self.trace.append((t0, t_cmd, t_reply, t_out))
         return {"lock": record.lock, "state": str(state), "seq": done["seq"]}
+
+    async def _failed(
+        self, common: dict[str, Any], action: str, cmd_id: bytes, reason: str, **data: object
+    ) -> dict[str, Any]:
+        """The one ``access.failed`` event: a grant whose command did not complete (same
+        ``cmd_id`` as its ``access.granted``), with what is known of why."""
+        return await self.event(
+            "access.failed",
+            **common,
+            outcome="failed",
+            reason=reason,
+            data={"action": action, "cmd_id": cmd_id.hex(), **data},
+        )
 
     def _fields(self, type_: str, common: dict[str, Any], lock_seq: int, cmd_id: bytes) -> dict[str, Any]:
         return {
