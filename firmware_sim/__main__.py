@@ -65,7 +65,7 @@ async def _read_commands(radio: SimRadio, stop: asyncio.Event) -> None:
                 str(command["lock"]), str(command["fault"]), command.get("value")
             )
             _emit(result)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OSError) as exc:  # OSError: the state file
             _emit({"ok": False, "error": str(exc)})
 
 

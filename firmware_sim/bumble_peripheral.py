@@ -39,6 +39,7 @@ from bumble.transport.common import AsyncPipeSink, PacketParser, Transport
 
 from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_response
 from firmware_sim.peripheral import LinkDriver
+from firmware_sim.persist import LockStore
 from protocols.framing import fragment
 from protocols.gatt import (
     COMPANY_ID,
@@ -77,6 +78,7 @@ class SimLock:
     device: Device
     address: Address
     tx: gatt.Characteristic[bytes]
+    store: LockStore | None = None  # the state file (``--state``); None: in memory only
     extra_latency_s: float = 0.0
     hostile: str | None = None  # None | "garbage" | "oversized" | "truncated" | "flood" | "spake2"
     drop_next_after_write: bool = False
@@ -142,7 +144,7 @@ class SimRadio:
 
     # --- locks -------------------------------------------------------------------------
 
-    async def add_lock(self, model: LockModel) -> SimLock:
+    async def add_lock(self, model: LockModel, store: LockStore | None = None) -> SimLock:
         index = len(self.locks)
         # Stable across restarts (str hash() is salted per process): a gateway stores addresses.
         digest = int.from_bytes(hashlib.sha256(model.lock_id.encode()).digest()[:4], "big")
@@ -172,7 +174,7 @@ class SimRadio:
         )
         device.add_service(gatt.Service(UUID(SERVICE_UUID), [rx, tx]))
         await device.power_on()
-        sim = SimLock(model=model, device=device, address=address, tx=tx)
+        sim = SimLock(model=model, device=device, address=address, tx=tx, store=store)
         holder["lock"] = sim
         device.on("connection", lambda conn: self._on_connection(sim, conn))
         self.locks[model.lock_id] = sim
@@ -187,13 +189,14 @@ class SimRadio:
         for i in range(count):
             lock_id = f"lk-{rng.getrandbits(32):08x}"
             code = make_setup_code(_RandBelow(rng))
+            store = None
             if state_dir is not None:
                 state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
-                path = state_dir / f"lock-{i}.json"
-                model = LockModel.load_or_create(path, lock_id, code, name=f"Door {i + 1}")
+                store = LockStore(state_dir / f"lock-{i}.json")
+                model = store.load_or_create(lock_id, code, name=f"Door {i + 1}")
             else:
                 model = LockModel(lock_id=lock_id, setup_code=code, name=f"Door {i + 1}")
-            out.append(await self.add_lock(model))
+            out.append(await self.add_lock(model, store))
         return out
 
     async def _advertise(self, sim: SimLock) -> None:
@@ -246,7 +249,7 @@ class SimRadio:
 
     def _on_connection(self, sim: SimLock, connection: Connection) -> None:
         sim.queues[connection] = asyncio.Queue()
-        sim.drivers[connection] = LinkDriver(sim.model, rng=os.urandom, now=self.now())
+        sim.drivers[connection] = LinkDriver(sim.model, rng=os.urandom, now=self.now(), store=sim.store)
 
         def on_disconnection(_reason: int) -> None:
             sim.drivers.pop(connection, None)
@@ -284,7 +287,7 @@ class SimRadio:
             if (sim.model.state_counter, sim.model.paired_gw) != before:
                 self.refresh_advert(sim)
             if driver.closed:
-                if driver.error is not None:
+                if driver.error is not None:  # a protocol error, or an OSError of the state file
                     log.info("lock %s closes link: %s", sim.model.lock_id, driver.error)
                 await asyncio.sleep(0.05)  # let the ERROR notification leave first
                 await self._disconnect(sim, connection)
@@ -320,7 +323,7 @@ class SimRadio:
             raise KeyError(f"no simulated lock {lock_id!r}")
         model, now = sim.model, self.now()
         if fault == "jam":
-            model.jam_armed = True
+            model.arm_jam()
         elif fault in {"unjam", "manual"}:
             model.manual_turn(now)
         elif fault == "battery":
@@ -343,7 +346,7 @@ class SimRadio:
         elif fault == "latency":
             sim.extra_latency_s = float(value)
         elif fault == "clock_offset":
-            model.clock_offset_s = float(value)
+            model.set_clock_offset(float(value))
         elif fault == "hostile":
             sim.hostile = value or None
         elif fault == "lie":
@@ -354,7 +357,8 @@ class SimRadio:
             model.factory_reset()
         else:
             raise ValueError(f"unknown fault {fault!r}")
-        model.save()
+        if sim.store is not None:
+            sim.store.sync(model)  # before the answer: a fault's change is on disk once confirmed
         # In effect when the answer goes out: a lock sent out of range is silent from then on.
         await self._advertise(sim)
         return {"lock": lock_id, "fault": fault, "ok": True}

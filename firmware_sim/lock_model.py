@@ -1,20 +1,18 @@
 """The lock unit's firmware, modelled: bolt, door sensor, battery, clock, log, pairing.
 
-Pure logic with ``now`` passed in (wall-clock seconds as a float); the only I/O is
-:meth:`LockModel.save`, an atomic write of the state file (temp, fsync, rename, fsync dir), so a
-restarted simulator is the same lock. The model never touches the radio: the driver in
+Pure logic with ``now`` passed in (wall-clock seconds as a float), and no I/O: each change to
+the durable state raises :attr:`LockModel.revision`, and the caller writes the snapshot
+(:meth:`LockModel.to_json`) through :class:`firmware_sim.persist.LockStore` before it answers, so
+a restarted simulator is the same lock. The model never touches the radio either: the driver in
 :mod:`firmware_sim.peripheral` feeds it requests and faults.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
 import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from protocols import cbor
@@ -136,8 +134,10 @@ class LockModel:
     #: Commands run by op (not those answered from the idempotency cache), for tests; not persisted.
     ran: dict[Op, int] = field(default_factory=dict)
     policy: PairingPolicy = field(default_factory=PairingPolicy)
-    path: Path | None = None
     lie: str | None = None  # the `lie` fault: one of LIE_MODES, not persisted
+    #: Raised by every change to the persisted state (not itself persisted): the state file is
+    #: behind while its revision differs (:class:`firmware_sim.persist.LockStore`).
+    revision: int = 0
 
     # --- clock ---------------------------------------------------------------------------
 
@@ -165,6 +165,7 @@ class LockModel:
 
     def press_pairing_button(self, now: float) -> None:
         self.pairing_open_until = now + self.policy.window_s
+        self._changed()
 
     def pairing_attempted(self, now: float) -> None:
         """Count a run as a failure up front; a completed pairing refunds it."""
@@ -173,7 +174,7 @@ class LockModel:
             self.locked_out_until = now + self.policy.lockout_s * (2**self.lockouts)
             self.lockouts += 1
             self.failures = 0
-        self.save()
+        self._changed()
 
     def paired(self, gw_id: str, ltk: bytes, now: float) -> None:
         self.paired_gw, self.ltk = gw_id, ltk
@@ -181,7 +182,7 @@ class LockModel:
         self.locked_out_until = 0.0
         self.pairing_open_until = None
         self._log(now, LogKind.PAIRED, data={"gw": gw_id})
-        self.save()
+        self._changed()
 
     def keys(self) -> dict[str, bytes]:
         return {self.paired_gw: self.ltk} if self.paired_gw and self.ltk else {}
@@ -190,7 +191,7 @@ class LockModel:
         self.paired_gw = self.ltk = None
         self.pairing_open_until = 0.0
         self.results.clear()
-        self.save()
+        self._changed()
 
     # --- physical world (faults and timers) ----------------------------------------------
 
@@ -205,7 +206,7 @@ class LockModel:
             self.door = door
             kind = LogKind.DOOR_OPENED if door is DoorState.OPEN else LogKind.DOOR_CLOSED
             self._log(now, kind)
-            self.save()
+            self._changed()
 
     def manual_turn(self, now: float) -> None:
         """Someone turned the thumb knob inside: toggles the bolt, clears a jam."""
@@ -214,14 +215,24 @@ class LockModel:
         self.state = target
         self.state_counter += 1
         self._log(now, LogKind.MANUAL, data={"state": str(target)})
-        self.save()
+        self._changed()
 
     def set_battery(self, pct: float, now: float) -> None:
         was_low = self.battery_pct < BATTERY_LOW_PCT
         self.battery_pct = max(0.0, min(100.0, pct))
         if self.battery_pct < BATTERY_LOW_PCT and not was_low:
             self._log(now, LogKind.BATTERY_LOW, data={"pct": int(self.battery_pct)})
-        self.save()
+        self._changed()
+
+    def arm_jam(self) -> None:
+        """The next actuation jams (the ``jam`` fault)."""
+        self.jam_armed = True
+        self._changed()
+
+    def set_clock_offset(self, offset_s: float) -> None:
+        """Set the lock's clock this far off wall time (the ``clock_offset`` fault)."""
+        self.clock_offset_s = offset_s
+        self._changed()
 
     def set_lie(self, mode: str | None) -> None:
         """Answer every command with hostile values from now on (``None`` ends it)."""
@@ -246,7 +257,7 @@ class LockModel:
             self.results[request.cmd_id] = response
             while len(self.results) > COMMAND_CACHE:
                 self.results.popitem(last=False)
-            self.save()
+            self._changed()
         return response
 
     def _told(self, response: Response) -> Response:
@@ -339,6 +350,7 @@ class LockModel:
         }
 
     def _actuate(self, target: LockState, now: float, cmd_id: bytes | None, *, source: str) -> LogEntry:
+        self._changed()
         if self.jam_armed or self.state is LockState.JAMMED:
             self.jam_armed = False
             self.state = LockState.JAMMED
@@ -399,9 +411,9 @@ class LockModel:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], path: Path | None = None) -> LockModel:
+    def from_json(cls, raw: dict[str, Any]) -> LockModel:
         b64d = base64.b64decode
-        model = cls(lock_id=raw["lock_id"], setup_code=raw["setup_code"], name=raw["name"], path=path)
+        model = cls(lock_id=raw["lock_id"], setup_code=raw["setup_code"], name=raw["name"])
         model.state, model.door = LockState(raw["state"]), DoorState(raw["door"])
         model.battery_pct = float(raw["battery_pct"])
         model.clock_offset_s, model.drift_ppm = (
@@ -430,28 +442,5 @@ class LockModel:
             model.results[key] = Response(Op(op), key, Status(status), {str(k): v for k, v in result.items()})
         return model
 
-    def save(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_suffix(".tmp")
-        data = json.dumps(self.to_json(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    @classmethod
-    def load_or_create(cls, path: Path, lock_id: str, setup_code: str, name: str = "") -> LockModel:
-        if path.exists():
-            return cls.from_json(json.loads(path.read_text()), path)
-        model = cls(lock_id=lock_id, setup_code=setup_code, name=name, path=path)
-        model.save()
-        return model
+    def _changed(self) -> None:
+        self.revision += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from firmware_sim.lock_model import LockModel
 from firmware_sim.peripheral import LinkDriver
+from firmware_sim.persist import LockStore
 from protocols.framing import fragment
 from protocols.session import Event, GatewayConnection, Rng
 
@@ -14,10 +15,17 @@ class MemoryLink:
     """One connection between a GatewayConnection and a simulated lock, pieces of ``mtu - 3``."""
 
     def __init__(
-        self, gw: GatewayConnection, model: LockModel, *, rng: Rng, now: float, mtu: int = 247
+        self,
+        gw: GatewayConnection,
+        model: LockModel,
+        *,
+        rng: Rng,
+        now: float,
+        mtu: int = 247,
+        store: LockStore | None = None,
     ) -> None:
         self.gw = gw
-        self.driver = LinkDriver(model, rng=rng, now=now)
+        self.driver = LinkDriver(model, rng=rng, now=now, store=store)
         self.mtu = mtu
         self.dropped = False
 
