@@ -1,6 +1,14 @@
-"""The gateway's request handling and command pipeline, independent of transport.
+"""The gateway's use cases and command pipeline, independent of transport.
 
-A request (from MQTT or, later, the control socket) is handled in CONTRACT §8.4's order:
+The use cases are typed methods over the request models of gateway/wire.py: :meth:`Service.challenge`,
+:meth:`~Service.unlock`, :meth:`~Service.lock`, :meth:`~Service.status`, :meth:`~Service.locks`,
+:meth:`~Service.replay`, :meth:`~Service.pair`, :meth:`~Service.unpair`, :meth:`~Service.install_trust`.
+Each raises :class:`RequestError` (with the contract's code) for a refusal. The adapters are thin:
+MQTT calls :meth:`Service.handle` (bytes → bounded parse → the action table ``Service._ROUTES``
+→ one method → the encoded answer), the control socket's commands (gateway/cli/commands.py) call
+the methods directly and encode their own JSON.
+
+An unlock or lock is handled in CONTRACT §8.4's order:
 request shape → known lock → carried documents → token → … → proof, then::
 
     access.granted committed  →  idempotent command to the lock  →  lock.unlocked committed  →  response
@@ -17,12 +25,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Generic, Protocol, TypedDict, TypeVar
 
 import structlog
 from pydantic import BaseModel
@@ -59,7 +68,16 @@ from protocols.messages import (
     parse_status,
 )
 
-__all__ = ["ACTIONS", "MAX_REQUEST_BYTES", "LockView", "RequestError", "Service"]
+__all__ = [
+    "ACTIONS",
+    "MAX_REQUEST_BYTES",
+    "Actuated",
+    "Challenged",
+    "LockView",
+    "RequestError",
+    "Service",
+    "refusal_of",
+]
 
 #: A lock state refreshed from the lock less than this long ago answers a ``status`` request at
 #: once, with no round trip (CONTRACT §8.14): a 30-a-second status flood costs the lock one
@@ -89,8 +107,39 @@ class RequestError(LockgwError):
     """A refusal that becomes an error response."""
 
 
+class Challenged(TypedDict):
+    """A ``challenge`` answer's data (CONTRACT §4)."""
+
+    nonce: str
+    expires_in: int
+    gw: str
+
+
+class Actuated(TypedDict):
+    """An ``unlock`` or ``lock`` answer's data (CONTRACT §4): the state, and the seq of the
+    committed ``lock.unlocked`` / ``lock.locked`` event."""
+
+    lock: str
+    state: str
+    seq: int
+
+
 _log = log.get("service")
-_Route = tuple[type[BaseModel], Callable[..., Awaitable[dict[str, Any]]]]
+_M = TypeVar("_M", bound=BaseModel)
+_R = TypeVar("_R")
+
+
+def refusal_of(exc: Exception) -> tuple[str, str]:
+    """The contract's error code and message for what a use case raised (CONTRACT §4): its own
+    code for a refusal or bad input; ``internal_error`` for an event store failure or a bug of
+    ours, logged (with its traceback: a bug), never the end of the caller."""
+    if isinstance(exc, RequestError | WireError):
+        return exc.code, str(exc)
+    if isinstance(exc, OutboxError):
+        _log.error("request_failed", reason=f"event store failure: {exc}")
+        return "internal_error", f"event store failure: {exc}"
+    _log.error("request_crashed", exc_info=exc)
+    return "internal_error", f"internal error ({type(exc).__name__})"
 
 
 @dataclass
@@ -122,6 +171,30 @@ class LockView:
 
     def as_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class _AnyRoute(Protocol):
+    async def answer(self, svc: Service, value: object, transaction: str | None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Route(Generic[_M, _R]):
+    """One row of the action table: parse into ``model``, ``call`` the use case, ``encode``."""
+
+    model: type[_M]
+    call: Callable[[Service, _M, str | None], Awaitable[_R]]
+    encode: Callable[[_R], dict[str, Any]]
+
+    async def answer(self, svc: Service, value: object, transaction: str | None) -> dict[str, Any]:
+        return self.encode(await self.call(svc, parse_model(self.model, value), transaction))
+
+
+def _locks_json(views: list[LockView]) -> dict[str, Any]:
+    return {"locks": [v.as_json() for v in views]}
+
+
+def _count_json(count: int) -> dict[str, Any]:
+    return {"count": count}
 
 
 @dataclass
@@ -207,9 +280,8 @@ class Service:
             )
 
     async def install(self, raw: bytes, *, transaction: str | None = None) -> InstallOutcome:
-        outcome = self.authz.install(raw)
-        await self.trust_event(outcome, transaction=transaction)
-        return outcome
+        """The same as :meth:`install_trust` (the name the MQTT bridge and older callers use)."""
+        return await self.install_trust(raw, transaction=transaction)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -240,16 +312,9 @@ class Service:
                 raise RequestError(
                     f"unknown action {action[:64]!r}; use one of {sorted(ACTIONS)}", code="unknown_action"
                 )
-            model, method = route
-            data = await method(self, parse_model(model, value), transaction)
-        except (RequestError, WireError) as exc:
-            return _error(transaction, exc.code, str(exc))
-        except OutboxError as exc:
-            _log.error("request_failed", reason=f"event store failure: {exc}")
-            return _error(transaction, "internal_error", f"event store failure: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, answered, never the end of the caller
-            _log.error("request_crashed", exc_info=exc)
-            return _error(transaction, "internal_error", f"internal error ({type(exc).__name__})")
+            data = await route.answer(self, value, transaction)
+        except Exception as exc:  # noqa: BLE001 - refusals, bad input and bugs alike become answers
+            return _error(transaction, *refusal_of(exc))
         return {"transaction": transaction, "status": "ok", "data": data}
 
     def _record(self, request: LockRequest) -> LockRecord:
@@ -261,18 +326,23 @@ class Service:
             )
         return record
 
-    async def _do_challenge(self, body: ChallengeRequest, _tx: str | None) -> dict[str, Any]:
-        record = self._record(body)
-        nonce = self.authz.challenge(lock=record.lock, action=body.act)
+    # --- the use cases ------------------------------------------------------------------------
+
+    async def challenge(self, req: ChallengeRequest) -> Challenged:
+        """A fresh nonce for a proof of possession (CONTRACT §8.5)."""
+        record = self._record(req)
+        nonce = self.authz.challenge(lock=record.lock, action=req.act)
         return {"nonce": _b64(nonce), "expires_in": int(CHALLENGE_TTL_S), "gw": self.gw_id}
 
-    async def _do_lock(self, body: ActuateRequest, tx: str | None) -> dict[str, Any]:
-        return await self._actuate("lock", body, tx)
+    async def unlock(self, req: ActuateRequest, transaction: str | None = None) -> Actuated:
+        """Authorize (CONTRACT §8.4), then unlock; every outcome is an event committed first."""
+        return await self._actuate("unlock", req, transaction)
 
-    async def _do_unlock(self, body: ActuateRequest, tx: str | None) -> dict[str, Any]:
-        return await self._actuate("unlock", body, tx)
+    async def lock(self, req: ActuateRequest, transaction: str | None = None) -> Actuated:
+        """As :meth:`unlock`, to lock."""
+        return await self._actuate("lock", req, transaction)
 
-    async def _actuate(self, action: str, body: ActuateRequest, tx: str | None) -> dict[str, Any]:
+    async def _actuate(self, action: str, body: ActuateRequest, tx: str | None) -> Actuated:
         t0 = time.perf_counter()
         if self.stopping:
             raise RequestError("the gateway is stopping; try again in a few seconds", code="busy")
@@ -293,7 +363,7 @@ class Service:
                         transaction=tx,
                     )
                     continue
-                await self.install(raw, transaction=tx)
+                await self.install_trust(raw, transaction=tx)
         try:
             token = _unb64(body.token)
         except ValueError:
@@ -310,7 +380,7 @@ class Service:
             return await self._deny(record, action, tx, exc)
         return await self._grant_and_run(record, action, decision, tx, t0)
 
-    async def _deny(self, record: LockRecord, action: str, tx: str | None, exc: TokenError) -> dict[str, Any]:
+    async def _deny(self, record: LockRecord, action: str, tx: str | None, exc: TokenError) -> Actuated:
         ctx: dict[str, Any] = getattr(exc, "context", {})
         await self.event(
             "access.denied",
@@ -327,7 +397,7 @@ class Service:
 
     async def _grant_and_run(
         self, record: LockRecord, action: str, d: Decision, tx: str | None, t0: float
-    ) -> dict[str, Any]:
+    ) -> Actuated:
         self._inflight += 1
         self._idle.clear()
         try:
@@ -339,7 +409,7 @@ class Service:
 
     async def _run_granted(
         self, record: LockRecord, action: str, d: Decision, tx: str | None, t0: float
-    ) -> dict[str, Any]:
+    ) -> Actuated:
         cmd_id = os.urandom(COMMAND_ID_LEN)
         common = {"lock": record.lock, "sub": d.sub, "cti": d.cti, "role": d.role, "transaction": tx}
         await self.event(
@@ -425,22 +495,28 @@ class Service:
             "data": {"lock_seq": lock_seq, "cmd_id": cmd_id.hex(), "source": "gateway"},
         }
 
-    async def _do_status(self, body: LockRequest, _tx: str | None) -> dict[str, Any]:
-        record = self._record(body)
+    async def status(self, req: LockRequest) -> LockView:
+        """The lock's state, asked of the lock unless it is fresh (CONTRACT §8.14): a copy."""
+        record = self._record(req)
         fresh_at = self._fresh_at.get(record.lock)
         if fresh_at is None or self.authz.clock.mono() - fresh_at >= self.status_fresh_s:
             await self.refresh(record, priority=Priority.INTERACTIVE)
-        return self.views[record.lock].as_json()
+        return dataclasses.replace(self._view(record))
 
-    async def _do_locks(self, _body: EmptyRequest, _tx: str | None) -> dict[str, Any]:
-        return {
-            "locks": [
-                self.views.setdefault(r.lock, LockView(r.lock, r.name)).as_json() for r in self.registry.all()
-            ]
-        }
+    async def locks(self) -> list[LockView]:
+        """Every paired lock's last known state (copies), in the registry's order; no round trip."""
+        return [dataclasses.replace(self._view(r)) for r in self.registry.all()]
 
-    async def _do_replay(self, body: ReplayRequest, _tx: str | None) -> dict[str, Any]:
-        lo, hi = body.from_seq, body.to_seq
+    def paired(self) -> list[LockRecord]:
+        """The locks paired with this gateway."""
+        return self.registry.all()
+
+    def is_paired(self, lock: str) -> bool:
+        return self.registry.get(lock) is not None
+
+    async def replay(self, req: ReplayRequest) -> int:
+        """Re-publish the stored events from_seq..to_seq through ``replay_sink``; how many."""
+        lo, hi = req.from_seq, req.to_seq
         if hi is not None and hi < lo:
             raise RequestError(
                 "replay takes from_seq ≥ 1 and optional to_seq ≥ from_seq", code="invalid_request"
@@ -461,7 +537,73 @@ class Service:
                 if len(batch) < 500:
                     break
                 cursor = batch[-1]["seq"] + 1
-            return {"count": count}
+            return count
+
+    async def pair(self, address: str, code: str, name: str = "") -> LockRecord:
+        """Pair the lock in pairing mode at ``address`` with its setup code, keep its record,
+        commit ``lock.paired`` and re-publish the gateway's info. Raises :class:`PairingFailed`
+        (the lock refused: its reason) or :class:`BleError` (not reached)."""
+        done = await self.links.pair(address, code)
+        record = LockRecord(done.lock_id, address, name or done.lock_id, done.ltk)
+        self.registry.put(record)
+        self._forget(record.lock)
+        self._view(record)
+        await self.event("lock.paired", lock=record.lock, data={"address": address, "name": record.name})
+        self.on_info_changed()
+        return record
+
+    async def unpair(self, lock: str, *, force: bool = False) -> bool:
+        """Wipe the pairing key on the lock, then forget the lock here; ``lock.unpaired`` is
+        committed and the info re-published. With ``force`` (the unit is gone for good) one
+        connection attempt, and the lock is forgotten even if it was not reached. Returns whether
+        the lock itself wiped its key. Raises :class:`RequestError` ``unknown_lock`` or, without
+        ``force``, the :class:`BleError` that kept the lock from being reached."""
+        record = self.registry.get(lock)
+        if record is None:
+            raise RequestError(f"lock {lock} is not paired with this gateway", code="unknown_lock")
+        wiped_on_lock = False
+        try:
+            resp = await self.links.command(
+                record, Op.UNPAIR, priority=Priority.INTERACTIVE, attempts=1 if force else None
+            )
+            wiped_on_lock = resp.status is Status.OK
+        except BleError:
+            if not force:
+                raise
+        self.registry.remove(lock)
+        self._forget(lock)
+        await self.event(
+            "lock.unpaired",
+            lock=lock,
+            data={"forced": force and not wiped_on_lock, "wiped_on_lock": wiped_on_lock},
+        )
+        self.on_info_changed()
+        return wiped_on_lock
+
+    async def install_trust(self, raw: bytes, *, transaction: str | None = None) -> InstallOutcome:
+        """Install a signed keyring, revocation list or time statement if valid and newer
+        (CONTRACT §8.7); the outcome is committed as ``trust.*`` events."""
+        outcome = self.authz.install(raw)
+        await self.trust_event(outcome, transaction=transaction)
+        return outcome
+
+    def trust_summary(self) -> dict[str, object]:
+        """The ``trust show`` object (CONTRACT §8.3), each document with its days left."""
+        summary = self.authz.trust_summary()
+        now = self.authz.time_view().now
+        for name in ("keyring", "revocations"):
+            doc = summary[name]
+            if isinstance(doc, dict):
+                doc["days_left"] = round((int(doc["exp"]) - now) / 86400, 1)
+        return summary
+
+    def _view(self, record: LockRecord) -> LockView:
+        return self.views.setdefault(record.lock, LockView(record.lock, record.name))
+
+    def _forget(self, lock: str) -> None:
+        """Drop what is known of a lock's state: a lock paired (again) starts from unknown, asked."""
+        self.views.pop(lock, None)
+        self._fresh_at.pop(lock, None)
 
     # --- housekeeping: status and lock logs ---------------------------------------------------
 
@@ -580,14 +722,15 @@ class Service:
             "data": entry.event_data(),  # the lock's own map stays under lock_data (THREATS B7)
         }
 
-    #: Each action: the model its payload is parsed into, and the use case that answers it.
-    _ROUTES: ClassVar[dict[str, _Route]] = {
-        "challenge": (ChallengeRequest, _do_challenge),
-        "unlock": (ActuateRequest, _do_unlock),
-        "lock": (ActuateRequest, _do_lock),
-        "status": (LockRequest, _do_status),
-        "locks": (EmptyRequest, _do_locks),
-        "replay": (ReplayRequest, _do_replay),
+    #: The action table (MQTT's ``B/G/request/<action>``, CONTRACT §4): each action's request
+    #: model, the one use case it calls, and how that answer is encoded as the response's data.
+    _ROUTES: ClassVar[dict[str, _AnyRoute]] = {
+        "challenge": _Route(ChallengeRequest, lambda svc, req, _tx: svc.challenge(req), dict),
+        "unlock": _Route(ActuateRequest, lambda svc, req, tx: svc.unlock(req, tx), dict),
+        "lock": _Route(ActuateRequest, lambda svc, req, tx: svc.lock(req, tx), dict),
+        "status": _Route(LockRequest, lambda svc, req, _tx: svc.status(req), LockView.as_json),
+        "locks": _Route(EmptyRequest, lambda svc, _req, _tx: svc.locks(), _locks_json),
+        "replay": _Route(ReplayRequest, lambda svc, req, _tx: svc.replay(req), _count_json),
     }
 
 
