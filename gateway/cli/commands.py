@@ -1,7 +1,9 @@
-"""The daemon's side of the CLI commands (dispatched from the control socket).
+"""The daemon's side of the CLI commands (dispatched from the control socket, or run directly).
 
-Each answer is ``{"ok", "exit", "data"}`` or ``{"ok": false, "exit", "error"}`` with the
-contract's exit codes: 0 done, 1 refused or failed, 2 usage, 3 busy or unreachable.
+A thin adapter: each command checks its arguments, calls one typed use case of the service
+(gateway/runtime/service.py) and encodes the answer as ``{"ok", "exit", "data"}`` or
+``{"ok": false, "exit", "error"}`` with the contract's exit codes: 0 done, 1 refused or failed,
+2 usage, 3 busy or unreachable. It sees the gateway only through :class:`Operations`.
 """
 
 from __future__ import annotations
@@ -9,24 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import os
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import structlog
 from bleak import BleakScanner
 
-from gateway.ble.links import Priority
-from gateway.ble.registry import LockRecord
+from gateway.cli.doctor import HealthSnapshot, as_json, run_checks
 from gateway.errors import AdapterUnavailable, BleError, PairingFailed
+from gateway.runtime.service import RequestError, refusal_of
+from gateway.wire import LockRequest, parse_model
 from protocols.event_encoding import INT64_MAX
 from protocols.gatt import COMPANY_ID, decode_advert
-from protocols.messages import Op, Status
 
 if TYPE_CHECKING:
-    from gateway.runtime.app import Gateway
+    from bleak.backends.scanner import BaseBleakScanner
 
-__all__ = ["dispatch"]
+    from gateway.runtime.service import Service
+
+__all__ = ["Operations", "dispatch"]
 
 MAX_EVENTS: Final = 10_000
 MAX_SCAN_S: Final = 60.0
@@ -34,6 +38,20 @@ MAX_SCAN_S: Final = 60.0
 MAX_FILTER_LEN: Final = 256
 _ADDRESS: Final = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _TYPE_FILTER: Final = re.compile(r"[a-z_]+(\.[a-z_]+)*(\.\*)?")
+
+
+class Operations(HealthSnapshot, Protocol):
+    """What the control commands use of a gateway (the runtime's ``Gateway`` is one): its
+    service's use cases, its health (for ``ping`` and ``doctor``) and the scanner."""
+
+    @property
+    def service(self) -> Service: ...
+    @property
+    def direct(self) -> bool:
+        """A direct CLI command, no daemon."""
+
+    @property
+    def scanner_backend(self) -> type[BaseBleakScanner] | None: ...
 
 
 def ok(data: Any) -> dict[str, Any]:
@@ -52,45 +70,49 @@ def _ble_exit(exc: BleError) -> int:
     return 3 if isinstance(exc, AdapterUnavailable) else 1
 
 
-async def dispatch(gw: Gateway, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+async def dispatch(gw: Operations, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
     handler = _COMMANDS.get(cmd)
     if handler is None:
         return fail(f"unknown control command {cmd!r}", exit_code=2)
     return await handler(gw, args)
 
 
-async def _ping(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
+async def _ping(gw: Operations, _args: dict[str, Any]) -> dict[str, Any]:
     return ok({"gw": gw.config.gateway.id, "pid": os.getpid(), "alarms": gw.alarms()})
 
 
-async def _locks(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
-    return ok((await gw.service.handle("locks", b"{}"))["data"])
+async def _locks(gw: Operations, _args: dict[str, Any]) -> dict[str, Any]:
+    return ok({"locks": [view.as_json() for view in await gw.service.locks()]})
 
 
-async def _status(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def _status_of(gw: Operations, lock: object) -> dict[str, Any]:
+    with structlog.contextvars.bound_contextvars(action="status", lock=None):
+        try:
+            view = await gw.service.status(parse_model(LockRequest, {"lock": lock}))
+        except Exception as exc:  # noqa: BLE001 - every refusal, and a bug of ours, is an answer
+            code, message = refusal_of(exc)
+            return fail(message, exit_code=2 if code == "unknown_lock" else 1, code=code)
+    return ok(view.as_json())
+
+
+async def _status(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     lock = args.get("lock")
-    if lock is None:
-        # Every paired lock asked now (the link manager's slots bound how many at once); the
-        # table shows them all, and the exit code says whether any could not be reached.
-        answers = await asyncio.gather(
-            *(gw.service.handle("status", json.dumps({"lock": r.lock}).encode()) for r in gw.registry.all())
-        )
-        listed = await _locks(gw, args)
-        unreachable = sum(a["status"] != "ok" for a in answers)
-        return {**listed, "exit": 1 if unreachable else 0}
-    resp = await gw.service.handle("status", json.dumps({"lock": lock}).encode())
-    if resp["status"] == "ok":
-        return ok(resp["data"])
-    err = resp["error"]
-    return fail(err["message"], exit_code=2 if err["code"] == "unknown_lock" else 1, code=err["code"])
+    if lock is not None:
+        return await _status_of(gw, lock)
+    # Every paired lock asked now (the link manager's slots bound how many at once); the
+    # table shows them all, and the exit code says whether any could not be reached.
+    answers = await asyncio.gather(*(_status_of(gw, r.lock) for r in gw.service.paired()))
+    listed = await _locks(gw, args)
+    unreachable = sum(not a["ok"] for a in answers)
+    return {**listed, "exit": 1 if unreachable else 0}
 
 
-async def _request(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
-    """A contract request (challenge, unlock, lock, …) exactly as MQTT would carry it."""
+async def _request(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
+    """A contract request (challenge, unlock, lock, …) answered as MQTT answers it (CONTRACT §4)."""
     action, payload = args.get("action"), args.get("payload")
     if not isinstance(action, str) or not isinstance(payload, dict):
         return fail("request needs an action and a payload object", exit_code=2)
-    resp = await gw.service.handle(action, json.dumps(payload).encode())
+    resp = await gw.service.answer(action, payload)
     if resp["status"] == "ok":
         return {"ok": True, "exit": 0, "data": resp}
     code = resp["error"]["code"]
@@ -101,7 +123,7 @@ async def _request(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     return {"ok": False, "exit": exit_code, "error": resp["error"]["message"], "code": code, "data": resp}
 
 
-async def _events(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def _events(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     """Filtered history: ``since``, ``limit``, ``lock``, ``type`` (exact, or a prefix such as
     ``access.*``), ``sub``, ``from``/``until`` (event ``ts`` strings, until exclusive). The answer
     carries ``next`` (where a follower continues) and ``receipt_seq`` (central has everything up
@@ -127,7 +149,7 @@ async def _events(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         if not _TYPE_FILTER.fullmatch(type_glob):
             return fail("events: type is an event type (access.granted) or a prefix (access.*)", exit_code=2)
         type_glob = type_glob[:-1] + "*" if type_glob.endswith(".*") else type_glob
-    events, nxt = await gw.outbox.query(
+    events, nxt = await gw.service.history(
         since,
         limit=limit,
         lock=filters["lock"],
@@ -136,21 +158,15 @@ async def _events(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         ts_from=filters["from"],
         ts_until=filters["until"],
     )
-    stats = gw.outbox.stats()
+    stats = gw.outbox_stats()
     return ok({"events": events, "next": nxt, "last_seq": stats.last_seq, "receipt_seq": stats.receipt_seq})
 
 
-async def _trust_show(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
-    summary = gw.authz.trust_summary()
-    now = gw.authz.time_view().now
-    for name in ("keyring", "revocations"):
-        doc = summary[name]
-        if isinstance(doc, dict):
-            doc["days_left"] = round((int(doc["exp"]) - now) / 86400, 1)
-    return ok(summary)
+async def _trust_show(gw: Operations, _args: dict[str, Any]) -> dict[str, Any]:
+    return ok(gw.service.trust_summary())
 
 
-async def _trust_install(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def _trust_install(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     document = args.get("document")
     try:
         if not isinstance(document, str) or not document:
@@ -158,19 +174,15 @@ async def _trust_install(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         raw = base64.b64decode(document, validate=True)
     except (binascii.Error, ValueError):
         return fail("document must be base64 text", exit_code=2)
-    outcome = await gw.service.install(raw)
-    data = {
-        "kind": outcome.kind,
-        "installed": outcome.installed,
-        "version": outcome.version,
-        "exp": outcome.exp,
-    }
+    outcome = await gw.service.install_trust(raw)
     if outcome.rejected:
         return fail(f"{outcome.kind} refused ({outcome.code}): {outcome.message}", code=outcome.code)
-    return ok(data)
+    return ok(
+        {"kind": outcome.kind, "installed": outcome.installed, "version": outcome.version, "exp": outcome.exp}
+    )
 
 
-async def _pair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def _pair(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     address, code, name = args.get("address"), args.get("code"), args.get("name") or ""
     if not isinstance(address, str) or not isinstance(code, str) or not isinstance(name, str):
         return fail("pair needs an address and a setup code", exit_code=2)
@@ -179,52 +191,33 @@ async def _pair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     if not code or len(code) > MAX_FILTER_LEN or len(name) > MAX_FILTER_LEN:
         return fail("pair: the setup code and the name are short, non-empty texts", exit_code=2)
     try:
-        done = await gw.links.pair(address, code)
+        record = await gw.service.pair(address, code, name)
     except PairingFailed as exc:
         left = f" ({exc.attempts_left} attempts left)" if exc.attempts_left is not None else ""
         return fail(f"pairing refused: {exc}{left}", code=exc.reason)
     except BleError as exc:
         return fail(f"{address}: {exc}", exit_code=_ble_exit(exc), code=exc.code)
-    record = LockRecord(done.lock_id, address, name or done.lock_id, done.ltk)
-    gw.registry.put(record)
-    await gw.service.event("lock.paired", lock=done.lock_id, data={"address": address, "name": record.name})
-    gw._info_changed()  # noqa: SLF001 - the app's own publisher hook
-    return ok({"lock": done.lock_id, "address": address, "name": record.name})
+    return ok({"lock": record.lock, "address": address, "name": record.name})
 
 
-async def _unpair(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def _unpair(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     lock, force = args.get("lock"), bool(args.get("force", False))
     if not isinstance(lock, str):
         return fail("unpair needs a lock id", exit_code=2)
-    record = gw.registry.get(lock)
-    if record is None:
-        return fail(f"lock {lock} is not paired with this gateway", exit_code=2, code="unknown_lock")
-    wiped_on_lock = False
     try:
-        # With --force the technician has said the unit is gone: one try, not the full retry run.
-        resp = await gw.links.command(
-            record, Op.UNPAIR, priority=Priority.INTERACTIVE, attempts=1 if force else None
-        )
-        wiped_on_lock = resp.status is Status.OK
+        wiped_on_lock = await gw.service.unpair(lock, force=force)
+    except RequestError as exc:
+        return fail(str(exc), exit_code=2, code=exc.code)
     except BleError as exc:
-        if not force:
-            return fail(
-                f"cannot reach {lock} to wipe its key ({exc}); use --force only if the unit is gone for good",
-                exit_code=_ble_exit(exc),
-                code=exc.code,
-            )
-    gw.registry.remove(lock)
-    gw.service.views.pop(lock, None)
-    await gw.service.event(
-        "lock.unpaired",
-        lock=lock,
-        data={"forced": force and not wiped_on_lock, "wiped_on_lock": wiped_on_lock},
-    )
-    gw._info_changed()  # noqa: SLF001
+        return fail(
+            f"cannot reach {lock} to wipe its key ({exc}); use --force only if the unit is gone for good",
+            exit_code=_ble_exit(exc),
+            code=exc.code,
+        )
     return ok({"lock": lock, "wiped_on_lock": wiped_on_lock})
 
 
-async def _scan(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def _scan(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     timeout = args.get("timeout", 5.0)
     if not isinstance(timeout, int | float) or not 0.5 <= timeout <= MAX_SCAN_S:
         return fail("scan timeout must be 0.5..60 s", exit_code=2)
@@ -240,7 +233,7 @@ async def _scan(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
             "rssi": adv.rssi,
             "paired": advert.paired,
             "pairing_mode": advert.pairing_mode,
-            "paired_here": gw.registry.get(advert.lock_id) is not None,
+            "paired_here": gw.service.is_paired(advert.lock_id),
         }
 
     try:
@@ -251,9 +244,7 @@ async def _scan(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     return ok({"locks": sorted(found.values(), key=lambda d: -int(d["rssi"] or -999))})
 
 
-async def _doctor(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
-    from gateway.cli.doctor import as_json, run_checks  # noqa: PLC0415
-
+async def _doctor(gw: Operations, _args: dict[str, Any]) -> dict[str, Any]:
     report = as_json(await run_checks(gw, daemon=not gw.direct))
     return {
         "ok": report["ok"],
@@ -263,6 +254,7 @@ async def _doctor(gw: Gateway, _args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: The control commands: each name, and the adapter that answers it.
 _COMMANDS = {
     "ping": _ping,
     "locks": _locks,

@@ -32,7 +32,6 @@ from firmware_sim.bumble_peripheral import SimRadio
 from gateway import log
 from gateway.authz.keyfiles import b64url
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.ble.registry import LockRecord
 from gateway.cli.commands import dispatch
 from gateway.config import load_config
 from gateway.mqtt.bridge import quiet_closed_socket_callbacks, retrieve_disconnect_error
@@ -301,12 +300,8 @@ async def run_demo(*, locks: int = 3, seed: int | None = None) -> int:  # noqa: 
                 consumer = asyncio.create_task(_consume(central, broker.port, stop)) if have_broker else None
                 _say("\n1. A technician pairs the lock units (setup code printed on each)")
                 for sim in sims:
-                    done = await gw.links.pair(str(sim.address), sim.model.setup_code)
-                    gw.registry.put(LockRecord(done.lock_id, str(sim.address), sim.model.name, done.ltk))
-                    await gw.service.event(
-                        "lock.paired", lock=done.lock_id, data={"address": str(sim.address)}
-                    )
-                    _say(f"  paired {done.lock_id} ({sim.model.name}) with code {sim.model.setup_code}")
+                    done = await gw.service.pair(str(sim.address), sim.model.setup_code, sim.model.name)
+                    _say(f"  paired {done.lock} ({sim.model.name}) with code {sim.model.setup_code}")
                 door = [s.model.lock_id for s in sims]
 
                 _say(

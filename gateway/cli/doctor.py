@@ -1,5 +1,8 @@
 """``lockgw doctor``: a checklist for a gateway that "seems fine" — pass / warn / fail per line,
-with the fix for each failure. Any failure makes the command exit 1."""
+with the fix for each failure. Any failure makes the command exit 1.
+
+The checks read a :class:`HealthSnapshot`, the narrow view of a gateway they need (the
+runtime's ``Gateway`` is one, in the daemon or in a direct command), never the gateway itself."""
 
 from __future__ import annotations
 
@@ -10,16 +13,18 @@ import shutil
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.authz.keyfiles import check_secret_permissions
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.store.outbox import LOW_SPACE_BYTES
 
 if TYPE_CHECKING:
-    from gateway.runtime.app import Gateway
+    from gateway.config import Config
+    from gateway.store.outbox import OutboxStats
+    from protocols.credentials import TimeView
 
-__all__ = ["Check", "run_checks"]
+__all__ = ["BrokerLink", "Check", "HealthSnapshot", "run_checks"]
 
 BACKLOG_WARN: Final = 1000
 #: BlueZ settings the threat model relies on (THREATS B8–B10), from /etc/bluetooth/main.conf.
@@ -30,6 +35,37 @@ BLUEZ_WANTED: Final = {
     ("General", "SecureConnections"): "only",
     ("GATT", "KeySize"): "16",
 }
+
+
+class BrokerLink(Protocol):
+    """The MQTT bridge as the broker check sees it."""
+
+    @property
+    def connected(self) -> asyncio.Event: ...
+    @property
+    def last_error(self) -> str | None: ...
+
+
+class HealthSnapshot(Protocol):
+    """What the checks read of a gateway."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def mqtt(self) -> BrokerLink | None:
+        """The bridge this process runs, if any (None: direct mode, or no ``[mqtt]``)."""
+
+    def alarms(self) -> list[str]: ...
+    def restarting(self) -> list[str]:
+        """Components restarting after a crash."""
+
+    def time_view(self) -> TimeView: ...
+    def trust_summary(self) -> dict[str, object]: ...
+    def outbox_stats(self) -> OutboxStats: ...
+    async def outbox_integrity(self) -> str: ...
+    async def open_adapter(self) -> bool:
+        """Open the Bumble host: False when there is none (an injected backend, or BlueZ);
+        raises AdapterUnavailable when it does not open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +86,7 @@ def _db_check(path: Path) -> str:
         db.close()
 
 
-async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
+async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
     cfg = gw.config
     out: list[Check] = [Check("configuration", "pass", f"{cfg.source} is valid")]
     secrets = [
@@ -86,7 +122,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
     results = await asyncio.to_thread(
         lambda: {p.name: _db_check(p) for p in (data / "trust.sqlite3", data / "locks.sqlite3")}
     )
-    results["events.sqlite3"] = await gw.outbox.integrity_check()
+    results["events.sqlite3"] = await gw.outbox_integrity()
     broken = {k: v for k, v in results.items() if v not in ("ok", "absent")}
     out.append(
         Check(
@@ -124,7 +160,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
         )
     else:
         out.append(await _probe_broker(cfg.mqtt.host_port))
-    view = gw.authz.time_view()
+    view = gw.time_view()
     out.append(
         Check(
             "time",
@@ -135,7 +171,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
             else "enable NTP (systemd-timesyncd or chrony); unlocks still work",
         )
     )
-    summary = gw.authz.trust_summary()
+    summary = gw.trust_summary()
     warn_days = cfg.policy.expiry_warning_days
     for name in ("keyring", "revocations"):
         doc = summary[name]
@@ -161,7 +197,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
                 else "ask central for a newer one (it keeps working while stale, flagged)",
             )
         )
-    stats = gw.outbox.stats()
+    stats = gw.outbox_stats()
     out.append(
         Check(
             "outbox",
@@ -170,7 +206,7 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
             "central is not sending receipts: check its consumer" if stats.backlog > BACKLOG_WARN else "",
         )
     )
-    restarting = gw.supervisor.restarting() if gw.supervisor is not None else []
+    restarting = gw.restarting()
     out.append(
         Check(
             "components",
@@ -200,11 +236,10 @@ async def run_checks(gw: Gateway, *, daemon: bool) -> list[Check]:
     return out
 
 
-async def _bumble_adapter(gw: Gateway, transport: str | None, *, daemon: bool) -> Check:
-    if gw.ble_host is None:
-        return Check("BLE adapter", "pass", "injected BLE backend")
+async def _bumble_adapter(gw: HealthSnapshot, transport: str | None, *, daemon: bool) -> Check:
     try:
-        await gw.ble_host.open()
+        if not await gw.open_adapter():
+            return Check("BLE adapter", "pass", "injected BLE backend")
     except AdapterUnavailable as exc:
         return Check(
             "BLE adapter",

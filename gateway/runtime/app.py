@@ -43,8 +43,8 @@ from gateway.runtime.control import ControlServer
 from gateway.runtime.service import LockView, Service
 from gateway.runtime.supervisor import Component, Failure, OnFailure, Supervisor
 from gateway.runtime.systemd import notify, watchdog_interval_s
-from gateway.store.outbox import Outbox
-from protocols.credentials import Policy
+from gateway.store.outbox import Outbox, OutboxStats
+from protocols.credentials import Policy, TimeView
 
 __all__ = ["Gateway"]
 
@@ -175,7 +175,7 @@ class Gateway:
                     site=gw.site,
                     outbox=self.outbox,
                     handle_request=self.service.handle,
-                    install=self.service.install,
+                    install=self.service.install_trust,
                     info=self.info,
                     heartbeat=self.heartbeat,
                     lock_states=lambda: [v.as_json() for v in self.service.views.values()],
@@ -267,6 +267,31 @@ class Gateway:
             if self.mqtt.receipts_stalled():
                 out.add("receipts_stalled")
         return sorted(out)
+
+    # --- health, for doctor and the control commands (their narrow Protocols) -----------------
+
+    def restarting(self) -> list[str]:
+        """Components restarting after a crash (none in direct mode: no supervisor)."""
+        return self.supervisor.restarting() if self.supervisor is not None else []
+
+    def time_view(self) -> TimeView:
+        return self.authz.time_view()
+
+    def trust_summary(self) -> dict[str, object]:
+        return self.authz.trust_summary()
+
+    def outbox_stats(self) -> OutboxStats:
+        return self.outbox.stats()
+
+    async def outbox_integrity(self) -> str:
+        return await self.outbox.integrity_check()
+
+    async def open_adapter(self) -> bool:
+        """Open the Bumble host; False when there is none (an injected backend, or BlueZ)."""
+        if self.ble_host is None:
+            return False
+        await self.ble_host.open()
+        return True
 
     def _lock_state_changed(self, view: LockView) -> None:
         if self.mqtt is not None:

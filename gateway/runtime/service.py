@@ -286,13 +286,21 @@ class Service:
     # --- requests ----------------------------------------------------------------------------
 
     async def handle(self, action: str, payload: bytes) -> dict[str, Any]:
-        """Answer one request; never raises for bad input (CONTRACT §4: errors are responses).
+        """Answer one MQTT request; never raises for bad input (CONTRACT §4: errors are responses).
 
         The payload is parsed once, bounded, into the action's typed model (gateway/wire.py);
         a bug of ours is logged with its traceback and answered ``internal_error``. One log line
         per request (action, transaction, lock, outcome, reason code; never a token or proof)."""
+        return await self._logged(action, lambda: loads_bounded(payload))
+
+    async def answer(self, action: str, value: object) -> dict[str, Any]:
+        """As :meth:`handle`, for a request already parsed from bounded JSON (the control
+        socket's ``request`` command): the same action table, answer and log line."""
+        return await self._logged(action, lambda: value)
+
+    async def _logged(self, action: str, parse: Callable[[], object]) -> dict[str, Any]:
         with structlog.contextvars.bound_contextvars(action=action[:64], transaction=None, lock=None):
-            answer = await self._answer(action, payload)
+            answer = await self._answer(action, parse)
             error = answer.get("error")
             _log.info(
                 "request",
@@ -302,10 +310,10 @@ class Service:
             )
             return answer
 
-    async def _answer(self, action: str, payload: bytes) -> dict[str, Any]:
+    async def _answer(self, action: str, parse: Callable[[], object]) -> dict[str, Any]:
         transaction: str | None = None
         try:
-            value = loads_bounded(payload)
+            value = parse()
             transaction = transaction_of(value)
             route = self._ROUTES.get(action)
             if route is None:
@@ -513,6 +521,23 @@ class Service:
 
     def is_paired(self, lock: str) -> bool:
         return self.registry.get(lock) is not None
+
+    async def history(
+        self,
+        since: int,
+        *,
+        limit: int,
+        lock: str | None = None,
+        type_glob: str | None = None,
+        sub: str | None = None,
+        ts_from: str | None = None,
+        ts_until: str | None = None,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Stored events from ``since`` matching every filter given, and where to continue
+        (gateway/store/outbox.py, ``Outbox.query``)."""
+        return await self.outbox.query(
+            since, limit=limit, lock=lock, type_glob=type_glob, sub=sub, ts_from=ts_from, ts_until=ts_until
+        )
 
     async def replay(self, req: ReplayRequest) -> int:
         """Re-publish the stored events from_seq..to_seq through ``replay_sink``; how many."""
