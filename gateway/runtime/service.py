@@ -5,8 +5,9 @@ The use cases are typed methods over the request models of gateway/wire.py: :met
 :meth:`~Service.replay`, :meth:`~Service.pair`, :meth:`~Service.unpair`, :meth:`~Service.install_trust`.
 Each raises :class:`RequestError` (with the contract's code) for a refusal. The adapters are thin:
 MQTT calls :meth:`Service.handle` (bytes → bounded parse → the action table ``Service._ROUTES``
-→ one method → the encoded answer), the control socket's commands (gateway/cli/commands.py) call
-the methods directly and encode their own JSON.
+→ one method → the encoded answer); the control socket's ``request`` command calls
+:meth:`Service.answer` (the same table, without the bytes); the other control commands
+(gateway/cli/commands.py) call the methods directly and encode their own JSON.
 
 An unlock or lock is handled in CONTRACT §8.4's order:
 request shape → known lock → carried documents → token → … → proof, then::
@@ -280,7 +281,7 @@ class Service:
             )
 
     async def install(self, raw: bytes, *, transaction: str | None = None) -> InstallOutcome:
-        """The same as :meth:`install_trust` (the name the MQTT bridge and older callers use)."""
+        """The same as :meth:`install_trust` (its name before the use cases were named)."""
         return await self.install_trust(raw, transaction=transaction)
 
     # --- requests ----------------------------------------------------------------------------
