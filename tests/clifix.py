@@ -29,6 +29,7 @@ __all__ = [
     "default_signals",
     "field",
     "ignoring_signals",
+    "make_field",
     "start_daemon",
     "token_file",
 ]
@@ -158,21 +159,23 @@ def start_daemon(f: Field, *args: str, preexec: Callable[[], None] | None = None
     return daemon
 
 
-@pytest.fixture
-def field(tmp_path: Path) -> Iterator[Field]:
+def make_field(tmp: Path, *, gw: str = "gw-cli", seed: int = 51, extra_config: str = "") -> Field:
+    """Two simulated locks (a `lockgw-sim` process), a config naming them and a root key, a
+    keyring signed by that root (``keyring.cose``) and the phone's key (``phone.key``) in ``tmp``.
+    The caller ends the simulator (``field.sim``)."""
     port = free_port()
-    sim, locks = start_sim(port, seed=51, locks=2)
+    sim, locks = start_sim(port, seed=seed, locks=2)
     w = World()
-    root = tmp_path / "root.pub"
+    root = tmp / "root.pub"
     root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
-    cfg = tmp_path / "lockgw.toml"
+    cfg = tmp / "lockgw.toml"
     cfg.write_text(
-        f'[gateway]\nid = "gw-cli"\nsite = "{SITE}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[gateway]\nid = "{gw}"\nsite = "{SITE}"\ndata_dir = "{tmp / "data"}"\n'
         f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
-        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp_path / "ctl.sock"}"\n'
+        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp / "ctl.sock"}"\n' + extra_config
     )
     now = int(time.time())  # the CLI runs on the real clock
-    (tmp_path / "keyring.cose").write_bytes(
+    (tmp / "keyring.cose").write_bytes(
         issuer.keyring(
             w.root,
             site=SITE,
@@ -182,12 +185,18 @@ def field(tmp_path: Path) -> Iterator[Field]:
             entries=[issuer.KeyringEntry(w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"])],
         )
     )
-    (tmp_path / "phone.key").write_text(b64url(cbor.dumps(w.holder.to_cbor())))
+    (tmp / "phone.key").write_text(b64url(cbor.dumps(w.holder.to_cbor())))
+    return Field(tmp, cfg, locks, w, sim)
+
+
+@pytest.fixture
+def field(tmp_path: Path) -> Iterator[Field]:
+    f = make_field(tmp_path)
     try:
-        yield Field(tmp_path, cfg, locks, w, sim)
+        yield f
     finally:
-        sim.terminate()
-        sim.communicate(timeout=10)
+        f.sim.terminate()
+        f.sim.communicate(timeout=10)
 
 
 def token_file(f: Field, lock: str) -> Path:

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from broker import Broker, free_port
-from clifix import Daemon, Field, start_daemon
+from broker import Broker
+from clifix import Daemon, Field, make_field, start_daemon
 from credfix import SITE, World
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from simproc import start_sim
 
 from gateway.authz.keyfiles import b64url
 from protocols import cbor, issuer
@@ -141,30 +140,10 @@ class Site:
 
 
 def make_site(tmp: Path, broker: Broker, *, seed: int = 77) -> tuple[Site, subprocess.Popen[str]]:
-    port = free_port()
-    sim, locks = start_sim(port, seed=seed, locks=2)
-    w = World()
-    root = tmp / "root.pub"
-    root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
-    cfg = tmp / "lockgw.toml"
-    cfg.write_text(
-        f'[gateway]\nid = "{GW}"\nsite = "{SITE}"\ndata_dir = "{tmp / "data"}"\n'
-        f'[ble]\nbackend = "bumble"\ntransport = "tcp-client:127.0.0.1:{port}"\n'
-        f'[trust]\nroot_keys = ["{root}"]\n[control]\nsocket = "{tmp / "ctl.sock"}"\n'
-        f'[mqtt]\nurl = "{broker.url}"\nbase_topic = "{BASE}"\n'
+    f = make_field(
+        tmp, gw=GW, seed=seed, extra_config=f'[mqtt]\nurl = "{broker.url}"\nbase_topic = "{BASE}"\n'
     )
-    now = int(time.time())
-    (tmp / "keyring.cose").write_bytes(
-        issuer.keyring(
-            w.root,
-            site=SITE,
-            version=1,
-            iat=now - 10,
-            exp=now + 90 * 86400,
-            entries=[issuer.KeyringEntry(w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"])],
-        )
-    )
-    f = Field(tmp, cfg, locks, w, sim)
+    sim, locks, w = f.sim, f.locks, f.w
     f.run("trust", "install", str(tmp / "keyring.cose"))
     ids = [f.run("pair", lock["address"], "--code", lock["setup_code"]).stdout.strip() for lock in locks]
     daemon = start_daemon(f)
