@@ -294,15 +294,22 @@ class TimeKeeper:
         now = w if state is not TimeState.UNKNOWN else max(w, self.floor)
         return TimeView(state, w, now, self.floor)
 
+    def _bounded(self, t: int, view: TimeView) -> int | None:
+        """Authenticated time ``t`` as a floor candidate: as given while the clock is unknown;
+        with a synchronised clock at most the clock, and ``None`` (ignored, alarmed) when more
+        than 24 h ahead of it."""
+        if view.state is TimeState.UNKNOWN:
+            return t
+        if t > view.wall + MAX_AHEAD_OF_SYNCED_S:
+            self.alarms.add("signed_time_far_ahead")
+            return None
+        return min(t, view.wall)
+
     def offer(self, t: int, view: TimeView) -> bool:
         """Offer authenticated time ``t``; return True when the floor rose."""
-        if view.state is TimeState.UNKNOWN:
-            new = t
-        else:
-            if t > view.wall + MAX_AHEAD_OF_SYNCED_S:
-                self.alarms.add("signed_time_far_ahead")
-                return False
-            new = min(t, view.wall)
+        new = self._bounded(t, view)
+        if new is None:
+            return False
         if new > self.floor:
             self.floor = new
             return True
@@ -316,13 +323,9 @@ class TimeKeeper:
         ahead by a rogue NTP server stops flagging the clock as gone backwards. Returns False
         when the statement was ignored.
         """
-        if view.state is TimeState.UNKNOWN:
-            new = t
-        else:
-            if t > view.wall + MAX_AHEAD_OF_SYNCED_S:
-                self.alarms.add("signed_time_far_ahead")
-                return False
-            new = min(t, view.wall)
+        new = self._bounded(t, view)
+        if new is None:
+            return False
         self.floor = new
         if self.saved_wall is not None:
             self.saved_wall = min(self.saved_wall, new)
