@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.authz.keyfiles import check_secret_permissions
+from gateway.cli import hostsetup
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.store.outbox import LOW_SPACE_BYTES
 
@@ -27,14 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["BrokerLink", "Check", "HealthSnapshot", "run_checks"]
 
 BACKLOG_WARN: Final = 1000
-#: BlueZ settings the threat model relies on (THREATS B8–B10), from /etc/bluetooth/main.conf.
-BLUEZ_WANTED: Final = {
-    ("General", "ControllerMode"): "le",
-    ("General", "JustWorksRepairing"): "never",
-    ("General", "AlwaysPairable"): "false",
-    ("General", "SecureConnections"): "only",
-    ("GATT", "KeySize"): "16",
-}
 
 
 class BrokerLink(Protocol):
@@ -160,6 +153,7 @@ async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
         )
     else:
         out.append(await _probe_broker(cfg.mqtt.host_port))
+    out += await asyncio.to_thread(_unit_network, cfg)
     view = gw.time_view()
     out.append(
         Check(
@@ -254,30 +248,29 @@ async def _bumble_adapter(gw: HealthSnapshot, transport: str | None, *, daemon: 
     )
 
 
-def _bluez_settings(path: Path = Path("/etc/bluetooth/main.conf")) -> Check:
+def _bluez_settings(path: Path = hostsetup.BLUEZ_MAIN_CONF) -> Check:
+    """THREATS B8–B10 through the keys BlueZ 5.66 reads (:data:`hostsetup.BLUEZ_WANTED`)."""
+    fix = (
+        "run packaging/install.sh (or set " + hostsetup.bluez_wanted_text() + "), systemctl restart bluetooth"
+    )
     if not path.exists():
-        return Check("BlueZ settings", "warn", f"{path} not found", "install bluez and set " + _wanted())
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+        return Check("BlueZ settings", "warn", f"{path} not found", "install bluez; " + fix)
     try:
-        parser.read(path)
+        wrong = hostsetup.bluez_problems(path.read_text(encoding="utf-8", errors="replace"))
     except configparser.Error as exc:
         return Check("BlueZ settings", "warn", f"{path}: {exc}", "fix the file")
-    wrong = [
-        f"{s}.{k}={parser.get(s, k, fallback='(unset)')}"
-        for (s, k), v in BLUEZ_WANTED.items()
-        if parser.get(s, k, fallback="").strip().lower() != v
-    ]
     return Check(
-        "BlueZ settings",
-        "warn" if wrong else "pass",
-        ", ".join(wrong) or "hardened",
-        _wanted() if wrong else "",
+        "BlueZ settings", "warn" if wrong else "pass", ", ".join(wrong) or "hardened", fix if wrong else ""
     )
 
 
-def _wanted() -> str:
-    return ", ".join(f"[{s}] {k} = {v}" for (s, k), v in BLUEZ_WANTED.items())
+def _unit_network(cfg: Config) -> list[Check]:
+    """The installed unit's IPAddressAllow= admits the configured broker (no line: no unit)."""
+    texts = hostsetup.read_unit_texts()
+    if texts is None:
+        return []
+    result = hostsetup.check_broker_allowed(cfg, texts)
+    return [Check("unit network", result.status, result.detail, result.fix)]
 
 
 async def _probe_broker(host_port: tuple[str, int]) -> Check:
