@@ -5,7 +5,8 @@ come from the environment as ``LOCKGW_<SECTION>__<KEY>`` (the value is read as a
 ``LOCKGW_POLICY__CLOCK_LEEWAY_S=30`` is an integer and ``…=abc`` a string). Unknown keys, wrong
 types and bad values are :class:`~gateway.errors.ConfigError` naming ``section.key`` and, where
 it can be found, the file line. Secrets are never inline: ``*_file`` keys name files that must
-not be group or world readable.
+not be group or world readable, or (a bare name, no ``/``) systemd credentials read from
+``$CREDENTIALS_DIRECTORY``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.authz.keyfiles import check_secret_permissions, load_root_keys
+from gateway.authz.keyfiles import check_secret_permissions, load_root_keys, read_bounded
 from gateway.errors import ConfigError
 from protocols.cose import CoseKey
 
@@ -179,14 +180,54 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files
     except ValidationError as exc:
         raise ConfigError("; ".join(_problems(path, text, exc))) from exc
     config = config.model_copy(update={"source": path})
+    config = _resolve_credentials(path, config, os.environ if env is None else env, check_files=check_files)
     if check_files and config.mqtt is not None:
         for key in ("password_file", "key_file"):
             secret = getattr(config.mqtt, key)
             if secret is not None:
                 check_secret_permissions(secret, f"mqtt.{key}")
+                read_bounded(secret, f"mqtt.{key}", MAX_SECRET_BYTES)
     if config.ble.backend == "bumble" and not config.ble.transport:
         raise ConfigError(f'{path}: ble.transport: required when ble.backend = "bumble"')
     return config
+
+
+#: The ``[mqtt]`` keys that name files; a bare name (no ``/``) is a systemd credential.
+CREDENTIAL_KEYS: Final = ("password_file", "ca_file", "cert_file", "key_file")
+#: A password, key or certificate file is a few KiB at most.
+MAX_SECRET_BYTES: Final = 64 * 1024
+_CREDENTIAL_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def _resolve_credentials(path: Path, config: Config, env: Mapping[str, str], *, check_files: bool) -> Config:
+    """A ``[mqtt] *_file`` value without a ``/`` names a systemd credential
+    (``LoadCredential=NAME:/etc/lockgw/FILE`` in the unit): it is read from
+    ``$CREDENTIALS_DIRECTORY/NAME``. Without ``$CREDENTIALS_DIRECTORY`` (not under systemd)
+    that is an error naming the key when files are checked, and left as is otherwise."""
+    if config.mqtt is None:
+        return config
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    update: dict[str, Path] = {}
+    for key in CREDENTIAL_KEYS:
+        value = getattr(config.mqtt, key)
+        if value is None or "/" in str(value):
+            continue
+        name = str(value)
+        if not _CREDENTIAL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: mqtt.{key}: {name!r} is neither a path (with a /) nor a systemd credential "
+                "name ([A-Za-z0-9_.-], at most 128)"
+            )
+        if directory:
+            update[key] = Path(directory) / name
+        elif check_files:
+            raise ConfigError(
+                f"{path}: mqtt.{key}: {name!r} names a systemd credential but $CREDENTIALS_DIRECTORY "
+                "is not set (run under the unit with LoadCredential=, or give an absolute path)"
+            )
+    if not update:
+        return config
+    return config.model_copy(update={"mqtt": config.mqtt.model_copy(update=update)})
 
 
 def _read_text(path: Path) -> str:
