@@ -51,6 +51,7 @@ SHIPPED_ACL = ROOT / "config" / "lockgw.acl"
 GW = "gw-bridge-1"
 BASE = "lockgw"
 PHONE = "phone-17"
+WRONG_PASSWORD = "wrong"
 #: Bounds every wait (a hang guard on a loaded machine, not a speed requirement).
 WITHIN_S = 60.0
 
@@ -419,7 +420,7 @@ async def test_nobody_is_anonymous_on_either_listener(sites: Sites) -> None:
             protocol=aiomqtt.ProtocolVersion.V5,
             identifier="guess",
             username=GW,
-            password="wrong",
+            password=WRONG_PASSWORD,
         ):
             pass
     with pytest.raises(aiomqtt.MqttError):  # TLS without a phone certificate: the handshake fails
