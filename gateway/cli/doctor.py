@@ -153,7 +153,7 @@ async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
         )
     else:
         out.append(await _probe_broker(cfg.mqtt.host_port))
-    out += await asyncio.to_thread(_unit_network, cfg)
+    out += await _unit_network_check(cfg)
     view = gw.time_view()
     out.append(
         Check(
@@ -262,6 +262,21 @@ def _bluez_settings(path: Path = hostsetup.BLUEZ_MAIN_CONF) -> Check:
     return Check(
         "BlueZ settings", "warn" if wrong else "pass", ", ".join(wrong) or "hardened", fix if wrong else ""
     )
+
+
+#: Resolving the broker's name when DNS is down can take long; doctor says so instead of waiting.
+RESOLVE_WITHIN_S: Final = 5.0
+
+
+async def _unit_network_check(cfg: Config) -> list[Check]:
+    try:
+        async with asyncio.timeout(RESOLVE_WITHIN_S):
+            return await asyncio.to_thread(_unit_network, cfg)
+    except TimeoutError:
+        host = cfg.mqtt.host_port[0] if cfg.mqtt else "?"
+        return [
+            Check("unit network", "warn", f"{host} did not resolve in {RESOLVE_WITHIN_S:.0f} s", "check DNS")
+        ]
 
 
 def _unit_network(cfg: Config) -> list[Check]:
