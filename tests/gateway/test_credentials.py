@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import MAX_SECRET_BYTES, load_config
+from gateway.config import MAX_SECRET_BYTES, load_checked, load_config
 from gateway.errors import ConfigError
 
 BASE = """
@@ -47,13 +47,17 @@ def test_a_bare_name_is_read_from_the_credentials_directory(tmp_path: Path) -> N
     assert config.mqtt.ca_file == Path("/etc/lockgw/central-ca.pem")  # a path stays a path
 
 
-def test_a_bare_name_without_systemd_is_an_error_naming_the_key(tmp_path: Path) -> None:
+def test_a_bare_name_without_systemd_refuses_run_and_config_check_not_other_commands(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"mqtt\.password_file: 'mqtt\.password' names a systemd credential"
     ):
-        load_config(write(tmp_path), env={})
-    # commands that do not read the secrets (check_files=False) still load the file
-    assert load_config(write(tmp_path), env={}, check_files=False).mqtt is not None
+        load_checked(write(tmp_path), env={})
+    # a technician's command (it talks to the daemon) loads the file, the name left as is
+    config = load_config(write(tmp_path), env={})
+    assert config.mqtt is not None and config.mqtt.password_file == Path("mqtt.password")
+    # with the credentials directory (as the unit runs it, or CREDENTIALS_DIRECTORY=/etc/lockgw)
+    d = credentials(tmp_path, mqtt_password=b"s3cret\n")
+    assert load_checked(write(tmp_path), env={"CREDENTIALS_DIRECTORY": str(d)}).config.mqtt is not None
 
 
 def test_a_missing_credential_is_an_error_naming_the_key(tmp_path: Path) -> None:
@@ -67,11 +71,11 @@ def test_a_credential_that_is_not_a_small_regular_file_is_refused_without_readin
 ) -> None:
     d = credentials(tmp_path, mqtt_password=b"x" * (MAX_SECRET_BYTES + 1))
     with pytest.raises(ConfigError, match="larger than 64 KiB"):
-        load_config(write(tmp_path), env={"CREDENTIALS_DIRECTORY": str(d)})
+        load_checked(write(tmp_path), env={"CREDENTIALS_DIRECTORY": str(d)})
     (d / "mqtt.password").unlink()
     (d / "mqtt.password").mkdir(mode=0o700)
     with pytest.raises(ConfigError, match="Is a directory"):
-        load_config(write(tmp_path), env={"CREDENTIALS_DIRECTORY": str(d)})
+        load_checked(write(tmp_path), env={"CREDENTIALS_DIRECTORY": str(d)})
 
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "a b", "é", "x" * 200])
