@@ -20,6 +20,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+SWITCHED=""
 R=${DESTDIR:-}
 R=${R%/}
 OPT=/opt/lockgw
@@ -226,6 +227,7 @@ switch_to() {
     local target=releases/$1 old
     old=$(readlink "$R$OPT/current" 2>/dev/null || true)
     if [ "$old" != "$target" ]; then
+        SWITCHED=1
         [ -n "$old" ] && ln -sfn "$old" "$R$OPT/previous"
         ln -sfn "$target" "$R$OPT/current.new"
         mv -T "$R$OPT/current.new" "$R$OPT/current"
@@ -240,6 +242,10 @@ restart_or_roll_back() {
     # Credentials (LoadCredential=NAME:/etc/lockgw/NAME) are files in /etc/lockgw outside the unit.
     if ! CREDENTIALS_DIRECTORY=/etc/lockgw "$OPT/current/bin/lockgw" --config "$CONF" config check >/dev/null 2>&1; then
         say "$CONF does not pass 'lockgw config check' yet: edit it, then: systemctl restart lockgw"
+        return 0
+    fi
+    if [ -z "${SWITCHED:-}" ] && systemctl is-active --quiet lockgw.service; then
+        say "lockgw is already running $RELEASE: not restarted"
         return 0
     fi
     # Type=notify: restart returns once the daemon said READY=1, or fails.
