@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,18 +35,26 @@ __all__ = [
     "ChallengeRequest",
     "ControlLine",
     "EmptyRequest",
+    "ErrorBody",
+    "ErrorResponse",
+    "JsonObject",
     "LockRequest",
+    "OkResponse",
     "Receipt",
     "ReplayRequest",
+    "Response",
     "WireError",
+    "error_response",
     "first_error",
     "loads_bounded",
+    "ok_response",
     "parse_model",
     "transaction_of",
 ]
 
 #: Requests larger than this are refused unread (CONTRACT §8.4).
 MAX_REQUEST_BYTES: Final = 64 * 1024
+#: A request's ``transaction``: a string of at most this many characters (CONTRACT §4).
 MAX_TRANSACTION_LEN: Final = 128
 #: No request, receipt or control line of the contract nests deeper than a few levels.
 MAX_JSON_DEPTH: Final = 32
@@ -141,14 +149,51 @@ def parse_model(model: type[M], value: Any) -> M:
 
 
 def transaction_of(value: Any) -> str | None:
-    """The request's ``transaction`` (CONTRACT §4: a string of at most 128 characters), or
+    """The request's ``transaction`` (CONTRACT §4: a string of at most ``MAX_TRANSACTION_LEN``), or
     :class:`WireError` if it is there and not one. Read first, so later errors can echo it."""
     if not isinstance(value, dict):
         raise WireError("request must be a JSON object")
     tx = value.get("transaction")
     if tx is not None and (not isinstance(tx, str) or len(tx) > MAX_TRANSACTION_LEN):
-        raise WireError("transaction must be a string of at most 128 characters")
+        raise WireError(f"transaction must be a string of at most {MAX_TRANSACTION_LEN} characters")
     return tx
+
+
+#: A JSON object on its way out (an answer's ``data``): the last step before ``json.dumps``.
+JsonObject = dict[str, object]
+
+
+class ErrorBody(TypedDict):
+    code: str
+    message: str
+
+
+class OkResponse(TypedDict):
+    """A request's answer (CONTRACT §4)."""
+
+    transaction: str | None
+    status: Literal["ok"]
+    data: JsonObject
+
+
+class ErrorResponse(TypedDict):
+    """A request's refusal (CONTRACT §4): the contract's code and a message."""
+
+    transaction: str | None
+    status: Literal["error"]
+    error: ErrorBody
+
+
+Response = OkResponse | ErrorResponse
+
+
+def ok_response(transaction: str | None, data: JsonObject) -> OkResponse:
+    return {"transaction": transaction, "status": "ok", "data": data}
+
+
+def error_response(transaction: str | None, code: str, message: str) -> ErrorResponse:
+    """The one error envelope, for every surface that answers a request (MQTT, control socket)."""
+    return {"transaction": transaction, "status": "error", "error": {"code": code, "message": message}}
 
 
 _Strict = ConfigDict(strict=True, extra="ignore", frozen=True)

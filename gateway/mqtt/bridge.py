@@ -41,7 +41,15 @@ from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
 from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
-from gateway.wire import Receipt, WireError, loads_bounded, parse_model, transaction_of
+from gateway.wire import (
+    Receipt,
+    Response,
+    WireError,
+    error_response,
+    loads_bounded,
+    parse_model,
+    transaction_of,
+)
 
 __all__ = [
     "HEARTBEAT_S",
@@ -84,7 +92,7 @@ DISCONNECT_WITH_WILL: Final = 0x04
 #: and the operator see it within 12 minutes — inside the 15-minute goal.
 RECEIPT_ALARM_S: Final = 600.0
 
-Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+Handler = Callable[[str, bytes], Awaitable[Response]]
 _log = log.get("mqtt")
 
 
@@ -477,21 +485,14 @@ class MqttBridge:
         async def run() -> None:
             topic, refused = self.response_topic(action, response_topic)
             if refused:
-                response: dict[str, Any] = {
-                    "transaction": _tx(payload),
-                    "status": "error",
-                    "error": {
-                        "code": "invalid_request",
-                        "message": "Response Topic must not hold a wildcard or lie on this gateway's "
-                        "own topics outside response/ (CONTRACT §8.10)",
-                    },
-                }
+                response: Response = error_response(
+                    _tx(payload),
+                    "invalid_request",
+                    "Response Topic must not hold a wildcard or lie on this gateway's "
+                    "own topics outside response/ (CONTRACT §8.10)",
+                )
             elif (budget := self._access if action in _ACCESS_ACTIONS else self._requests).locked():
-                response = {
-                    "transaction": _tx(payload),
-                    "status": "error",
-                    "error": {"code": "busy", "message": "too many requests in progress"},
-                }
+                response = error_response(_tx(payload), "busy", "too many requests in progress")
             else:
                 async with budget:
                     response = await self._handle_request(action, payload)

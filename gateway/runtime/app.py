@@ -38,6 +38,7 @@ from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import Registry
 from gateway.config import Config
 from gateway.errors import AdapterUnavailable
+from gateway.events import GatewayStarted, GatewayStopping, TimeStateChanged, TrustExpired, TrustExpiring
 from gateway.mqtt.bridge import MqttBridge
 from gateway.runtime.control import ControlServer
 from gateway.runtime.service import LockView, Service
@@ -164,9 +165,7 @@ class Gateway:
             self.started_at = int(self.clock.wall())
             if self.direct:
                 return self
-            await self.service.event(
-                "gateway.started", data={"version": _version(), "alarms": self.authz.alarms}
-            )
+            await self.service.event(GatewayStarted(version=_version(), alarms=tuple(self.authz.alarms)))
             await self._announce_expiries()
             if cfg.mqtt is not None:
                 self.mqtt = MqttBridge(
@@ -211,7 +210,7 @@ class Gateway:
         # (MQTT bridge, control socket) and each records access.failed before it ends.
         interrupted = await self.service.quiesce(STOP_GRACE_S)
         with contextlib.suppress(Exception):
-            await self.service.event("gateway.stopping", data={"interrupted_commands": interrupted})
+            await self.service.event(GatewayStopping(interrupted_commands=interrupted))
         if self.mqtt is not None:
             # Give the drain a moment to publish the stopping event, then say offline.
             if self.mqtt.connected.is_set():
@@ -369,11 +368,9 @@ class Gateway:
 
     async def _announce_expiries(self) -> None:
         for exp in self.authz.expiring():
-            kind = "trust.expired" if exp.days_left <= 0 else "trust.expiring"
+            kind = TrustExpired if exp.days_left <= 0 else TrustExpiring
             await self.service.event(
-                kind,
-                outcome="warning",
-                data={"what": exp.what, "id": exp.ident, "exp": exp.exp, "days_left": exp.days_left},
+                kind(what=exp.what, ident=exp.ident, exp=exp.exp, days_left=exp.days_left)
             )
 
     async def _expiry_loop(self) -> None:
@@ -403,9 +400,7 @@ class Gateway:
             state = str(self.authz.time_view().state)
             if state != self._last_time_state:
                 if self._last_time_state:
-                    await self.service.event(
-                        "time.state_changed", data={"from": self._last_time_state, "to": state}
-                    )
+                    await self.service.event(TimeStateChanged(before=self._last_time_state, after=state))
                     self._info_changed()
                 self._last_time_state = state
             await asyncio.sleep(TIME_STATE_EVERY_S)
