@@ -225,6 +225,15 @@ class ActuationReported(Event):
     cmd_id: str
     source: Literal["gateway"] = "gateway"
 
+    @classmethod
+    def done(cls, action: str, requester: Requester, lock_seq: int, cmd_id: str) -> ActuationReported:
+        """The lock did what ``action`` (``unlock`` or ``lock``) asked."""
+        return cls("lock.unlocked" if action == "unlock" else "lock.locked", requester, lock_seq, cmd_id)
+
+    @classmethod
+    def jammed(cls, requester: Requester, lock_seq: int, cmd_id: str) -> ActuationReported:
+        return cls("lock.jammed", requester, lock_seq, cmd_id)
+
     def event_type(self) -> str:
         return self.type
 

@@ -458,7 +458,7 @@ class Service:
         view = self.views.setdefault(record.lock, LockView(record.lock, record.name))
         view.state, view.available, view.last_contact = str(state), True, int(self.authz.clock.wall())
         if response.status is Status.JAMMED or state is LockState.JAMMED:
-            jammed = ActuationReported("lock.jammed", requester, lock_seq, cmd_id.hex())
+            jammed = ActuationReported.jammed(requester, lock_seq, cmd_id.hex())
             await self.outbox.append_many([self._fields(jammed)], forwarded=[(record.lock, lock_seq)])
             await self.event(failed(reason="lock_jammed", lock_seq=lock_seq))
             self.on_lock_state(view)
@@ -466,9 +466,7 @@ class Service:
         if response.status is not Status.OK:
             await self.event(failed(reason="lock_error", status=response.status.name))
             raise RequestError(f"the lock answered {response.status.name}", code="lock_error")
-        moved = ActuationReported(
-            "lock.unlocked" if action == "unlock" else "lock.locked", requester, lock_seq, cmd_id.hex()
-        )
+        moved = ActuationReported.done(action, requester, lock_seq, cmd_id.hex())
         (done,) = await self.outbox.append_many([self._fields(moved)], forwarded=[(record.lock, lock_seq)])
         self.on_lock_state(view)
         t_out = time.perf_counter()
