@@ -33,11 +33,13 @@ __all__ = [
     "MAX_TRANSACTION_LEN",
     "ActuateRequest",
     "ChallengeRequest",
+    "ControlAnswer",
     "ControlLine",
     "EmptyRequest",
     "ErrorBody",
     "ErrorResponse",
     "JsonObject",
+    "LockId",
     "LockRequest",
     "OkResponse",
     "Receipt",
@@ -245,8 +247,47 @@ class Receipt(BaseModel):
 
 
 class ControlLine(BaseModel):
-    """One control-socket request line: ``{"cmd": str, "args": {...}}``."""
+    """One control-socket request line: ``{"cmd": str, "args": {...}}``; each command parses
+    its ``args`` into its own model (gateway/cli/commands.py)."""
 
     model_config = _Strict
     cmd: Annotated[str, Field(min_length=1, max_length=64)]
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: JsonObject = Field(default_factory=dict)
+
+
+class ControlAnswer(BaseModel):
+    """A control command's answer (CONTRACT §6's exit codes): ``{"ok", "exit", "data"}``, or
+    ``{"ok": false, "exit", "error", "code"?, "data"?}``. Built by the daemon's commands, encoded
+    by :meth:`as_json` (the one encoder), and parsed back by the CLI with :meth:`parse`."""
+
+    model_config = _Strict
+    ok: bool
+    exit: Annotated[int, Field(ge=0, le=255)]
+    data: JsonObject | None = None
+    error: str | None = None
+    code: str | None = None
+
+    @classmethod
+    def done(cls, data: JsonObject, *, exit_code: int = 0) -> ControlAnswer:
+        return cls(ok=True, exit=exit_code, data=data)
+
+    @classmethod
+    def refused(
+        cls, message: str, *, exit_code: int = 1, code: str | None = None, data: JsonObject | None = None
+    ) -> ControlAnswer:
+        return cls(ok=False, exit=exit_code, error=message, code=code or None, data=data)
+
+    @classmethod
+    def parse(cls, value: object) -> ControlAnswer:
+        """The daemon's answer line (already bounded JSON) as an answer, or :class:`WireError`."""
+        return parse_model(cls, value)
+
+    def as_json(self) -> JsonObject:
+        out: JsonObject = {"ok": self.ok, "exit": self.exit}
+        if self.error is not None:
+            out["error"] = self.error
+        if self.code is not None:
+            out["code"] = self.code
+        if self.data is not None:
+            out["data"] = self.data
+        return out

@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from gateway.authz.keyfiles import check_secret_permissions
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.store.outbox import LOW_SPACE_BYTES
+from gateway.wire import JsonObject
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -357,5 +358,6 @@ async def _probe_broker(host_port: tuple[str, int]) -> Check:
     return Check("broker", PASS, f"{host}:{port} accepts connections (the daemon is not running)")
 
 
-def as_json(checks: list[Check]) -> dict[str, Any]:
+def as_json(checks: list[Check]) -> JsonObject:
+    """The doctor report's JSON (CONTRACT §6): ``ok`` and one object per check."""
     return {"ok": not any(c.status == FAIL for c in checks), "checks": [asdict(c) for c in checks]}

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, cast
 
 import click
 from click.shell_completion import CompletionItem, get_completion_class
@@ -34,6 +34,7 @@ from click.shell_completion import CompletionItem, get_completion_class
 from gateway.cli.ui import Ui
 from gateway.config import Config, config_path, load_checked, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
+from gateway.wire import ControlAnswer, JsonObject, WireError
 
 __all__ = ["cli", "main"]
 
@@ -121,7 +122,11 @@ class _DaemonOrDirect:
         self.config = config
         self._gw: Any = None
 
-    async def call(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, cmd: str, args: JsonObject) -> ControlAnswer:
+        """One command's answer, from the daemon or the direct gateway (parsed once, here)."""
+        return ControlAnswer.parse(await self._call(cmd, args))
+
+    async def _call(self, cmd: str, args: JsonObject) -> JsonObject:
         from gateway.cli.commands import dispatch  # noqa: PLC0415
         from gateway.runtime.control import call  # noqa: PLC0415 - keeps CLI start-up light
 
@@ -238,20 +243,16 @@ def _with_link(
     )
 
 
-def _emit(ui: Ui, answer: dict[str, Any], human: Callable[[Any], None]) -> int:
+def _emit(ui: Ui, answer: ControlAnswer, human: Callable[[Any], None]) -> int:
     """Print an answer: its data (JSON or human), or its error (JSON or stderr)."""
     if ui.json_mode:
-        ui.json(
-            answer.get("data")
-            if answer.get("ok")
-            else {"error": answer.get("error"), "code": answer.get("code")}
-        )
-    elif answer.get("ok"):
-        human(answer.get("data"))
+        ui.json(answer.data if answer.ok else {"error": answer.error, "code": answer.code})
+    elif answer.ok:
+        human(answer.data)
     else:
-        code = f"{answer['code']}: " if answer.get("code") else ""
-        ui.error(f"{code}{answer.get('error')}")
-    return int(answer.get("exit", EXIT_FAILED))
+        code = f"{answer.code}: " if answer.code else ""
+        ui.error(f"{code}{answer.error}")
+    return answer.exit
 
 
 # --- the command line --------------------------------------------------------------------------------
@@ -372,8 +373,8 @@ def pair(opts: Opts, address: str, code: str, name: str) -> int:
             a = await link.call("pair", {"address": address, "code": code, "name": name})
         # CONTRACT §6: pair prints the lock id (alone, so `L=$(lockgw pair …)` works).
         code_rc = _emit(ui, a, lambda d: ui.line(str(d["lock"])))
-        if a.get("ok") and not ui.json_mode:
-            ui.note(f"paired {a['data']['lock']} {a['data'].get('name') or ''}".rstrip())
+        if a.ok and a.data is not None and not ui.json_mode:
+            ui.note(f"paired {a.data['lock']} {a.data.get('name') or ''}".rstrip())
         return code_rc
 
     return _with_link(opts, body)
@@ -397,7 +398,7 @@ def unpair(opts: Opts, lock: str, force: bool) -> int:
     return _with_link(opts, body)
 
 
-def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
+def _lock_table(ui: Ui, answer: ControlAnswer) -> int:
     from gateway.runtime.service import LockView  # noqa: PLC0415
 
     return _emit(ui, answer, lambda d: ui.table(d["locks"], list(LockView.FIELDS), title="locks"))
@@ -467,26 +468,36 @@ async def _actuate(  # noqa: PLR0917 - the command's arguments
     from protocols import issuer  # noqa: PLC0415
 
     token = read_document(Path(token_path), "--token")
-    payload: dict[str, Any] = {"lock": lock, "token": base64.urlsafe_b64encode(token).decode().rstrip("=")}
+    payload: JsonObject = {"lock": lock, "token": base64.urlsafe_b64encode(token).decode().rstrip("=")}
     with ui.progress(f"{action}ing {lock} …"):
         if holder_key:
             holder = read_private_key(Path(holder_key), "--holder-key")
             ch = await link.call("request", {"action": "challenge", "payload": {"lock": lock, "act": action}})
-            if not ch.get("ok"):
+            if not ch.ok:
                 return _emit(ui, ch, lambda _d: None)
-            data = ch["data"]["data"]
-            nonce = base64.urlsafe_b64decode(data["nonce"] + "==")
-            proof = issuer.proof(holder, token_bytes=token, nonce=nonce, gw=data["gw"], lock=lock, act=action)
+            data = _answered(ch)
+            nonce = base64.urlsafe_b64decode(str(data["nonce"]) + "==")
+            proof = issuer.proof(
+                holder, token_bytes=token, nonce=nonce, gw=str(data["gw"]), lock=lock, act=action
+            )
             payload["proof"] = base64.urlsafe_b64encode(proof).decode().rstrip("=")
         answer = await link.call("request", {"action": action, "payload": payload})
     if ui.json_mode:
-        ui.json(answer.get("data"))
-    elif answer.get("ok"):
-        d = answer["data"]["data"]
+        ui.json(answer.data)
+    elif answer.ok:
+        d = _answered(answer)
         ui.line(f"{d['lock']}: {d['state']} (event #{d['seq']})")
     else:
-        ui.error(f"{action} refused: {answer.get('code')}: {answer.get('error')}")
-    return int(answer["exit"])
+        ui.error(f"{action} refused: {answer.code}: {answer.error}")
+    return answer.exit
+
+
+def _answered(answer: ControlAnswer) -> JsonObject:
+    """The data of a ``request`` command's ok answer: the MQTT response's own ``data``."""
+    inner = (answer.data or {}).get("data")
+    if not isinstance(inner, dict):
+        raise WireError("the daemon's answer to a request carries no data")
+    return inner
 
 
 _actuate_command("unlock")
@@ -567,9 +578,9 @@ def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one 
             a = await link.call(
                 "events", {"since": cursor, "limit": limit, **{k: v for k, v in filters.items() if v}}
             )
-            if not a.get("ok"):
+            if not a.ok or a.data is None:
                 return _emit(ui, a, lambda _d: None)
-            d = a["data"]
+            d: dict[str, Any] = a.data
             if not follow:
                 if ui.json_mode:
                     ui.json(d)
@@ -618,8 +629,8 @@ def trust_show(opts: Opts) -> int:
 
     async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         a = await link.call("trust_show", {})
-        d = a.get("data") or {}
-        if a.get("ok") and ui.json_mode:
+        d: dict[str, Any] = a.data or {}
+        if a.ok and ui.json_mode:
             for name in ("keyring", "revocations"):
                 if isinstance(d.get(name), dict):
                     d[name].pop("days_left", None)
@@ -673,12 +684,12 @@ def doctor(opts: Opts) -> int:
         with ui.progress("checking …"):
             a = await link.call("doctor", {})
         if ui.json_mode:
-            ui.json(a.get("data"))
-        elif "data" in a:
-            ui.checks(a["data"].get("checks", []))
+            ui.json(a.data)
+        elif a.data is not None:
+            ui.checks(cast("list[dict[str, Any]]", a.data.get("checks", [])))
         else:
-            ui.error(str(a.get("error")))
-        return int(a.get("exit", EXIT_FAILED))
+            ui.error(str(a.error))
+        return a.exit
 
     return _with_link(opts, body)
 

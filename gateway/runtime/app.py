@@ -45,6 +45,7 @@ from gateway.runtime.service import LockView, Service
 from gateway.runtime.supervisor import Component, Failure, OnFailure, Supervisor
 from gateway.runtime.systemd import notify, watchdog_interval_s
 from gateway.store.outbox import Outbox, OutboxStats
+from gateway.wire import ControlAnswer, JsonObject
 from protocols.credentials import Policy, TimeView
 
 __all__ = ["Gateway"]
@@ -100,7 +101,7 @@ class Gateway:
     mqtt: MqttBridge | None = field(init=False, default=None)
     #: What answers the control socket (``gateway.cli.commands.dispatch``, injected by the
     #: CLI so that this layer never imports the one above it); None: no control socket.
-    control_handler: Callable[[Gateway, str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    control_handler: Callable[[Gateway, str, JsonObject], Awaitable[JsonObject]] | None = None
     #: Direct mode for a reader (``events``, ``locks``): no lock on the data directory at all, so
     #: a technician's ``events --follow`` never keeps the daemon from starting.
     readonly: bool = False
@@ -357,11 +358,11 @@ class Gateway:
 
     # --- the control socket ---------------------------------------------------------------
 
-    async def control(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def control(self, cmd: str, args: JsonObject) -> JsonObject:
         """Commands from ``lockgw`` while the daemon runs (gateway/runtime/control.py), answered by the
         injected ``control_handler`` (gateway/cli/commands.py: the CLI layer, above this one)."""
         if self.control_handler is None:
-            return {"ok": False, "exit": 2, "error": "this gateway serves no control commands"}
+            return ControlAnswer.refused("this gateway serves no control commands", exit_code=2).as_json()
         return await self.control_handler(self, cmd, args)
 
     # --- loops ------------------------------------------------------------------------------
