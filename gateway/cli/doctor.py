@@ -21,6 +21,7 @@ from gateway.authz.keyfiles import check_secret_permissions
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.store.outbox import LOW_SPACE_BYTES
 from gateway.wire import JsonObject
+from protocols.credentials import TimeState
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -195,7 +196,7 @@ async def _broker(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
 
 async def _time(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     view = gw.time_view()
-    synced = str(view.state) == "synced"
+    synced = view.state is TimeState.SYNCED
     return [
         Check(
             "time",

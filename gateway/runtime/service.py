@@ -38,7 +38,7 @@ import structlog
 from pydantic import BaseModel
 
 from gateway import log
-from gateway.authz.authorizer import Authorizer, InstallOutcome
+from gateway.authz.authorizer import Authorizer, DocumentKind, InstallOutcome
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord, Registry
 from gateway.errors import BleError, LockgwError, OutboxError
@@ -82,6 +82,7 @@ from protocols.credentials import Decision
 from protocols.errors import ProtocolError, TokenError
 from protocols.limits import CHALLENGE_TTL_S, COMMAND_ID_LEN
 from protocols.messages import (
+    DoorState,
     LockState,
     Op,
     Status,
@@ -157,8 +158,8 @@ class LockView:
 
     lock: str
     name: str
-    state: str = "unknown"
-    door: str = "unknown"
+    state: LockState = LockState.UNKNOWN
+    door: DoorState = DoorState.UNKNOWN
     battery_pct: int | None = None
     available: bool = False
     last_contact: int | None = None
@@ -362,9 +363,9 @@ class Service:
             raise RequestError("the gateway is stopping; try again in a few seconds", code="busy")
         record = self._record(body)
         for name, carried in (
-            ("keyring", body.keyring),
-            ("revocations", body.revocations),
-            ("time", body.time),
+            (DocumentKind.KEYRING, body.keyring),
+            (DocumentKind.REVOCATIONS, body.revocations),
+            (DocumentKind.TIME, body.time),
         ):
             if carried:
                 try:
@@ -456,7 +457,7 @@ class Service:
             await self.event(failed(reason=code, message=str(exc)))
             raise RequestError(f"{action} was authorised but failed: {exc}", code=code) from exc
         view = self.views.setdefault(record.lock, LockView(record.lock, record.name))
-        view.state, view.available, view.last_contact = str(state), True, int(self.authz.clock.wall())
+        view.state, view.available, view.last_contact = state, True, int(self.authz.clock.wall())
         if response.status is Status.JAMMED or state is LockState.JAMMED:
             jammed = ActuationReported.jammed(requester, lock_seq, cmd_id.hex())
             await self.outbox.append_many([self._fields(jammed)], forwarded=[(record.lock, lock_seq)])
@@ -672,7 +673,7 @@ class Service:
                 self.on_lock_state(view)
             raise
         was_available = view.available
-        view.state, view.door, view.battery_pct = str(status.state), str(status.door), status.battery_pct
+        view.state, view.door, view.battery_pct = status.state, status.door, status.battery_pct
         view.firmware, view.available, view.last_contact = status.firmware, True, int(self.authz.clock.wall())
         self._fresh_at[record.lock] = self.authz.clock.mono()
         if not was_available:
