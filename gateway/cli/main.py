@@ -554,7 +554,7 @@ class _When(click.ParamType[str]):
 @click.option("--until", type=_When(), default=None, help="Before this time (ISO 8601, or an age).")
 @json_option
 @click.pass_obj
-def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one branch per filter and mode
+def events(  # noqa: PLR0917 - click passes one parameter per option
     opts: Opts,
     since: int,
     limit: int,
@@ -571,31 +571,20 @@ def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one 
     clock, emergency alarm) are tagged; on a terminal a tick marks what central has receipted.
     """
     filters = {"lock": lock, "type": type_, "sub": sub, "from": from_, "until": until}
+    given: JsonObject = {k: v for k, v in filters.items() if v}
 
     async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         cursor = since
         while True:
-            a = await link.call(
-                "events", {"since": cursor, "limit": limit, **{k: v for k, v in filters.items() if v}}
-            )
+            a = await link.call("events", {"since": cursor, "limit": limit, **given})
             if not a.ok or a.data is None:
                 return _emit(ui, a, lambda _d: None)
-            d: dict[str, Any] = a.data
+            page: dict[str, Any] = a.data
             if not follow:
-                if ui.json_mode:
-                    ui.json(d)
-                elif d["events"]:
-                    ui.event_table(d["events"], receipt_seq=d["receipt_seq"])
-                else:
-                    ui.note(f"(no matching events from #{cursor}; the last is #{d['last_seq']})")
-                return EXIT_OK
-            for e in d["events"]:
-                if ui.json_mode:
-                    ui.json(e)
-                else:
-                    ui.event(e, receipt_seq=d["receipt_seq"])
-            cursor = d["next"]
-            if len(d["events"]) < limit:
+                return _show_events(ui, page, cursor)
+            _print_followed(ui, page)
+            cursor = page["next"]
+            if len(page["events"]) < limit:
                 await asyncio.sleep(FOLLOW_POLL_S)
 
     # --follow ends with Ctrl-C or SIGTERM: that is success. (KeyboardInterrupt: a Ctrl-C
@@ -608,6 +597,26 @@ def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one 
         if follow:
             return EXIT_OK
         raise
+
+
+def _show_events(ui: Ui, page: dict[str, Any], cursor: int) -> int:
+    """One page of history: JSON, a table, or a note that nothing matched."""
+    if ui.json_mode:
+        ui.json(page)
+    elif page["events"]:
+        ui.event_table(page["events"], receipt_seq=page["receipt_seq"])
+    else:
+        ui.note(f"(no matching events from #{cursor}; the last is #{page['last_seq']})")
+    return EXIT_OK
+
+
+def _print_followed(ui: Ui, page: dict[str, Any]) -> None:
+    """``--follow``: each event as a JSON line or a line of text."""
+    for e in page["events"]:
+        if ui.json_mode:
+            ui.json(e)
+        else:
+            ui.event(e, receipt_seq=page["receipt_seq"])
 
 
 @cli.group(epilog=_example("lockgw trust show", "lockgw trust install keyring.cose"))
