@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar, Final, Literal
+from typing import ClassVar, Final, Literal, NotRequired, TypedDict
 
 from protocols.messages import LogEntry, LogKind
 
@@ -54,6 +54,7 @@ __all__ = [
     "LockUnreachable",
     "Outcome",
     "Requester",
+    "SealedEvent",
     "Stamp",
     "TimeAlarm",
     "TimeStateChanged",
@@ -78,6 +79,33 @@ class Outcome(StrEnum):
     REJECTED = "rejected"
     WARNING = "warning"
     ALARM = "alarm"
+
+
+class SealedEvent(TypedDict):
+    """An event as committed, stored and published (CONTRACT §5): the outbox's answer to an
+    append and what it reads back. ``replayed`` only on a re-publication."""
+
+    v: int
+    gw: str
+    site: str
+    epoch: str
+    seq: int
+    id: str
+    ts: str
+    time_state: str
+    trust_state: str
+    type: str
+    lock: str | None
+    outcome: str
+    reason: str | None
+    sub: str | None
+    cti: str | None
+    role: str | None
+    transaction: str | None
+    data: dict[str, object]
+    prev: str
+    hash: str
+    replayed: NotRequired[bool]
 
 
 @dataclass(frozen=True, slots=True)

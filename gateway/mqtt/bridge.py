@@ -28,7 +28,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypedDict
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -39,9 +39,11 @@ from gateway import log
 from gateway.backoff import backoff_for
 from gateway.config import MqttConfig
 from gateway.errors import MqttUnavailable
+from gateway.events import SealedEvent
 from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
 from gateway.wire import (
+    JsonObject,
     Receipt,
     Response,
     WireError,
@@ -54,6 +56,8 @@ from gateway.wire import (
 __all__ = [
     "HEARTBEAT_S",
     "RECEIPT_ALARM_S",
+    "GatewayInfo",
+    "Heartbeat",
     "MqttBridge",
     "ReceiptWatch",
     "quiet_closed_socket_callbacks",
@@ -93,6 +97,36 @@ DISCONNECT_WITH_WILL: Final = 0x04
 RECEIPT_ALARM_S: Final = 600.0
 
 Handler = Callable[[str, bytes], Awaitable[Response]]
+
+
+class GatewayInfo(TypedDict):
+    """The retained ``B/G/info`` object (CONTRACT §4)."""
+
+    gw: str
+    site: str
+    version: str
+    started_at: int | None
+    epoch: str
+    locks: list[str]
+    keyring_version: int | None
+    keyring_exp: int | None
+    revocations_version: int | None
+    revocations_exp: int | None
+    time_state: str
+
+
+class Heartbeat(TypedDict):
+    """The ``B/G/heartbeat`` object (CONTRACT §4, §8.8)."""
+
+    ts: int
+    epoch: str
+    last_seq: int
+    receipt_seq: int
+    backlog: int
+    time_state: str
+    alarms: list[str]
+
+
 _log = log.get("mqtt")
 
 
@@ -135,9 +169,9 @@ class MqttBridge:
         outbox: Outbox,
         handle_request: Handler,
         install: Callable[[bytes], Awaitable[object]],
-        info: Callable[[], dict[str, Any]],
-        heartbeat: Callable[[], dict[str, Any]],
-        lock_states: Callable[[], list[dict[str, Any]]],
+        info: Callable[[], GatewayInfo],
+        heartbeat: Callable[[], Heartbeat],
+        lock_states: Callable[[], list[JsonObject]],
         heartbeat_s: float = HEARTBEAT_S,
         republish_after_s: float = REPUBLISH_AFTER_S,
         receipt_alarm_s: float = RECEIPT_ALARM_S,
@@ -334,12 +368,12 @@ class MqttBridge:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             await self._publish(self.t_info, json.dumps(self._info(), sort_keys=True), retain=True)
 
-    async def publish_lock_state(self, state: dict[str, Any]) -> None:
+    async def publish_lock_state(self, state: JsonObject) -> None:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             topic = f"{self.cfg.base_topic}/{self.gw_id}/locks/{state['lock']}/state"
             await self._publish(topic, json.dumps(state, sort_keys=True), retain=True)
 
-    async def publish_replayed(self, event: dict[str, Any]) -> None:
+    async def publish_replayed(self, event: SealedEvent) -> None:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             await self._publish(self.t_events, json.dumps(event, sort_keys=True))
 

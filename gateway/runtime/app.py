@@ -39,7 +39,7 @@ from gateway.ble.registry import Registry
 from gateway.config import Config
 from gateway.errors import AdapterUnavailable
 from gateway.events import GatewayStarted, GatewayStopping, TimeStateChanged, TrustExpired, TrustExpiring
-from gateway.mqtt.bridge import MqttBridge
+from gateway.mqtt.bridge import GatewayInfo, Heartbeat, MqttBridge
 from gateway.runtime.control import ControlServer
 from gateway.runtime.service import LockView, Service
 from gateway.runtime.supervisor import Component, Failure, OnFailure, Supervisor
@@ -224,7 +224,7 @@ class Gateway:
 
     # --- published state --------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> GatewayInfo:
         summary = self.authz.trust_summary()
         kr, rl = summary["keyring"], summary["revocations"]
         return {
@@ -241,7 +241,7 @@ class Gateway:
             "time_state": str(self.authz.time_view().state),
         }
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self) -> Heartbeat:
         stats = self.outbox.stats()
         return {
             "ts": int(self.clock.wall()),

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Generic, Protocol, TypedDict, TypeVar
 
@@ -54,6 +54,7 @@ from gateway.events import (
     LockUnpaired,
     LockUnreachable,
     Requester,
+    SealedEvent,
     Stamp,
     TimeAlarm,
     TrustExpiring,
@@ -217,7 +218,7 @@ class Service:
     links: LinkManager
     on_lock_state: Callable[[LockView], None] = lambda _v: None
     on_info_changed: Callable[[], None] = lambda: None
-    replay_sink: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    replay_sink: Callable[[SealedEvent], Awaitable[None]] | None = None
     views: dict[str, LockView] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
@@ -262,7 +263,7 @@ class Service:
     def _fields(self, event: Event) -> dict[str, object]:
         return event_fields(event, self._stamp())
 
-    async def event(self, event: Event) -> dict[str, Any]:
+    async def event(self, event: Event) -> SealedEvent:
         """Commit ``event`` (gateway/events.py) durably; the sealed event."""
         return await self.outbox.append(self._fields(event))
 
@@ -396,7 +397,7 @@ class Service:
         return await self._grant_and_run(record, action, decision, tx, t0)
 
     async def _deny(self, record: LockRecord, action: str, tx: str | None, exc: TokenError) -> Actuated:
-        ctx: dict[str, Any] = getattr(exc, "context", {})
+        ctx: Mapping[str, str | None] = getattr(exc, "context", {})  # protocols.credentials sets it
         requester = Requester(record.lock, ctx.get("sub"), ctx.get("cti"), ctx.get("role"), tx)
         await self.event(AccessDenied(requester=requester, reason=exc.code, action=action, message=str(exc)))
         raise RequestError(str(exc), code=exc.code)
@@ -505,7 +506,7 @@ class Service:
         sub: str | None = None,
         ts_from: str | None = None,
         ts_until: str | None = None,
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[SealedEvent], int]:
         """Stored events from ``since`` matching every filter given, and where to continue
         (gateway/store/outbox.py, ``Outbox.query``)."""
         return await self.outbox.query(
