@@ -106,7 +106,7 @@ def _complete_locks(ctx: click.Context, _param: click.Parameter, incomplete: str
     return [CompletionItem(lock, help=name or None) for lock, name in rows]
 
 
-# --- the link to the daemon (or the data directory) ------------------------------------------------
+# --- where a command goes: the daemon, or the data directory --------------------------------------
 
 
 #: Direct-mode commands that only read: they never keep ``lockgw run`` from starting.
@@ -227,19 +227,20 @@ def _run_stoppable(
     return asyncio.run(go())
 
 
-def _with_link(
+def _with_gateway(
     opts: Opts,
     body: Callable[[_DaemonOrDirect, Ui], Awaitable[int]],
     *,
     stopped: Callable[[signal.Signals], int] | None = None,
 ) -> int:
-    """Run ``body`` on a link; SIGINT or SIGTERM end it, and the link is closed either way."""
+    """Run ``body`` against the daemon (or the direct gateway); SIGINT or SIGTERM end it, and
+    the direct gateway is closed either way."""
     config = opts.load()
-    link = _DaemonOrDirect(config)
+    target = _DaemonOrDirect(config)
     return _run_stoppable(
-        lambda: body(link, opts.ui),
+        lambda: body(target, opts.ui),
         stopped=stopped or (lambda sig: _stopped_by(sig, as_json=opts.json)),
-        cleanup=link.close,
+        cleanup=target.close,
     )
 
 
@@ -349,13 +350,13 @@ def scan(opts: Opts, timeout: float) -> int:
     pairing mode.
     """
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress(f"scanning for {timeout:g} s …"):
-            a = await link.call("scan", {"timeout": timeout})
+            a = await target.call("scan", {"timeout": timeout})
         cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
         return _emit(ui, a, lambda d: ui.table(d["locks"], cols, title="locks in range"))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(epilog=_example("lockgw pair C0:12:34:56:78:9A --code 123-456-789 --name 'Front door'"))
@@ -367,17 +368,17 @@ def scan(opts: Opts, timeout: float) -> int:
 def pair(opts: Opts, address: str, code: str, name: str) -> int:
     """Pair a lock that is in pairing mode; prints the lock id alone."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         ui.note("put the lock in pairing mode (hold its button until the light blinks blue)")
         with ui.progress(f"pairing with {address} …"):
-            a = await link.call("pair", {"address": address, "code": code, "name": name})
+            a = await target.call("pair", {"address": address, "code": code, "name": name})
         # CONTRACT §6: pair prints the lock id (alone, so `L=$(lockgw pair …)` works).
         code_rc = _emit(ui, a, lambda d: ui.line(str(d["lock"])))
         if a.ok and a.data is not None and not ui.json_mode:
             ui.note(f"paired {a.data['lock']} {a.data.get('name') or ''}".rstrip())
         return code_rc
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(
@@ -390,12 +391,12 @@ def pair(opts: Opts, address: str, code: str, name: str) -> int:
 def unpair(opts: Opts, lock: str, force: bool) -> int:
     """Wipe a lock's key on both ends."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress(f"unpairing {lock} …"):
-            a = await link.call("unpair", {"lock": lock, "force": force})
+            a = await target.call("unpair", {"lock": lock, "force": force})
         return _emit(ui, a, lambda _d: ui.line(f"unpaired {lock}"))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 def _lock_table(ui: Ui, answer: ControlAnswer) -> int:
@@ -410,10 +411,10 @@ def _lock_table(ui: Ui, answer: ControlAnswer) -> int:
 def locks(opts: Opts) -> int:
     """List paired locks and their last known state."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        return _lock_table(ui, await link.call("locks", {}))
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
+        return _lock_table(ui, await target.call("locks", {}))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(epilog=_example("lockgw status lk-1a2b3c4d", "lockgw status"))
@@ -423,15 +424,15 @@ def locks(opts: Opts) -> int:
 def status(opts: Opts, lock: str | None) -> int:
     """Refresh and show a lock's state (every lock without L)."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         if lock is None:
             with ui.progress("asking every lock …"):
-                return _lock_table(ui, await link.call("status", {}))
+                return _lock_table(ui, await target.call("status", {}))
         with ui.progress(f"asking {lock} …"):
-            a = await link.call("status", {"lock": lock})
+            a = await target.call("status", {"lock": lock})
         return _emit(ui, a, lambda d: ui.line("\n".join(f"{k:>13}: {v}" for k, v in d.items())))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 def _actuate_command(action: str) -> click.Command:
@@ -448,7 +449,7 @@ def _actuate_command(action: str) -> click.Command:
     @json_option
     @click.pass_obj
     def command(opts: Opts, lock: str, token: str, holder_key: str | None) -> int:
-        return _with_link(opts, lambda link, ui: _actuate(link, ui, action, lock, token, holder_key))
+        return _with_gateway(opts, lambda target, ui: _actuate(target, ui, action, lock, token, holder_key))
 
     command.__doc__ = (
         f"{action.capitalize()} a door with a token.\n\n"
@@ -462,7 +463,7 @@ def _actuate_command(action: str) -> click.Command:
 
 
 async def _actuate(  # noqa: PLR0917 - the command's arguments
-    link: _DaemonOrDirect, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
+    target: _DaemonOrDirect, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
 ) -> int:
     from gateway.authz.keyfiles import read_document, read_private_key  # noqa: PLC0415
     from protocols import issuer  # noqa: PLC0415
@@ -472,7 +473,9 @@ async def _actuate(  # noqa: PLR0917 - the command's arguments
     with ui.progress(f"{action}ing {lock} …"):
         if holder_key:
             holder = read_private_key(Path(holder_key), "--holder-key")
-            ch = await link.call("request", {"action": "challenge", "payload": {"lock": lock, "act": action}})
+            ch = await target.call(
+                "request", {"action": "challenge", "payload": {"lock": lock, "act": action}}
+            )
             if not ch.ok:
                 return _emit(ui, ch, lambda _d: None)
             data = _answered(ch)
@@ -481,7 +484,7 @@ async def _actuate(  # noqa: PLR0917 - the command's arguments
                 holder, token_bytes=token, nonce=nonce, gw=str(data["gw"]), lock=lock, act=action
             )
             payload["proof"] = base64.urlsafe_b64encode(proof).decode().rstrip("=")
-        answer = await link.call("request", {"action": action, "payload": payload})
+        answer = await target.call("request", {"action": action, "payload": payload})
     if ui.json_mode:
         ui.json(answer.data)
     elif answer.ok:
@@ -573,10 +576,10 @@ def events(  # noqa: PLR0917 - click passes one parameter per option
     filters = {"lock": lock, "type": type_, "sub": sub, "from": from_, "until": until}
     given: JsonObject = {k: v for k, v in filters.items() if v}
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         cursor = since
         while True:
-            a = await link.call("events", {"since": cursor, "limit": limit, **given})
+            a = await target.call("events", {"since": cursor, "limit": limit, **given})
             if not a.ok or a.data is None:
                 return _emit(ui, a, lambda _d: None)
             page: dict[str, Any] = a.data
@@ -590,7 +593,7 @@ def events(  # noqa: PLR0917 - click passes one parameter per option
     # --follow ends with Ctrl-C or SIGTERM: that is success. (KeyboardInterrupt: a Ctrl-C
     # while the configuration is read, before the command's own handling is installed.)
     try:
-        return _with_link(
+        return _with_gateway(
             opts, body, stopped=lambda _sig: EXIT_OK if follow else _stopped_by(_sig, as_json=opts.json)
         )
     except KeyboardInterrupt:
@@ -636,8 +639,8 @@ def _doc(doc: Any) -> str:
 def trust_show(opts: Opts) -> int:
     """Installed keyring and revocation list (versions, days to expiry) and the time floor."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        a = await link.call("trust_show", {})
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
+        a = await target.call("trust_show", {})
         d: dict[str, Any] = a.data or {}
         if a.ok and ui.json_mode:
             for name in ("keyring", "revocations"):
@@ -654,7 +657,7 @@ def trust_show(opts: Opts) -> int:
             ),
         )
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @trust.command("install", epilog=_example("lockgw trust install keyring.cose"))
@@ -665,8 +668,8 @@ def trust_install(opts: Opts, file: str) -> int:
     """Install a keyring, revocation list or time statement (told apart by content type)."""
     raw = Path(file).read_bytes()
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        a = await link.call("trust_install", {"document": base64.b64encode(raw).decode()})
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
+        a = await target.call("trust_install", {"document": base64.b64encode(raw).decode()})
         return _emit(
             ui,
             a,
@@ -676,7 +679,7 @@ def trust_install(opts: Opts, file: str) -> int:
             ),
         )
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(epilog=_example("lockgw doctor", "lockgw --json doctor"))
@@ -689,9 +692,9 @@ def doctor(opts: Opts) -> int:
     and TLS, time state, keyring and revocation expiry, outbox backlog, systemd watchdog.
     """
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress("checking …"):
-            a = await link.call("doctor", {})
+            a = await target.call("doctor", {})
         if ui.json_mode:
             ui.json(a.data)
         elif a.data is not None:
@@ -700,7 +703,7 @@ def doctor(opts: Opts) -> int:
             ui.error(str(a.error))
         return a.exit
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(
