@@ -28,9 +28,13 @@ from gateway.errors import LockgwError
 from protocols.event_encoding import INT64_MAX
 
 __all__ = [
+    "ECHO_LEN",
+    "MAX_EVENTS_PAGE",
     "MAX_JSON_DEPTH",
     "MAX_REQUEST_BYTES",
     "MAX_TRANSACTION_LEN",
+    "SCAN_S_MAX",
+    "SCAN_S_MIN",
     "ActuateRequest",
     "ChallengeRequest",
     "ControlAnswer",
@@ -58,6 +62,14 @@ __all__ = [
 MAX_REQUEST_BYTES: Final = 64 * 1024
 #: A request's ``transaction``: a string of at most this many characters (CONTRACT §4).
 MAX_TRANSACTION_LEN: Final = 128
+#: An identifier from outside (an action, a lock id) is cut to this many characters where a
+#: message or a log line repeats it.
+ECHO_LEN: Final = 64
+#: ``lockgw events``: events per answer at most. ``lockgw scan``: seconds to listen, at least
+#: and at most. (The CLI's options and the daemon's arguments check the same bounds.)
+MAX_EVENTS_PAGE: Final = 10_000
+SCAN_S_MIN: Final = 0.5
+SCAN_S_MAX: Final = 60
 #: No request, receipt or control line of the contract nests deeper than a few levels.
 MAX_JSON_DEPTH: Final = 32
 #: Identifiers (lock ids, epochs) are short; anything longer is not one.

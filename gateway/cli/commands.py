@@ -27,7 +27,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from gateway.cli.doctor import HealthSnapshot, as_json, run_checks
 from gateway.errors import AdapterUnavailable, BleError, PairingFailed
 from gateway.runtime.service import RequestError, refusal_of
-from gateway.wire import ControlAnswer, JsonObject, LockId, LockRequest, first_error
+from gateway.wire import (
+    MAX_EVENTS_PAGE,
+    SCAN_S_MAX,
+    SCAN_S_MIN,
+    ControlAnswer,
+    JsonObject,
+    LockId,
+    LockRequest,
+    first_error,
+)
 from protocols.event_encoding import INT64_MAX
 from protocols.gatt import COMPANY_ID, decode_advert
 
@@ -49,8 +58,6 @@ __all__ = [
     "dispatch",
 ]
 
-MAX_EVENTS: Final = 10_000
-MAX_SCAN_S: Final = 60.0
 #: Filter strings longer than this are not lock ids, types or subjects (bounds the query).
 MAX_FILTER_LEN: Final = 256
 _ADDRESS: Final = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
@@ -137,7 +144,7 @@ class EventsArgs(_Args):
 
     FILTERS: ClassVar[tuple[str, ...]] = ("lock", "type", "sub", "from", "until")
     since: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
-    limit: Annotated[int, Field(ge=1, le=MAX_EVENTS)] = 100
+    limit: Annotated[int, Field(ge=1, le=MAX_EVENTS_PAGE)] = 100
     lock: _Filter | None = None
     type: Annotated[_Filter | None, Field(pattern=_TYPE_FILTER)] = None
     sub: _Filter | None = None
@@ -149,7 +156,7 @@ class EventsArgs(_Args):
         errors = exc.errors(include_url=False, include_input=False)
         where = {str(e["loc"][0]): e["type"] for e in errors if e["loc"]}
         if "since" in where or "limit" in where:
-            message = f"events takes 1 ≤ since ≤ 2^63-1 and 1 ≤ limit ≤ {MAX_EVENTS}"
+            message = f"events takes 1 ≤ since ≤ 2^63-1 and 1 ≤ limit ≤ {MAX_EVENTS_PAGE}"
         else:
             bad = next(
                 (
@@ -202,8 +209,8 @@ class UnpairArgs(_Args):
 
 
 class ScanArgs(_Args):
-    USAGE: ClassVar[str] = "scan timeout must be 0.5..60 s"
-    timeout: Annotated[float, Field(ge=0.5, le=MAX_SCAN_S)] = 5.0
+    USAGE: ClassVar[str] = f"scan timeout must be {SCAN_S_MIN:g}..{SCAN_S_MAX:g} s"
+    timeout: Annotated[float, Field(ge=SCAN_S_MIN, le=SCAN_S_MAX)] = 5.0
 
 
 # --- the commands -------------------------------------------------------------------------------

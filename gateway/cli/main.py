@@ -34,7 +34,8 @@ from click.shell_completion import CompletionItem, get_completion_class
 from gateway.cli.ui import Ui
 from gateway.config import Config, config_path, load_checked, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
-from gateway.wire import ControlAnswer, JsonObject, WireError
+from gateway.wire import MAX_EVENTS_PAGE, SCAN_S_MAX, SCAN_S_MIN, ControlAnswer, JsonObject, WireError
+from protocols.event_encoding import INT64_MAX
 
 __all__ = ["cli", "main"]
 
@@ -336,7 +337,7 @@ def config_check(opts: Opts, path: str | None) -> int:
 @cli.command(epilog=_example("lockgw scan --timeout 10"))
 @click.option(
     "--timeout",
-    type=click.FloatRange(0.5, 60),
+    type=click.FloatRange(SCAN_S_MIN, SCAN_S_MAX),
     default=5.0,
     show_default=True,
     help="Seconds to listen (0.5..60).",
@@ -541,13 +542,13 @@ class _When(click.ParamType[str]):
 )
 @click.option(
     "--since",
-    type=click.IntRange(min=1, max=2**63 - 1),
+    type=click.IntRange(min=1, max=INT64_MAX),
     default=1,
     show_default=True,
     help="First seq to show.",
 )
 @click.option(
-    "--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Events at most."
+    "--limit", type=click.IntRange(1, MAX_EVENTS_PAGE), default=100, show_default=True, help="Events at most."
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events (JSON lines with --json).")
 @click.option("--lock", default=None, shell_complete=_complete_locks, help="Only this lock's events.")

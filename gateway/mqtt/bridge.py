@@ -43,6 +43,7 @@ from gateway.events import SealedEvent
 from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
 from gateway.wire import (
+    ECHO_LEN,
     JsonObject,
     Receipt,
     Response,
@@ -491,7 +492,9 @@ class MqttBridge:
         refused too — else a requester could make the gateway publish, with its own broker
         rights, where only central or phones may (every gateway of the site would then record a
         ``trust.rejected``)."""
-        own = self.t_response + (action if action.isascii() and action.isprintable() else "invalid")[:64]
+        own = (
+            self.t_response + (action if action.isascii() and action.isprintable() else "invalid")[:ECHO_LEN]
+        )
         if requested is None or requested == "":
             return own, False
         if not isinstance(requested, str):

@@ -64,6 +64,7 @@ from gateway.events import (
 )
 from gateway.store.outbox import Outbox
 from gateway.wire import (
+    ECHO_LEN,
     MAX_REQUEST_BYTES,
     ActuateRequest,
     ChallengeRequest,
@@ -308,7 +309,7 @@ class Service:
         return await self._logged(action, lambda: value)
 
     async def _logged(self, action: str, parse: Callable[[], object]) -> Response:
-        with structlog.contextvars.bound_contextvars(action=action[:64], transaction=None, lock=None):
+        with structlog.contextvars.bound_contextvars(action=action[:ECHO_LEN], transaction=None, lock=None):
             answer = await self._answer(action, parse)
             _log.info(
                 "request",
@@ -326,7 +327,8 @@ class Service:
             route = self._ROUTES.get(action)
             if route is None:
                 raise RequestError(
-                    f"unknown action {action[:64]!r}; use one of {sorted(ACTIONS)}", code="unknown_action"
+                    f"unknown action {action[:ECHO_LEN]!r}; use one of {sorted(ACTIONS)}",
+                    code="unknown_action",
                 )
             data = await route.answer(self, value, transaction)
         except Exception as exc:  # noqa: BLE001 - refusals, bad input and bugs alike become answers
@@ -334,11 +336,11 @@ class Service:
         return ok_response(transaction, data)
 
     def _record(self, request: LockRequest) -> LockRecord:
-        structlog.contextvars.bind_contextvars(lock=request.lock[:64])
+        structlog.contextvars.bind_contextvars(lock=request.lock[:ECHO_LEN])
         record = self.registry.get(request.lock)
         if record is None:
             raise RequestError(
-                f"lock {request.lock[:64]!r} is not paired with this gateway", code="unknown_lock"
+                f"lock {request.lock[:ECHO_LEN]!r} is not paired with this gateway", code="unknown_lock"
             )
         return record
 
