@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
 from gateway.authz.keyfiles import check_secret_permissions
+from gateway.cli import hostsetup
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.store.outbox import LOW_SPACE_BYTES
 from gateway.wire import JsonObject
@@ -31,14 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["CHECKS", "BrokerLink", "Check", "CheckFn", "CheckStatus", "HealthSnapshot", "run_checks"]
 
 BACKLOG_WARN: Final = 1000
-#: BlueZ settings the threat model relies on (THREATS B8–B10), from /etc/bluetooth/main.conf.
-BLUEZ_WANTED: Final = {
-    ("General", "ControllerMode"): "le",
-    ("General", "JustWorksRepairing"): "never",
-    ("General", "AlwaysPairable"): "false",
-    ("General", "SecureConnections"): "only",
-    ("GATT", "KeySize"): "16",
-}
+#: Resolving the broker's name when DNS is down can take long; doctor says so instead of waiting.
+RESOLVE_WITHIN_S: Final = 5.0
 
 
 class BrokerLink(Protocol):
@@ -194,6 +189,27 @@ async def _broker(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     ]
 
 
+async def _unit_network(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    """The installed unit's IPAddressAllow= admits the configured broker (no line: no unit)."""
+    cfg = gw.config
+    try:
+        async with asyncio.timeout(RESOLVE_WITHIN_S):
+            return await asyncio.to_thread(_unit_network_sync, cfg)
+    except TimeoutError:
+        host = cfg.mqtt.host_port[0] if cfg.mqtt else "?"
+        return [
+            Check("unit network", WARN, f"{host} did not resolve in {RESOLVE_WITHIN_S:.0f} s", "check DNS")
+        ]
+
+
+def _unit_network_sync(cfg: Config) -> list[Check]:
+    texts = hostsetup.read_unit_texts()
+    if texts is None:
+        return []
+    result = hostsetup.check_broker_allowed(cfg, texts)
+    return [Check("unit network", CheckStatus(result.status), result.detail, result.fix)]
+
+
 async def _time(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     view = gw.time_view()
     synced = view.state is TimeState.SYNCED
@@ -289,6 +305,7 @@ CHECKS: Final[tuple[CheckFn, ...]] = (
     _database_integrity,
     _ble,
     _broker,
+    _unit_network,
     _time,
     _trust_documents,
     _outbox,
@@ -320,30 +337,20 @@ async def _bumble_adapter(gw: HealthSnapshot, transport: str | None, *, daemon: 
     )
 
 
-def _bluez_settings(path: Path = Path("/etc/bluetooth/main.conf")) -> Check:
+def _bluez_settings(path: Path = hostsetup.BLUEZ_MAIN_CONF) -> Check:
+    """THREATS B8–B10 through the keys BlueZ 5.66 reads (:data:`hostsetup.BLUEZ_WANTED`)."""
+    fix = (
+        "run packaging/install.sh (or set " + hostsetup.bluez_wanted_text() + "), systemctl restart bluetooth"
+    )
     if not path.exists():
-        return Check("BlueZ settings", WARN, f"{path} not found", "install bluez and set " + _wanted())
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+        return Check("BlueZ settings", WARN, f"{path} not found", "install bluez; " + fix)
     try:
-        parser.read(path)
+        wrong = hostsetup.bluez_problems(path.read_text(encoding="utf-8", errors="replace"))
     except configparser.Error as exc:
         return Check("BlueZ settings", WARN, f"{path}: {exc}", "fix the file")
-    wrong = [
-        f"{s}.{k}={parser.get(s, k, fallback='(unset)')}"
-        for (s, k), v in BLUEZ_WANTED.items()
-        if parser.get(s, k, fallback="").strip().lower() != v
-    ]
     return Check(
-        "BlueZ settings",
-        WARN if wrong else PASS,
-        ", ".join(wrong) or "hardened",
-        _wanted() if wrong else "",
+        "BlueZ settings", WARN if wrong else PASS, ", ".join(wrong) or "hardened", fix if wrong else ""
     )
-
-
-def _wanted() -> str:
-    return ", ".join(f"[{s}] {k} = {v}" for (s, k), v in BLUEZ_WANTED.items())
 
 
 async def _probe_broker(host_port: tuple[str, int]) -> Check:

@@ -36,9 +36,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway import log
+from gateway.authz.keyfiles import read_bounded
 from gateway.backoff import backoff_for
-from gateway.config import MqttConfig
-from gateway.errors import MqttUnavailable
+from gateway.config import MAX_SECRET_BYTES, MqttConfig
+from gateway.errors import ConfigError, MqttUnavailable
 from gateway.events import SealedEvent
 from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
@@ -256,7 +257,11 @@ class MqttBridge:
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         password = None
         if self.cfg.password_file is not None:
-            password = self.cfg.password_file.read_text(encoding="utf-8").strip()
+            password = (
+                read_bounded(self.cfg.password_file, "mqtt.password_file", MAX_SECRET_BYTES)
+                .decode("utf-8", "replace")
+                .strip()
+            )
         tls_context = None
         if self.cfg.tls:
             tls_context = ssl.create_default_context(
@@ -294,7 +299,12 @@ class MqttBridge:
         while True:
             try:
                 client = self._make_client()
-            except (OSError, ssl.SSLError, ValueError) as exc:  # a password or TLS file unreadable
+            except (
+                OSError,
+                ssl.SSLError,
+                ValueError,
+                ConfigError,
+            ) as exc:  # a password or TLS file unreadable
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 _log.error("mqtt_client_unusable", reason=self.last_error)
                 attempt += 1
