@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -207,5 +208,13 @@ def test_F2_a_config_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> 
 
 def test_F2_a_root_key_that_is_a_device_is_refused_without_reading_it(tmp_path: Path) -> None:
     p = write(tmp_path, GOOD.replace("/etc/lockgw/root-1.pub", "/dev/zero"))
+    with pytest.raises(ConfigError, match=r"trust\.root_keys.*not a regular file"):
+        load_checked(p, env={})
+
+
+def test_F2_a_root_key_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "root-1.pub"
+    os.mkfifo(fifo)
+    p = write(tmp_path, GOOD.replace("/etc/lockgw/root-1.pub", str(fifo)))
     with pytest.raises(ConfigError, match=r"trust\.root_keys.*not a regular file"):
         load_checked(p, env={})
