@@ -312,8 +312,20 @@ _SIG1_PREFIX: Final = b"\x84" + cbor.dumps("Signature1")
 _bstr_head = cbor.bstr_head
 
 
-def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:  # noqa: C901, PLR0912 - one branch per refusal of CONTRACT §8.12 and THREATS T1
-    """Parse, bounded, a COSE_Sign1 of the expected content type. Raises CredentialError(code)."""
+def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:
+    """Parse, bounded, a COSE_Sign1 of the expected content type. Raises CredentialError(code).
+
+    The refusals of CONTRACT §3.1 and §8.12 (THREATS T1) in order: size and strict CBOR
+    (:func:`_document`), the COSE_Sign1 shape (:func:`_sign1_fields`), the protected header
+    (:func:`_protected_header`).
+    """
+    protected, payload, signature = _sign1_fields(_document(raw, expected, code), code)
+    alg, kid = _protected_header(protected, expected, code=code, require_kid=require_kid)
+    return Sign1(protected, alg, expected, kid, payload, signature)
+
+
+def _document(raw: bytes, expected: ContentType, code: str) -> cbor.CborValue:
+    """The type's size limit, strict CBOR, then the optional tags: 61 (a token only), 18."""
     limit = MAX_BYTES[expected]
     if len(raw) > limit:
         raise _err(f"document of {len(raw)} bytes exceeds the {limit}-byte limit", code)
@@ -325,6 +337,11 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
         value = value.value
     if isinstance(value, cbor.Tag) and value.number == _TAG_SIGN1:
         value = value.value
+    return value
+
+
+def _sign1_fields(value: cbor.CborValue, code: str) -> tuple[bytes, bytes, bytes]:
+    """``[protected: bstr, unprotected: {}, payload: bstr, signature: bstr]``."""
     if not isinstance(value, list) or len(value) != 4:
         raise _err("not a COSE_Sign1 (a 4-element array, optionally tag 18)", code)
     protected, unprotected, payload, signature = value
@@ -332,6 +349,14 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
         raise _err("COSE_Sign1 fields have wrong types", code)
     if not isinstance(unprotected, Mapping) or unprotected:
         raise _err("the unprotected header must be an empty map", code)
+    return protected, payload, signature
+
+
+def _protected_header(
+    protected: bytes, expected: ContentType, *, code: str, require_kid: bool
+) -> tuple[int, bytes | None]:
+    """Strict CBOR holding only alg (an integer), the expected content type and the kid (1..32
+    bytes where required, absent where not). Returns (alg, kid)."""
     try:
         header = cbor.loads(protected)
     except CborError as exc:
@@ -349,7 +374,7 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
             raise _err("protected header lacks a kid of 1..32 bytes", code)
     elif kid is not None:
         raise _err("this document must not carry a kid", code)
-    return Sign1(protected, alg, expected, kid if isinstance(kid, bytes) else None, payload, signature)
+    return alg, kid if isinstance(kid, bytes) else None
 
 
 def sign1(payload: bytes, key: PrivateCoseKey, content_type: ContentType, *, kid: bytes | None) -> bytes:

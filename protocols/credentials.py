@@ -552,6 +552,49 @@ class _Checking:
         return self.parsed
 
 
+@dataclass
+class _Installing:
+    """One trust document being installed (or restored): what each step of §8.5 found."""
+
+    raw: bytes
+    kind: ContentType
+    view: TimeView | None  # None while restoring: nothing moves the floor then
+    sign1: Sign1
+    payload: Mapping[Any, cbor.CborValue] | None = None
+    iat: int = 0
+    document: TrustDocument | None = None
+    signer: CoseKey | None = None
+
+    # Each accessor is reached only after the step that sets its value passed.
+    @property
+    def map(self) -> Mapping[Any, cbor.CborValue]:
+        assert self.payload is not None
+        return self.payload
+
+    @property
+    def doc(self) -> TrustDocument:
+        assert self.document is not None
+        return self.document
+
+    @property
+    def key(self) -> CoseKey:
+        assert self.signer is not None
+        return self.signer
+
+    @property
+    def now(self) -> TimeView:
+        assert self.view is not None
+        return self.view
+
+
+def _verifies(sign1: Sign1, key: CoseKey) -> bool:
+    try:
+        sign1.verify_with(key, code="bad_signature")
+    except CredentialError:
+        return False
+    return True
+
+
 class Authority:
     """The gateway's authorization state and decision procedure (pure)."""
 
@@ -646,81 +689,193 @@ class Authority:
         except CredentialError as exc:
             raise TrustDocumentError(str(exc), code=exc.code) from exc
 
-    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:  # noqa: C901, PLR0912, PLR0915 - one branch per trust-document refusal of CONTRACT §8.5 (to split like decide)
+    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:
+        """CONTRACT §8.5: the document's type, then each step of :attr:`INSTALL_STEPS` for its
+        kind, in turn: a step raises its refusal, passes (``None``), or ends the install with
+        its result (the same version again is silent; the last step installs)."""
         kind = document_type(raw)
         view = self.time.view(wall=wall, synced=synced)
-        sign1 = parse_sign1(raw, kind, code="malformed")
-        assert sign1.kid is not None
-        if kind is ContentType.KEYRING:
-            root = self.roots.get(sign1.kid)
-            if root is None:
-                raise TrustDocumentError(
-                    f"keyring signed by unknown root {sign1.kid.hex()}", code="unknown_key"
-                )
-            sign1.verify_with(root, code="bad_signature")
-            keyring = _parse_keyring_payload(sign1, raw)
-            if keyring.site != self.site:
-                raise TrustDocumentError(
-                    f"keyring is for site {keyring.site}, not {self.site}", code="wrong_site"
-                )
-            if set(keyring.keys) & set(self.roots):
-                raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
-            current = self.keyring
-            if current is not None and keyring.raw == current.raw:
-                return InstallResult(kind, installed=False, document=current)
-            self._check_newer(kind, keyring.version, current.version if current else None)
-            self.keyring = keyring
-            self._installed(kind, keyring.version)
-            self.time.offer(keyring.iat, view)
-            return InstallResult(kind, installed=True, document=keyring, signer=root)
-        m = sign1.payload_map(code="malformed")
-        if kind is ContentType.REVOCATIONS:
-            _exact_keys(
-                m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed"
+        st = _Installing(raw, kind, view, parse_sign1(raw, kind, code="malformed"))
+        for step in self.INSTALL_STEPS[kind]:
+            result = step(self, st)
+            if result is not None:
+                return result
+        raise AssertionError(f"the install steps for {kind} end without a result")  # pragma: no cover
+
+    # Steps shared by the kinds. Each reads what the earlier ones found.
+
+    def _payload(self, st: _Installing) -> None:
+        """The payload is a strict CBOR map → malformed."""
+        st.payload = st.sign1.payload_map(code="malformed")
+
+    def _verified(self, st: _Installing) -> None:
+        """The signature under the signer found for it → bad_signature."""
+        st.sign1.verify_with(st.key, code="bad_signature")
+
+    def _same_site(self, st: _Installing) -> None:
+        """The document is for this site → wrong_site."""
+        site = st.doc.site
+        if site != self.site:
+            raise TrustDocumentError(
+                f"{_KIND_NAME[st.kind]} is for site {site}, not {self.site}", code="wrong_site"
             )
-            iat = _int(m, "iat", "iat", "malformed")
-            signer = self._signer(sign1.kid, "revocations", iat)
-            sign1.verify_with(signer, code="bad_signature")
-            rl = _parse_revocations(m, raw, iat)
-            if rl.site != self.site:
-                raise TrustDocumentError(f"revocation list is for site {rl.site}", code="wrong_site")
-            cur = self.revocations
-            if cur is not None and rl.raw == cur.raw:
-                return InstallResult(kind, installed=False, document=cur)
-            self._check_newer(kind, rl.version, cur.version if cur else None)
-            self.revocations = rl
-            self._installed(kind, rl.version)
-            self.time.offer(rl.iat, view)
-            return InstallResult(kind, installed=True, document=rl, signer=signer)
-        ts = _parse_time_statement(m, raw)
+
+    def _not_installed_already(self, st: _Installing) -> InstallResult | None:
+        """The installed document again (byte for byte) → silent, ``installed=False``."""
+        current = self.keyring if st.kind is ContentType.KEYRING else self.revocations
+        if current is not None and st.doc.raw == current.raw:
+            return InstallResult(st.kind, installed=False, document=current)
+        return None
+
+    def _newer(self, st: _Installing) -> None:
+        """A higher version than the installed one and not below the highest ever → rollback."""
+        doc = st.doc
+        assert isinstance(doc, Keyring | RevocationList)
+        current = self.keyring if st.kind is ContentType.KEYRING else self.revocations
+        self._check_newer(st.kind, doc.version, current.version if current else None)
+
+    # Keyring (§3.2): signed by a root.
+
+    def _root_signer(self, st: _Installing) -> None:
+        """A keyring names a configured root → unknown_key."""
+        kid = st.sign1.kid
+        assert kid is not None
+        root = self.roots.get(kid)
+        if root is None:
+            raise TrustDocumentError(f"keyring signed by unknown root {kid.hex()}", code="unknown_key")
+        st.signer = root
+
+    def _keyring_payload(self, st: _Installing) -> None:
+        """The keyring's shape and keys → malformed, bad_key."""
+        st.document = _parse_keyring_payload(st.sign1, st.raw)
+
+    def _no_root_kid(self, st: _Installing) -> None:
+        """No keyring kid is a root's → malformed."""
+        keyring = st.doc
+        assert isinstance(keyring, Keyring)
+        if set(keyring.keys) & set(self.roots):
+            raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
+
+    def _install_keyring(self, st: _Installing) -> InstallResult:
+        keyring = st.doc
+        assert isinstance(keyring, Keyring)
+        self.keyring = keyring
+        self._installed(st.kind, keyring.version)
+        self.time.offer(keyring.iat, st.now)
+        return InstallResult(st.kind, installed=True, document=keyring, signer=st.key)
+
+    # Revocation list (§3.5): signed by a key with role revocations, or a root.
+
+    def _revocations_fields(self, st: _Installing) -> None:
+        """Exactly the list's fields, an integer iat → malformed."""
+        m = st.map
+        _exact_keys(m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed")
+        st.iat = _int(m, "iat", "iat", "malformed")
+
+    def _revocations_signer(self, st: _Installing) -> None:
+        """A keyring key with role revocations valid at iat, or a root → bad_signature, unknown_key."""
+        kid = st.sign1.kid
+        assert kid is not None
+        st.signer = self._signer(kid, "revocations", st.iat)
+
+    def _revocations_payload(self, st: _Installing) -> None:
+        """The entries' shapes → malformed."""
+        st.document = _parse_revocations(st.map, st.raw, st.iat)
+
+    def _install_revocations(self, st: _Installing) -> InstallResult:
+        rl = st.doc
+        assert isinstance(rl, RevocationList)
+        self.revocations = rl
+        self._installed(st.kind, rl.version)
+        self.time.offer(rl.iat, st.now)
+        return InstallResult(st.kind, installed=True, document=rl, signer=st.key)
+
+    # Time statement (§3.6, §8.7): signed by a key with role time, or a root; a reset by a root.
+
+    def _time_payload(self, st: _Installing) -> None:
+        """Exactly site, t and an optional reset: true → malformed."""
+        st.document = _parse_time_statement(st.map, st.raw)
+
+    def _time_signer(self, st: _Installing) -> None:
+        """A reset: a root → bad_signature; otherwise a key with role time valid at t, or a root."""
+        ts, kid = st.doc, st.sign1.kid
+        assert isinstance(ts, TimeStatement)
+        assert kid is not None
         if ts.reset:
-            root_key = self.roots.get(sign1.kid)
+            root_key = self.roots.get(kid)
             if root_key is None:
                 raise TrustDocumentError(
                     "a reset time statement must be signed by a root key", code="bad_signature"
                 )
-            signer = root_key
+            st.signer = root_key
         else:
-            signer = self._signer(sign1.kid, "time", ts.t)
-        sign1.verify_with(signer, code="bad_signature")
-        if ts.site != self.site:
-            raise TrustDocumentError(f"time statement is for site {ts.site}", code="wrong_site")
+            st.signer = self._signer(kid, "time", ts.t)
+
+    def _reset_is_new(self, st: _Installing) -> InstallResult | None:
+        """A reset: the last one again → silent; one not later than it → rollback."""
+        ts, last = st.doc, self.last_reset
+        assert isinstance(ts, TimeStatement)
+        if not ts.reset or last is None:
+            return None
+        if last.raw == st.raw:
+            return InstallResult(st.kind, installed=False, document=last)
+        if ts.t <= last.t:
+            raise TrustDocumentError(
+                f"reset to {ts.t} is not later than the last reset ({last.t})", code="rollback"
+            )
+        return None
+
+    def _apply_time(self, st: _Installing) -> InstallResult:
+        """Installed only when the floor moved (a reset: when it was applied)."""
+        ts = st.doc
+        assert isinstance(ts, TimeStatement)
         before = set(self.time.alarms)
         if ts.reset:
-            last = self.last_reset
-            if last is not None and last.raw == raw:
-                return InstallResult(kind, installed=False, document=last)
-            if last is not None and ts.t <= last.t:
-                raise TrustDocumentError(
-                    f"reset to {ts.t} is not later than the last reset ({last.t})", code="rollback"
-                )
-            raised = self.time.reset(ts.t, view)
+            raised = self.time.reset(ts.t, st.now)
             if raised:
                 self.last_reset = ts
         else:
-            raised = self.time.offer(ts.t, view)
+            raised = self.time.offer(ts.t, st.now)
         alarm = next(iter(self.time.alarms - before), None)
-        return InstallResult(kind, installed=raised, document=ts, alarm=alarm, signer=signer)
+        return InstallResult(st.kind, installed=raised, document=ts, alarm=alarm, signer=st.key)
+
+    #: CONTRACT §8.5, per kind, after the type and the COSE_Sign1 shape: each step raises its
+    #: refusal (TrustDocumentError, or CredentialError mapped by :meth:`install`), passes, or
+    #: returns the result.
+    INSTALL_STEPS: ClassVar[
+        Mapping[ContentType, tuple[Callable[[Authority, _Installing], InstallResult | None], ...]]
+    ] = {
+        ContentType.KEYRING: (
+            _root_signer,
+            _verified,
+            _keyring_payload,
+            _same_site,
+            _no_root_kid,
+            _not_installed_already,
+            _newer,
+            _install_keyring,
+        ),
+        ContentType.REVOCATIONS: (
+            _payload,
+            _revocations_fields,
+            _revocations_signer,
+            _verified,
+            _revocations_payload,
+            _same_site,
+            _not_installed_already,
+            _newer,
+            _install_revocations,
+        ),
+        ContentType.TIME: (
+            _payload,
+            _time_payload,
+            _time_signer,
+            _verified,
+            _same_site,
+            _reset_is_new,
+            _apply_time,
+        ),
+    }
 
     def _check_newer(self, kind: ContentType, version: int, current: int | None) -> None:
         """No rollback: newer than the installed one and not below the highest ever installed.
@@ -739,7 +894,7 @@ class Authority:
         self.version_floor[kind] = max(version, self.version_floor.get(kind, version))
         self.unverified.discard(kind)
 
-    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:  # noqa: C901, PLR0912 - one branch per stored document state (to split like decide)
+    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:
         """Reinstate a document installed before a restart; return False if it no longer verifies.
 
         A stored document was verified when it was installed, so it stays in force whatever has
@@ -751,56 +906,52 @@ class Authority:
         marked unverified: ``trust_state`` says ``stale`` and the gateway raises an alarm until
         a newer one installs. One that cannot even be parsed is dropped, also marked. The time
         floor does not move: it was persisted when the document was installed.
+
+        The steps: parse and shape as at install (:attr:`RESTORE_STEPS`), the keys that may
+        have signed it (:meth:`_restore_signers`), then :meth:`_reinstate`.
         """
         try:
-            sign1 = parse_sign1(raw, kind, code="malformed")
-            assert sign1.kid is not None
-            doc: TrustDocument
-            if kind is ContentType.KEYRING:
-                doc = _parse_keyring_payload(sign1, raw)
-                candidates = [k for k in (self.roots.get(sign1.kid),) if k is not None]
-            else:
-                m = sign1.payload_map(code="malformed")
-                if kind is ContentType.REVOCATIONS:
-                    _exact_keys(
-                        m,
-                        {"site", "version", "iat", "exp", "cti", "sub"},
-                        set(),
-                        "revocation list",
-                        "malformed",
-                    )
-                    doc = _parse_revocations(m, raw, _int(m, "iat", "iat", "malformed"))
-                else:
-                    doc = _parse_time_statement(m, raw)
-                candidates = [signer] if signer is not None else []
-                if not candidates:  # stored before signers were kept: the current keyring or a root
-                    try:
-                        role = "revocations" if kind is ContentType.REVOCATIONS else "time"
-                        candidates = [self._signer(sign1.kid, role, _doc_time(doc))]
-                    except CredentialError:
-                        pass
-            if doc.site != self.site:
-                raise TrustDocumentError(
-                    f"stored {_KIND_NAME[kind]} is for site {doc.site}", code="wrong_site"
-                )
+            st = _Installing(raw, kind, None, parse_sign1(raw, kind, code="malformed"))
+            for step in self.RESTORE_STEPS[kind]:
+                step(self, st)
         except CredentialError:
             if kind is not ContentType.TIME:  # a lost reset record only loses its replay guard
                 self.unverified.add(kind)
             return False
-        verified = False
-        for key in candidates:
-            try:
-                sign1.verify_with(key, code="bad_signature")
-                verified = True
-            except CredentialError:
-                continue
-        if isinstance(doc, Keyring):
-            self.keyring = doc
-        elif isinstance(doc, RevocationList):
-            self.revocations = doc
-        else:
+        verified = any(_verifies(st.sign1, key) for key in self._restore_signers(st, signer))
+        return self._reinstate(kind, st.doc, verified=verified)
+
+    #: Parsing a stored document: the install steps up to the site, without any signature.
+    RESTORE_STEPS: ClassVar[Mapping[ContentType, tuple[Callable[[Authority, _Installing], None], ...]]] = {
+        ContentType.KEYRING: (_keyring_payload, _same_site),
+        ContentType.REVOCATIONS: (_payload, _revocations_fields, _revocations_payload, _same_site),
+        ContentType.TIME: (_payload, _time_payload, _same_site),
+    }
+
+    def _restore_signers(self, st: _Installing, signer: CoseKey | None) -> list[CoseKey]:
+        """A keyring: its root. Others: the key persisted with it, or (stored before signers
+        were kept) the current keyring's key for the role, or a root."""
+        kid = st.sign1.kid
+        assert kid is not None
+        if st.kind is ContentType.KEYRING:
+            return [k for k in (self.roots.get(kid),) if k is not None]
+        if signer is not None:
+            return [signer]
+        role = "revocations" if st.kind is ContentType.REVOCATIONS else "time"
+        try:
+            return [self._signer(kid, role, _doc_time(st.doc))]
+        except CredentialError:
+            return []
+
+    def _reinstate(self, kind: ContentType, doc: TrustDocument, *, verified: bool) -> bool:
+        """Use it, verified or not; an unverified keyring or list marks its kind (stale)."""
+        if isinstance(doc, TimeStatement):
             self.last_reset = doc
             return verified  # a reset is history (the floor it set is persisted): no alarm
+        if isinstance(doc, Keyring):
+            self.keyring = doc
+        else:
+            self.revocations = doc
         self.version_floor[kind] = max(doc.version, self.version_floor.get(kind, doc.version))
         if not verified:
             self.unverified.add(kind)
