@@ -400,7 +400,7 @@ class Challenges:
         for part in (lock.encode(), action.encode()):
             msg += len(part).to_bytes(2, "big") + part
         msg += head
-        return hmac.new(secret, bytes(msg), hashlib.sha256).digest()[:_NONCE_TAG_LEN]
+        return hmac.digest(secret, msg, "sha256")[:_NONCE_TAG_LEN]
 
     def peek(self, nonce: bytes, *, lock: str, action: str, mono: float) -> None:
         """Raise nonce_unknown / nonce_expired unless ``nonce`` is usable for (lock, action)."""
