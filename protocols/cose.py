@@ -319,9 +319,56 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
     (:func:`_document`), the COSE_Sign1 shape (:func:`_sign1_fields`), the protected header
     (:func:`_protected_header`).
     """
-    protected, payload, signature = _sign1_fields(_document(raw, expected, code), code)
-    alg, kid = _protected_header(protected, expected, code=code, require_kid=require_kid)
+    fields = _common_sign1(raw, expected)
+    if fields is None:
+        fields = _sign1_fields(_document(raw, expected, code), code)
+    protected, payload, signature = fields
+    alg, kid = _protected_header(protected, expected, code, require_kid)
     return Sign1(protected, alg, expected, kid, payload, signature)
+
+
+def _common_sign1(raw: bytes, expected: ContentType) -> tuple[bytes, bytes, bytes] | None:
+    """The fields of a document in the shape every issuer of ours writes, read without the
+    general decoder; ``None`` for any other input, which then takes the general path.
+
+    The shape: within the size limit, optional tag 61 (a token only) and tag 18 in their
+    shortest heads, then exactly ``[bstr, {}, bstr, bstr]`` with definite shortest-or-not
+    lengths of up to 65535 bytes, ending at the last byte. The strict decoder accepts every
+    such input (4 items, nesting 4, nothing to UTF-8-decode) and returns these same fields.
+    """
+    n = len(raw)
+    if n > MAX_BYTES[expected] or n < 5:
+        return None
+    pos = 2 if raw[0] == 0xD8 and raw[1] == _TAG_CWT and expected is ContentType.TOKEN else 0
+    if raw[pos] == 0xC0 | _TAG_SIGN1:
+        pos += 1
+    if raw[pos] != 0x84:
+        return None
+    protected = _bstr_at(raw, pos + 1)
+    if protected is None or protected[1] >= n or raw[protected[1]] != 0xA0:
+        return None
+    payload = _bstr_at(raw, protected[1] + 1)
+    signature = _bstr_at(raw, payload[1]) if payload is not None else None
+    if payload is None or signature is None or signature[1] != n:
+        return None
+    return raw[protected[0] : protected[1]], raw[payload[0] : payload[1]], raw[signature[0] : signature[1]]
+
+
+def _bstr_at(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """(start, end) of the byte string whose head is at ``pos`` (lengths up to 65535)."""
+    if pos >= len(raw):
+        return None
+    head = raw[pos]
+    if 0x40 <= head < 0x58:
+        start, length = pos + 1, head - 0x40
+    elif head == 0x58 and pos + 1 < len(raw):
+        start, length = pos + 2, raw[pos + 1]
+    elif head == 0x59 and pos + 2 < len(raw):
+        start, length = pos + 3, raw[pos + 1] << 8 | raw[pos + 2]
+    else:
+        return None
+    end = start + length
+    return (start, end) if end <= len(raw) else None
 
 
 def _document(raw: bytes, expected: ContentType, code: str) -> cbor.CborValue:
@@ -353,7 +400,7 @@ def _sign1_fields(value: cbor.CborValue, code: str) -> tuple[bytes, bytes, bytes
 
 
 def _protected_header(
-    protected: bytes, expected: ContentType, *, code: str, require_kid: bool
+    protected: bytes, expected: ContentType, code: str, require_kid: bool
 ) -> tuple[int, bytes | None]:
     """Strict CBOR holding only alg (an integer), the expected content type and the kid (1..32
     bytes where required, absent where not). Returns (alg, kid)."""
