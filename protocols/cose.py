@@ -399,11 +399,16 @@ def _sign1_fields(value: cbor.CborValue, code: str) -> tuple[bytes, bytes, bytes
     return protected, payload, signature
 
 
+@functools.lru_cache(maxsize=256)
 def _protected_header(
     protected: bytes, expected: ContentType, code: str, require_kid: bool
 ) -> tuple[int, bytes | None]:
     """Strict CBOR holding only alg (an integer), the expected content type and the kid (1..32
-    bytes where required, absent where not). Returns (alg, kid)."""
+    bytes where required, absent where not). Returns (alg, kid).
+
+    Memoised: a pure function of its arguments, and a gateway sees a handful of headers (one
+    per issuing key and kind); a refusal is never cached (it raises), and the cache is bounded.
+    """
     try:
         header = cbor.loads(protected)
     except CborError as exc:
