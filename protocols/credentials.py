@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
@@ -32,7 +33,7 @@ from typing import Any, ClassVar, Final
 
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
-from protocols.errors import CredentialError, TokenError, TrustDocumentError
+from protocols.errors import CborError, CredentialError, TokenError, TrustDocumentError
 from protocols.limits import CHALLENGE_NONCE_LEN, CHALLENGE_TTL_S
 from protocols.messages import validate_id
 
@@ -1168,11 +1169,13 @@ class Authority:
     ) -> None:
         try:
             sign1 = parse_sign1(proof, ContentType.PROOF, code="proof_invalid", require_kid=False)
-            payload = sign1.payload_map(code="proof_invalid")
-            _exact_keys(payload, {"nonce", "gw", "lock", "act", "th"}, set(), "proof", "proof_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "proof_invalid", **ctx) from exc
-        nonce = payload["nonce"]
+        th = hashlib.sha256(token).digest()
+        nonce: cbor.CborValue = _canonical_proof_nonce(sign1.payload, self.gw_id, lock, action, th)
+        payload = None if nonce is not None else self._proof_payload(sign1, ctx)
+        if payload is not None:
+            nonce = payload["nonce"]
         if not isinstance(nonce, bytes) or len(nonce) != CHALLENGE_NONCE_LEN:
             raise _deny("proof nonce must be 32 bytes", "proof_invalid", **ctx)
         try:
@@ -1183,14 +1186,64 @@ class Authority:
             sign1.verify_with(holder, code="proof_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "proof_invalid", **ctx) from exc
-        if payload["gw"] != self.gw_id or payload["lock"] != lock or payload["act"] != action:
-            raise _deny("proof names another gateway, lock or action", "proof_invalid", **ctx)
-        if payload["th"] != hashlib.sha256(token).digest():
-            raise _deny("proof is bound to another token", "proof_invalid", **ctx)
+        if payload is not None:  # the canonical payload names exactly these by construction
+            if payload["gw"] != self.gw_id or payload["lock"] != lock or payload["act"] != action:
+                raise _deny("proof names another gateway, lock or action", "proof_invalid", **ctx)
+            if payload["th"] != th:
+                raise _deny("proof is bound to another token", "proof_invalid", **ctx)
         try:  # single use: a proof that verified consumes its nonce
             self.challenges.consume(nonce, mono=mono)
         except TokenError as exc:
             raise _deny(str(exc), exc.code, **ctx) from exc
+
+    @staticmethod
+    def _proof_payload(sign1: Sign1, ctx: dict[str, object]) -> Mapping[Any, cbor.CborValue]:
+        """A proof payload in any encoding: strict CBOR, exactly its five fields → proof_invalid."""
+        try:
+            payload = sign1.payload_map(code="proof_invalid")
+            _exact_keys(payload, {"nonce", "gw", "lock", "act", "th"}, set(), "proof", "proof_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "proof_invalid", **ctx) from exc
+        return payload
+
+
+def _canonical_proof_nonce(payload: bytes, gw: str, lock: str, action: str, th: bytes) -> bytes | None:
+    """The nonce of a proof payload that is, byte for byte, the deterministic encoding (RFC 8949
+    §4.2.1, what our issuer writes) of ``{"gw": gw, "th": th, "act": action, "lock": lock,
+    "nonce": <32 bytes>}``; ``None`` for any other payload, which is then decoded and checked
+    field by field. Such a payload decodes strictly to exactly those fields, so every check the
+    general path makes on it passes: this only skips the decoding."""
+    parts = _canonical_proof_parts(gw, lock, action)
+    if parts is None:
+        return None
+    before_th, before_nonce = parts
+    cut = len(before_th) + 32
+    if (
+        len(payload) != cut + len(before_nonce) + CHALLENGE_NONCE_LEN
+        or not payload.startswith(before_th)
+        or payload[len(before_th) : cut] != th
+        or payload[cut : cut + len(before_nonce)] != before_nonce
+    ):
+        return None
+    return payload[-CHALLENGE_NONCE_LEN:]
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_proof_parts(gw: str, lock: str, action: str) -> tuple[bytes, bytes] | None:
+    """The bytes of that encoding before th and between th and the nonce, checked against the
+    encoder itself (``None``, i.e. no shortcut, should the layout ever differ)."""
+    zero = bytes(32)
+    try:
+        whole = cbor.dumps({"nonce": zero, "gw": gw, "lock": lock, "act": action, "th": zero})
+    except CborError:
+        return None
+    before_th = b"\xa5" + cbor.dumps("gw") + cbor.dumps(gw) + cbor.dumps("th") + cbor.bstr_head(32)
+    before_nonce = (
+        cbor.dumps("act") + cbor.dumps(action) + cbor.dumps("lock") + cbor.dumps(lock) + cbor.dumps("nonce")
+    ) + cbor.bstr_head(CHALLENGE_NONCE_LEN)
+    if before_th + zero + before_nonce + zero != whole:
+        return None
+    return before_th, before_nonce
 
 
 def _context(m: Mapping[Any, cbor.CborValue]) -> dict[str, object]:
