@@ -150,8 +150,14 @@ class CoseKey:
         return "EdDSA" if self.alg == ALG_EDDSA else "ES256"
 
 
+@functools.lru_cache(maxsize=4096)
 def check_ed25519_point(public: bytes) -> None:
-    """Refuse non-canonical, off-curve, small-order and mixed-order Ed25519 public keys."""
+    """Refuse non-canonical, off-curve, small-order and mixed-order Ed25519 public keys.
+
+    Memoised: a pure function of 32 bytes whose full check costs a scalar multiplication, and a
+    phone presents the same cnf key with every token it holds. A refusal raises, so it is
+    never cached: every bad key is checked (and refused) each time.
+    """
     if len(public) != 32:
         raise _err("Ed25519 key must be 32 bytes", "bad_key")
     y = int.from_bytes(public, "little") & ((1 << 255) - 1)
@@ -159,16 +165,9 @@ def check_ed25519_point(public: bytes) -> None:
         raise _err("Ed25519 key is not canonically encoded", "bad_key")
     if public in SMALL_ORDER_ED25519 or (public[:31] + bytes([public[31] & 0x7F])) in SMALL_ORDER_ED25519:
         raise _err("Ed25519 key is a small-order point", "bad_key")
-    if not _is_prime_order_point(public):
+    # libsodium's full check: on the curve, canonical, in the prime-order subgroup.
+    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public):
         raise _err("Ed25519 key is not a valid prime-order point", "bad_key")
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_prime_order_point(public: bytes) -> bool:
-    """libsodium's full check (on the curve, canonical, prime-order subgroup). Memoised: it is a
-    pure function of 32 bytes and costs a scalar multiplication, and a phone presents the same
-    cnf key with every token it holds."""
-    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(public))
 
 
 def _p256_public(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
@@ -183,14 +182,15 @@ def _p256_public(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
 
 
 _PUBLIC_LABELS: Final = frozenset({1, 2, 3, 4, -1, -2, -3})
+_PRIVATE_LABELS: Final = _PUBLIC_LABELS | {-4}
 
 
 def decode_key(value: cbor.CborValue, *, allow_private: bool = False) -> CoseKey:
     """Validate a COSE_Key map; raise CredentialError(code="bad_key")."""
     if not isinstance(value, Mapping):
         raise _err("COSE_Key must be a map", "bad_key")
-    allowed = _PUBLIC_LABELS | ({-4} if allow_private else set())
-    if not set(value) <= allowed:
+    allowed = _PRIVATE_LABELS if allow_private else _PUBLIC_LABELS
+    if not allowed.issuperset(value):
         raise _err(f"COSE_Key has unexpected labels {sorted(set(value) - allowed, key=str)}", "bad_key")
     kty, alg, crv = value.get(1), value.get(3), value.get(-1)
     kid = value.get(2, b"")
