@@ -28,7 +28,9 @@ import heapq
 import hmac
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, ClassVar, Final
 
 from protocols import cbor
@@ -102,7 +104,11 @@ def _text(m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str) ->
 
 
 def _exact_keys(
-    m: Mapping[Any, cbor.CborValue], required: set[Any], optional: set[Any], what: str, code: str
+    m: Mapping[Any, cbor.CborValue],
+    required: AbstractSet[Any],
+    optional: AbstractSet[Any],
+    what: str,
+    code: str,
 ) -> None:
     keys = set(m)
     if not required <= keys:
@@ -354,6 +360,16 @@ def _nonce_error(code: str) -> TokenError:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _nonce_binding(lock: str, action: str) -> bytes:
+    """What a nonce's MAC covers before (issued, random): the domain, then lock and action, each
+    with a 2-byte length. Memoised per (lock, action): a pure function of them."""
+    msg = bytearray(_NONCE_DOMAIN)
+    for part in (lock.encode(), action.encode()):
+        msg += len(part).to_bytes(2, "big") + part
+    return bytes(msg)
+
+
 class Challenges:
     """Stateless nonces (like TCP SYN cookies): 32 bytes, bound to (lock, action), 30 s by the
     monotonic clock, single use (CONTRACT §3.4, §8.14).
@@ -397,11 +413,7 @@ class Challenges:
 
     @staticmethod
     def _tag(secret: bytes, lock: str, action: str, head: bytes) -> bytes:
-        msg = bytearray(_NONCE_DOMAIN)
-        for part in (lock.encode(), action.encode()):
-            msg += len(part).to_bytes(2, "big") + part
-        msg += head
-        return hmac.digest(secret, msg, "sha256")[:_NONCE_TAG_LEN]
+        return hmac.digest(secret, _nonce_binding(lock, action) + head, "sha256")[:_NONCE_TAG_LEN]
 
     def peek(self, nonce: bytes, *, lock: str, action: str, mono: float) -> None:
         """Raise nonce_unknown / nonce_expired unless ``nonce`` is usable for (lock, action)."""
@@ -510,7 +522,8 @@ class _Claims:
     alarm: str | None
 
 
-_CLAIM_KEYS: Final = {1, 2, 3, 4, 5, 6, 7, 8, "locks", "act", "role", "alarm"}
+_CLAIMS_REQUIRED: Final = frozenset({1, 2, 3, 4, 6, 7, "locks", "act", "role"})
+_CLAIMS_OPTIONAL: Final = frozenset({5, 8, "alarm"})
 
 
 @dataclass
@@ -1283,9 +1296,7 @@ def _parse_time_statement(m: Mapping[Any, cbor.CborValue], raw: bytes) -> TimeSt
 
 def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
     try:
-        _exact_keys(
-            m, {1, 2, 3, 4, 6, 7, "locks", "act", "role"}, {5, 8, "alarm"}, "token claims", "token_invalid"
-        )
+        _exact_keys(m, _CLAIMS_REQUIRED, _CLAIMS_OPTIONAL, "token claims", "token_invalid")
         cti = m[7]
         if not isinstance(cti, bytes) or len(cti) != _CTI_LEN:
             raise CredentialError("cti must be 16 bytes", code="token_invalid")
@@ -1294,7 +1305,7 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
             not isinstance(locks, Sequence)
             or isinstance(locks, str | bytes)
             or not 1 <= len(locks) <= _MAX_LOCKS
-            or not all(isinstance(x, str) for x in locks)
+            or not all(map(isinstance, locks, repeat(str)))
             or len(set(locks)) != len(locks)
         ):
             raise CredentialError("locks must be 1..64 distinct lock ids", code="token_invalid")
@@ -1304,7 +1315,8 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
             not isinstance(act, Sequence)
             or isinstance(act, str | bytes)
             or not act
-            or not all(isinstance(a, str) and a in ACTIONS for a in act)
+            or not all(map(isinstance, act, repeat(str)))
+            or not ACTIONS.issuperset(act)
             or len(set(act)) != len(act)
         ):
             raise CredentialError(
@@ -1325,8 +1337,8 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
             _int(m, 6, "iat", "token_invalid"),
             cti,
             m.get(8),
-            tuple(str(x) for x in locks),
-            tuple(str(a) for a in act),
+            tuple(map(str, locks)),
+            tuple(map(str, act)),
             str(m["role"]),
             alarm if isinstance(alarm, str) else None,
         )
