@@ -22,7 +22,7 @@ import enum
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import nacl.bindings
 import nacl.exceptions
@@ -268,9 +268,9 @@ def generate_private_key(alg: int, kid: bytes, rng: Any) -> PrivateCoseKey:
 # --- COSE_Sign1 ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Sign1:
-    """A parsed, not yet verified COSE_Sign1."""
+class Sign1(NamedTuple):
+    """A parsed, not yet verified COSE_Sign1 (immutable; a NamedTuple, not a frozen dataclass,
+    because two are made on every decision)."""
 
     protected: bytes
     alg: int

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, NamedTuple
 
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
@@ -262,8 +262,9 @@ class TimeState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class TimeView:
+class TimeView(NamedTuple):
+    """The time a decision uses (immutable; a NamedTuple: made on every decision)."""
+
     state: TimeState
     wall: int  # the system clock
     now: int  # the time decisions use: the clock, or max(clock, floor) when unknown
@@ -460,9 +461,11 @@ class Challenges:
 # --- decisions -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """An accepted request, ready to become an ``access.granted`` event."""
+class Decision(NamedTuple):
+    """An accepted request, ready to become an ``access.granted`` event.
+
+    Immutable like the frozen dataclasses elsewhere; a NamedTuple because it is made on every
+    decision and a frozen dataclass costs a ``object.__setattr__`` call per field (13 here)."""
 
     lock: str
     action: str
@@ -506,8 +509,9 @@ def _deny(message: str, code: str, **context: object) -> TokenError:
     return err
 
 
-@dataclass(frozen=True, slots=True)
-class _Claims:
+class _Claims(NamedTuple):
+    """A token's claims, checked (immutable; a NamedTuple: made on every decision)."""
+
     iss: str
     sub: str
     aud: str

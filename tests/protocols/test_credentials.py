@@ -9,7 +9,7 @@ from credfix import GW, LOCK, SITE, T0, World
 
 from protocols import cbor, credentials, issuer
 from protocols.cose import ALG_EDDSA, ContentType, PrivateCoseKey, generate_private_key, sign1
-from protocols.credentials import Authority, Challenges, Policy, TimeState
+from protocols.credentials import Authority, Challenges, Decision, Policy, TimeState
 from protocols.errors import TokenError, TrustDocumentError
 
 
@@ -631,7 +631,7 @@ def test_canonical_proof_shortcut_matches_the_general_path(w: World, monkeypatch
     monkeypatch.setattr(credentials, "_canonical_proof_nonce", lambda *_: None)
     general = [outcome(p) for p in variants]
     assert shortcut == general
-    granted = [not isinstance(o, tuple) for o in general]
+    granted = [isinstance(o, Decision) for o in general]
     # The honest proof twice (issuer and test encoder), the non-deterministic encodings
     # (insertion order, long head) are granted; every wrong field and malformed encoding is not.
     assert granted == [True, True] + [False] * 9 + [True, True] + [False] * 4
