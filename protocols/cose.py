@@ -170,6 +170,14 @@ def check_ed25519_point(public: bytes) -> None:
         raise _err("Ed25519 key is not a valid prime-order point", "bad_key")
 
 
+@functools.lru_cache(maxsize=4096)
+def _ed25519_key(x: bytes, kid: bytes) -> CoseKey:
+    """A checked Ed25519 CoseKey. Memoised (an immutable value of its two arguments; a refusal
+    raises and is not cached): a phone's cnf key is decoded with every token it presents."""
+    check_ed25519_point(x)
+    return CoseKey(ALG_EDDSA, x, kid)
+
+
 def _p256_public(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
     if len(x) != 32 or len(y) != 32:
         raise _err("P-256 coordinates must be 32 bytes each", "bad_key")
@@ -202,8 +210,7 @@ def decode_key(value: cbor.CborValue, *, allow_private: bool = False) -> CoseKey
     if not isinstance(x, bytes):
         raise _err("COSE_Key x must be a byte string", "bad_key")
     if kty == _KTY_OKP and crv == _CRV_ED25519 and alg == ALG_EDDSA and -3 not in value:
-        check_ed25519_point(x)
-        return CoseKey(ALG_EDDSA, x, kid)
+        return _ed25519_key(x, kid)
     if kty == _KTY_EC2 and crv == _CRV_P256 and alg == ALG_ES256:
         y = value.get(-3)
         if not isinstance(y, bytes):
