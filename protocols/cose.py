@@ -64,6 +64,8 @@ _CRV_ED25519, _CRV_P256 = 6, 1
 _TAG_SIGN1, _TAG_CWT = 18, 61
 _ED25519_P: Final = 2**255 - 19
 _P256_N: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+#: ES256's signature algorithm (an immutable descriptor: made once, not per verification).
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 #: The eight small-order points of edwards25519 in canonical encoding (Chalkias et al. 2020,
 #: "Taming the many EdDSAs", Table 6). Non-canonical encodings are refused by the y < p check.
@@ -131,7 +133,7 @@ class CoseKey:
         if not (0 < r < _P256_N and 0 < s < _P256_N):
             raise _err("ES256 signature out of range", code)
         try:
-            self._p256.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
+            self._p256.verify(encode_dss_signature(r, s), message, _ECDSA_SHA256)
         except InvalidSignature as exc:
             raise _err("signature does not verify", code) from exc
 
