@@ -14,7 +14,8 @@ The baseline is the verifying library's call itself on prepared inputs — libso
 share of a decision and nothing of ours is inside the baseline.
 
 Timed: interleaved rounds of raw pairs and decisions; the ratio is the fastest round of each
-(the least disturbed), beside the median of the per-round ratios. Times on a shared machine
+(the least disturbed), beside the median of the per-round ratios and the ratio of the median
+single raw pair to the median single decision (the figure least moved by a loaded machine). Times on a shared machine
 are noisy all the same; ``--callgrind`` runs the same two loops (fixed count, after
 a warm-up) under valgrind's callgrind and reports instruction counts, which repeat to within a
 fraction of a percent whatever else the machine is doing.
@@ -93,12 +94,14 @@ def timed(alg_name: str, n: int, rounds: int) -> dict[str, object]:
     alg = ALG_EDDSA if alg_name == "EdDSA" else ALG_ES256
     auth, requests, verify_token, verify_proof = _setup(alg, n)
     per_round = n // rounds
-    raw_rounds, dec_rounds, latencies = [], [], []
+    raw_rounds, dec_rounds, raw_latencies, latencies = [], [], [], []
     for r in range(rounds):
         t0 = time.perf_counter()
         for _ in range(per_round):
+            s = time.perf_counter()
             verify_token()
             verify_proof()
+            raw_latencies.append((time.perf_counter() - s) * 1e6)
         raw_rounds.append((time.perf_counter() - t0) / per_round)
         t0 = time.perf_counter()
         for token, proof in requests[r * per_round : (r + 1) * per_round]:
@@ -108,6 +111,7 @@ def timed(alg_name: str, n: int, rounds: int) -> dict[str, object]:
         dec_rounds.append((time.perf_counter() - t0) / per_round)
     latencies.sort()
     raw_pair, decision = min(raw_rounds), min(dec_rounds)
+    raw_p50, dec_p50 = statistics.median(raw_latencies), statistics.median(latencies)
     return {
         "alg": alg_name,
         "verifier": "libsodium (PyNaCl)" if alg == ALG_EDDSA else "OpenSSL (cryptography)",
@@ -119,6 +123,8 @@ def timed(alg_name: str, n: int, rounds: int) -> dict[str, object]:
         "ratio_median_of_rounds": round(
             statistics.median(r / d for r, d in zip(raw_rounds, dec_rounds, strict=True)), 3
         ),
+        "ratio_of_p50s": round(raw_p50 / dec_p50, 3),
+        "raw_pair_us_p50": round(raw_p50, 1),
         "decision_us": {
             "p50": round(statistics.median(latencies), 1),
             "p99": round(latencies[int(0.99 * len(latencies)) - 1], 1),
