@@ -182,3 +182,12 @@ def test_B6_token_and_proof_shapes_and_each_of_their_mutations_decode_as_the_ref
                 for b in (0x00, 0x17, 0x18, 0x1F, 0x40, 0x58, 0x5F, 0x78, 0x7F, 0x9F, 0xBF, 0xF6, 0xFF):
                     _same_as_reference(data[:k] + bytes([b]) + data[k + 1 :])
                 _same_as_reference(data[:k])
+
+
+def test_B6_more_items_than_the_limit_is_refused_as_by_the_reference() -> None:
+    n = 65_537
+    data = b"\x9a" + n.to_bytes(4, "big") + b"\x00" * n
+    with pytest.raises(CborError, match="more than 65536 items"):
+        cbor.loads(data)
+    _same_as_reference(data)
+    _same_as_reference(b"\x9a" + (n - 1).to_bytes(4, "big") + b"\x00" * (n - 1))

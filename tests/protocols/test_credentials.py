@@ -635,3 +635,44 @@ def test_canonical_proof_shortcut_matches_the_general_path(w: World, monkeypatch
     # The honest proof twice (issuer and test encoder), the non-deterministic encodings
     # (insertion order, long head) are granted; every wrong field and malformed encoding is not.
     assert granted == [True, True] + [False] * 9 + [True, True] + [False] * 4
+
+
+# --- trust-document refusals the install steps make (CONTRACT §8.5), one per step ------------
+
+
+def test_keyring_refusals_in_step_order(w: World) -> None:
+    auth = w.authority(install=False)
+    stranger = generate_private_key(ALG_EDDSA, b"root-x", w.rng)
+    entry = issuer.KeyringEntry(w.issuer_a.public, T0 - 86400, T0 + 86400, ["staff"])
+
+    def keyring(signer: PrivateCoseKey, *entries: issuer.KeyringEntry, site: str = SITE) -> bytes:
+        return issuer.keyring(signer, site=site, version=5, iat=T0 - 60, exp=T0 + 86400, entries=entries)
+
+    def code(raw: bytes) -> str:
+        with pytest.raises(TrustDocumentError) as info:
+            auth.install(raw, wall=T0, synced=True)
+        return info.value.code
+
+    assert code(keyring(stranger, entry)) == "unknown_key"  # before the signature and the payload
+    forged = bytearray(keyring(w.root, entry))
+    forged[-1] ^= 1
+    assert code(bytes(forged)) == "bad_signature"
+    # A root-signed keyring for another site that also reuses a root kid: the site comes first.
+    root_entry = issuer.KeyringEntry(w.root.public, T0 - 86400, T0 + 86400, ["staff"])
+    assert code(keyring(w.root, root_entry, site="site-b")) == "wrong_site"
+    assert code(keyring(w.root, root_entry)) == "malformed"
+    assert auth.keyring is None and auth.version_floor == {}
+    assert auth.install(keyring(w.root, entry), wall=T0, synced=True).installed
+    assert (
+        code(issuer.keyring(w.root, site=SITE, version=4, iat=T0, exp=T0 + 86400, entries=[entry]))
+        == "rollback"
+    )
+
+
+def test_an_unparseable_stored_document_is_dropped_and_marked(w: World) -> None:
+    auth = w.authority()
+    garbage = b"\xd2\x84" + b"\x00" * 20
+    assert auth.restore(garbage, kind=ContentType.REVOCATIONS, signer=None) is False
+    assert ContentType.REVOCATIONS in auth.unverified and auth.revocations is None
+    assert auth.restore(garbage, kind=ContentType.TIME, signer=None) is False
+    assert ContentType.TIME not in auth.unverified  # a lost reset record only loses its replay guard
