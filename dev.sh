@@ -48,6 +48,13 @@ ensure_mosquitto() {
     if command -v apt-get >/dev/null 2>&1; then apt_install mosquitto; fi
 }
 
+ensure_rabbitmq() {
+    # The fleet tests start private RabbitMQ nodes (tests/rabbit.py) from Debian's package;
+    # they never use the broker the package itself may start.
+    if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then return; fi
+    if command -v apt-get >/dev/null 2>&1; then apt_install rabbitmq-server; fi
+}
+
 sync_env() {
     ensure_uv
     "$UV" sync --frozen --python "$(python_bin)" -q
@@ -63,6 +70,7 @@ case "$cmd" in
         ;;
     test)
         ensure_mosquitto
+        ensure_rabbitmq
         sync_env
         echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
         echo "== mypy --strict" && .venv/bin/mypy

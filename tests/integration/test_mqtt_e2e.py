@@ -15,6 +15,7 @@ from broker import Broker, drain_only_bridge
 from credfix import SITE, World
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from rabbit import RabbitCluster
 
 from firmware_sim.bumble_peripheral import SimLock, SimRadio
 from gateway.authz.clock import ManualClock
@@ -37,7 +38,7 @@ B = "lockgw"
 class Setup:
     w: World
     gw: Gateway
-    broker: Broker
+    broker: Broker | RabbitMqtt
     locks: list[SimLock]
     radio: SimRadio
     clock: ManualClock
@@ -45,6 +46,8 @@ class Setup:
 
 #: The MQTT protocol both the gateway and the test's central speak; tests parametrised over
 #: it run the same contract on 3.1.1 (docs/mqtt-3.1.1.md), where nothing carries properties.
+#: "3.1.1@rabbitmq": 3.1.1 against a private single RabbitMQ node (tests/rabbit.py) instead
+#: of mosquitto.
 BOTH_PROTOCOLS = pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 
 
@@ -54,10 +57,32 @@ def protocol() -> str:
 
 
 def aiomqtt_version(protocol: str) -> aiomqtt.ProtocolVersion:
-    return aiomqtt.ProtocolVersion.V311 if protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
+    return aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
 
 
-def write_config(tmp: Path, broker: Broker, w: World, protocol: str = "5") -> Config:
+@dataclass
+class RabbitMqtt:
+    """A RabbitMQ node's MQTT listener where a test expects a mosquitto ``Broker``."""
+
+    rc: RabbitCluster
+
+    @property
+    def port(self) -> int:
+        return self.rc.nodes[0].mqtt_port
+
+    @property
+    def url(self) -> str:
+        return self.rc.nodes[0].mqtt_url
+
+
+@pytest.fixture
+def mqtt_broker(request: pytest.FixtureRequest, protocol: str) -> Broker | RabbitMqtt:
+    if protocol.endswith("@rabbitmq"):
+        return RabbitMqtt(request.getfixturevalue("rabbit1"))
+    return request.getfixturevalue("live_broker")
+
+
+def write_config(tmp: Path, broker: Broker | RabbitMqtt, w: World, protocol: str = "5") -> Config:
     root = tmp / "root.pub"
     root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
     cfg = tmp / "lockgw.toml"
@@ -68,7 +93,7 @@ site = "{SITE}"
 data_dir = "{tmp / "data"}"
 [mqtt]
 url = "{broker.url}"
-protocol = "{protocol}"
+protocol = "{protocol.split("@", maxsplit=1)[0]}"
 [trust]
 root_keys = ["{root}"]
 [control]
@@ -78,7 +103,7 @@ socket = "{tmp / "ctl.sock"}"
 
 
 @pytest.fixture
-async def setup(tmp_path: Path, live_broker: Broker, protocol: str) -> AsyncIterator[Setup]:
+async def setup(tmp_path: Path, mqtt_broker: Broker | RabbitMqtt, protocol: str) -> AsyncIterator[Setup]:
     from credfix import T0
 
     w = World()
@@ -86,7 +111,7 @@ async def setup(tmp_path: Path, live_broker: Broker, protocol: str) -> AsyncIter
     async with SimRadio(clock=clock.wall) as radio:
         sims = await radio.add_locks(2, seed=21)
         async with BumbleHost(controller=radio.open_gateway_controller()) as host:
-            config = write_config(tmp_path, live_broker, w, protocol)
+            config = write_config(tmp_path, mqtt_broker, w, protocol)
             gw = Gateway(
                 config, clock=clock, ble_backend=host.client_backend(), heartbeat_s=0.3, housekeeping_s=3600
             )
@@ -94,7 +119,7 @@ async def setup(tmp_path: Path, live_broker: Broker, protocol: str) -> AsyncIter
                 for sim in sims:
                     done = await gw.links.pair(str(sim.address), sim.model.setup_code)
                     gw.registry.put(LockRecord(done.lock_id, str(sim.address), sim.model.name, done.ltk))
-                yield Setup(w, gw, live_broker, sims, radio, clock)
+                yield Setup(w, gw, mqtt_broker, sims, radio, clock)
 
 
 class Central:
@@ -103,7 +128,7 @@ class Central:
 
     def __init__(self, client: aiomqtt.Client, protocol: str = "5") -> None:
         self.client = client
-        self.v311 = protocol == "3.1.1"
+        self.v311 = protocol != "5"
         self.inbox: list[aiomqtt.Message] = []
         self._cond = asyncio.Condition()
 
@@ -124,9 +149,9 @@ class Central:
 
 
 @pytest.fixture
-async def central(live_broker: Broker, protocol: str) -> AsyncIterator[Central]:
+async def central(mqtt_broker: Broker | RabbitMqtt, protocol: str) -> AsyncIterator[Central]:
     async with aiomqtt.Client(
-        "127.0.0.1", live_broker.port, identifier="central-test", protocol=aiomqtt_version(protocol)
+        "127.0.0.1", mqtt_broker.port, identifier="central-test", protocol=aiomqtt_version(protocol)
     ) as client:
         c = Central(client, protocol)
         task = asyncio.create_task(c.pump())
@@ -179,11 +204,16 @@ async def unlock_via_mqtt(s: Setup, client: Central, lock: str, corr: bytes) -> 
     )
 
 
-@BOTH_PROTOCOLS
+@pytest.mark.parametrize("protocol", ["5", "3.1.1", "3.1.1@rabbitmq"])
 async def test_contract_topics_request_response_receipts(setup: Setup, central: Central) -> None:
     s = setup
     await central.subscribe(f"{B}/{GW}/#")
     await central.subscribe("phone/replies")
+    if isinstance(s.broker, RabbitMqtt):
+        # RabbitMQ 3.10 sends retained messages only to subscriptions without wildcards
+        # (docs/mqtt-3.1.1.md): central subscribes to the retained topics by name.
+        await central.subscribe(f"{B}/{GW}/availability")
+        await central.subscribe(f"{B}/{GW}/info")
     avail = await next_on(central, f"{B}/{GW}/availability")
     assert json.loads(avail.payload) == {"state": "online"} and avail.retain
     info = json.loads((await next_on(central, f"{B}/{GW}/info")).payload)
