@@ -18,19 +18,44 @@ Both raise :class:`RuntimeError` naming what is missing; ``./dev.sh test`` insta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PG_BIN", "Postgres", "RabbitNode", "free_port", "rabbit_node", "wait_port"]
+import asyncpg
+import pytest
+
+from protocols.event_encoding import GENESIS, seal_event
+
+__all__ = [
+    "PG_BIN",
+    "Postgres",
+    "RabbitNode",
+    "ReceiverProc",
+    "chain",
+    "free_port",
+    "new_database",
+    "payload",
+    "pg_fetch",
+    "postgres",
+    "rabbit_node",
+    "receiver_config",
+    "wait_port",
+    "wait_until",
+]
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -241,3 +266,153 @@ def rabbit_node(
         "ERL_EPMD_PORT": str(epmd_port),
     }
     return RabbitNode(name, node_dir, amqp, mqtt, dist, epmd_port, env)
+
+
+# --- the receiver as a process, and a contract-faithful event source ------------------------
+
+RECEIVER_EXE = Path(sys.executable).with_name("lockgw-receiver")
+
+
+def receiver_config(
+    path: Path,
+    *,
+    dsn: str,
+    instance: str,
+    transport: str = "mqtt",
+    mqtt_url: str | None = None,
+    amqp_url: str | None = None,
+    base: str = "lockgw",
+    gap_replay_after_s: float = 2.0,
+    replay_retry_s: float = 5.0,
+    batch_max: int = 200,
+    extra: str = "",
+) -> Path:
+    """Write a receiver TOML file (docs/fleet.md) and return its path."""
+    text = (
+        f'[receiver]\ninstance = "{instance}"\nbase_topic = "{base}"\ntransport = "{transport}"\n'
+        f"batch_max = {batch_max}\nbatch_linger_s = 0.02\ngap_replay_after_s = {gap_replay_after_s}\n"
+        f'replay_retry_s = {replay_retry_s}\n{extra}\n[postgres]\ndsn = "{dsn}"\n'
+    )
+    if mqtt_url is not None:
+        text += f'[mqtt]\nurl = "{mqtt_url}"\n'
+    if amqp_url is not None:
+        text += f'[amqp]\nurl = "{amqp_url}"\nprefetch = {max(batch_max, 500)}\n'
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class ReceiverProc:
+    """``lockgw-receiver --config CONFIG run`` as a subprocess (its log in ``log``)."""
+
+    config: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ReceiverProc:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [str(RECEIVER_EXE), "--config", str(self.config), "run"],
+            stdout=out, stderr=out, env={**os.environ, **self.env},
+        )  # fmt: skip
+        out.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_log(self, needle: str, *, within_s: float = START_WITHIN_S) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if needle in self.output():
+                return
+            if not self.alive():
+                raise RuntimeError(f"receiver exited ({self.returncode()}): {self.output()[-3000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"no {needle!r} in the receiver's log: {self.output()[-3000:]}")
+
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, *, within_s: float = 60) -> int:
+        """SIGTERM, then wait: the exit code (0 expected: a clean drain)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=within_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def chain(
+    gw: str, *, n: int, epoch: str | None = None, site: str = "site-1", start: int = 1, prev: str = GENESIS
+) -> list[dict[str, Any]]:
+    """``n`` sealed events of one gateway, exactly as the gateway's outbox makes them."""
+    epoch = epoch or secrets.token_hex(8)
+    out: list[dict[str, Any]] = []
+    for seq in range(start, start + n):
+        ev = seal_event(
+            {"type": "lock.unlocked", "lock": "lock-1", "data": {"n": seq}},
+            gw=gw, site=site, epoch=epoch, seq=seq, prev=prev, wall=1_780_000_000 + seq,
+        )  # fmt: skip
+        out.append(ev)
+        prev = ev["hash"]
+    return out
+
+
+def payload(event: dict[str, Any], *, replayed: bool = False) -> bytes:
+    body = dict(event)
+    if replayed:
+        body["replayed"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def pg_fetch(dsn: str, sql: str, *args: Any) -> list[Any]:
+    """Rows of one query on the test PostgreSQL."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def wait_until(
+    check: Any, *, within_s: float = 60.0, every_s: float = 0.2, what: str = "condition"
+) -> Any:
+    """Poll the async ``check`` until it returns something truthy (returned), or fail."""
+    deadline = time.monotonic() + within_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(every_s)
+    raise AssertionError(f"{what} not reached within {within_s} s (last: {last!r})")
+
+
+async def new_database(pg: Postgres) -> str:
+    """A fresh database in ``pg`` (one per test): its DSN."""
+    name = f"t_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return pg.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL per test module (import it into the module); each test makes its own
+    database in it with :func:`new_database`."""
+    pg = Postgres()
+    pg.start()
+    yield pg
+    pg.destroy()
