@@ -162,7 +162,9 @@ class RabbitNode:
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+        """No credentials in the URL (the receiver refuses inline secrets): AMQP clients default
+        to guest/guest, which ``loopback_users = none`` allows on 127.0.0.1."""
+        return f"amqp://127.0.0.1:{self.amqp_port}/"
 
     @property
     def mqtt_url(self) -> str:
@@ -285,6 +287,7 @@ def receiver_config(
     gap_replay_after_s: float = 2.0,
     replay_retry_s: float = 5.0,
     batch_max: int = 200,
+    amqp_queue: str = "lockgw.central",
     extra: str = "",
 ) -> Path:
     """Write a receiver TOML file (docs/fleet.md) and return its path."""
@@ -296,7 +299,7 @@ def receiver_config(
     if mqtt_url is not None:
         text += f'[mqtt]\nurl = "{mqtt_url}"\n'
     if amqp_url is not None:
-        text += f'[amqp]\nurl = "{amqp_url}"\nprefetch = {max(batch_max, 500)}\n'
+        text += f'[amqp]\nurl = "{amqp_url}"\nqueue = "{amqp_queue}"\nprefetch = {max(batch_max, 500)}\n'
     path.write_text(text)
     return path
 
