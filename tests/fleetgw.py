@@ -78,6 +78,8 @@ class SimGateway:
         protocol: str = "3.1.1",
         heartbeat_s: float = 60.0,
         republish_after_s: float = 60.0,
+        max_backoff_s: float = 30.0,
+        lose_first_send: Iterable[int] = (),
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -85,6 +87,10 @@ class SimGateway:
         self.host, self.port, self.protocol = host, port, protocol
         self.heartbeat_s, self.republish_after_s = heartbeat_s, republish_after_s
         self._mono, self._wall = mono, wall
+        self.max_backoff_s = max_backoff_s
+        #: Seqs whose first publish is "lost on the way" (never sent, as if a broker or bridge
+        #: dropped it after the PUBACK): central sees a gap that only a replay or a re-send fills.
+        self.lose_first_send = set(lose_first_send)
         self.epoch = secrets.token_hex(8)
         self.events: list[str] = []  # JSON text of seq 1..last_seq (index seq-1)
         self._committed_at: list[float] = []
@@ -228,7 +234,7 @@ class SimGateway:
                 if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
                     fut.exception()
             attempt += 1
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)) * (0.5 + random.random()))
+            await asyncio.sleep(min(self.max_backoff_s, 0.5 * 2 ** min(attempt, 6)) * (0.5 + random.random()))
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.subscribe(f"{self.t['request']}+", qos=1, timeout=30)
@@ -290,6 +296,11 @@ class SimGateway:
         n = 0
         try:
             for seq in seqs:
+                if not replayed and seq in self.lose_first_send:
+                    self.lose_first_send.discard(seq)
+                    self._sent_up_to = max(self._sent_up_to, seq)
+                    n += 1
+                    continue
                 text = self.events[seq - 1]
                 if replayed:
                     text = text[:-1] + ',"replayed":true}'

@@ -69,7 +69,9 @@ class RabbitNode:
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+        """No credentials in the URL (the receiver refuses inline secrets): AMQP clients default
+        to guest/guest, which ``loopback_users = none`` allows on 127.0.0.1."""
+        return f"amqp://127.0.0.1:{self.amqp_port}/"
 
     @property
     def mqtt_url(self) -> str:
