@@ -210,6 +210,7 @@ async def run_faults(fleet: Fleet) -> None:
     rc, pg = fleet.rc, fleet.pg
     gws = [s.gw for s in fleet.sims] + [s.gw for s in fleet.sites]
     f = fleet.faults
+    t0 = time.monotonic()
     # 1. A receiver SIGKILLs itself between a commit and its acks (started with the hook).
     victim = fleet.receivers[0]
     deadline = time.monotonic() + 120
@@ -218,18 +219,29 @@ async def run_faults(fleet: Fleet) -> None:
     assert not victim.alive(), "the receiver's kill-after-commit hook never fired"
     f["receiver_killed_after_commit"] = "fault_kill_after_commit" in victim.output()
     fleet.receivers[0] = await asyncio.to_thread(fleet.receiver, 0)
-    # 2. SIGKILL the quorum queue's leader node; bring it back after a while.
+    f["receiver_restarted_at_s"] = round(time.monotonic() - t0, 1)
+    # 2. SIGKILL the quorum queue's leader node; it comes back while the other faults go on.
     leader = rc.quorum_leader(fleet.queue)
     f["killed_leader"] = leader.short
     rc.kill(leader)
     await asyncio.sleep(3)
     f["new_leader"] = (await asyncio.to_thread(rc.quorum_leader, fleet.queue)).short
-    await asyncio.to_thread(rc.start_node, leader)
+
+    async def restart_leader() -> None:
+        await asyncio.to_thread(rc.start_node, leader)
+        f["leader_back_at_s"] = round(time.monotonic() - t0, 1)
+
+    back = asyncio.create_task(restart_leader())
     # 3. A simulated gateway's uplink down for a while, and kill -9 of gateways.
     cut = asyncio.create_task(fleet.sims[1 % len(fleet.sims)].cut(8.0))
-    if fleet.sites:
-        await asyncio.to_thread(fleet.sites[0].kill9_and_restart)
-        f["daemon_killed"] = fleet.sites[0].gw
+
+    async def kill_daemon() -> None:
+        if fleet.sites:
+            f["daemon_killed"] = fleet.sites[0].gw
+            await asyncio.to_thread(fleet.sites[0].kill9_and_restart)
+            f["daemon_back_at_s"] = round(time.monotonic() - t0, 1)
+
+    daemon = asyncio.create_task(kill_daemon())
     await fleet.sims[2 % len(fleet.sims)].kill(2.0)
     # 4. PostgreSQL restarted under the receivers.
     before = await stored_count(fleet.dsn, gws)
@@ -237,7 +249,11 @@ async def run_faults(fleet: Fleet) -> None:
     await asyncio.sleep(2)
     await asyncio.to_thread(pg.start)
     f["pg_restarted_at_stored"] = before
+    f["pg_back_at_s"] = round(time.monotonic() - t0, 1)
     await cut
+    await daemon
+    await back
+    f["faults_done_at_s"] = round(time.monotonic() - t0, 1)
 
 
 async def check_postgres(fleet: Fleet, *, within_s: float = CONVERGE_WITHIN_S) -> dict[str, Any]:

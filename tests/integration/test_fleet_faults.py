@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,12 @@ __all__ = ["postgres"]
 pytestmark = [pytest.mark.ble, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-async def test_fleet_faults_lose_nothing_store_nothing_twice(
+async def test_fleet_faults_lose_nothing_store_nothing_twice(  # noqa: C901 - one scenario
     tmp_path: Path, rabbit3: RabbitCluster, postgres: Postgres
 ) -> None:
     n_daemons = int(os.environ.get("LOCKGW_FLEET_DAEMONS", "2"))
     n_sims = int(os.environ.get("LOCKGW_FLEET_SIMS", "12"))
+    t_start = time.monotonic()
     dsn = await new_database(postgres)
     fleet = await open_fleet(tmp_path, rabbit3, postgres, dsn)
     stop_sims, stop_daemons = asyncio.Event(), threading.Event()
@@ -43,12 +45,21 @@ async def test_fleet_faults_lose_nothing_store_nothing_twice(
         )
         for i in range(1, 2):
             fleet.receivers.append(await asyncio.to_thread(fleet.receiver, i))
-        for i in range(n_daemons):
-            node = fleet.safe_nodes[i % len(fleet.safe_nodes)]
-            site = await asyncio.to_thread(
-                start_real_site, tmp_path / f"site-{i}", f"gw-real-{i}", node, fleet.base, seed=100 + i
+        starting = [
+            asyncio.to_thread(
+                start_real_site,
+                tmp_path / f"site-{i}",
+                f"gw-real-{i}",
+                fleet.safe_nodes[i % len(fleet.safe_nodes)],
+                fleet.base,
+                seed=100 + i,
             )
-            fleet.sites.append(site)
+            for i in range(n_daemons)
+        ]
+        for done in await asyncio.gather(*starting, return_exceptions=True):
+            if isinstance(done, BaseException):
+                raise done
+            fleet.sites.append(done)
         for i in range(n_sims):
             node = rabbit3.nodes[i % len(rabbit3.nodes)]  # some on the leader: they lose their node
             gw = SimGateway(
@@ -77,7 +88,10 @@ async def test_fleet_faults_lose_nothing_store_nothing_twice(
         stop_daemons.set()
         await flows
         await asyncio.gather(*threads)
+        t_check = time.monotonic()
         report = await check_postgres(fleet)
+        report["converged_s"] = round(time.monotonic() - t_check, 1)
+        report["total_s"] = round(time.monotonic() - t_start, 1)
         print(report)
         assert report["lost"] == 0 and report["stored_twice"] == 0
         assert report["stored_by_replay"] >= 2  # gateway 3's gap came back by replay
