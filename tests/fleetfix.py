@@ -42,6 +42,7 @@ from protocols.event_encoding import GENESIS, seal_event
 
 __all__ = [
     "PG_BIN",
+    "RECEIVER_EXE",
     "Postgres",
     "RabbitNode",
     "ReceiverProc",

@@ -157,10 +157,12 @@ class Store:
             read_secret(config.password_file, "postgres.password_file") if config.password_file else None
         )
         with _mapped():
+            # min_size 0: no background "connection floor" reconnect loop while PostgreSQL is down
+            # (it logs a traceback per attempt); each batch reconnects as it needs.
             pool = await asyncpg.create_pool(
                 config.dsn,
                 password=password,
-                min_size=1,
+                min_size=0,
                 max_size=config.pool_size,
                 timeout=15,
                 command_timeout=60,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import aiomqtt
 import pytest
 from broker import Broker
 from fleetfix import (
+    RECEIVER_EXE,
     Postgres,
     ReceiverProc,
     chain,
@@ -232,3 +234,66 @@ async def test_hostile_messages_are_quarantined_and_conflicts_kept(central: Cent
 
 async def _seqs(central: Central, gw: str, n: int) -> bool:
     return await central.stored_seqs(gw) == list(range(1, n + 1))
+
+
+def _status(r: ReceiverProc) -> tuple[int, dict[str, Any]]:
+    out = subprocess.run(
+        [str(RECEIVER_EXE), "--config", str(r.config), "status", "--json"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+async def test_postgres_restart_then_status_alerts(central: Central, postgres: Postgres) -> None:
+    """PostgreSQL stops while events flow: nothing is acked, the batch is retried, and once it is
+    back everything is stored and receipted. Then `status --json` reports liveness from
+    PostgreSQL alone: no heartbeat yet → `heartbeat_stale`; a fresh one → no alert; a large
+    backlog → `lag`; the will message → `offline`."""
+    r = central.receiver("a")
+    base = central.base
+    events = chain("gw-pg", n=40)
+    async with central.client("gw") as gw:
+        await gw.subscribe(f"{base}/gw-pg/receipt", qos=1)
+        await publish(gw, base, events[:20])
+        await wait_until(lambda: _seqs(central, "gw-pg", 20), what="first 20 stored")
+        await asyncio.to_thread(postgres.stop)
+        await publish(gw, base, events[20:])
+        await asyncio.to_thread(r.wait_log, "store_unavailable")
+        await asyncio.to_thread(postgres.start)
+        async with asyncio.timeout(90):
+            async for m in gw.messages:
+                if json.loads(m.payload)["seq"] == 40:
+                    break
+        assert await central.stored_seqs("gw-pg") == list(range(1, 41))
+        code, report = await asyncio.to_thread(_status, r)
+        (g,) = report["gateways"]
+        assert code == 1
+        assert "heartbeat_stale" in g["alerts"]
+        assert g["streams"][0]["stored_seq"] == 40
+        hb = {
+            "ts": 1,
+            "epoch": events[0]["epoch"],
+            "last_seq": 40,
+            "receipt_seq": 40,
+            "backlog": 0,
+            "alarms": [],
+        }
+        await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(hb).encode(), qos=0)
+        await gw.publish(f"{base}/gw-pg/availability", b'{"state": "online"}', qos=1, retain=True)
+
+        async def healthy() -> bool:
+            code, report = await asyncio.to_thread(_status, r)
+            return code == 0 and report["gateways"][0]["availability"] == "online"
+
+        await wait_until(healthy, what="no alerts after a heartbeat")
+        await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(dict(hb, backlog=5000)).encode(), qos=0)
+        await gw.publish(f"{base}/gw-pg/availability", b'{"state": "offline"}', qos=1, retain=True)
+
+        async def alerted() -> list[str] | None:
+            _, report = await asyncio.to_thread(_status, r)
+            alerts = report["gateways"][0]["alerts"]
+            return alerts if {"lag", "offline"} <= set(alerts) else None
+
+        await wait_until(alerted, what="lag and offline alerts")
+    assert r.alive()
