@@ -58,7 +58,14 @@ __all__ = [
     "wait_until",
 ]
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory (Debian: /usr/lib/postgresql/<major>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 #: Bounds each start: a hang guard on a loaded 2-core machine, not a speed requirement.
 START_WITHIN_S = 120.0

@@ -297,3 +297,28 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
 
         await wait_until(alerted, what="lag and offline alerts")
     assert r.alive()
+
+
+async def test_new_epoch_is_recorded_as_such(central: Central) -> None:
+    """A gateway restored from scratch starts a new epoch at seq 1: a second stream, receipted
+    in its own epoch, the old one kept; `status` shows `new_epoch`."""
+    r = central.receiver("a")
+    old, new = chain("gw-e", n=3), chain("gw-e", n=2)
+    async with central.client("gw") as gw:
+        await gw.subscribe(f"{central.base}/gw-e/receipt", qos=1)
+        await publish(gw, central.base, old)
+        await publish(gw, central.base, new)
+        seen: set[tuple[str, int]] = set()
+        async with asyncio.timeout(60):
+            async for m in gw.messages:
+                body = json.loads(m.payload)
+                seen.add((body["epoch"], body["seq"]))
+                if {(old[0]["epoch"], 3), (new[0]["epoch"], 2)} <= seen:
+                    break
+    rows = await pg_fetch(central.dsn, "SELECT epochs, epoch FROM gateways WHERE gw = 'gw-e'")
+    assert (rows[0]["epochs"], rows[0]["epoch"]) == (2, new[0]["epoch"])
+    _, report = await asyncio.to_thread(_status, r)
+    (g,) = report["gateways"]
+    assert "new_epoch" in g["alerts"]
+    assert sorted(s["stored_seq"] for s in g["streams"]) == [2, 3]
+    assert "epoch_new" in r.output()
