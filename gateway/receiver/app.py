@@ -63,7 +63,12 @@ class Receiver:
         section = config.receiver
         self._section = section
         self.transport: Transport = (
-            MqttTransport(config.mqtt, base=section.base_topic, instance=section.instance)
+            MqttTransport(
+                config.mqtt,
+                base=section.base_topic,
+                instance=section.instance,
+                receive_max=2 * section.batch_max,
+            )
             if section.transport == "mqtt"
             else AmqpTransport(config.amqp, base=section.base_topic, instance=section.instance)
         )
@@ -264,17 +269,21 @@ class Receiver:
             _log.info("stream_new", gw=gw, epoch=epoch)
 
     async def _send_receipts(self, result: BatchResult) -> dict[tuple[str, str], int]:
-        sent: dict[tuple[str, str], int] = {}
+        """One receipt per stream, all in flight at once (a batch touches up to ``batch_max``
+        gateways; one at a time would cost a broker round trip each)."""
         base = self._section.base_topic
-        for (gw, epoch), seq in result.receipts.items():
+
+        async def one(gw: str, epoch: str, seq: int) -> tuple[tuple[str, str], int] | None:
             body = json.dumps({"epoch": epoch, "seq": seq}).encode()
             try:
                 await self.transport.publish(f"{base}/{gw}/receipt", body)
             except TransportUnavailable as exc:
                 _log.warning("receipt_not_sent", gw=gw, seq=seq, reason=str(exc))
-                continue
-            sent[(gw, epoch)] = seq
-        return sent
+                return None
+            return (gw, epoch), seq
+
+        done = await asyncio.gather(*(one(gw, epoch, seq) for (gw, epoch), seq in result.receipts.items()))
+        return dict(d for d in done if d is not None)
 
     async def _sweep(self) -> None:
         every = min(self._section.gap_replay_after_s / 2, 5.0)

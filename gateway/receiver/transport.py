@@ -87,8 +87,9 @@ def replay_request(from_seq: int, to_seq: int, transaction: str) -> bytes:
 class MqttTransport:
     """MQTT 5 (module docstring)."""
 
-    def __init__(self, config: MqttConfig, *, base: str, instance: str) -> None:
+    def __init__(self, config: MqttConfig, *, base: str, instance: str, receive_max: int = 1000) -> None:
         self._config, self._base, self._instance = config, base, instance
+        self._receive_max = max(1, min(receive_max, 65535))
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(MAX_BUFFERED)
         self._client: aiomqtt.Client | None = None
         self._generation = 0
@@ -104,6 +105,9 @@ class MqttTransport:
         )
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Unacked deliveries the broker may have in flight to us: acks wait for the commit, so
+        # this (and mosquitto's max_inflight_messages, default 20) bounds a batch's size.
+        props.ReceiveMaximum = self._receive_max
         client = aiomqtt.Client(
             host,
             port,
