@@ -53,6 +53,11 @@ class ReceiverSection(_Section):
     replay_retry_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
     heartbeat_stale_s: Annotated[float, Field(gt=0, le=86400)] = 180.0
     lag_alert_events: Annotated[int, Field(ge=1)] = 1000
+    #: ``GET /metrics`` (Prometheus) on this port; 0 = off.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    metrics_host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    #: Per-gateway gauges are refreshed from PostgreSQL this often (one status query).
+    metrics_refresh_s: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
 
 
 class PostgresConfig(_Section):

@@ -24,6 +24,7 @@ from fleetfix import (
     Postgres,
     ReceiverProc,
     chain,
+    free_port,
     new_database,
     payload,
     pg_fetch,
@@ -322,3 +323,43 @@ async def test_new_epoch_is_recorded_as_such(central: Central) -> None:
     assert "new_epoch" in g["alerts"]
     assert sorted(s["stored_seq"] for s in g["streams"]) == [2, 3]
     assert "epoch_new" in r.output()
+
+
+async def _get(port: int, path: str) -> tuple[str, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head.split("\r\n")[0], body
+
+
+async def test_prometheus_metrics(central: Central) -> None:
+    port = free_port()
+    central.receiver("a", extra=f"metrics_port = {port}\nmetrics_refresh_s = 0.5\n")
+    events = chain("gw-m", n=5)
+    async with central.client("gw") as gw:
+        await publish(gw, central.base, events + events[:2])
+        await gw.publish(f"{central.base}/gw-m/events", b"junk", qos=1)
+
+    async def scraped() -> str | None:
+        status, body = await _get(port, "/metrics")
+        assert status.endswith("200 OK")
+        want = [
+            "lockgw_receiver_events_stored_total 5.0",
+            "lockgw_receiver_events_duplicate_total 2.0",
+            "lockgw_receiver_quarantined_total 1.0",
+            f'lockgw_receiver_stored_seq{{epoch="{events[0]["epoch"]}",gw="gw-m"}} 5.0',
+            'lockgw_receiver_alert{alert="heartbeat_stale",gw="gw-m"} 1.0',
+        ]
+        return body if all(w in body for w in want) else None
+
+    await wait_until(scraped, what="metrics")
+    status, _ = await _get(port, "/nope")
+    assert "404" in status
+    # Garbage on the metrics port is dropped, the receiver carries on.
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x00" * 9000)
+    writer.close()
+    assert (await _get(port, "/metrics"))[0].endswith("200 OK")
