@@ -151,7 +151,16 @@ class Postgres:
             time.sleep(0.5)
 
     def destroy(self) -> None:
-        self.stop()
+        """Immediate shutdown (SIGQUIT: no checkpoint, the data goes anyway) and remove it all."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -215,7 +224,7 @@ class RabbitNode:
         self.proc = None
 
     def destroy(self) -> None:
-        self.stop()
+        """SIGKILL (a test node keeps nothing) and remove it all, its private epmd included."""
         self.kill()
         epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
         # Only the private epmd on our own port: the machine's one (4369) is never touched.

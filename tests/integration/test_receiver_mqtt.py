@@ -33,6 +33,8 @@ from fleetfix import (
     wait_until,
 )
 
+from gateway.receiver.config import PostgresConfig, ReceiverSection
+from gateway.receiver.store import Store
 from protocols.event_encoding import event_hash, verify_chain
 
 __all__ = ["postgres"]
@@ -48,15 +50,22 @@ class Central:
         self.base = f"t{secrets.token_hex(4)}"
         self.receivers: list[ReceiverProc] = []
 
-    def receiver(self, instance: str, *, env: dict[str, str] | None = None, **kw: Any) -> ReceiverProc:
+    def receiver(
+        self, instance: str, *, env: dict[str, str] | None = None, wait: bool = True, **kw: Any
+    ) -> ReceiverProc:
         cfg = receiver_config(
             self.tmp / f"{instance}.toml", dsn=self.dsn, instance=f"{self.base}-{instance}",
             mqtt_url=self.broker.url, base=self.base, **kw,
         )  # fmt: skip
         r = ReceiverProc(cfg, self.tmp / f"{instance}.log", env=env or {}).start()
         self.receivers.append(r)
-        r.wait_log("mqtt_connected")
+        if wait:
+            r.wait_log("mqtt_connected")
         return r
+
+    def report(self) -> Any:
+        """``lockgw-receiver status``'s report, computed in-process (the CLI is checked once)."""
+        return _report(self.dsn)
 
     def client(self, name: str) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -93,8 +102,8 @@ async def publish(c: aiomqtt.Client, base: str, events: list[dict[str, Any]], **
 
 
 async def test_events_stored_once_and_receipted(central: Central) -> None:
-    central.receiver("a")
-    central.receiver("b")
+    for r in (central.receiver("a", wait=False), central.receiver("b", wait=False)):
+        r.wait_log("mqtt_connected")
     events = chain("gw-one", n=60)
     async with central.client("gw") as gw:
         await gw.subscribe(f"{central.base}/gw-one/receipt", qos=1)
@@ -237,6 +246,11 @@ async def _seqs(central: Central, gw: str, n: int) -> bool:
     return await central.stored_seqs(gw) == list(range(1, n + 1))
 
 
+async def _report(dsn: str) -> Any:
+    async with Store.connect(PostgresConfig(dsn=dsn), migrate=False) as store:
+        return await store.status(ReceiverSection())
+
+
 def _status(r: ReceiverProc) -> tuple[int, dict[str, Any]]:
     out = subprocess.run(
         [str(RECEIVER_EXE), "--config", str(r.config), "status", "--json"],
@@ -284,15 +298,16 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
         await gw.publish(f"{base}/gw-pg/availability", b'{"state": "online"}', qos=1, retain=True)
 
         async def healthy() -> bool:
-            code, report = await asyncio.to_thread(_status, r)
-            return code == 0 and report["gateways"][0]["availability"] == "online"
+            report = await central.report()
+            return report["alerts"] == 0 and report["gateways"][0]["availability"] == "online"
 
         await wait_until(healthy, what="no alerts after a heartbeat")
+        assert (await asyncio.to_thread(_status, r))[0] == 0
         await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(dict(hb, backlog=5000)).encode(), qos=0)
         await gw.publish(f"{base}/gw-pg/availability", b'{"state": "offline"}', qos=1, retain=True)
 
         async def alerted() -> list[str] | None:
-            _, report = await asyncio.to_thread(_status, r)
+            report = await central.report()
             alerts = report["gateways"][0]["alerts"]
             return alerts if {"lag", "offline"} <= set(alerts) else None
 
