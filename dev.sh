@@ -48,11 +48,14 @@ ensure_mosquitto() {
     if command -v apt-get >/dev/null 2>&1; then apt_install mosquitto; fi
 }
 
-ensure_rabbitmq() {
-    # The fleet tests start private RabbitMQ nodes (tests/rabbit.py) from Debian's package;
-    # they never use the broker the package itself may start.
-    if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then return; fi
-    if command -v apt-get >/dev/null 2>&1; then apt_install rabbitmq-server; fi
+ensure_central() {
+    # The receiver's tests start their own PostgreSQL and RabbitMQ in temp dirs (tests/fleetfix.py);
+    # they need the binaries only, never the machine-wide services.
+    command -v apt-get >/dev/null 2>&1 || return 0
+    local want=()
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || want+=(postgresql)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || want+=(rabbitmq-server)
+    [ ${#want[@]} -eq 0 ] || apt_install "${want[@]}"
 }
 
 sync_env() {
@@ -70,7 +73,7 @@ case "$cmd" in
         ;;
     test)
         ensure_mosquitto
-        ensure_rabbitmq
+        ensure_central
         sync_env
         echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
         echo "== mypy --strict" && .venv/bin/mypy

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -31,12 +32,12 @@ COLS = "id, gw, epoch, seq, hash, prev, body"
 
 
 def make_rows(n: int) -> list[tuple[Any, ...]]:
-    import json
-
-    out = []
+    out: list[tuple[Any, ...]] = []
     for g in range(n // 1000 + 1):
-        for e in chain(f"gw-{g}", n=min(1000, n - g * 1000)):
-            out.append((e["id"], e["gw"], e["epoch"], e["seq"], e["hash"], e["prev"], json.dumps(e)))
+        out.extend(
+            (e["id"], e["gw"], e["epoch"], e["seq"], e["hash"], e["prev"], json.dumps(e))
+            for e in chain(f"gw-{g}", n=min(1000, n - g * 1000))
+        )
     return out[:n]
 
 
@@ -91,7 +92,12 @@ async def main() -> None:
     batches = [rows[i : i + args.batch] for i in range(0, len(rows), args.batch)]
     pg = Postgres()
     pg.start()
-    results: dict[str, list[float]] = {"asyncpg new": [], "asyncpg dup": [], "psycopg new": [], "psycopg dup": []}
+    results: dict[str, list[float]] = {
+        "asyncpg new": [],
+        "asyncpg dup": [],
+        "psycopg new": [],
+        "psycopg dup": [],
+    }
     try:
         for _ in range(args.rounds):
             for name, fn in (("asyncpg", run_asyncpg), ("psycopg", run_psycopg)):

@@ -42,6 +42,7 @@ from protocols.event_encoding import GENESIS, seal_event
 
 __all__ = [
     "PG_BIN",
+    "RECEIVER_EXE",
     "Postgres",
     "RabbitNode",
     "ReceiverProc",
@@ -57,7 +58,14 @@ __all__ = [
     "wait_until",
 ]
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory (Debian: /usr/lib/postgresql/<major>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 #: Bounds each start: a hang guard on a loaded 2-core machine, not a speed requirement.
 START_WITHIN_S = 120.0
@@ -143,7 +151,16 @@ class Postgres:
             time.sleep(0.5)
 
     def destroy(self) -> None:
-        self.stop()
+        """Immediate shutdown (SIGQUIT: no checkpoint, the data goes anyway) and remove it all."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -207,7 +224,7 @@ class RabbitNode:
         self.proc = None
 
     def destroy(self) -> None:
-        self.stop()
+        """SIGKILL (a test node keeps nothing) and remove it all, its private epmd included."""
         self.kill()
         epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
         # Only the private epmd on our own port: the machine's one (4369) is never touched.

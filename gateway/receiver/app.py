@@ -32,6 +32,7 @@ from typing import Final, Self
 from gateway import log
 from gateway.receiver.config import ReceiverConfig
 from gateway.receiver.messages import Availability, Event, Heartbeat, Malformed, parse
+from gateway.receiver.metrics import Metrics
 from gateway.receiver.store import BatchResult, Quarantined, Store, StoreUnavailable
 from gateway.receiver.transport import (
     AmqpTransport,
@@ -63,7 +64,12 @@ class Receiver:
         section = config.receiver
         self._section = section
         self.transport: Transport = (
-            MqttTransport(config.mqtt, base=section.base_topic, instance=section.instance)
+            MqttTransport(
+                config.mqtt,
+                base=section.base_topic,
+                instance=section.instance,
+                receive_max=2 * section.batch_max,
+            )
             if section.transport == "mqtt"
             else AmqpTransport(config.amqp, base=section.base_topic, instance=section.instance)
         )
@@ -74,6 +80,7 @@ class Receiver:
         self._store_cm: object = None
         self._n = itertools.count(1)
         self._commits = 0
+        self.metrics = Metrics()
         self._kill_after = _parse_fault(
             fault if fault is not None else os.environ.get("LOCKGW_RECEIVER_FAULT")
         )
@@ -95,6 +102,14 @@ class Receiver:
             asyncio.create_task(self._consume(), name="receiver-consume"),
             asyncio.create_task(self._sweep(), name="receiver-sweep"),
         ]
+        if self._section.metrics_port:
+            self._tasks += [
+                asyncio.create_task(
+                    self.metrics.serve(self._section.metrics_host, self._section.metrics_port),
+                    name="receiver-metrics",
+                ),
+                asyncio.create_task(self._refresh_metrics(), name="receiver-metrics-refresh"),
+            ]
         for t in self._tasks:
             t.add_done_callback(self._task_done)
         _log.info("receiver_started", instance=self._section.instance, transport=self._section.transport)
@@ -234,9 +249,13 @@ class Receiver:
         assert self._store is not None
         for attempt in itertools.count():
             try:
-                return await self._store.commit_batch(
-                    events=events, heartbeats=heartbeats, availability=availability, quarantined=quarantined
-                )
+                with self.metrics.commit_s.time():
+                    return await self._store.commit_batch(
+                        events=events,
+                        heartbeats=heartbeats,
+                        availability=availability,
+                        quarantined=quarantined,
+                    )
             except StoreUnavailable as exc:
                 wait = retry_wait_s(attempt, random.random)
                 _log.warning("store_unavailable", reason=str(exc)[:500], retry_in_s=round(wait, 2))
@@ -251,6 +270,11 @@ class Receiver:
         self.stats["duplicates"] += result.duplicates
         self.stats["conflicts"] += len(result.conflicts)
         self.stats["quarantined"] += result.quarantined
+        self.metrics.batches.inc()
+        self.metrics.stored.inc(result.stored)
+        self.metrics.duplicates.inc(result.duplicates)
+        self.metrics.conflicts.inc(len(result.conflicts))
+        self.metrics.quarantined.inc(result.quarantined)
         for c in result.conflicts:
             _log.error(
                 "alarm_conflict",
@@ -264,17 +288,21 @@ class Receiver:
             _log.info("stream_new", gw=gw, epoch=epoch)
 
     async def _send_receipts(self, result: BatchResult) -> dict[tuple[str, str], int]:
-        sent: dict[tuple[str, str], int] = {}
+        """One receipt per stream, all in flight at once (a batch touches up to ``batch_max``
+        gateways; one at a time would cost a broker round trip each)."""
         base = self._section.base_topic
-        for (gw, epoch), seq in result.receipts.items():
+
+        async def one(gw: str, epoch: str, seq: int) -> tuple[tuple[str, str], int] | None:
             body = json.dumps({"epoch": epoch, "seq": seq}).encode()
             try:
                 await self.transport.publish(f"{base}/{gw}/receipt", body)
             except TransportUnavailable as exc:
                 _log.warning("receipt_not_sent", gw=gw, seq=seq, reason=str(exc))
-                continue
-            sent[(gw, epoch)] = seq
-        return sent
+                return None
+            return (gw, epoch), seq
+
+        done = await asyncio.gather(*(one(gw, epoch, seq) for (gw, epoch), seq in result.receipts.items()))
+        return dict(d for d in done if d is not None)
 
     async def _sweep(self) -> None:
         every = min(self._section.gap_replay_after_s / 2, 5.0)
@@ -300,7 +328,17 @@ class Receiver:
                     _log.warning("replay_not_sent", gw=r.gw, reason=str(exc))
                     continue
                 self.stats["replays"] += 1
+                self.metrics.replays.inc()
                 _log.info("replay_requested", gw=r.gw, epoch=r.epoch, from_seq=r.from_seq, to_seq=r.to_seq)
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            if self._store is not None:
+                try:
+                    self.metrics.update_gateways(await self._store.status(self._section))
+                except StoreUnavailable as exc:
+                    _log.warning("metrics_refresh_failed", reason=str(exc)[:500])
+            await asyncio.sleep(self._section.metrics_refresh_s)
 
 
 def retry_wait_s(attempt: int, rng: Callable[[], float]) -> float:

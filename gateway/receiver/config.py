@@ -53,6 +53,11 @@ class ReceiverSection(_Section):
     replay_retry_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
     heartbeat_stale_s: Annotated[float, Field(gt=0, le=86400)] = 180.0
     lag_alert_events: Annotated[int, Field(ge=1)] = 1000
+    #: ``GET /metrics`` (Prometheus) on this port; 0 = off.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    metrics_host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    #: Per-gateway gauges are refreshed from PostgreSQL this often (one status query).
+    metrics_refresh_s: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
 
 
 class PostgresConfig(_Section):
@@ -104,6 +109,8 @@ class MqttConfig(_Section):
 
 class AmqpConfig(_Section):
     url: str = "amqp://127.0.0.1:5672/"
+    #: Further nodes of the cluster: each reconnect tries the next of [url, *urls].
+    urls: Annotated[list[str], Field(max_length=32)] = Field(default_factory=list)
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")] = "lockgw.central"
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 500
     username: str | None = None
@@ -113,6 +120,15 @@ class AmqpConfig(_Section):
     @classmethod
     def _url(cls, v: str) -> str:
         return _broker_url(v, ("amqp", "amqps"))
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        return [_broker_url(u, ("amqp", "amqps")) for u in v]
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.url, *self.urls]
 
 
 class ReceiverConfig(_Section):

@@ -157,10 +157,12 @@ class Store:
             read_secret(config.password_file, "postgres.password_file") if config.password_file else None
         )
         with _mapped():
+            # min_size 0: no background "connection floor" reconnect loop while PostgreSQL is down
+            # (it logs a traceback per attempt); each batch reconnects as it needs.
             pool = await asyncpg.create_pool(
                 config.dsn,
                 password=password,
-                min_size=1,
+                min_size=0,
                 max_size=config.pool_size,
                 timeout=15,
                 command_timeout=60,
@@ -215,12 +217,14 @@ class Store:
                     site_of = {e.stream: e.site for e in events}
                     created = await db.fetch(
                         "INSERT INTO streams (gw, epoch, site) SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) "
-                        "ON CONFLICT DO NOTHING RETURNING gw, epoch",
+                        "ON CONFLICT (gw, epoch) DO UPDATE SET site = EXCLUDED.site "
+                        "WHERE streams.site = '' AND EXCLUDED.site <> '' "
+                        "RETURNING gw, epoch, (xmax = 0) AS inserted",
                         [s[0] for s in streams],
                         [s[1] for s in streams],
                         [site_of.get(s, "") for s in streams],
                     )
-                    result.new_streams = [(r["gw"], r["epoch"]) for r in created]
+                    result.new_streams = [(r["gw"], r["epoch"]) for r in created if r["inserted"]]
                     rows = await db.fetch(
                         "SELECT s.gw, s.epoch, s.contiguous_seq, s.max_seq FROM streams s "
                         "JOIN unnest($1::text[], $2::text[]) AS k(gw, epoch) USING (gw, epoch) "
@@ -339,18 +343,7 @@ class Store:
                 list(last),
                 [e.site for e in last.values()],
             )
-        new_gw_epochs = dict(result.new_streams)
-        if new_gw_epochs:
-            rows = await db.fetch(
-                "UPDATE gateways g SET epochs = g.epochs + 1, epoch = u.e, "
-                "epoch_changed_at = CASE WHEN g.epochs > 0 THEN now() ELSE g.epoch_changed_at END "
-                "FROM unnest($1::text[], $2::text[]) AS u(gw, e) WHERE g.gw = u.gw RETURNING g.gw, g.epochs",
-                list(new_gw_epochs),
-                list(new_gw_epochs.values()),
-            )
-            for r in rows:
-                if r["epochs"] > 1:
-                    _log.warning("epoch_new", gw=r["gw"], epoch=new_gw_epochs[r["gw"]], epochs=r["epochs"])
+        await Store._epochs(db, events, result)
         if heartbeats:
             latest = {h.gw: h for h in heartbeats}
             hb = list(latest.values())
@@ -379,6 +372,33 @@ class Store:
                 [a.state for a in latest_av.values()],
             )
 
+    @staticmethod
+    async def _epochs(db: _Db, events: Sequence[Event], result: BatchResult) -> None:
+        # New epochs per gateway: how many, and which is current (the one its latest event in
+        # the batch belongs to; a heartbeat-only epoch otherwise).
+        added: dict[str, int] = {}
+        current: dict[str, str] = {}
+        fresh = set(result.new_streams)
+        for gw, epoch in result.new_streams:
+            added[gw] = added.get(gw, 0) + 1
+            current.setdefault(gw, epoch)
+        for e in events:
+            if e.stream in fresh:
+                current[e.gw] = e.epoch
+        if added:
+            rows = await db.fetch(
+                "INSERT INTO gateways AS g (gw, epoch, epochs) SELECT * FROM unnest($1::text[], $2::text[], $3::int[]) "
+                "ON CONFLICT (gw) DO UPDATE SET epochs = g.epochs + EXCLUDED.epochs, epoch = EXCLUDED.epoch, "
+                "epoch_changed_at = CASE WHEN g.epochs + EXCLUDED.epochs > 1 THEN now() ELSE g.epoch_changed_at END "
+                "RETURNING g.gw, g.epochs",
+                list(added),
+                [current[g] for g in added],
+                list(added.values()),
+            )
+            for r in rows:
+                if r["epochs"] > 1:
+                    _log.warning("epoch_new", gw=r["gw"], epoch=current[r["gw"]], epochs=r["epochs"])
+
     async def record_receipts(self, receipts: dict[StreamKey, int]) -> None:
         """What was receipted (after it was sent): the receipt lag in ``status``."""
         if not receipts:
@@ -405,6 +425,9 @@ class Store:
                     "SELECT gw, epoch FROM streams WHERE gap_since IS NOT NULL "
                     "AND gap_since < now() - make_interval(secs => $1) "
                     "AND (replay_at IS NULL OR replay_at < now() - make_interval(secs => $2)) "
+                    # The contract's replay has no epoch: never ask a gateway now in another one.
+                    "AND NOT EXISTS (SELECT 1 FROM gateways g WHERE g.gw = streams.gw "
+                    "AND g.hb_epoch IS NOT NULL AND g.hb_epoch <> streams.epoch) "
                     "ORDER BY gap_since LIMIT $3 FOR UPDATE SKIP LOCKED) AS c "
                     "WHERE s.gw = c.gw AND s.epoch = c.epoch RETURNING s.gw, s.epoch, s.contiguous_seq, s.max_seq",
                     after_s,

@@ -87,8 +87,9 @@ def replay_request(from_seq: int, to_seq: int, transaction: str) -> bytes:
 class MqttTransport:
     """MQTT 5 (module docstring)."""
 
-    def __init__(self, config: MqttConfig, *, base: str, instance: str) -> None:
+    def __init__(self, config: MqttConfig, *, base: str, instance: str, receive_max: int = 1000) -> None:
         self._config, self._base, self._instance = config, base, instance
+        self._receive_max = max(1, min(receive_max, 65535))
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(MAX_BUFFERED)
         self._client: aiomqtt.Client | None = None
         self._generation = 0
@@ -104,6 +105,9 @@ class MqttTransport:
         )
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Unacked deliveries the broker may have in flight to us: acks wait for the commit, so
+        # this (and mosquitto's max_inflight_messages, default 20) bounds a batch's size.
+        props.ReceiveMaximum = self._receive_max
         client = aiomqtt.Client(
             host,
             port,
@@ -191,8 +195,10 @@ class AmqpTransport:
             topic = (message.routing_key or "").replace(".", "/")
             await self.queue.put(Delivery(topic, message.body, generation, message))
 
+        nodes = self._config.nodes
+        url = nodes[(generation - 1) % len(nodes)]  # the next node of the cluster on each reconnect
         try:
-            conn = await aio_pika.connect(self._config.url, timeout=15, **kwargs)
+            conn = await aio_pika.connect(url, timeout=15, **kwargs)
             conn.close_callbacks.add(closed)
             async with conn:
                 channel = await conn.channel(publisher_confirms=True)
@@ -205,8 +211,11 @@ class AmqpTransport:
                     await queue.bind("amq.topic", routing_key=f"{self._base}.*.{kind}")
                 self._exchange = await channel.get_exchange("amq.topic", ensure=False)
                 self._channel = channel
+                # A consumer the broker cancels (its queue deleted, or moved away) would leave
+                # this connection open and silent: treat it as a lost connection.
+                (await channel.get_underlay_channel()).on_consumer_cancel_callbacks.add(closed)
                 await queue.consume(on_message, no_ack=False)
-                _log.info("amqp_connected", queue=self._config.queue)
+                _log.info("amqp_connected", queue=self._config.queue, node=url.split("@")[-1])
                 await lost
         except (OSError, aio_pika.exceptions.AMQPError, pamqp.exceptions.PAMQPException, TimeoutError) as exc:
             raise TransportUnavailable(f"AMQP: {type(exc).__name__}: {exc}") from exc

@@ -25,6 +25,7 @@ from fleetfix import (
     RabbitNode,
     ReceiverProc,
     chain,
+    free_port,
     new_database,
     payload,
     pg_fetch,
@@ -56,14 +57,27 @@ class Fleet:
         self.base = f"t{secrets.token_hex(4)}"
         self.receivers: list[ReceiverProc] = []
 
-    def receiver(self, instance: str, *, env: dict[str, str] | None = None, **kw: Any) -> ReceiverProc:
+    def receiver(
+        self, instance: str, *, env: dict[str, str] | None = None, dead_first: bool = False, **kw: Any
+    ) -> ReceiverProc:
+        """A receiver; with ``dead_first`` its first node is a port nobody listens on, the real
+        one second in ``[amqp] urls`` (a cluster node down at start: it moves on to the next)."""
         cfg = receiver_config(
             self.tmp / f"{instance}.toml", dsn=self.dsn, instance=instance, transport="amqp",
             amqp_url=self.node.amqp_url, base=self.base, amqp_queue=f"{self.base}.central", **kw,
         )  # fmt: skip
+        if dead_first:
+            real = f'url = "{self.node.amqp_url}"'
+            cfg.write_text(
+                cfg.read_text().replace(
+                    real, f'url = "amqp://127.0.0.1:{free_port()}/"\nurls = ["{self.node.amqp_url}"]'
+                )
+            )
         r = ReceiverProc(cfg, self.tmp / f"{instance}.log", env=env or {}).start()
         self.receivers.append(r)
         r.wait_log("amqp_connected")
+        if dead_first:
+            assert "broker_unavailable" in r.output()
         return r
 
     def gateway(self, gw: str) -> aiomqtt.Client:
@@ -134,7 +148,7 @@ async def test_two_competing_receivers_one_killed_between_commit_and_ack(fleet: 
 
 
 async def test_gap_replay_request_reaches_the_gateway_session(fleet: Fleet) -> None:
-    fleet.receiver("r1", gap_replay_after_s=1.0)
+    fleet.receiver("r1", gap_replay_after_s=1.0, dead_first=True)
     events = chain("gw-gap", n=10)
     async with fleet.gateway("gw-gap") as gw:
         await gw.subscribe(f"{fleet.base}/gw-gap/request/+", qos=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ import aiomqtt
 import pytest
 from broker import Broker
 from fleetfix import (
+    RECEIVER_EXE,
     Postgres,
     ReceiverProc,
     chain,
+    free_port,
     new_database,
     payload,
     pg_fetch,
@@ -30,6 +33,8 @@ from fleetfix import (
     wait_until,
 )
 
+from gateway.receiver.config import PostgresConfig, ReceiverSection
+from gateway.receiver.store import Store
 from protocols.event_encoding import event_hash, verify_chain
 
 __all__ = ["postgres"]
@@ -45,15 +50,22 @@ class Central:
         self.base = f"t{secrets.token_hex(4)}"
         self.receivers: list[ReceiverProc] = []
 
-    def receiver(self, instance: str, *, env: dict[str, str] | None = None, **kw: Any) -> ReceiverProc:
+    def receiver(
+        self, instance: str, *, env: dict[str, str] | None = None, wait: bool = True, **kw: Any
+    ) -> ReceiverProc:
         cfg = receiver_config(
             self.tmp / f"{instance}.toml", dsn=self.dsn, instance=f"{self.base}-{instance}",
             mqtt_url=self.broker.url, base=self.base, **kw,
         )  # fmt: skip
         r = ReceiverProc(cfg, self.tmp / f"{instance}.log", env=env or {}).start()
         self.receivers.append(r)
-        r.wait_log("mqtt_connected")
+        if wait:
+            r.wait_log("mqtt_connected")
         return r
+
+    def report(self) -> Any:
+        """``lockgw-receiver status``'s report, computed in-process (the CLI is checked once)."""
+        return _report(self.dsn)
 
     def client(self, name: str) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -90,8 +102,8 @@ async def publish(c: aiomqtt.Client, base: str, events: list[dict[str, Any]], **
 
 
 async def test_events_stored_once_and_receipted(central: Central) -> None:
-    central.receiver("a")
-    central.receiver("b")
+    for r in (central.receiver("a", wait=False), central.receiver("b", wait=False)):
+        r.wait_log("mqtt_connected")
     events = chain("gw-one", n=60)
     async with central.client("gw") as gw:
         await gw.subscribe(f"{central.base}/gw-one/receipt", qos=1)
@@ -232,3 +244,137 @@ async def test_hostile_messages_are_quarantined_and_conflicts_kept(central: Cent
 
 async def _seqs(central: Central, gw: str, n: int) -> bool:
     return await central.stored_seqs(gw) == list(range(1, n + 1))
+
+
+async def _report(dsn: str) -> Any:
+    async with Store.connect(PostgresConfig(dsn=dsn), migrate=False) as store:
+        return await store.status(ReceiverSection())
+
+
+def _status(r: ReceiverProc) -> tuple[int, dict[str, Any]]:
+    out = subprocess.run(
+        [str(RECEIVER_EXE), "--config", str(r.config), "status", "--json"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+async def test_postgres_restart_then_status_alerts(central: Central, postgres: Postgres) -> None:
+    """PostgreSQL stops while events flow: nothing is acked, the batch is retried, and once it is
+    back everything is stored and receipted. Then `status --json` reports liveness from
+    PostgreSQL alone: no heartbeat yet → `heartbeat_stale`; a fresh one → no alert; a large
+    backlog → `lag`; the will message → `offline`."""
+    r = central.receiver("a")
+    base = central.base
+    events = chain("gw-pg", n=40)
+    async with central.client("gw") as gw:
+        await gw.subscribe(f"{base}/gw-pg/receipt", qos=1)
+        await publish(gw, base, events[:20])
+        await wait_until(lambda: _seqs(central, "gw-pg", 20), what="first 20 stored")
+        await asyncio.to_thread(postgres.stop)
+        await publish(gw, base, events[20:])
+        await asyncio.to_thread(r.wait_log, "store_unavailable")
+        await asyncio.to_thread(postgres.start)
+        async with asyncio.timeout(90):
+            async for m in gw.messages:
+                if json.loads(m.payload)["seq"] == 40:
+                    break
+        assert await central.stored_seqs("gw-pg") == list(range(1, 41))
+        code, report = await asyncio.to_thread(_status, r)
+        (g,) = report["gateways"]
+        assert code == 1
+        assert "heartbeat_stale" in g["alerts"]
+        assert g["streams"][0]["stored_seq"] == 40
+        hb = {
+            "ts": 1,
+            "epoch": events[0]["epoch"],
+            "last_seq": 40,
+            "receipt_seq": 40,
+            "backlog": 0,
+            "alarms": [],
+        }
+        await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(hb).encode(), qos=0)
+        await gw.publish(f"{base}/gw-pg/availability", b'{"state": "online"}', qos=1, retain=True)
+
+        async def healthy() -> bool:
+            report = await central.report()
+            return report["alerts"] == 0 and report["gateways"][0]["availability"] == "online"
+
+        await wait_until(healthy, what="no alerts after a heartbeat")
+        assert (await asyncio.to_thread(_status, r))[0] == 0
+        await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(dict(hb, backlog=5000)).encode(), qos=0)
+        await gw.publish(f"{base}/gw-pg/availability", b'{"state": "offline"}', qos=1, retain=True)
+
+        async def alerted() -> list[str] | None:
+            report = await central.report()
+            alerts = report["gateways"][0]["alerts"]
+            return alerts if {"lag", "offline"} <= set(alerts) else None
+
+        await wait_until(alerted, what="lag and offline alerts")
+    assert r.alive()
+
+
+async def test_new_epoch_is_recorded_as_such(central: Central) -> None:
+    """A gateway restored from scratch starts a new epoch at seq 1: a second stream, receipted
+    in its own epoch, the old one kept; `status` shows `new_epoch`."""
+    r = central.receiver("a")
+    old, new = chain("gw-e", n=3), chain("gw-e", n=2)
+    async with central.client("gw") as gw:
+        await gw.subscribe(f"{central.base}/gw-e/receipt", qos=1)
+        await publish(gw, central.base, old)
+        await publish(gw, central.base, new)
+        seen: set[tuple[str, int]] = set()
+        async with asyncio.timeout(60):
+            async for m in gw.messages:
+                body = json.loads(m.payload)
+                seen.add((body["epoch"], body["seq"]))
+                if {(old[0]["epoch"], 3), (new[0]["epoch"], 2)} <= seen:
+                    break
+    rows = await pg_fetch(central.dsn, "SELECT epochs, epoch FROM gateways WHERE gw = 'gw-e'")
+    assert (rows[0]["epochs"], rows[0]["epoch"]) == (2, new[0]["epoch"])
+    _, report = await asyncio.to_thread(_status, r)
+    (g,) = report["gateways"]
+    assert "new_epoch" in g["alerts"]
+    assert sorted(s["stored_seq"] for s in g["streams"]) == [2, 3]
+    assert "epoch_new" in r.output()
+
+
+async def _get(port: int, path: str) -> tuple[str, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head.split("\r\n")[0], body
+
+
+async def test_prometheus_metrics(central: Central) -> None:
+    port = free_port()
+    central.receiver("a", extra=f"metrics_port = {port}\nmetrics_refresh_s = 0.5\n")
+    events = chain("gw-m", n=5)
+    async with central.client("gw") as gw:
+        await publish(gw, central.base, events + events[:2])
+        await gw.publish(f"{central.base}/gw-m/events", b"junk", qos=1)
+
+    async def scraped() -> str | None:
+        status, body = await _get(port, "/metrics")
+        assert status.endswith("200 OK")
+        want = [
+            "lockgw_receiver_events_stored_total 5.0",
+            "lockgw_receiver_events_duplicate_total 2.0",
+            "lockgw_receiver_quarantined_total 1.0",
+            f'lockgw_receiver_stored_seq{{epoch="{events[0]["epoch"]}",gw="gw-m"}} 5.0',
+            'lockgw_receiver_alert{alert="heartbeat_stale",gw="gw-m"} 1.0',
+        ]
+        return body if all(w in body for w in want) else None
+
+    await wait_until(scraped, what="metrics")
+    status, _ = await _get(port, "/nope")
+    assert "404" in status
+    # Garbage on the metrics port is dropped, the receiver carries on.
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x00" * 9000)
+    writer.close()
+    assert (await _get(port, "/metrics"))[0].endswith("200 OK")
