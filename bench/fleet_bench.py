@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -153,8 +154,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901, PLR09
                     start_real_site, tmp / f"site-{i}", f"gw-real-{i:02d}", node, fleet.base, seed=200 + i
                 )
 
-        sites = list(await asyncio.gather(*(one_site(i) for i in range(args.daemons))))
+        started = await asyncio.gather(*(one_site(i) for i in range(args.daemons)), return_exceptions=True)
+        sites = [s for s in started if isinstance(s, RealSite)]  # closed in finally, whatever happens
         fleet.sites = sites
+        failed = [s for s in started if not isinstance(s, RealSite)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {args.daemons} daemons did not start: {failed[0]!r}"[:2000])
         report["daemons_start_s"] = round(time.monotonic() - t0, 1)
         # Simulated gateways, connected 50 at a time.
         n_sims = args.gateways - args.daemons
@@ -273,6 +278,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901, PLR09
             await asyncio.to_thread(s.close)
         pg.destroy()
         rc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
