@@ -44,6 +44,7 @@ from typing import Any, Self
 
 import aiomqtt
 
+from gateway.mqtt.bridge import quiet_closed_socket_callbacks
 from gateway.tasks import cancel_and_wait
 from protocols.event_encoding import GENESIS, seal_event_json
 
@@ -215,6 +216,7 @@ class SimGateway:
         return client
 
     async def _run(self) -> None:
+        quiet_closed_socket_callbacks(asyncio.get_running_loop())  # the bridge's EBADF race
         attempt = 0
         while True:
             await self._online.wait()
