@@ -185,12 +185,21 @@ def flow_daemon(site: RealSite, stop: threading.Event, *, every_s: float) -> Non
         stop.wait(every_s)
 
 
-async def stored_count(dsn: str, gws: list[str]) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM events WHERE gw = ANY($1)", gws))
-    finally:
-        await conn.close()
+async def stored_count(dsn: str, gws: list[str], *, attempts: int = 10) -> int:
+    """Events stored for ``gws``; retried (a PostgreSQL restarting, or slow to accept a
+    connection on a saturated machine, is not a failure of the run)."""
+    for attempt in range(attempts):
+        try:
+            conn = await asyncpg.connect(dsn, timeout=60)
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM events WHERE gw = ANY($1)", gws))
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(2.0)
+    raise AssertionError("unreachable")
 
 
 async def wait_stored(dsn: str, gws: list[str], at_least: int, *, within_s: float = 120.0) -> int:
