@@ -333,6 +333,16 @@ class Store:
         availability: Sequence[Availability],
         result: BatchResult,
     ) -> None:
+        # Lock every gateways row this batch touches first, in key order (after the streams rows,
+        # also in key order): concurrent batches then never wait on each other in a cycle.
+        touched = sorted({e.gw for e in events} | {h.gw for h in heartbeats} | {a.gw for a in availability})
+        if touched:
+            await db.execute(
+                "INSERT INTO gateways (gw) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", touched
+            )
+            await db.execute(
+                "SELECT 1 FROM gateways WHERE gw = ANY($1::text[]) ORDER BY gw FOR UPDATE", touched
+            )
         if events:
             last: dict[str, Event] = {}
             for e in events:
@@ -403,16 +413,24 @@ class Store:
         """What was receipted (after it was sent): the receipt lag in ``status``."""
         if not receipts:
             return
-        keys = list(receipts)
+        keys = sorted(receipts)
+        gws, epochs, seqs = [k[0] for k in keys], [k[1] for k in keys], [receipts[k] for k in keys]
         with _mapped():
-            await self._pool.execute(
-                "UPDATE streams s SET receipt_seq = greatest(s.receipt_seq, u.seq), receipt_at = now() "
-                "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(gw, epoch, seq) "
-                "WHERE s.gw = u.gw AND s.epoch = u.epoch",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [receipts[k] for k in keys],
-            )
+            async with self._pool.acquire() as db, db.transaction():
+                await db.execute(  # rows locked in key order, as a batch locks them
+                    "SELECT 1 FROM streams s JOIN unnest($1::text[], $2::text[]) AS k(gw, epoch) USING (gw, epoch) "
+                    "ORDER BY s.gw, s.epoch FOR UPDATE OF s",
+                    gws,
+                    epochs,
+                )
+                await db.execute(
+                    "UPDATE streams s SET receipt_seq = greatest(s.receipt_seq, u.seq), receipt_at = now() "
+                    "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(gw, epoch, seq) "
+                    "WHERE s.gw = u.gw AND s.epoch = u.epoch",
+                    gws,
+                    epochs,
+                    seqs,
+                )
 
     async def claim_gaps(self, *, after_s: float, retry_s: float, limit: int = 200) -> list[Replay]:
         """Gaps that did not fill within ``after_s`` and were not asked for within ``retry_s``:
