@@ -378,3 +378,26 @@ async def test_prometheus_metrics(central: Central) -> None:
     writer.write(b"\x00" * 9000)
     writer.close()
     assert (await _get(port, "/metrics"))[0].endswith("200 OK")
+
+
+async def test_sigterm_drains_while_events_flow(central: Central) -> None:
+    """SIGTERM in the middle of a stream: the batch in hand is committed, receipted and acked,
+    the receiver exits 0; whatever it had not taken is delivered to its next run, once."""
+    r = central.receiver("a", batch_max=10)
+    events = chain("gw-t", n=150)
+    async with central.client("gw") as gw:
+        await publish(gw, central.base, events[:75])
+        await wait_until(lambda: _some(central, "gw-t"), what="first events stored")
+        assert r.proc is not None
+        r.proc.terminate()
+        await publish(gw, central.base, events[75:])
+        assert await asyncio.to_thread(r.proc.wait, 60) == 0
+        assert "receiver_stopped" in r.output()
+        central.receiver("a", batch_max=10)
+        await wait_until(lambda: _seqs(central, "gw-t", 150), what="all 150 stored after the restart")
+    rows = await pg_fetch(central.dsn, "SELECT count(*) AS n FROM events WHERE gw = 'gw-t'")
+    assert rows[0]["n"] == 150
+
+
+async def _some(central: Central, gw: str) -> bool:
+    return bool(await central.stored_seqs(gw))

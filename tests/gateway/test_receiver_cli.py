@@ -1,0 +1,39 @@
+"""`lockgw-receiver` on bad input: configuration errors name the key (exit 2), an unreachable
+PostgreSQL is exit 3 with a message — never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from fleetfix import RECEIVER_EXE, free_port
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RECEIVER_EXE), *args], capture_output=True, text=True, check=False, timeout=60, env=env
+    )
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[receiver]\nbatch_max = "many"\n[postgres]\ndsn = "postgresql://u:secret@h/db"\n')
+    out = run("--config", str(cfg), "status")
+    assert out.returncode == 2
+    assert "receiver.batch_max" in out.stderr
+    assert "postgres.dsn" in out.stderr
+    assert "secret" not in out.stderr.replace("secrets are never inline", "")
+    assert "Traceback" not in out.stderr
+    missing = run("--config", str(tmp_path / "nope.toml"), "migrate")
+    assert missing.returncode == 2
+    assert "cannot read configuration" in missing.stderr
+
+
+def test_postgres_unreachable_is_exit_3(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(f'[postgres]\ndsn = "postgresql://lockgw@127.0.0.1:{free_port()}/x"\n')
+    for command in ("status", "run"):
+        out = run("--config", str(cfg), command)
+        assert out.returncode == 3, (command, out.stderr)
+        assert "PostgreSQL" in out.stderr
+        assert "Traceback" not in out.stderr
