@@ -37,3 +37,19 @@ def test_postgres_unreachable_is_exit_3(tmp_path: Path) -> None:
         assert out.returncode == 3, (command, out.stderr)
         assert "PostgreSQL" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_example_receiver_config_is_valid(tmp_path: Path) -> None:
+    from gateway.receiver.config import load_receiver_config
+
+    text = (Path(__file__).resolve().parents[2] / "config" / "receiver.toml").read_text()
+    secret = tmp_path / "pw"
+    secret.write_text("x\n")
+    secret.chmod(0o600)
+    text = text.replace("/etc/lockgw/pg-password", str(secret)).replace(
+        "/etc/lockgw/amqp-password", str(secret)
+    )
+    (tmp_path / "r.toml").write_text(text)
+    config = load_receiver_config(tmp_path / "r.toml", env={})
+    assert config.receiver.transport == "amqp"
+    assert len(config.amqp.nodes) == 3
