@@ -3,10 +3,15 @@ PostgreSQL is exit 3 with a message — never a traceback."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from fleetfix import RECEIVER_EXE, free_port
+
+from gateway.receiver.config import load_receiver_config
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,8 +45,6 @@ def test_postgres_unreachable_is_exit_3(tmp_path: Path) -> None:
 
 
 def test_example_receiver_config_is_valid(tmp_path: Path) -> None:
-    from gateway.receiver.config import load_receiver_config
-
     text = (Path(__file__).resolve().parents[2] / "config" / "receiver.toml").read_text()
     secret = tmp_path / "pw"
     secret.write_text("x\n")
@@ -53,3 +56,16 @@ def test_example_receiver_config_is_valid(tmp_path: Path) -> None:
     config = load_receiver_config(tmp_path / "r.toml", env={})
     assert config.receiver.transport == "amqp"
     assert len(config.amqp.nodes) == 3
+
+
+def test_receiver_unit_exposure_at_most_2() -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = Path(__file__).resolve().parents[2] / "config" / "lockgw-receiver@.service"
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout + out.stderr)
+    assert level is not None, out.stdout + out.stderr
+    assert float(level.group(1)) <= 2.0
