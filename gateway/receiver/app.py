@@ -26,12 +26,13 @@ import os
 import random
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Self
 
 from gateway import log
 from gateway.receiver.config import ReceiverConfig
-from gateway.receiver.messages import Availability, Event, Heartbeat, Malformed, parse
+from gateway.receiver.messages import Availability, BridgeState, Event, Heartbeat, Malformed, parse
 from gateway.receiver.metrics import Metrics
 from gateway.receiver.store import BatchResult, Quarantined, Store, StoreUnavailable
 from gateway.receiver.transport import (
@@ -54,6 +55,17 @@ RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
 #: Raw bytes kept per quarantined message at most (a huge message is cut, its size noted).
 MAX_QUARANTINE_BYTES: Final = 256 * 1024
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """A batch's deliveries, typed."""
+
+    events: list[Event] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    availability: list[Availability] = field(default_factory=list)
+    bridges: list[BridgeState] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
 
 
 class Receiver:
@@ -198,16 +210,13 @@ class Receiver:
         # Drain: what is already buffered but not yet in a batch stays unacked: the broker
         # delivers it again to whichever receiver runs next.
 
-    async def _handle(self, batch: list[Delivery]) -> None:
-        events: list[Event] = []
-        heartbeats: list[Heartbeat] = []
-        availability: list[Availability] = []
-        quarantined: list[Quarantined] = []
+    def _parse(self, batch: list[Delivery]) -> _Parsed:
+        out = _Parsed()
         for d in batch:
             try:
                 item = parse(d.topic, d.payload, base=self._section.base_topic)
             except Malformed as exc:
-                quarantined.append(
+                out.quarantined.append(
                     Quarantined(d.topic[:512], str(exc)[:1000], d.payload[:MAX_QUARANTINE_BYTES])
                 )
                 _log.warning(
@@ -215,12 +224,17 @@ class Receiver:
                 )
                 continue
             if isinstance(item, Event):
-                events.append(item)
+                out.events.append(item)
             elif isinstance(item, Heartbeat):
-                heartbeats.append(item)
+                out.heartbeats.append(item)
+            elif isinstance(item, BridgeState):
+                out.bridges.append(item)
             else:
-                availability.append(item)
-        result = await self._commit(events, heartbeats, availability, quarantined)
+                out.availability.append(item)
+        return out
+
+    async def _handle(self, batch: list[Delivery]) -> None:
+        result = await self._commit(self._parse(batch))
         if result is None:
             return  # stopping while PostgreSQL is down: nothing acked, the broker keeps it all
         self._commits += 1
@@ -239,22 +253,17 @@ class Receiver:
             except StoreUnavailable as exc:
                 _log.warning("receipt_record_failed", reason=str(exc))
 
-    async def _commit(
-        self,
-        events: list[Event],
-        heartbeats: list[Heartbeat],
-        availability: list[Availability],
-        quarantined: list[Quarantined],
-    ) -> BatchResult | None:
+    async def _commit(self, parsed: _Parsed) -> BatchResult | None:
         assert self._store is not None
         for attempt in itertools.count():
             try:
                 with self.metrics.commit_s.time():
                     return await self._store.commit_batch(
-                        events=events,
-                        heartbeats=heartbeats,
-                        availability=availability,
-                        quarantined=quarantined,
+                        events=parsed.events,
+                        heartbeats=parsed.heartbeats,
+                        availability=parsed.availability,
+                        quarantined=parsed.quarantined,
+                        bridges=parsed.bridges,
                     )
             except StoreUnavailable as exc:
                 wait = retry_wait_s(attempt, random.random)

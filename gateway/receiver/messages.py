@@ -33,6 +33,7 @@ from protocols.event_encoding import GENESIS, INT64_MAX, event_hash
 __all__ = [
     "MAX_EVENT_BYTES",
     "Availability",
+    "BridgeState",
     "Classified",
     "Conflict",
     "Event",
@@ -110,7 +111,16 @@ class Availability(_Strict):
     state: Literal["online", "offline"]
 
 
-Parsed = Event | Heartbeat | Availability
+@dataclass(frozen=True, slots=True)
+class BridgeState:
+    """``B/G/bridge``: a site broker's bridge notification (mosquitto ``notification_topic``,
+    payload ``1`` connected / ``0`` not, the latter also its will on the central broker)."""
+
+    gw: str
+    up: bool
+
+
+Parsed = Event | Heartbeat | Availability | BridgeState
 
 
 def split_topic(topic: str, base: str) -> tuple[str, str]:
@@ -139,6 +149,10 @@ def parse(topic: str, payload: bytes, *, base: str) -> Parsed:
         if kind == "heartbeat":
             hb = parse_model(Heartbeat, loads_bounded(payload, max_bytes=MAX_SMALL_BYTES, max_depth=4))
             return hb.model_copy(update={"gw": gw})
+        if kind == "bridge":
+            if payload not in (b"0", b"1"):
+                raise Malformed("bridge: payload must be 0 or 1")
+            return BridgeState(gw, payload == b"1")
         if kind == "availability":
             av = parse_model(Availability, loads_bounded(payload, max_bytes=MAX_SMALL_BYTES, max_depth=4))
             return av.model_copy(update={"gw": gw})

@@ -29,7 +29,15 @@ import asyncpg.pool
 from gateway import log
 from gateway.errors import LockgwError
 from gateway.receiver.config import PostgresConfig, ReceiverSection, read_secret
-from gateway.receiver.messages import Availability, Conflict, Event, Heartbeat, StreamKey, classify
+from gateway.receiver.messages import (
+    Availability,
+    BridgeState,
+    Conflict,
+    Event,
+    Heartbeat,
+    StreamKey,
+    classify,
+)
 
 __all__ = ["MIGRATIONS", "BatchResult", "Quarantined", "Replay", "Store", "StoreUnavailable"]
 
@@ -93,6 +101,10 @@ MIGRATIONS: Final[list[str]] = [
         raw bytea NOT NULL,
         received_at timestamptz NOT NULL DEFAULT now()
     );
+    """,
+    # 2: bridge notifications of site brokers (B/G/bridge).
+    """
+    ALTER TABLE gateways ADD COLUMN bridge_up boolean, ADD COLUMN bridge_at timestamptz;
     """,
 ]
 
@@ -200,6 +212,7 @@ class Store:
         heartbeats: Sequence[Heartbeat],
         availability: Sequence[Availability],
         quarantined: Sequence[Quarantined],
+        bridges: Sequence[BridgeState] = (),
     ) -> BatchResult:
         result = BatchResult(quarantined=len(quarantined))
         with _mapped():
@@ -322,7 +335,10 @@ class Store:
                         "AS u(gw, epoch, c, h, m, adv) WHERE s.gw = u.gw AND s.epoch = u.epoch",
                         *map(list, zip(*upd, strict=True)),
                     )
-                await self._liveness(db, events, heartbeats, availability, result)
+                await self._liveness(
+                    db, events, heartbeats, availability, result, bridge_gws=[b.gw for b in bridges]
+                )
+                await self._bridges(db, bridges)
         return result
 
     @staticmethod
@@ -332,10 +348,17 @@ class Store:
         heartbeats: Sequence[Heartbeat],
         availability: Sequence[Availability],
         result: BatchResult,
+        *,
+        bridge_gws: Sequence[str] = (),
     ) -> None:
         # Lock every gateways row this batch touches first, in key order (after the streams rows,
         # also in key order): concurrent batches then never wait on each other in a cycle.
-        touched = sorted({e.gw for e in events} | {h.gw for h in heartbeats} | {a.gw for a in availability})
+        touched = sorted(
+            {e.gw for e in events}
+            | {h.gw for h in heartbeats}
+            | {a.gw for a in availability}
+            | set(bridge_gws)
+        )
         if touched:
             await db.execute(
                 "INSERT INTO gateways (gw) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", touched
@@ -381,6 +404,20 @@ class Store:
                 list(latest_av),
                 [a.state for a in latest_av.values()],
             )
+
+    @staticmethod
+    async def _bridges(db: _Db, bridges: Sequence[BridgeState]) -> None:
+        """Site brokers' bridge state (rows already locked by :meth:`_liveness`)."""
+        if not bridges:
+            return
+        latest = {b.gw: b.up for b in bridges}
+        gws = sorted(latest)
+        await db.execute(
+            "UPDATE gateways g SET bridge_up = u.up, bridge_at = now() "
+            "FROM unnest($1::text[], $2::boolean[]) AS u(gw, up) WHERE g.gw = u.gw",
+            gws,
+            [latest[g] for g in gws],
+        )
 
     @staticmethod
     async def _epochs(db: _Db, events: Sequence[Event], result: BatchResult) -> None:
@@ -495,28 +532,15 @@ class Store:
             by_gw.setdefault(s["gw"], []).append(s)
         report: list[dict[str, Any]] = []
         for g in gws:
-            alerts: list[str] = []
             age = None if g["hb_t"] is None else round(now - g["hb_t"], 1)
-            if age is None or age > section.heartbeat_stale_s:
-                alerts.append("heartbeat_stale")
-            if g["availability"] == "offline":
-                alerts.append("offline")
-            if (g["hb_backlog"] or 0) >= section.lag_alert_events:
-                alerts.append("lag")
-            if g["backlog_rising"] >= 3:
-                alerts.append("lag_rising")
-            if g["conflicts"]:
-                alerts.append("conflict")
             own = by_gw.get(g["gw"], [])
-            if any(s["gap_t"] is not None and now - s["gap_t"] > section.gap_replay_after_s for s in own):
-                alerts.append("gap")
-            if len(own) > 1 and now - own[-1]["first_t"] < 86400:
-                alerts.append("new_epoch")
+            alerts = _alerts(g, own, section, age=age, now=now)
             report.append(
                 {
                     "gw": g["gw"],
                     "site": g["site"],
                     "availability": g["availability"],
+                    "bridge": g["bridge_up"],
                     "heartbeat_age_s": age,
                     "last_seq": g["hb_last_seq"],
                     "receipt_seq": g["hb_receipt_seq"],
@@ -543,6 +567,23 @@ class Store:
             "gateways": report,
             "alerts": sum(len(r["alerts"]) for r in report),
         }
+
+
+def _alerts(
+    g: asyncpg.Record, own: list[asyncpg.Record], section: ReceiverSection, *, age: float | None, now: float
+) -> list[str]:
+    """A gateway's raised alerts (docs/fleet.md, "Liveness"), from its row and its streams."""
+    checks = [
+        ("heartbeat_stale", age is None or age > section.heartbeat_stale_s),
+        ("offline", g["availability"] == "offline"),
+        ("uplink_down", g["bridge_up"] is False),
+        ("lag", (g["hb_backlog"] or 0) >= section.lag_alert_events),
+        ("lag_rising", g["backlog_rising"] >= 3),
+        ("conflict", bool(g["conflicts"])),
+        ("gap", any(s["gap_t"] is not None and now - s["gap_t"] > section.gap_replay_after_s for s in own)),
+        ("new_epoch", len(own) > 1 and now - own[-1]["first_t"] < 86400),
+    ]
+    return [name for name, raised in checks if raised]
 
 
 async def _walk(db: _Db, key: StreamKey, c_seq: int) -> int:

@@ -212,6 +212,7 @@ async def test_hostile_messages_are_quarantined_and_conflicts_kept(central: Cent
             await gw.publish(f"{base}/gw-h/events", h, qos=1)
         await gw.publish(f"{base}/gw-h/heartbeat", b'{"epoch": 5}', qos=1)
         await gw.publish(f"{base}/gw-h/availability", b'{"state": "maybe"}', qos=1)
+        await gw.publish(f"{base}/gw-h/bridge", b"2", qos=1)
         await publish(gw, base, good)
         await publish(gw, base, reuse)
         await publish(gw, base, [breaker])
@@ -220,12 +221,12 @@ async def test_hostile_messages_are_quarantined_and_conflicts_kept(central: Cent
             rows = await pg_fetch(
                 central.dsn, "SELECT (SELECT count(*) FROM quarantine) q, (SELECT count(*) FROM conflicts) c"
             )
-            return rows[0]["q"] >= len(hostile) + 2 and rows[0]["c"] >= 4
+            return rows[0]["q"] >= len(hostile) + 3 and rows[0]["c"] >= 4
 
         await wait_until(settled, what="quarantine and conflicts")
     assert r.alive()
     q = await pg_fetch(central.dsn, "SELECT reason, raw FROM quarantine ORDER BY n")
-    assert len(q) == len(hostile) + 2
+    assert len(q) == len(hostile) + 3
     assert {bytes(row["raw"]) for row in q} >= {h for h in hostile if len(h) <= 256 * 1024}
     assert any("forged" in row["reason"] for row in q)
     c = await pg_fetch(central.dsn, "SELECT kind, seq, body FROM conflicts ORDER BY seq, kind")
@@ -305,13 +306,25 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
         assert (await asyncio.to_thread(_status, r))[0] == 0
         await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(dict(hb, backlog=5000)).encode(), qos=0)
         await gw.publish(f"{base}/gw-pg/availability", b'{"state": "offline"}', qos=1, retain=True)
+        await gw.publish(f"{base}/gw-pg/bridge", b"0", qos=1, retain=True)  # the site broker's notification
 
         async def alerted() -> list[str] | None:
             report = await central.report()
             alerts = report["gateways"][0]["alerts"]
-            return alerts if {"lag", "offline"} <= set(alerts) else None
+            return alerts if {"lag", "offline", "uplink_down"} <= set(alerts) else None
 
-        await wait_until(alerted, what="lag and offline alerts")
+        await wait_until(alerted, what="lag, offline and uplink_down alerts")
+    # Migrations are versioned and idempotent.
+    versions = await pg_fetch(central.dsn, "SELECT version FROM schema_version ORDER BY version")
+    assert [v["version"] for v in versions] == [1, 2]
+    again = await asyncio.to_thread(
+        subprocess.run,
+        [str(RECEIVER_EXE), "--config", str(r.config), "migrate"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert again.stdout.strip() == "schema version 2"
     assert r.alive()
 
 
