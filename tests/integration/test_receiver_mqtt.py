@@ -314,6 +314,15 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
             return alerts if {"lag", "offline", "uplink_down"} <= set(alerts) else None
 
         await wait_until(alerted, what="lag, offline and uplink_down alerts")
+        text = await asyncio.to_thread(
+            subprocess.run,
+            [str(RECEIVER_EXE), "--config", str(r.config), "status"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert text.returncode == 1
+        assert "gw-pg" in text.stdout and "uplink_down" in text.stdout
     # Migrations are versioned and idempotent.
     versions = await pg_fetch(central.dsn, "SELECT version FROM schema_version ORDER BY version")
     assert [v["version"] for v in versions] == [1, 2]
