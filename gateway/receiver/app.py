@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Final, Self
 
 from gateway import log
+from gateway.errors import ConfigError
 from gateway.receiver.config import ReceiverConfig
 from gateway.receiver.messages import Availability, BridgeState, Event, Heartbeat, Malformed, parse
 from gateway.receiver.metrics import Metrics
@@ -362,5 +363,5 @@ def _parse_fault(value: str | None) -> int | None:
         return None
     name, _, n = value.partition(":")
     if name != "kill-after-commit" or not n.isdigit() or int(n) < 1:
-        raise ValueError(f"LOCKGW_RECEIVER_FAULT={value!r}: expected kill-after-commit:N")
+        raise ConfigError(f"LOCKGW_RECEIVER_FAULT={value[:64]!r}: expected kill-after-commit:N")
     return int(n)

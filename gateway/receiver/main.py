@@ -66,6 +66,9 @@ def run(ctx: click.Context) -> None:
     except StoreUnavailable as exc:
         click.echo(f"lockgw-receiver: {exc}", err=True)
         ctx.exit(EXIT_UNAVAILABLE)
+    except ConfigError as exc:
+        click.echo(f"lockgw-receiver: {exc}", err=True)
+        ctx.exit(EXIT_USAGE)
 
 
 @cli.command()

@@ -3,6 +3,7 @@ PostgreSQL is exit 3 with a message — never a traceback."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,6 +30,11 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert "postgres.dsn" in out.stderr
     assert "secret" not in out.stderr.replace("secrets are never inline", "")
     assert "Traceback" not in out.stderr
+    cfg.write_text("")
+    fault = run("--config", str(cfg), "run", env={**os.environ, "LOCKGW_RECEIVER_FAULT": "explode"})
+    assert fault.returncode == 2
+    assert "LOCKGW_RECEIVER_FAULT" in fault.stderr
+    assert "Traceback" not in fault.stderr
     missing = run("--config", str(tmp_path / "nope.toml"), "migrate")
     assert missing.returncode == 2
     assert "cannot read configuration" in missing.stderr
