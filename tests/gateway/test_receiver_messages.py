@@ -44,7 +44,10 @@ def _reseal(e: dict[str, object], **changes: object) -> bytes:
         ("lockgw/gw-a/events", b"{", "not valid JSON"),
         ("lockgw/gw-a/events", b"[]", "JSON object"),
         ("lockgw/gw-a/events", b'{"s": "\\ud800"}', "lone surrogate"),
-        ("lockgw/gw-a/events", b"[" * 50, "nested deeper"),
+        ("lockgw/gw-a/events", b"[" * 50 + b"]" * 50, "nested deeper"),
+        ("lockgw/gw-a/events", b"[" * 100_000, "not valid JSON"),
+        ("lockgw/gw-a/events", b'{"a": ' * 5000 + b"1" + b"}" * 5000, "nested"),
+        ("lockgw/gw-a/events", b'{"v": 1, "k\\udfff": 2}', "lone surrogate"),
         ("lockgw/gw-a/events", b" " * (256 * 1024 + 1), "exceeds"),
         ("lockgw/gw-a/events", b'{"v": 1, "v": 1}', "duplicate key"),
         ("lockgw/gw-a/events", b'{"v": NaN}', "not a JSON number"),
@@ -81,6 +84,18 @@ def test_event_fields_checked_in_contract_order() -> None:
     big_seq = _reseal(e, seq=2**63, id=f"gw-a/{e['epoch']}/{2**63}")
     with pytest.raises(Malformed, match=r"1\.\.2"):
         parse("lockgw/gw-a/events", big_seq, base=B)
+
+
+def test_escaped_text_round_trips() -> None:
+    """A paired surrogate escape (an emoji written as \\ud83d\\ude00) and escaped backslashes
+    are valid text: the event is accepted and its hash verifies."""
+    e = chain("gw-a", n=1)[0]
+    body = _reseal(e, data={"who": "\U0001f600", "path": "a\\ud800b"})
+    raw = json.dumps(json.loads(body), ensure_ascii=True).encode()  # non-ASCII as \\u escapes
+    assert b"\\ud83d\\ude00" in raw
+    got = parse("lockgw/gw-a/events", raw, base=B)
+    assert isinstance(got, Event)
+    assert json.loads(got.body)["data"]["who"] == "\U0001f600"
 
 
 def test_heartbeat_and_availability_take_the_topic_gateway() -> None:
