@@ -20,6 +20,7 @@ tasks end and the connections close; exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -54,6 +55,8 @@ _log = log.get("receiver")
 #: of receivers does not reconnect in step after a broker restart.
 RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
+#: A broker connection that lasted this long resets the backoff when it is lost.
+CONNECTED_RESET_S: Final = 30.0
 #: Raw bytes kept per quarantined message at most (a huge message is cut, its size noted).
 MAX_QUARANTINE_BYTES: Final = 256 * 1024
 
@@ -94,6 +97,8 @@ class Receiver:
         self._n = itertools.count(1)
         self._commits = 0
         self.metrics = Metrics()
+        #: A task that died of an unexpected error (the process then exits 1: systemd restarts it).
+        self.failed: BaseException | None = None
         self._kill_after = _parse_fault(
             fault if fault is not None else os.environ.get("LOCKGW_RECEIVER_FAULT")
         )
@@ -149,6 +154,7 @@ class Receiver:
         exc = task.exception()
         if exc is not None:
             _log.error("receiver_task_failed", task=task.get_name(), reason=str(exc), exc_info=exc)
+            self.failed = exc
             self.stop()
 
     def stop(self) -> None:
@@ -166,11 +172,17 @@ class Receiver:
     # --- tasks -----------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        for attempt in itertools.count():
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            started = loop.time()
             try:
                 await self.transport.run()
             except TransportUnavailable as exc:
+                if loop.time() - started > CONNECTED_RESET_S:
+                    attempt = 0  # it was up a while: this is a new outage, start the backoff over
                 wait = retry_wait_s(attempt, random.random)
+                attempt += 1
                 _log.warning("broker_unavailable", reason=str(exc), retry_in_s=round(wait, 2))
                 await asyncio.sleep(wait)
 
@@ -269,9 +281,13 @@ class Receiver:
             except StoreUnavailable as exc:
                 wait = retry_wait_s(attempt, random.random)
                 _log.warning("store_unavailable", reason=str(exc)[:500], retry_in_s=round(wait, 2))
-                if self._stopping.is_set() and attempt >= 3:
+                # Stopping: give up the batch at once (nothing of it was acked: it is delivered
+                # again); otherwise wait, but wake for a stop.
+                if self._stopping.is_set():
                     return None
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._stopping.wait()
         return None  # pragma: no cover - the loop above only ends by returning
 
     def _account(self, result: BatchResult) -> None:
