@@ -106,6 +106,10 @@ MIGRATIONS: Final[list[str]] = [
     """
     ALTER TABLE gateways ADD COLUMN bridge_up boolean, ADD COLUMN bridge_at timestamptz;
     """,
+    # 3: when the receipt_seq a gateway reports last moved (the receipt_lag alert).
+    """
+    ALTER TABLE gateways ADD COLUMN hb_receipt_moved_at timestamptz;
+    """,
 ]
 
 #: A stream whose contiguous seq stopped short of what is stored is walked this far per query.
@@ -381,10 +385,14 @@ class Store:
             latest = {h.gw: h for h in heartbeats}
             hb = list(latest.values())
             await db.execute(
-                "INSERT INTO gateways AS g (gw, heartbeat_at, hb_epoch, hb_last_seq, hb_receipt_seq, hb_backlog, hb_alarms) "
-                "SELECT gw, now(), e, l, r, b, string_to_array(a, E'\\x1f') FROM unnest($1::text[], $2::text[], $3::bigint[], "
-                "$4::bigint[], $5::bigint[], $6::text[]) AS u(gw, e, l, r, b, a) "
+                "INSERT INTO gateways AS g (gw, heartbeat_at, hb_epoch, hb_last_seq, hb_receipt_seq, hb_backlog, hb_alarms, "
+                "hb_receipt_moved_at) "
+                "SELECT gw, now(), e, l, r, b, string_to_array(a, E'\\x1f'), now() FROM unnest($1::text[], $2::text[], "
+                "$3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) AS u(gw, e, l, r, b, a) "
                 "ON CONFLICT (gw) DO UPDATE SET heartbeat_at = now(), hb_epoch = EXCLUDED.hb_epoch, "
+                "hb_receipt_moved_at = CASE WHEN g.hb_receipt_moved_at IS NULL "
+                "OR g.hb_receipt_seq IS DISTINCT FROM EXCLUDED.hb_receipt_seq "
+                "OR g.hb_epoch IS DISTINCT FROM EXCLUDED.hb_epoch THEN now() ELSE g.hb_receipt_moved_at END, "
                 "hb_last_seq = EXCLUDED.hb_last_seq, hb_receipt_seq = EXCLUDED.hb_receipt_seq, "
                 "backlog_rising = CASE WHEN EXCLUDED.hb_backlog > coalesce(g.hb_backlog, 0) THEN g.backlog_rising + 1 "
                 "ELSE 0 END, hb_backlog = EXCLUDED.hb_backlog, hb_alarms = EXCLUDED.hb_alarms",
@@ -516,6 +524,7 @@ class Store:
                 now = time.time()
                 gws = await db.fetch(
                     "SELECT g.*, extract(epoch FROM g.heartbeat_at)::float8 AS hb_t, "
+                    "extract(epoch FROM g.hb_receipt_moved_at)::float8 AS hb_moved_t, "
                     "(SELECT count(*) FROM conflicts c WHERE c.gw = g.gw) AS conflicts FROM gateways g ORDER BY gw"
                 )
                 streams = await db.fetch(
@@ -582,8 +591,20 @@ def _alerts(
         ("conflict", bool(g["conflicts"])),
         ("gap", any(s["gap_t"] is not None and now - s["gap_t"] > section.gap_replay_after_s for s in own)),
         ("new_epoch", len(own) > 1 and now - own[-1]["first_t"] < 86400),
+        ("receipt_lag", _receipts_not_arriving(g, own, section, now=now)),
     ]
     return [name for name, raised in checks if raised]
+
+
+def _receipts_not_arriving(
+    g: asyncpg.Record, own: list[asyncpg.Record], section: ReceiverSection, *, now: float
+) -> bool:
+    """Receipts were sent past what the gateway reports, and its reported receipt_seq has not
+    moved for ``receipt_lag_alert_s``."""
+    if g["hb_receipt_seq"] is None or g["hb_moved_t"] is None:
+        return False
+    sent = max((s["receipt_seq"] for s in own if s["epoch"] == g["hb_epoch"]), default=0)
+    return bool(g["hb_receipt_seq"] < sent and now - g["hb_moved_t"] > section.receipt_lag_alert_s)
 
 
 async def _walk(db: _Db, key: StreamKey, c_seq: int) -> int:

@@ -63,9 +63,9 @@ class Central:
             r.wait_log("mqtt_connected")
         return r
 
-    def report(self) -> Any:
+    def report(self, **section: Any) -> Any:
         """``lockgw-receiver status``'s report, computed in-process (the CLI is checked once)."""
-        return _report(self.dsn)
+        return _report(self.dsn, **section)
 
     def client(self, name: str) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -247,9 +247,9 @@ async def _seqs(central: Central, gw: str, n: int) -> bool:
     return await central.stored_seqs(gw) == list(range(1, n + 1))
 
 
-async def _report(dsn: str) -> Any:
+async def _report(dsn: str, **section: Any) -> Any:
     async with Store.connect(PostgresConfig(dsn=dsn), migrate=False) as store:
-        return await store.status(ReceiverSection())
+        return await store.status(ReceiverSection(**section))
 
 
 def _status(r: ReceiverProc) -> tuple[int, dict[str, Any]]:
@@ -325,7 +325,7 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
         assert "gw-pg" in text.stdout and "uplink_down" in text.stdout
     # Migrations are versioned and idempotent.
     versions = await pg_fetch(central.dsn, "SELECT version FROM schema_version ORDER BY version")
-    assert [v["version"] for v in versions] == [1, 2]
+    assert [v["version"] for v in versions] == [1, 2, 3]
     again = await asyncio.to_thread(
         subprocess.run,
         [str(RECEIVER_EXE), "--config", str(r.config), "migrate"],
@@ -333,7 +333,7 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
         text=True,
         check=True,
     )
-    assert again.stdout.strip() == "schema version 2"
+    assert again.stdout.strip() == "schema version 3"
     assert r.alive()
 
 
@@ -423,3 +423,38 @@ async def test_sigterm_drains_while_events_flow(central: Central) -> None:
 
 async def _some(central: Central, gw: str) -> bool:
     return bool(await central.stored_seqs(gw))
+
+
+async def test_receipts_not_reaching_the_gateway_raise_receipt_lag(central: Central) -> None:
+    """Receipts are sent, but the gateway's heartbeats keep reporting an older receipt_seq (an
+    ACL or bridge that drops them): `receipt_lag`; once its receipt_seq catches up, cleared."""
+    central.receiver("a")
+    events = chain("gw-l", n=5)
+    epoch = events[0]["epoch"]
+    hb = {"ts": 1, "epoch": epoch, "last_seq": 5, "receipt_seq": 0, "backlog": 5, "alarms": []}
+    async with central.client("gw") as gw:
+        await publish(gw, central.base, events)
+
+        async def receipted() -> bool:
+            rows = await pg_fetch(central.dsn, "SELECT receipt_seq FROM streams WHERE gw = 'gw-l'")
+            return bool(rows) and rows[0]["receipt_seq"] == 5
+
+        await wait_until(receipted, what="receipt 5 sent")
+        await gw.publish(f"{central.base}/gw-l/heartbeat", json.dumps(hb).encode(), qos=1)
+
+        async def lagging() -> bool:
+            report = await central.report(receipt_lag_alert_s=0.5)
+            return bool(report["gateways"]) and "receipt_lag" in report["gateways"][0]["alerts"]
+
+        await wait_until(lagging, what="receipt_lag")
+        assert "receipt_lag" not in (await central.report())["gateways"][0]["alerts"]  # default bound
+        await gw.publish(
+            f"{central.base}/gw-l/heartbeat", json.dumps(dict(hb, receipt_seq=5, backlog=0)).encode(), qos=1
+        )
+
+        async def cleared() -> bool:
+            report = await central.report(receipt_lag_alert_s=0.5)
+            g = report["gateways"][0]
+            return g["receipt_seq"] == 5 and "receipt_lag" not in g["alerts"]
+
+        await wait_until(cleared, what="receipt_lag cleared")
