@@ -20,18 +20,21 @@ tasks end and the connections close; exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import random
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Self
 
 from gateway import log
+from gateway.errors import ConfigError
 from gateway.receiver.config import ReceiverConfig
-from gateway.receiver.messages import Availability, Event, Heartbeat, Malformed, parse
+from gateway.receiver.messages import Availability, BridgeState, Event, Heartbeat, Malformed, parse
 from gateway.receiver.metrics import Metrics
 from gateway.receiver.store import BatchResult, Quarantined, Store, StoreUnavailable
 from gateway.receiver.transport import (
@@ -52,8 +55,21 @@ _log = log.get("receiver")
 #: of receivers does not reconnect in step after a broker restart.
 RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
+#: A broker connection that lasted this long resets the backoff when it is lost.
+CONNECTED_RESET_S: Final = 30.0
 #: Raw bytes kept per quarantined message at most (a huge message is cut, its size noted).
 MAX_QUARANTINE_BYTES: Final = 256 * 1024
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """A batch's deliveries, typed."""
+
+    events: list[Event] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    availability: list[Availability] = field(default_factory=list)
+    bridges: list[BridgeState] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
 
 
 class Receiver:
@@ -81,6 +97,8 @@ class Receiver:
         self._n = itertools.count(1)
         self._commits = 0
         self.metrics = Metrics()
+        #: A task that died of an unexpected error (the process then exits 1: systemd restarts it).
+        self.failed: BaseException | None = None
         self._kill_after = _parse_fault(
             fault if fault is not None else os.environ.get("LOCKGW_RECEIVER_FAULT")
         )
@@ -136,6 +154,7 @@ class Receiver:
         exc = task.exception()
         if exc is not None:
             _log.error("receiver_task_failed", task=task.get_name(), reason=str(exc), exc_info=exc)
+            self.failed = exc
             self.stop()
 
     def stop(self) -> None:
@@ -153,11 +172,17 @@ class Receiver:
     # --- tasks -----------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        for attempt in itertools.count():
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            started = loop.time()
             try:
                 await self.transport.run()
             except TransportUnavailable as exc:
+                if loop.time() - started > CONNECTED_RESET_S:
+                    attempt = 0  # it was up a while: this is a new outage, start the backoff over
                 wait = retry_wait_s(attempt, random.random)
+                attempt += 1
                 _log.warning("broker_unavailable", reason=str(exc), retry_in_s=round(wait, 2))
                 await asyncio.sleep(wait)
 
@@ -198,16 +223,13 @@ class Receiver:
         # Drain: what is already buffered but not yet in a batch stays unacked: the broker
         # delivers it again to whichever receiver runs next.
 
-    async def _handle(self, batch: list[Delivery]) -> None:
-        events: list[Event] = []
-        heartbeats: list[Heartbeat] = []
-        availability: list[Availability] = []
-        quarantined: list[Quarantined] = []
+    def _parse(self, batch: list[Delivery]) -> _Parsed:
+        out = _Parsed()
         for d in batch:
             try:
                 item = parse(d.topic, d.payload, base=self._section.base_topic)
             except Malformed as exc:
-                quarantined.append(
+                out.quarantined.append(
                     Quarantined(d.topic[:512], str(exc)[:1000], d.payload[:MAX_QUARANTINE_BYTES])
                 )
                 _log.warning(
@@ -215,12 +237,17 @@ class Receiver:
                 )
                 continue
             if isinstance(item, Event):
-                events.append(item)
+                out.events.append(item)
             elif isinstance(item, Heartbeat):
-                heartbeats.append(item)
+                out.heartbeats.append(item)
+            elif isinstance(item, BridgeState):
+                out.bridges.append(item)
             else:
-                availability.append(item)
-        result = await self._commit(events, heartbeats, availability, quarantined)
+                out.availability.append(item)
+        return out
+
+    async def _handle(self, batch: list[Delivery]) -> None:
+        result = await self._commit(self._parse(batch))
         if result is None:
             return  # stopping while PostgreSQL is down: nothing acked, the broker keeps it all
         self._commits += 1
@@ -239,29 +266,28 @@ class Receiver:
             except StoreUnavailable as exc:
                 _log.warning("receipt_record_failed", reason=str(exc))
 
-    async def _commit(
-        self,
-        events: list[Event],
-        heartbeats: list[Heartbeat],
-        availability: list[Availability],
-        quarantined: list[Quarantined],
-    ) -> BatchResult | None:
+    async def _commit(self, parsed: _Parsed) -> BatchResult | None:
         assert self._store is not None
         for attempt in itertools.count():
             try:
                 with self.metrics.commit_s.time():
                     return await self._store.commit_batch(
-                        events=events,
-                        heartbeats=heartbeats,
-                        availability=availability,
-                        quarantined=quarantined,
+                        events=parsed.events,
+                        heartbeats=parsed.heartbeats,
+                        availability=parsed.availability,
+                        quarantined=parsed.quarantined,
+                        bridges=parsed.bridges,
                     )
             except StoreUnavailable as exc:
                 wait = retry_wait_s(attempt, random.random)
                 _log.warning("store_unavailable", reason=str(exc)[:500], retry_in_s=round(wait, 2))
-                if self._stopping.is_set() and attempt >= 3:
+                # Stopping: give up the batch at once (nothing of it was acked: it is delivered
+                # again); otherwise wait, but wake for a stop.
+                if self._stopping.is_set():
                     return None
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._stopping.wait()
         return None  # pragma: no cover - the loop above only ends by returning
 
     def _account(self, result: BatchResult) -> None:
@@ -353,5 +379,5 @@ def _parse_fault(value: str | None) -> int | None:
         return None
     name, _, n = value.partition(":")
     if name != "kill-after-commit" or not n.isdigit() or int(n) < 1:
-        raise ValueError(f"LOCKGW_RECEIVER_FAULT={value!r}: expected kill-after-commit:N")
+        raise ConfigError(f"LOCKGW_RECEIVER_FAULT={value[:64]!r}: expected kill-after-commit:N")
     return int(n)

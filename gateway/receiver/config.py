@@ -53,6 +53,9 @@ class ReceiverSection(_Section):
     replay_retry_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
     heartbeat_stale_s: Annotated[float, Field(gt=0, le=86400)] = 180.0
     lag_alert_events: Annotated[int, Field(ge=1)] = 1000
+    #: Receipts sent, yet the gateway's heartbeats show its receipt_seq behind them and unmoved for
+    #: this long → alert ``receipt_lag``: receipts do not reach it (ACLs, a broken bridge).
+    receipt_lag_alert_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
     #: ``GET /metrics`` (Prometheus) on this port; 0 = off.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     metrics_host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"

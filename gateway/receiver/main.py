@@ -55,17 +55,22 @@ def run(ctx: click.Context) -> None:
     config = _load(ctx)
     log.configure()
 
-    async def main() -> None:
+    async def main() -> bool:
         asyncio.get_running_loop().set_exception_handler(log.loop_exception_handler)
         async with Receiver(config) as receiver:
             receiver.install_signal_handlers()
             await receiver.wait_stopping()
+        return receiver.failed is None
 
     try:
-        asyncio.run(main())
+        if not asyncio.run(main()):
+            ctx.exit(EXIT_FAILED)
     except StoreUnavailable as exc:
         click.echo(f"lockgw-receiver: {exc}", err=True)
         ctx.exit(EXIT_UNAVAILABLE)
+    except ConfigError as exc:
+        click.echo(f"lockgw-receiver: {exc}", err=True)
+        ctx.exit(EXIT_USAGE)
 
 
 @cli.command()

@@ -1,10 +1,11 @@
 """What arrives from the broker, parsed once and bounded, and the chain decisions. Pure.
 
 :func:`parse` turns one broker message (its MQTT topic and raw bytes) into an
-:class:`Event`, a :class:`Heartbeat`, an :class:`Availability` — or raises :class:`Malformed`,
-whose reason goes with the raw bytes into the ``quarantine`` table. An event is accepted for
-storage only if it is what CONTRACT §5 says: a JSON object within bounds (``gateway.wire``'s
-:func:`loads_bounded`: size, depth, duplicate keys, NaN, lone surrogates), ``v`` 1, ``gw``
+:class:`Event`, a :class:`Heartbeat`, an :class:`Availability`, a :class:`BridgeState` — or
+raises :class:`Malformed`, whose reason goes with the raw bytes into the ``quarantine`` table. An
+event is accepted for storage only if it is what CONTRACT §5 says: a JSON object within bounds
+(:func:`_loads_event`, ``gateway.wire.loads_bounded``'s bounds on the hot path: size, depth,
+duplicate keys, NaN, lone surrogates), ``v`` 1, ``gw``
 equal to the topic's G, ``id`` = ``G/E/seq``, seq in 1..2^63−1, and ``hash`` equal to the
 SHA-256 of its canonical JSON (a message whose own hash is wrong is forged or corrupt: it has
 no place in any chain and is quarantined, not a conflict).
@@ -20,6 +21,7 @@ receipts never pass a chain that does not verify and the gateway keeps those eve
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from protocols.event_encoding import GENESIS, INT64_MAX, event_hash
 __all__ = [
     "MAX_EVENT_BYTES",
     "Availability",
+    "BridgeState",
     "Classified",
     "Conflict",
     "Event",
@@ -53,6 +56,7 @@ MAX_SMALL_BYTES: Final = 16 * 1024
 _GW: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _EPOCH: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 
 StreamKey = tuple[str, str]  # (gw, epoch)
 
@@ -110,7 +114,16 @@ class Availability(_Strict):
     state: Literal["online", "offline"]
 
 
-Parsed = Event | Heartbeat | Availability
+@dataclass(frozen=True, slots=True)
+class BridgeState:
+    """``B/G/bridge``: a site broker's bridge notification (mosquitto ``notification_topic``,
+    payload ``1`` connected / ``0`` not, the latter also its will on the central broker)."""
+
+    gw: str
+    up: bool
+
+
+Parsed = Event | Heartbeat | Availability | BridgeState
 
 
 def split_topic(topic: str, base: str) -> tuple[str, str]:
@@ -139,6 +152,10 @@ def parse(topic: str, payload: bytes, *, base: str) -> Parsed:
         if kind == "heartbeat":
             hb = parse_model(Heartbeat, loads_bounded(payload, max_bytes=MAX_SMALL_BYTES, max_depth=4))
             return hb.model_copy(update={"gw": gw})
+        if kind == "bridge":
+            if payload not in (b"0", b"1"):
+                raise Malformed("bridge: payload must be 0 or 1")
+            return BridgeState(gw, payload == b"1")
         if kind == "availability":
             av = parse_model(Availability, loads_bounded(payload, max_bytes=MAX_SMALL_BYTES, max_depth=4))
             return av.model_copy(update={"gw": gw})
@@ -147,8 +164,49 @@ def parse(topic: str, payload: bytes, *, base: str) -> Parsed:
     raise Malformed(f"topic kind {kind[:64]!r} is not consumed")
 
 
+def _no_constants(name: str) -> Any:
+    raise Malformed(f"{name} is not a JSON number")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise Malformed("duplicate key in a JSON object")
+    return out
+
+
+def _loads_event(payload: bytes) -> Any:
+    """The event path's bounded JSON: the same bounds as :func:`gateway.wire.loads_bounded`
+    (size, depth, UTF-8, NaN, duplicate keys) at a third of its cost — events are the receiver's
+    hot path. Depth is counted over containers after the C parser (which stops a deeply nested
+    document with RecursionError long before it costs much, within the size bound); lone
+    surrogates are looked for only when the bytes hold a surrogate escape (valid UTF-8 cannot
+    carry one otherwise)."""
+    if len(payload) > MAX_EVENT_BYTES:
+        raise Malformed(f"payload of {len(payload)} bytes exceeds {MAX_EVENT_BYTES}")
+    try:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_pairs)
+    except Malformed:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise Malformed("payload is not valid JSON (or nested too deeply)") from exc
+    if _SURROGATE_ESCAPE.search(payload):  # only then can a decoded text hold a lone surrogate
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Malformed("text is not valid Unicode (a lone surrogate escape)") from None
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_EVENT_DEPTH:
+            raise Malformed(f"JSON nested deeper than {MAX_EVENT_DEPTH}")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return value
+
+
 def _event(gw: str, payload: bytes) -> Event:  # noqa: C901 - one check per field, in contract order
-    obj = loads_bounded(payload, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH)
+    obj = _loads_event(payload)
     if not isinstance(obj, dict):
         raise Malformed("an event must be a JSON object")
     if obj.get("v") != 1 or isinstance(obj.get("v"), bool):
@@ -171,6 +229,8 @@ def _event(gw: str, payload: bytes) -> Event:  # noqa: C901 - one check per fiel
         raise Malformed("field 'replayed' must be a boolean")
     try:
         computed = event_hash(obj)
+    except UnicodeEncodeError:
+        raise Malformed("text is not valid Unicode (a lone surrogate escape)") from None
     except (TypeError, ValueError) as exc:
         raise Malformed(f"event cannot be hashed: {exc}") from None
     if computed != digest:

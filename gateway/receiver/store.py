@@ -29,7 +29,15 @@ import asyncpg.pool
 from gateway import log
 from gateway.errors import LockgwError
 from gateway.receiver.config import PostgresConfig, ReceiverSection, read_secret
-from gateway.receiver.messages import Availability, Conflict, Event, Heartbeat, StreamKey, classify
+from gateway.receiver.messages import (
+    Availability,
+    BridgeState,
+    Conflict,
+    Event,
+    Heartbeat,
+    StreamKey,
+    classify,
+)
 
 __all__ = ["MIGRATIONS", "BatchResult", "Quarantined", "Replay", "Store", "StoreUnavailable"]
 
@@ -93,6 +101,14 @@ MIGRATIONS: Final[list[str]] = [
         raw bytea NOT NULL,
         received_at timestamptz NOT NULL DEFAULT now()
     );
+    """,
+    # 2: bridge notifications of site brokers (B/G/bridge).
+    """
+    ALTER TABLE gateways ADD COLUMN bridge_up boolean, ADD COLUMN bridge_at timestamptz;
+    """,
+    # 3: when the receipt_seq a gateway reports last moved (the receipt_lag alert).
+    """
+    ALTER TABLE gateways ADD COLUMN hb_receipt_moved_at timestamptz;
     """,
 ]
 
@@ -200,6 +216,7 @@ class Store:
         heartbeats: Sequence[Heartbeat],
         availability: Sequence[Availability],
         quarantined: Sequence[Quarantined],
+        bridges: Sequence[BridgeState] = (),
     ) -> BatchResult:
         result = BatchResult(quarantined=len(quarantined))
         with _mapped():
@@ -322,7 +339,10 @@ class Store:
                         "AS u(gw, epoch, c, h, m, adv) WHERE s.gw = u.gw AND s.epoch = u.epoch",
                         *map(list, zip(*upd, strict=True)),
                     )
-                await self._liveness(db, events, heartbeats, availability, result)
+                await self._liveness(
+                    db, events, heartbeats, availability, result, bridge_gws=[b.gw for b in bridges]
+                )
+                await self._bridges(db, bridges)
         return result
 
     @staticmethod
@@ -332,7 +352,24 @@ class Store:
         heartbeats: Sequence[Heartbeat],
         availability: Sequence[Availability],
         result: BatchResult,
+        *,
+        bridge_gws: Sequence[str] = (),
     ) -> None:
+        # Lock every gateways row this batch touches first, in key order (after the streams rows,
+        # also in key order): concurrent batches then never wait on each other in a cycle.
+        touched = sorted(
+            {e.gw for e in events}
+            | {h.gw for h in heartbeats}
+            | {a.gw for a in availability}
+            | set(bridge_gws)
+        )
+        if touched:
+            await db.execute(
+                "INSERT INTO gateways (gw) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", touched
+            )
+            await db.execute(
+                "SELECT 1 FROM gateways WHERE gw = ANY($1::text[]) ORDER BY gw FOR UPDATE", touched
+            )
         if events:
             last: dict[str, Event] = {}
             for e in events:
@@ -348,10 +385,14 @@ class Store:
             latest = {h.gw: h for h in heartbeats}
             hb = list(latest.values())
             await db.execute(
-                "INSERT INTO gateways AS g (gw, heartbeat_at, hb_epoch, hb_last_seq, hb_receipt_seq, hb_backlog, hb_alarms) "
-                "SELECT gw, now(), e, l, r, b, string_to_array(a, E'\\x1f') FROM unnest($1::text[], $2::text[], $3::bigint[], "
-                "$4::bigint[], $5::bigint[], $6::text[]) AS u(gw, e, l, r, b, a) "
+                "INSERT INTO gateways AS g (gw, heartbeat_at, hb_epoch, hb_last_seq, hb_receipt_seq, hb_backlog, hb_alarms, "
+                "hb_receipt_moved_at) "
+                "SELECT gw, now(), e, l, r, b, string_to_array(a, E'\\x1f'), now() FROM unnest($1::text[], $2::text[], "
+                "$3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) AS u(gw, e, l, r, b, a) "
                 "ON CONFLICT (gw) DO UPDATE SET heartbeat_at = now(), hb_epoch = EXCLUDED.hb_epoch, "
+                "hb_receipt_moved_at = CASE WHEN g.hb_receipt_moved_at IS NULL "
+                "OR g.hb_receipt_seq IS DISTINCT FROM EXCLUDED.hb_receipt_seq "
+                "OR g.hb_epoch IS DISTINCT FROM EXCLUDED.hb_epoch THEN now() ELSE g.hb_receipt_moved_at END, "
                 "hb_last_seq = EXCLUDED.hb_last_seq, hb_receipt_seq = EXCLUDED.hb_receipt_seq, "
                 "backlog_rising = CASE WHEN EXCLUDED.hb_backlog > coalesce(g.hb_backlog, 0) THEN g.backlog_rising + 1 "
                 "ELSE 0 END, hb_backlog = EXCLUDED.hb_backlog, hb_alarms = EXCLUDED.hb_alarms",
@@ -371,6 +412,20 @@ class Store:
                 list(latest_av),
                 [a.state for a in latest_av.values()],
             )
+
+    @staticmethod
+    async def _bridges(db: _Db, bridges: Sequence[BridgeState]) -> None:
+        """Site brokers' bridge state (rows already locked by :meth:`_liveness`)."""
+        if not bridges:
+            return
+        latest = {b.gw: b.up for b in bridges}
+        gws = sorted(latest)
+        await db.execute(
+            "UPDATE gateways g SET bridge_up = u.up, bridge_at = now() "
+            "FROM unnest($1::text[], $2::boolean[]) AS u(gw, up) WHERE g.gw = u.gw",
+            gws,
+            [latest[g] for g in gws],
+        )
 
     @staticmethod
     async def _epochs(db: _Db, events: Sequence[Event], result: BatchResult) -> None:
@@ -403,16 +458,24 @@ class Store:
         """What was receipted (after it was sent): the receipt lag in ``status``."""
         if not receipts:
             return
-        keys = list(receipts)
+        keys = sorted(receipts)
+        gws, epochs, seqs = [k[0] for k in keys], [k[1] for k in keys], [receipts[k] for k in keys]
         with _mapped():
-            await self._pool.execute(
-                "UPDATE streams s SET receipt_seq = greatest(s.receipt_seq, u.seq), receipt_at = now() "
-                "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(gw, epoch, seq) "
-                "WHERE s.gw = u.gw AND s.epoch = u.epoch",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [receipts[k] for k in keys],
-            )
+            async with self._pool.acquire() as db, db.transaction():
+                await db.execute(  # rows locked in key order, as a batch locks them
+                    "SELECT 1 FROM streams s JOIN unnest($1::text[], $2::text[]) AS k(gw, epoch) USING (gw, epoch) "
+                    "ORDER BY s.gw, s.epoch FOR UPDATE OF s",
+                    gws,
+                    epochs,
+                )
+                await db.execute(
+                    "UPDATE streams s SET receipt_seq = greatest(s.receipt_seq, u.seq), receipt_at = now() "
+                    "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(gw, epoch, seq) "
+                    "WHERE s.gw = u.gw AND s.epoch = u.epoch",
+                    gws,
+                    epochs,
+                    seqs,
+                )
 
     async def claim_gaps(self, *, after_s: float, retry_s: float, limit: int = 200) -> list[Replay]:
         """Gaps that did not fill within ``after_s`` and were not asked for within ``retry_s``:
@@ -461,6 +524,7 @@ class Store:
                 now = time.time()
                 gws = await db.fetch(
                     "SELECT g.*, extract(epoch FROM g.heartbeat_at)::float8 AS hb_t, "
+                    "extract(epoch FROM g.hb_receipt_moved_at)::float8 AS hb_moved_t, "
                     "(SELECT count(*) FROM conflicts c WHERE c.gw = g.gw) AS conflicts FROM gateways g ORDER BY gw"
                 )
                 streams = await db.fetch(
@@ -477,28 +541,15 @@ class Store:
             by_gw.setdefault(s["gw"], []).append(s)
         report: list[dict[str, Any]] = []
         for g in gws:
-            alerts: list[str] = []
             age = None if g["hb_t"] is None else round(now - g["hb_t"], 1)
-            if age is None or age > section.heartbeat_stale_s:
-                alerts.append("heartbeat_stale")
-            if g["availability"] == "offline":
-                alerts.append("offline")
-            if (g["hb_backlog"] or 0) >= section.lag_alert_events:
-                alerts.append("lag")
-            if g["backlog_rising"] >= 3:
-                alerts.append("lag_rising")
-            if g["conflicts"]:
-                alerts.append("conflict")
             own = by_gw.get(g["gw"], [])
-            if any(s["gap_t"] is not None and now - s["gap_t"] > section.gap_replay_after_s for s in own):
-                alerts.append("gap")
-            if len(own) > 1 and now - own[-1]["first_t"] < 86400:
-                alerts.append("new_epoch")
+            alerts = _alerts(g, own, section, age=age, now=now)
             report.append(
                 {
                     "gw": g["gw"],
                     "site": g["site"],
                     "availability": g["availability"],
+                    "bridge": g["bridge_up"],
                     "heartbeat_age_s": age,
                     "last_seq": g["hb_last_seq"],
                     "receipt_seq": g["hb_receipt_seq"],
@@ -525,6 +576,35 @@ class Store:
             "gateways": report,
             "alerts": sum(len(r["alerts"]) for r in report),
         }
+
+
+def _alerts(
+    g: asyncpg.Record, own: list[asyncpg.Record], section: ReceiverSection, *, age: float | None, now: float
+) -> list[str]:
+    """A gateway's raised alerts (docs/fleet.md, "Liveness"), from its row and its streams."""
+    checks = [
+        ("heartbeat_stale", age is None or age > section.heartbeat_stale_s),
+        ("offline", g["availability"] == "offline"),
+        ("uplink_down", g["bridge_up"] is False),
+        ("lag", (g["hb_backlog"] or 0) >= section.lag_alert_events),
+        ("lag_rising", g["backlog_rising"] >= 3),
+        ("conflict", bool(g["conflicts"])),
+        ("gap", any(s["gap_t"] is not None and now - s["gap_t"] > section.gap_replay_after_s for s in own)),
+        ("new_epoch", len(own) > 1 and now - own[-1]["first_t"] < 86400),
+        ("receipt_lag", _receipts_not_arriving(g, own, section, now=now)),
+    ]
+    return [name for name, raised in checks if raised]
+
+
+def _receipts_not_arriving(
+    g: asyncpg.Record, own: list[asyncpg.Record], section: ReceiverSection, *, now: float
+) -> bool:
+    """Receipts were sent past what the gateway reports, and its reported receipt_seq has not
+    moved for ``receipt_lag_alert_s``."""
+    if g["hb_receipt_seq"] is None or g["hb_moved_t"] is None:
+        return False
+    sent = max((s["receipt_seq"] for s in own if s["epoch"] == g["hb_epoch"]), default=0)
+    return bool(g["hb_receipt_seq"] < sent and now - g["hb_moved_t"] > section.receipt_lag_alert_s)
 
 
 async def _walk(db: _Db, key: StreamKey, c_seq: int) -> int:

@@ -5,12 +5,12 @@ publish receipts and replay requests by MQTT topic.
 
 * **MQTT** (aiomqtt over paho): client id ``lockgw-receiver-<instance>``, clean start off with a
   one-day session, ``$share/<group>/B/+/events`` and ``…/+/heartbeat`` (competing receivers
-  share them), plain ``B/+/availability`` (retained messages are not sent to shared
+  share them), plain ``B/+/availability`` and ``B/+/bridge`` (retained messages are not sent to shared
   subscriptions, and the state is idempotent). PUBACKs are manual (paho's ``manual_ack``): a
   message is acknowledged to the broker only after its batch was committed; one not acked before
   a crash is delivered again when the session resumes.
 * **AMQP** (aio-pika): a durable **quorum** queue bound to ``amq.topic`` with ``B.*.events``,
-  ``B.*.heartbeat`` and ``B.*.availability`` (RabbitMQ's MQTT plugin publishes MQTT topic
+  ``B.*.heartbeat``, ``B.*.availability`` and ``B.*.bridge`` (RabbitMQ's MQTT plugin publishes MQTT topic
   ``a/b/c`` as routing key ``a.b.c``), read by every receiver as competing consumers with a
   bounded prefetch; acks go after the commit (one ``multiple`` ack per batch). Receipts and
   replay requests are published to ``amq.topic`` with the gateway's routing key, with publisher
@@ -129,6 +129,7 @@ class MqttTransport:
                 await client.subscribe(f"{share}/+/events", qos=1)
                 await client.subscribe(f"{share}/+/heartbeat", qos=1)
                 await client.subscribe(f"{self._base}/+/availability", qos=1)
+                await client.subscribe(f"{self._base}/+/bridge", qos=1)
                 self._client = client
                 _log.info("mqtt_connected", host=host, port=port)
                 async for m in client.messages:
@@ -207,7 +208,7 @@ class AmqpTransport:
                 queue = await channel.declare_queue(
                     self._config.queue, durable=True, arguments={"x-queue-type": "quorum"}
                 )
-                for kind in ("events", "heartbeat", "availability"):
+                for kind in ("events", "heartbeat", "availability", "bridge"):
                     await queue.bind("amq.topic", routing_key=f"{self._base}.*.{kind}")
                 self._exchange = await channel.get_exchange("amq.topic", ensure=False)
                 self._channel = channel

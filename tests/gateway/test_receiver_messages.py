@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gateway.errors import ConfigError
 from gateway.receiver.app import RETRY_CAP_S, retry_wait_s
 from gateway.receiver.config import load_receiver_config
-from gateway.receiver.messages import Availability, Event, Heartbeat, Malformed, classify, parse
+from gateway.receiver.messages import Availability, BridgeState, Event, Heartbeat, Malformed, classify, parse
 from protocols.event_encoding import event_hash
 
 B = "lockgw"
@@ -44,7 +44,10 @@ def _reseal(e: dict[str, object], **changes: object) -> bytes:
         ("lockgw/gw-a/events", b"{", "not valid JSON"),
         ("lockgw/gw-a/events", b"[]", "JSON object"),
         ("lockgw/gw-a/events", b'{"s": "\\ud800"}', "lone surrogate"),
-        ("lockgw/gw-a/events", b"[" * 50, "nested deeper"),
+        ("lockgw/gw-a/events", b"[" * 50 + b"]" * 50, "nested deeper"),
+        ("lockgw/gw-a/events", b"[" * 100_000, "not valid JSON"),
+        ("lockgw/gw-a/events", b'{"a": ' * 5000 + b"1" + b"}" * 5000, "nested"),
+        ("lockgw/gw-a/events", b'{"v": 1, "k\\udfff": 2}', "lone surrogate"),
         ("lockgw/gw-a/events", b" " * (256 * 1024 + 1), "exceeds"),
         ("lockgw/gw-a/events", b'{"v": 1, "v": 1}', "duplicate key"),
         ("lockgw/gw-a/events", b'{"v": NaN}', "not a JSON number"),
@@ -81,6 +84,18 @@ def test_event_fields_checked_in_contract_order() -> None:
     big_seq = _reseal(e, seq=2**63, id=f"gw-a/{e['epoch']}/{2**63}")
     with pytest.raises(Malformed, match=r"1\.\.2"):
         parse("lockgw/gw-a/events", big_seq, base=B)
+
+
+def test_escaped_text_round_trips() -> None:
+    """A paired surrogate escape (an emoji written as \\ud83d\\ude00) and escaped backslashes
+    are valid text: the event is accepted and its hash verifies."""
+    e = chain("gw-a", n=1)[0]
+    body = _reseal(e, data={"who": "\U0001f600", "path": "a\\ud800b"})
+    raw = json.dumps(json.loads(body), ensure_ascii=True).encode()  # non-ASCII as \\u escapes
+    assert b"\\ud83d\\ude00" in raw
+    got = parse("lockgw/gw-a/events", raw, base=B)
+    assert isinstance(got, Event)
+    assert json.loads(got.body)["data"]["who"] == "\U0001f600"
 
 
 def test_heartbeat_and_availability_take_the_topic_gateway() -> None:
@@ -163,3 +178,33 @@ def test_config_defaults_env_and_errors(tmp_path: Path) -> None:
 def test_retry_waits_grow_and_cap(attempt: int, low: float, high: float) -> None:
     assert low <= retry_wait_s(attempt, lambda: 0.0) <= retry_wait_s(attempt, lambda: 1.0) <= high
     assert retry_wait_s(attempt, lambda: 0.5) <= RETRY_CAP_S
+
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+_json_any = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+)
+
+
+@given(
+    st.sampled_from(["events", "heartbeat", "availability", "bridge", "receipt", "x"]),
+    st.binary(max_size=400)
+    | _json_any.map(lambda v: json.dumps(v).encode())
+    | st.builds(
+        lambda e, k, v: json.dumps(dict(e, **{k: v})).encode(),
+        st.sampled_from(CHAIN),
+        st.sampled_from(["v", "gw", "epoch", "seq", "id", "hash", "prev", "replayed", "data", "type"]),
+        _json_any,
+    ),
+)
+def test_any_input_is_typed_or_malformed(kind: str, raw: bytes) -> None:
+    """Whatever arrives, parse returns a typed message or raises Malformed — nothing else."""
+    try:
+        got = parse(f"{B}/gw-p/{kind}", raw, base=B)
+    except Malformed:
+        return
+    assert isinstance(got, Event | Heartbeat | Availability | BridgeState)
+    if isinstance(got, Event):  # only an intact event of the topic's gateway gets through
+        assert got.gw == "gw-p"
+        assert event_hash(json.loads(got.body)) == got.hash

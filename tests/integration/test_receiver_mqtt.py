@@ -63,9 +63,9 @@ class Central:
             r.wait_log("mqtt_connected")
         return r
 
-    def report(self) -> Any:
+    def report(self, **section: Any) -> Any:
         """``lockgw-receiver status``'s report, computed in-process (the CLI is checked once)."""
-        return _report(self.dsn)
+        return _report(self.dsn, **section)
 
     def client(self, name: str) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -212,6 +212,7 @@ async def test_hostile_messages_are_quarantined_and_conflicts_kept(central: Cent
             await gw.publish(f"{base}/gw-h/events", h, qos=1)
         await gw.publish(f"{base}/gw-h/heartbeat", b'{"epoch": 5}', qos=1)
         await gw.publish(f"{base}/gw-h/availability", b'{"state": "maybe"}', qos=1)
+        await gw.publish(f"{base}/gw-h/bridge", b"2", qos=1)
         await publish(gw, base, good)
         await publish(gw, base, reuse)
         await publish(gw, base, [breaker])
@@ -220,12 +221,12 @@ async def test_hostile_messages_are_quarantined_and_conflicts_kept(central: Cent
             rows = await pg_fetch(
                 central.dsn, "SELECT (SELECT count(*) FROM quarantine) q, (SELECT count(*) FROM conflicts) c"
             )
-            return rows[0]["q"] >= len(hostile) + 2 and rows[0]["c"] >= 4
+            return rows[0]["q"] >= len(hostile) + 3 and rows[0]["c"] >= 4
 
         await wait_until(settled, what="quarantine and conflicts")
     assert r.alive()
     q = await pg_fetch(central.dsn, "SELECT reason, raw FROM quarantine ORDER BY n")
-    assert len(q) == len(hostile) + 2
+    assert len(q) == len(hostile) + 3
     assert {bytes(row["raw"]) for row in q} >= {h for h in hostile if len(h) <= 256 * 1024}
     assert any("forged" in row["reason"] for row in q)
     c = await pg_fetch(central.dsn, "SELECT kind, seq, body FROM conflicts ORDER BY seq, kind")
@@ -246,9 +247,9 @@ async def _seqs(central: Central, gw: str, n: int) -> bool:
     return await central.stored_seqs(gw) == list(range(1, n + 1))
 
 
-async def _report(dsn: str) -> Any:
+async def _report(dsn: str, **section: Any) -> Any:
     async with Store.connect(PostgresConfig(dsn=dsn), migrate=False) as store:
-        return await store.status(ReceiverSection())
+        return await store.status(ReceiverSection(**section))
 
 
 def _status(r: ReceiverProc) -> tuple[int, dict[str, Any]]:
@@ -305,13 +306,34 @@ async def test_postgres_restart_then_status_alerts(central: Central, postgres: P
         assert (await asyncio.to_thread(_status, r))[0] == 0
         await gw.publish(f"{base}/gw-pg/heartbeat", json.dumps(dict(hb, backlog=5000)).encode(), qos=0)
         await gw.publish(f"{base}/gw-pg/availability", b'{"state": "offline"}', qos=1, retain=True)
+        await gw.publish(f"{base}/gw-pg/bridge", b"0", qos=1, retain=True)  # the site broker's notification
 
         async def alerted() -> list[str] | None:
             report = await central.report()
             alerts = report["gateways"][0]["alerts"]
-            return alerts if {"lag", "offline"} <= set(alerts) else None
+            return alerts if {"lag", "offline", "uplink_down"} <= set(alerts) else None
 
-        await wait_until(alerted, what="lag and offline alerts")
+        await wait_until(alerted, what="lag, offline and uplink_down alerts")
+        text = await asyncio.to_thread(
+            subprocess.run,
+            [str(RECEIVER_EXE), "--config", str(r.config), "status"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert text.returncode == 1
+        assert "gw-pg" in text.stdout and "uplink_down" in text.stdout
+    # Migrations are versioned and idempotent.
+    versions = await pg_fetch(central.dsn, "SELECT version FROM schema_version ORDER BY version")
+    assert [v["version"] for v in versions] == [1, 2, 3]
+    again = await asyncio.to_thread(
+        subprocess.run,
+        [str(RECEIVER_EXE), "--config", str(r.config), "migrate"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert again.stdout.strip() == "schema version 3"
     assert r.alive()
 
 
@@ -378,3 +400,61 @@ async def test_prometheus_metrics(central: Central) -> None:
     writer.write(b"\x00" * 9000)
     writer.close()
     assert (await _get(port, "/metrics"))[0].endswith("200 OK")
+
+
+async def test_sigterm_drains_while_events_flow(central: Central) -> None:
+    """SIGTERM in the middle of a stream: the batch in hand is committed, receipted and acked,
+    the receiver exits 0; whatever it had not taken is delivered to its next run, once."""
+    r = central.receiver("a", batch_max=10)
+    events = chain("gw-t", n=150)
+    async with central.client("gw") as gw:
+        await publish(gw, central.base, events[:75])
+        await wait_until(lambda: _some(central, "gw-t"), what="first events stored")
+        assert r.proc is not None
+        r.proc.terminate()
+        await publish(gw, central.base, events[75:])
+        assert await asyncio.to_thread(r.proc.wait, 60) == 0
+        assert "receiver_stopped" in r.output()
+        central.receiver("a", batch_max=10)
+        await wait_until(lambda: _seqs(central, "gw-t", 150), what="all 150 stored after the restart")
+    rows = await pg_fetch(central.dsn, "SELECT count(*) AS n FROM events WHERE gw = 'gw-t'")
+    assert rows[0]["n"] == 150
+
+
+async def _some(central: Central, gw: str) -> bool:
+    return bool(await central.stored_seqs(gw))
+
+
+async def test_receipts_not_reaching_the_gateway_raise_receipt_lag(central: Central) -> None:
+    """Receipts are sent, but the gateway's heartbeats keep reporting an older receipt_seq (an
+    ACL or bridge that drops them): `receipt_lag`; once its receipt_seq catches up, cleared."""
+    central.receiver("a")
+    events = chain("gw-l", n=5)
+    epoch = events[0]["epoch"]
+    hb = {"ts": 1, "epoch": epoch, "last_seq": 5, "receipt_seq": 0, "backlog": 5, "alarms": []}
+    async with central.client("gw") as gw:
+        await publish(gw, central.base, events)
+
+        async def receipted() -> bool:
+            rows = await pg_fetch(central.dsn, "SELECT receipt_seq FROM streams WHERE gw = 'gw-l'")
+            return bool(rows) and rows[0]["receipt_seq"] == 5
+
+        await wait_until(receipted, what="receipt 5 sent")
+        await gw.publish(f"{central.base}/gw-l/heartbeat", json.dumps(hb).encode(), qos=1)
+
+        async def lagging() -> bool:
+            report = await central.report(receipt_lag_alert_s=0.5)
+            return bool(report["gateways"]) and "receipt_lag" in report["gateways"][0]["alerts"]
+
+        await wait_until(lagging, what="receipt_lag")
+        assert "receipt_lag" not in (await central.report())["gateways"][0]["alerts"]  # default bound
+        await gw.publish(
+            f"{central.base}/gw-l/heartbeat", json.dumps(dict(hb, receipt_seq=5, backlog=0)).encode(), qos=1
+        )
+
+        async def cleared() -> bool:
+            report = await central.report(receipt_lag_alert_s=0.5)
+            g = report["gateways"][0]
+            return g["receipt_seq"] == 5 and "receipt_lag" not in g["alerts"]
+
+        await wait_until(cleared, what="receipt_lag cleared")
