@@ -134,6 +134,7 @@ class LinkManager:
         self._gw_id = gw_id
         self._backend = backend
         self._slots = _Slots(max_connections)
+        self._max_connections = max_connections
         self._connect_lock = asyncio.Lock()
         self._per_lock: dict[str, _Slots] = {}
         self._links: dict[str, _OpenLink] = {}
@@ -172,6 +173,11 @@ class LinkManager:
 
     def open_links(self) -> int:
         return len(self._links)
+
+    def occupancy(self) -> tuple[int, int, int]:
+        """(slots in use, slots, commands waiting for a slot or a lock's gate): for metrics."""
+        waiting = self._slots.waiting + sum(gate.waiting for gate in self._per_lock.values())
+        return self._max_connections - self._slots.free, self._max_connections, waiting
 
     # --- commands ---------------------------------------------------------------------------
 

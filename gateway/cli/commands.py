@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from gateway.runtime.service import Service
 
-__all__ = ["Operations", "dispatch"]
+__all__ = ["Operations", "dispatch", "doctor_report"]
 
 MAX_EVENTS: Final = 10_000
 MAX_SCAN_S: Final = 60.0
@@ -244,8 +244,14 @@ async def _scan(gw: Operations, args: dict[str, Any]) -> dict[str, Any]:
     return ok({"locks": sorted(found.values(), key=lambda d: -int(d["rssi"] or -999))})
 
 
+async def doctor_report(gw: Operations) -> dict[str, Any]:
+    """``lockgw doctor``'s report, ``{"ok", "checks"}``: also the daemon's MQTT ``doctor``
+    action (injected into the runtime, which never imports this layer)."""
+    return as_json(await run_checks(gw, daemon=not gw.direct))
+
+
 async def _doctor(gw: Operations, _args: dict[str, Any]) -> dict[str, Any]:
-    report = as_json(await run_checks(gw, daemon=not gw.direct))
+    report = await doctor_report(gw)
     return {
         "ok": report["ok"],
         "exit": 0 if report["ok"] else 1,

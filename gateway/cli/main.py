@@ -792,7 +792,7 @@ async def _run_daemon(config: Config) -> int:
     """The daemon: until SIGTERM/SIGINT (exit 0), or until a component whose failure stops it
     fails (exit 1, the reason logged) so that systemd restarts it."""
     from gateway import log  # noqa: PLC0415 - keeps CLI start-up light
-    from gateway.cli.commands import dispatch  # noqa: PLC0415
+    from gateway.cli.commands import dispatch, doctor_report  # noqa: PLC0415
     from gateway.runtime.app import Gateway  # noqa: PLC0415
 
     log.configure()
@@ -802,7 +802,7 @@ async def _run_daemon(config: Config) -> int:
     loop.set_exception_handler(log.loop_exception_handler)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Gateway(config, control_handler=dispatch) as gateway:
+    async with Gateway(config, control_handler=dispatch, diagnostics=doctor_report) as gateway:
         logger.info("serving", locks=len(gateway.registry.all()), gw=config.gateway.id)
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
