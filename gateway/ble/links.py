@@ -236,6 +236,7 @@ class LinkManager:
         self.stats.commands += 1
         self.stats.by_priority[priority.name] = self.stats.by_priority.get(priority.name, 0) + 1
         attempt = 0
+        started = time.monotonic()
         while True:
             attempt += 1
             await gate.acquire(priority)
@@ -251,6 +252,8 @@ class LinkManager:
                     attempts = UNREACHABLE_ATTEMPTS
                 if not should_retry(exc, attempt) or (attempts is not None and attempt >= attempts):
                     self._contact(record.lock, ok=False, reason=exc.code)
+                    if isinstance(exc, LockUnreachable):
+                        raise _unreachable(record, attempt, time.monotonic() - started, exc) from exc
                     raise
                 wait = backoff_for(exc, attempt, self._rng)
             else:
@@ -358,3 +361,15 @@ class LinkManager:
     def _contact(self, lock: str, *, ok: bool, reason: str = "") -> None:
         if self._on_contact is not None:
             self._on_contact(lock, ok, reason)
+
+
+def _unreachable(
+    record: LockRecord, attempts: int, elapsed_s: float, last: LockUnreachable
+) -> LockUnreachable:
+    """The one message a caller shows for a lock that did not answer: what was tried, what to do."""
+    tried = f"{attempts} connection attempt{'s' if attempts != 1 else ''} over {elapsed_s:.0f} s"
+    return LockUnreachable(
+        f"lock {record.lock} ({record.address}) did not answer: {tried}; last: {last}. "
+        "Check that the lock has power and is within range of the gateway (a few metres, few walls), "
+        "then try again; `lockgw status` shows its last contact"
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import re
 import signal
 import sqlite3
@@ -276,6 +277,12 @@ def cli(ctx: click.Context, config: str | None, json_: bool) -> None:
     opts = ctx.ensure_object(Opts)
     opts.config = config
     opts.json = opts.json or json_
+    if ctx.invoked_subcommand not in ("run", "demo"):
+        # A command's own messages say what went wrong, once; the direct gateway's warnings
+        # (each retry of a lock out of range) would only repeat them. Errors still show.
+        from gateway import log  # noqa: PLC0415 - keeps CLI start-up light
+
+        log.configure(json_lines=not sys.stderr.isatty(), level=logging.ERROR)
 
 
 @cli.command(epilog=_example("lockgw --config /etc/lockgw/lockgw.toml run"))
@@ -331,7 +338,14 @@ def config_check(opts: Opts, path: str | None) -> int:
     return EXIT_OK
 
 
-@cli.command(epilog=_example("lockgw scan --timeout 10"))
+#: ``scan`` asks the daemon (or the adapter) for this long at a time, and shows what came in.
+SCAN_SLICE_S: Final = 1.0
+_SCAN_COLS: Final = ("lock", "address", "rssi", "paired", "pairing_mode", "paired_here")
+
+
+@cli.command(
+    epilog=_example("lockgw scan --timeout 10", "lockgw --json scan --follow   # JSON lines as found")
+)
 @click.option(
     "--timeout",
     type=click.FloatRange(0.5, 60),
@@ -339,32 +353,120 @@ def config_check(opts: Opts, path: str | None) -> int:
     show_default=True,
     help="Seconds to listen (0.5..60).",
 )
+@click.option("--follow", "-f", is_flag=True, help="Print each lock as it is found (JSON lines with --json).")
 @json_option
 @click.pass_obj
-def scan(opts: Opts, timeout: float) -> int:
-    """List nearby locks.
+def scan(opts: Opts, timeout: float, follow: bool) -> int:
+    """List nearby locks, as they are found.
 
     Address, lock id, signal strength, and whether each is paired (here or elsewhere) or in
-    pairing mode.
+    pairing mode. On a terminal the table fills in live; piped, it is printed at the end (one
+    line per lock as found with --follow); --json prints one object at the end, or with
+    --follow one JSON line per lock as it is found.
     """
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        with ui.progress(f"scanning for {timeout:g} s …"):
-            a = await link.call("scan", {"timeout": timeout})
-        cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
-        return _emit(ui, a, lambda d: ui.table(d["locks"], cols, title="locks in range"))
+    return _with_link(
+        opts,
+        lambda link, ui: _Scan(link, ui, timeout=timeout, follow=follow).run(),
+        # --follow ends with Ctrl-C or SIGTERM as `events --follow` does: that is success.
+        stopped=(lambda _sig: EXIT_OK) if follow else None,
+    )
 
-    return _with_link(opts, body)
+
+class _Scan:
+    """``lockgw scan``: asks for ``SCAN_SLICE_S`` at a time and shows what came in, live."""
+
+    def __init__(self, link: _DaemonOrDirect, ui: Ui, *, timeout: float, follow: bool) -> None:
+        self.link, self.ui, self.timeout, self.follow = link, ui, timeout, follow
+        self.found: dict[str, dict[str, Any]] = {}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return sorted(self.found.values(), key=lambda d: -int(d["rssi"] or -999))
+
+    def _streamed(self, new: dict[str, Any]) -> None:
+        if self.ui.json_mode:
+            self.ui.json(new)
+        else:
+            self.ui.line("  ".join(f"{c}={new.get(c)}" for c in _SCAN_COLS))
+
+    async def _listen(self, show: Callable[[list[dict[str, Any]]], None] | None) -> dict[str, Any] | None:
+        """Until the timeout; a failed answer is returned as it came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while (left := deadline - loop.time()) > 0.05:
+            a = await self.link.call("scan", {"timeout": max(0.5, min(SCAN_SLICE_S, left))})
+            if not a.get("ok"):
+                return a
+            for d in a["data"]["locks"]:
+                if d["lock"] not in self.found and self.follow:
+                    self._streamed(d)
+                self.found[d["lock"]] = d
+            if show is not None:
+                show(self.rows())
+        return None
+
+    async def run(self) -> int:
+        ui, title = self.ui, "locks in range"
+        if ui.terminal and not self.follow:
+            caption = f"scanning for {self.timeout:g} s …"
+            with ui.live_table(_SCAN_COLS, title=title, caption=caption) as show:
+                failed = await self._listen(show)
+        else:
+            with ui.progress(f"scanning for {self.timeout:g} s …"):
+                failed = await self._listen(None)
+        if failed is not None:
+            return _emit(ui, failed, lambda _d: None)
+        if self.follow:
+            return EXIT_OK
+        if ui.json_mode:
+            ui.json({"locks": self.rows()})
+        elif not ui.terminal:
+            ui.table(self.rows(), _SCAN_COLS, title=title)
+        elif not self.found:
+            ui.note("(no locks in range)")
+        return EXIT_OK
 
 
-@cli.command(epilog=_example("lockgw pair C0:12:34:56:78:9A --code 123-456-789 --name 'Front door'"))
+#: A setup code is a dozen characters; one line of stdin longer than this is not one.
+MAX_SETUP_CODE: Final = 256
+
+
+def _setup_code(code: str | None) -> str:
+    """``--code``, else asked for on the terminal (not echoed), else one line of stdin: the code
+    never needs to be on a command line (shell history, ``ps``)."""
+    if code is not None:
+        return code
+    if sys.stdin is not None and sys.stdin.isatty():
+        return str(click.prompt("setup code (printed on the lock unit)", hide_input=True, err=True)).strip()
+    line = sys.stdin.readline(MAX_SETUP_CODE + 1) if sys.stdin is not None else ""
+    if len(line) > MAX_SETUP_CODE:
+        raise click.BadParameter(f"longer than {MAX_SETUP_CODE} characters", param_hint="'--code' (stdin)")
+    if not line.strip():
+        raise click.BadParameter(
+            "no setup code: give --code, type it at the prompt, or pipe one line to stdin",
+            param_hint="'--code'",
+        )
+    return line.strip()
+
+
+@cli.command(
+    epilog=_example(
+        "lockgw pair C0:12:34:56:78:9A --name 'Front door'      # asks for the code, not echoed",
+        "lockgw pair C0:12:34:56:78:9A < code.txt              # or one line of stdin",
+    )
+)
 @click.argument("address")
-@click.option("--code", required=True, help="The setup code printed on the lock unit.")
+@click.option(
+    "--code",
+    default=None,
+    help="The setup code printed on the lock unit; without it, asked for (not echoed) or read from stdin.",
+)
 @click.option("--name", default="", help="A name for the door (shown in tables and events).")
 @json_option
 @click.pass_obj
-def pair(opts: Opts, address: str, code: str, name: str) -> int:
+def pair(opts: Opts, address: str, code: str | None, name: str) -> int:
     """Pair a lock that is in pairing mode; prints the lock id alone."""
+    code = _setup_code(code)
 
     async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         ui.note("put the lock in pairing mode (hold its button until the light blinks blue)")

@@ -41,7 +41,7 @@ from gateway import log
 from gateway.authz.authorizer import Authorizer, InstallOutcome
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord, Registry
-from gateway.errors import BleError, LockgwError, OutboxError
+from gateway.errors import BleError, LockgwError, LockUnreachable, OutboxError
 from gateway.runtime.metrics import Metrics
 from gateway.store.outbox import Outbox
 from gateway.wire import (
@@ -709,9 +709,13 @@ class Service:
             await asyncio.shield(flight.task)
         except (BleError, ProtocolError) as exc:
             if priority is not Priority.HOUSEKEEPING:
-                raise RequestError(
-                    f"lock {record.lock} is unreachable: {exc}", code="lock_unreachable"
-                ) from exc
+                # The link manager's LockUnreachable already says what was tried and what to do.
+                message = (
+                    str(exc)
+                    if isinstance(exc, LockUnreachable)
+                    else f"lock {record.lock} is unreachable: {exc}"
+                )
+                raise RequestError(message, code="lock_unreachable") from exc
         finally:
             flight.waiters -= 1
             if not flight.waiters and not flight.task.done():
