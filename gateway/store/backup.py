@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from gateway.errors import LockgwError
+from gateway.errors import AdapterUnavailable, LockgwError
 from gateway.wire import WireError, loads_bounded
 from protocols.event_encoding import event_hash
 
@@ -490,7 +490,8 @@ def _no_daemon(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise BackupError(
+            # Exit 3 (CONTRACT §6: the daemon is busy), as for any command the daemon's lock refuses.
+            raise AdapterUnavailable(
                 f"{data_dir} is in use by the daemon (pid {other}); stop it first: systemctl stop lockgw"
             ) from exc
         yield

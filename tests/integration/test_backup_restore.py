@@ -151,7 +151,7 @@ def test_a_gateway_restored_onto_a_new_sd_card_carries_on(tmp_path: Path, live_b
 
         # Restore refuses while the daemon holds the data directory, and onto a non-empty one.
         busy = site.field.run("restore", str(file), ok=False)
-        assert busy.returncode == 1 and "in use by the daemon" in busy.stderr
+        assert busy.returncode == 3 and "in use by the daemon" in busy.stderr
         assert site.daemon.stop() == 0, site.daemon.output()
         full = site.field.run("restore", str(file), ok=False)
         assert full.returncode == 1 and "not empty" in full.stderr and "--force" in full.stderr
