@@ -5,6 +5,7 @@ sharing of one run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -143,3 +144,41 @@ async def test_concurrent_doctor_requests_share_one_run_and_a_fresh_report_is_re
     answers = await asyncio.gather(*waiting)
     assert runs == 1 and all(a == {"ok": True, "checks": []} for a in answers)
     assert await svc.doctor() == {"ok": True, "checks": []} and runs == 1
+
+
+async def test_the_endpoint_serves_on_a_unix_socket_and_survives_bad_requests(tmp_path: Path) -> None:
+    from gateway.runtime.metrics import MetricsServer
+
+    path = tmp_path / "m.sock"
+    m = Metrics()
+    m.request_done("unlock", None, 0.3)
+
+    async def snapshot() -> Snapshot:
+        return Snapshot(last_seq=7, receipt_seq=2)
+
+    server = asyncio.ensure_future(MetricsServer(f"unix:{path}", m, snapshot).run())
+
+    async def get(raw: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(raw)
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        return data
+
+    try:
+        async with asyncio.timeout(30):
+            while not path.exists():  # noqa: ASYNC110 - the socket file is the only signal
+                await asyncio.sleep(0.01)
+            assert (await get(b"GET /nope HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 404")
+            assert (await get(b"\xff" * 10000)).startswith(b"HTTP/1.0 400")
+            ok = await get(b"GET /metrics HTTP/1.0\r\n\r\n")
+        head, _, body = ok.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and b"text/plain" in head
+        assert b"lockgw_outbox_backlog_events 5.0" in body
+        assert path.stat().st_mode & 0o777 == 0o660
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    assert not path.exists()  # removed on the way out

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,13 +27,31 @@ WITHIN_S = 30.0
 HA = "homeassistant"
 
 
+#: The daemon's sd_notify datagrams (systemd's NOTIFY_SOCKET, played by the test's socket).
+NOTIFIED: list[str] = []
+NOTIFY: list[socket.socket] = []
+
+
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[tuple[Site, int]]:
     if broker.proc is None or broker.proc.poll() is not None:
         broker.start()
     port = free_port()
     extra = f'[metrics]\nenabled = true\nlisten = "127.0.0.1:{port}"\n[homeassistant]\ndiscovery = true\n'
-    s, sim = make_site(tmp_path_factory.mktemp("ops"), broker, extra_config=extra)
+    tmp = tmp_path_factory.mktemp("ops")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify.sock"))
+    notify.setblocking(False)
+    NOTIFY.append(notify)
+    saved = os.environ.get("NOTIFY_SOCKET")
+    os.environ["NOTIFY_SOCKET"] = str(tmp / "notify.sock")
+    try:
+        s, sim = make_site(tmp, broker, extra_config=extra)
+    finally:
+        if saved is None:
+            os.environ.pop("NOTIFY_SOCKET", None)
+        else:
+            os.environ["NOTIFY_SOCKET"] = saved
     try:
         yield s, port
         assert s.daemon.stop() == 0, s.daemon.output()
@@ -39,6 +59,20 @@ def ops(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[tu
     finally:
         sim.terminate()
         sim.communicate(timeout=10)
+        _drain_notify()
+        NOTIFY.clear()
+        notify.close()
+
+
+def _drain_notify() -> list[str]:
+    """Every datagram the daemon sent to NOTIFY_SOCKET so far."""
+    for sock in NOTIFY:
+        while True:
+            try:
+                NOTIFIED.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    return NOTIFIED
 
 
 def http(port: int, request: bytes) -> tuple[int, bytes]:
@@ -209,3 +243,24 @@ def test_home_assistant_discovery_is_read_only_and_complete(ops: tuple[Site, int
     body = json.loads(next(iter(last.values())))
     assert body["lock"] == site.locks[1] and body["action"] == "unlock" and "sub" not in body
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", body["ts"])
+
+
+def test_sd_notify_status_is_kept_current(ops: tuple[Site, int]) -> None:
+    """READY=1 with a STATUS= line, and STATUS= again when the backlog moves (within the alarm
+    loop's 5 s; the deadline is a hang guard)."""
+    site, _ = ops
+    sent = _drain_notify()
+    assert any(d.startswith("READY=1") for d in sent), sent
+    statuses = [line for d in sent for line in d.splitlines() if line.startswith("STATUS=")]
+    assert statuses and statuses[0].startswith("STATUS=serving 2 locks; backlog "), statuses
+    before = statuses[-1]
+    asyncio.run(_session(site, lambda c: site.unlock(c, site.locks[0])))
+    deadline = time.monotonic() + WITHIN_S
+    while True:
+        lines = [line for d in _drain_notify() for line in d.splitlines() if line.startswith("STATUS=")]
+        if lines[-1] != before:
+            break
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.1)
+    assert lines[-1].startswith("STATUS=serving 2 locks; backlog "), lines
+    assert lines[-1].endswith("no alarms") or "; alarms: " in lines[-1], lines
