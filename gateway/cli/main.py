@@ -831,9 +831,14 @@ def backup(opts: Opts, out: str) -> int:
     "--force", is_flag=True, help="Restore onto a non-empty data directory (moved aside, not deleted)."
 )
 @click.option("--check", "check_only", is_flag=True, help="Only verify the file and say what it holds.")
+@click.option(
+    "--new-epoch",
+    is_flag=True,
+    help="Restore the locks and trust only; start a new event epoch (the backup is older than central's events).",
+)
 @json_option
 @click.pass_obj
-def restore(opts: Opts, file: str, force: bool, check_only: bool) -> int:
+def restore(opts: Opts, file: str, force: bool, check_only: bool, new_epoch: bool) -> int:
     """Restore a backup onto the (new, empty) data directory; the daemon must be stopped.
 
     The file is verified completely first (checksums, SQLite integrity, the events' hash chain);
@@ -848,7 +853,9 @@ def restore(opts: Opts, file: str, force: bool, check_only: bool) -> int:
     if check_only:
         summary = read_summary(Path(file))
     else:
-        summary, aside = do_restore(Path(file), cfg.gateway.data_dir, gw=cfg.gateway.id, force=force)
+        summary, aside = do_restore(
+            Path(file), cfg.gateway.data_dir, gw=cfg.gateway.id, force=force, new_epoch=new_epoch
+        )
     if opts.ui.json_mode:
         opts.ui.json(
             {
@@ -856,6 +863,7 @@ def restore(opts: Opts, file: str, force: bool, check_only: bool) -> int:
                 "restored": not check_only,
                 "data_dir": str(cfg.gateway.data_dir),
                 "moved_aside": str(aside) if aside else None,
+                "new_epoch": new_epoch,
                 **summary.as_json(),
             }
         )
@@ -866,6 +874,8 @@ def restore(opts: Opts, file: str, force: bool, check_only: bool) -> int:
             Path(file),
             summary,
         )
+        if new_epoch and not check_only:
+            opts.ui.note("events not restored: the daemon starts a new epoch (central sees it in B/G/info)")
         if aside is not None:
             opts.ui.note(
                 f"the previous contents are in {aside} (delete it once all is well: it holds link keys)"

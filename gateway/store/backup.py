@@ -415,9 +415,13 @@ def _check_chain(  # noqa: PLR0917 - the facts one chain check needs
 # --- restore ----------------------------------------------------------------------------------
 
 
-def restore(path: Path, data_dir: Path, *, gw: str, force: bool = False) -> tuple[BackupSummary, Path | None]:
+def restore(
+    path: Path, data_dir: Path, *, gw: str, force: bool = False, new_epoch: bool = False
+) -> tuple[BackupSummary, Path | None]:
     """Restore the backup ``path`` onto ``data_dir``; returns what it held and where the previous
-    contents went (``--force`` on a non-empty directory), or None."""
+    contents went (``--force`` on a non-empty directory), or None. With ``new_epoch`` only the
+    locks and the trust store come back: the daemon starts a new outbox (a new epoch), for a
+    backup older than what central already has (docs/operations.md)."""
     data_dir = data_dir.absolute()
     parent = data_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -439,6 +443,8 @@ def restore(path: Path, data_dir: Path, *, gw: str, force: bool = False) -> tupl
                     f"{path} is a backup of gateway {summary.gw!r}; this configuration is {gw!r} "
                     "(restore it with that gateway's configuration)"
                 )
+            if new_epoch:
+                (staging / "events.sqlite3").unlink()
             aside = _swap(staging, data_dir, keep_old=bool(present))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

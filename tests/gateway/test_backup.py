@@ -64,3 +64,12 @@ async def test_force_moves_the_old_contents_aside_and_never_deletes_them(tmp_pat
 def test_backup_of_a_directory_without_databases_says_so(tmp_path: Path) -> None:
     with pytest.raises(BackupError, match="nothing to back up"):
         backup(tmp_path, tmp_path / "b.tar", gw="gw-1", site="s-1")
+
+
+async def test_new_epoch_restores_the_locks_and_trust_but_not_the_events(tmp_path: Path) -> None:
+    await _make(tmp_path / "data")
+    s = backup(tmp_path / "data", tmp_path / "b.tar", gw="gw-1", site="s-1")
+    restore(tmp_path / "b.tar", tmp_path / "new", gw="gw-1", new_epoch=True)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["locks.sqlite3", "trust.sqlite3"]
+    async with Outbox(tmp_path / "new" / "events.sqlite3", gw="gw-1", site="s-1", wall=lambda: 1.8e9) as ob:
+        assert ob.epoch != s.epoch and ob.stats().last_seq == 0
