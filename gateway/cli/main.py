@@ -279,10 +279,16 @@ def cli(ctx: click.Context, config: str | None, json_: bool) -> None:
     opts.json = opts.json or json_
     if ctx.invoked_subcommand not in ("run", "demo"):
         # A command's own messages say what went wrong, once; the direct gateway's warnings
-        # (each retry of a lock out of range) would only repeat them. Errors still show.
-        from gateway import log  # noqa: PLC0415 - keeps CLI start-up light
+        # (each retry of a lock out of range) would only repeat them. Errors still show; the
+        # previous level is back when the command ends (the CLI also runs in-process).
+        import structlog  # noqa: PLC0415 - keeps CLI start-up light
 
-        log.configure(json_lines=not sys.stderr.isatty(), level=logging.ERROR)
+        from gateway import log  # noqa: PLC0415
+
+        log.get("cli")  # the one configuration, made now, so nothing later resets the level
+        previous = structlog.get_config()["wrapper_class"]
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+        ctx.call_on_close(lambda: structlog.configure(wrapper_class=previous))
 
 
 @cli.command(epilog=_example("lockgw --config /etc/lockgw/lockgw.toml run"))
