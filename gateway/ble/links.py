@@ -31,9 +31,9 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Self
 
 from bleak.backends.client import BaseBleakClient
 
@@ -42,6 +42,7 @@ from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
 from gateway.errors import BleError, LockUnreachable
 from gateway.tasks import cancelling_until_done
+from protocols.cbor import CborValue
 from protocols.limits import COMMAND_ID_LEN
 from protocols.messages import Op, Response
 from protocols.session import PairingCompleted
@@ -185,7 +186,7 @@ class LinkManager:
         self,
         record: LockRecord,
         op: Op,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, CborValue] | None = None,
         *,
         cmd_id: bytes | None = None,
         priority: Priority = Priority.ACCESS,
@@ -226,7 +227,7 @@ class LinkManager:
         self,
         record: LockRecord,
         op: Op,
-        args: dict[str, Any] | None,
+        args: Mapping[str, CborValue] | None,
         cmd_id: bytes,
         *,
         priority: Priority,
@@ -270,7 +271,12 @@ class LinkManager:
             await asyncio.sleep(wait)
 
     async def _attempt(
-        self, record: LockRecord, op: Op, args: dict[str, Any] | None, cmd_id: bytes, priority: Priority
+        self,
+        record: LockRecord,
+        op: Op,
+        args: Mapping[str, CborValue] | None,
+        cmd_id: bytes,
+        priority: Priority,
     ) -> Response:
         link = await self._link(record, priority)
         link.busy = True
