@@ -31,6 +31,8 @@ __all__ = [
     "BleConfig",
     "CheckedConfig",
     "Config",
+    "HomeAssistantConfig",
+    "MetricsConfig",
     "MqttConfig",
     "config_path",
     "load_checked",
@@ -118,6 +120,38 @@ class ControlConfig(_Section):
         return v
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (docs/operations.md): off unless enabled; loopback by default."""
+
+    enabled: bool = False
+    #: ``HOST:PORT`` or ``unix:/ABSOLUTE/PATH``. Anything but loopback or a unix socket exposes
+    #: the site's health to the network: put a firewall or a reverse proxy in front.
+    listen: str = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v.startswith("unix:"):
+            path = v[len("unix:") :]
+            if not path.startswith("/") or len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ValueError(f"unix: takes an absolute path of at most {MAX_SOCKET_PATH} bytes")
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]", host) or not port.isdigit():
+            raise ValueError("must be HOST:PORT (127.0.0.1:9108) or unix:/PATH")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError("the port must be in 1..65535")
+        return v
+
+
+class HomeAssistantConfig(_Section):
+    """Home Assistant MQTT discovery (docs/homeassistant.md): read-only entities, off by default."""
+
+    discovery: bool = False
+    #: Home Assistant's discovery prefix (its default).
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = "homeassistant"
+
+
 class Config(_Section):
     gateway: GatewayConfig
     mqtt: MqttConfig | None = None
@@ -125,6 +159,8 @@ class Config(_Section):
     trust: TrustConfig = TrustConfig()
     policy: PolicyConfig = PolicyConfig()
     control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     source: Path | None = Field(default=None, exclude=True)
 
 

@@ -135,6 +135,7 @@ class LinkManager:
         self._gw_id = gw_id
         self._backend = backend
         self._slots = _Slots(max_connections)
+        self._max_connections = max_connections
         self._connect_lock = asyncio.Lock()
         self._per_lock: dict[str, _Slots] = {}
         self._links: dict[str, _OpenLink] = {}
@@ -173,6 +174,11 @@ class LinkManager:
 
     def open_links(self) -> int:
         return len(self._links)
+
+    def occupancy(self) -> tuple[int, int, int]:
+        """(slots in use, slots, commands waiting for a slot or a lock's gate): for metrics."""
+        waiting = self._slots.waiting + sum(gate.waiting for gate in self._per_lock.values())
+        return self._max_connections - self._slots.free, self._max_connections, waiting
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -231,6 +237,7 @@ class LinkManager:
         self.stats.commands += 1
         self.stats.by_priority[priority.name] = self.stats.by_priority.get(priority.name, 0) + 1
         attempt = 0
+        started = time.monotonic()
         while True:
             attempt += 1
             await gate.acquire(priority)
@@ -246,6 +253,8 @@ class LinkManager:
                     attempts = UNREACHABLE_ATTEMPTS
                 if not should_retry(exc, attempt) or (attempts is not None and attempt >= attempts):
                     self._contact(record.lock, ok=False, reason=exc.code)
+                    if isinstance(exc, LockUnreachable):
+                        raise _unreachable(record, attempt, time.monotonic() - started, exc) from exc
                     raise
                 wait = backoff_for(exc, attempt, self._rng)
             else:
@@ -358,3 +367,15 @@ class LinkManager:
     def _contact(self, lock: str, *, ok: bool, reason: str = "") -> None:
         if self._on_contact is not None:
             self._on_contact(lock, ok, reason)
+
+
+def _unreachable(
+    record: LockRecord, attempts: int, elapsed_s: float, last: LockUnreachable
+) -> LockUnreachable:
+    """The one message a caller shows for a lock that did not answer: what was tried, what to do."""
+    tried = f"{attempts} connection attempt{'s' if attempts != 1 else ''} over {elapsed_s:.0f} s"
+    return LockUnreachable(
+        f"lock {record.lock} ({record.address}) did not answer: {tried}; last: {last}. "
+        "Check that the lock has power and is within range of the gateway (a few metres, few walls), "
+        "then try again; `lockgw status` shows its last contact"
+    )

@@ -178,6 +178,7 @@ class MqttBridge:
         info: Callable[[], GatewayInfo],
         heartbeat: Callable[[], Heartbeat],
         lock_states: Callable[[], list[JsonObject]],
+        retained: Callable[[], dict[str, str]] | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         republish_after_s: float = REPUBLISH_AFTER_S,
         receipt_alarm_s: float = RECEIPT_ALARM_S,
@@ -201,6 +202,9 @@ class MqttBridge:
         self._handle_request = handle_request
         self._install = install
         self._info, self._heartbeat, self._lock_states = info, heartbeat, lock_states
+        #: Further retained messages (topic → payload) published at every connect: the Home
+        #: Assistant discovery configs (gateway/runtime/homeassistant.py).
+        self._retained = retained
         self._heartbeat_s = heartbeat_s
         self.republish_after_s = republish_after_s
         self._receipt_watch = ReceiptWatch(receipt_alarm_s)
@@ -361,6 +365,8 @@ class MqttBridge:
         await self.publish_info()
         for state in self._lock_states():
             await self.publish_lock_state(state)
+        for topic, payload in (self._retained() if self._retained is not None else {}).items():
+            await self.publish_retained(topic, payload)
         self.connected.set()
         # The three run until one fails (a lost connection fails the receiver first); the
         # others are then cancelled and awaited, and the first error propagates as itself.
@@ -405,6 +411,12 @@ class MqttBridge:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             topic = f"{self.cfg.base_topic}/{self.gw_id}/locks/{state['lock']}/state"
             await self._publish(topic, json.dumps(state, sort_keys=True), retain=True)
+
+    async def publish_retained(self, topic: str, payload: str) -> None:
+        """A retained QoS 1 message (empty ``payload``: clears the topic); dropped when not
+        connected (the next connect publishes what ``retained`` then returns)."""
+        with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
+            await self._publish(topic, payload, retain=True)
 
     async def publish_replayed(self, event: SealedEvent) -> None:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
