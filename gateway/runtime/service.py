@@ -229,7 +229,6 @@ class Service:
     on_access: Callable[[str, str], None] = lambda _lock, _action: None
     replay_sink: Callable[[SealedEvent], Awaitable[None]] | None = None
     views: dict[str, LockView] = field(default_factory=dict)
-    latencies_ms: list[float] = field(default_factory=list)
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
     #: from time.perf_counter(): the gateway-added time is everything outside the command.
     trace: list[tuple[float, float, float, float]] | None = None
@@ -519,7 +518,6 @@ class Service:
         self.on_lock_state(view)
         self.on_access(record.lock, action)
         t_out = time.perf_counter()
-        self.latencies_ms.append((t_out - t0) * 1000)
         if self.trace is not None:
             self.trace.append((t0, t_cmd, t_reply, t_out))
         return {"lock": record.lock, "state": str(state), "seq": done["seq"]}
