@@ -236,3 +236,28 @@ async def test_the_lock_answers_an_actuation_after_its_motor_time() -> None:
     # Write + notification (2 PDUs, at least one event apart) around the motor time.
     assert motor_min + ci - 0.002 <= took <= motor_max + 4 * ci + 0.5, took
     assert status_took < motor_min  # no motor for a status
+
+
+@pytest.mark.ble
+async def test_a_second_connection_reuses_the_discovered_gatt_layout() -> None:
+    """GATT discovery is cached per lock (gateway/ble/bumble_backend.py): the second connection
+    carries only the MTU exchange and the subscription, and offers the same characteristics."""
+    async with SimRadio(profile=PROFILES["typical"], seed=5) as radio:
+        (sim,) = await radio.add_locks(1, seed=3)
+        async with BumbleHost(controller=radio.open_gateway_controller()) as host:
+            seen = []
+            for _ in range(2):
+                client = BleakClient(str(sim.address), backend=host.client_backend(), timeout=10)
+                await client.connect()
+                tx = client.services.get_characteristic(TX_CHAR_UUID)
+                rx = client.services.get_characteristic(RX_CHAR_UUID)
+                assert tx is not None and rx is not None
+                await client.start_notify(tx, lambda _c, _d: None)
+                link = radio.link_clock(sim)
+                assert link is not None
+                seen.append((link.pdus, rx.handle, tx.handle, sorted(rx.properties)))
+                await client.disconnect()
+            (first, *layout1), (second, *layout2) = seen
+            assert layout1 == layout2
+            assert second == 4  # MTU request/response, CCCD write request/response
+            assert first > second + 10
