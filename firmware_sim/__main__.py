@@ -2,7 +2,7 @@
 
 ``lockgw-sim serve --locks N [--seed N] [--state DIR] [--transport tcp-server:HOST:PORT]
 [--radio flat|typical|slow] [--radio-set FIELD=VALUE ...]`` prints one JSON line per lock (``{"lock", "address", "setup_code"}``), then a line
-``{"ready": true, "transport": ...}``, and serves until SIGINT/SIGTERM or end of input.
+``{"ready": true, "transport": ..., "radio": PROFILE}``, and serves until SIGINT/SIGTERM or end of input.
 
 Fault commands are JSON lines on standard input, answered by one JSON line on standard output
 (docs/simulator.md lists them)::
