@@ -381,8 +381,8 @@ class LinkManager:
             try:
                 if record.lock in self._links:
                     return  # a command opened it meanwhile
+                slot = False  # _open owns it: the link's on success, released on failure
                 link = await self._open(record, Priority.ACCESS)
-                slot = False  # the link owns it now
                 link.prepared, link.hold_until = True, time.monotonic() + self._hold_s
                 self.stats.prepared += 1
             finally:
@@ -403,7 +403,6 @@ class LinkManager:
         if link.hold_until <= time.monotonic() and self._held() >= self._max_held:
             return
         if not self._within_budget(lock):
-            self.stats.over_budget += 1
             return
         link.hold_until = max(link.hold_until, time.monotonic() + hold_s)
 

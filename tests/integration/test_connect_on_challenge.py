@@ -81,3 +81,25 @@ async def test_no_held_link_past_the_battery_budget(tmp_path: Path) -> None:
         assert connections(rig, 0) == before  # nothing opened ahead
         resp = await rig.unlock(lock)  # the unlock itself is never refused for the budget
         assert resp["status"] == "ok", resp
+
+
+async def test_a_prepare_that_cannot_reach_its_lock_costs_no_slot_and_no_extra_attempt(
+    tmp_path: Path,
+) -> None:
+    async with build_rig(tmp_path, slots=1, links_kw={"hold_s": 30.0}) as rig:
+        links = rig.svc.links
+        gone, other = rig.locks[0].model.lock_id, rig.locks[1].model.lock_id
+        await rig.radio.apply_fault(gone, "range", "out")
+        await rig.req("challenge", {"lock": gone, "act": "unlock"})
+        await until(lambda: not links._preparing, "the prepare gave up")
+        assert links.stats.prepared == 0 and links._slots.free == 1  # the one slot, released once
+        resp = await rig.unlock(other)  # the slot is there for another lock
+        assert resp["status"] == "ok", resp
+        connects, retries = links.stats.connects, links.stats.retries
+        # The failed prepare was the unlock's first attempt: one more connect, then the answer
+        # (no retry: the person at the door does not wait for a third connect timeout).
+        resp = await rig.unlock(gone)
+        assert resp["error"]["code"] == "lock_unreachable", resp
+        assert links.stats.connects == connects  # no link came up
+        assert links.stats.retries == retries
+        assert links._slots.free == 1
