@@ -505,9 +505,8 @@ class SimAir(LocalLink):
         transport: PhysicalTransport,
         data: bytes,
     ) -> None:
-        destination = (
-            self.find_le_controller(destination_address) if transport == PhysicalTransport.LE else None
-        )
+        modelled = not self.profile.flat and transport == PhysicalTransport.LE
+        destination = self.find_le_controller(destination_address) if modelled else None
         clock, direction = self._clock(sender_controller, destination)
         if clock is None or destination is None:
             super().send_acl_data(sender_controller, destination_address, transport, data)
@@ -522,6 +521,9 @@ class SimAir(LocalLink):
     def send_ll_control_pdu(
         self, sender_address: hci.Address, receiver_address: hci.Address, packet: ll.ControlPdu
     ) -> None:
+        if self.profile.flat:
+            super().send_ll_control_pdu(sender_address, receiver_address, packet)
+            return
         sender = self.find_le_controller(sender_address)
         receiver = self.find_le_controller(receiver_address)
         clock, direction = self._clock(sender, receiver) if sender is not None else (None, 0)
