@@ -228,7 +228,7 @@ async def pair_all(count: int, state: Path, layouts: dict[str, Any]) -> list[Loc
 async def floor(profile: RadioProfile, samples: int, rng: random.Random) -> dict[str, Any]:
     """The radio floor: computed from the model, and measured with a bare client in-process."""
     ci = profile.conn_interval_ms / 1000
-    whole, actuation, pdus_seen, computed = [], [], [], []
+    whole, actuation, pdus_seen, actuation_pdus, computed = [], [], [], [], []
     async with SimRadio(profile=profile, seed=SEED) as radio:
         (sim,) = await radio.add_locks(1, seed=SEED)
         assert sim.radio is not None
@@ -242,12 +242,13 @@ async def floor(profile: RadioProfile, samples: int, rng: random.Random) -> dict
                 t0 = loop.time()
                 async with LockClient(str(sim.address), gw_id=GW, backend=backend) as client:
                     await client.open_session(lock_id=done.lock_id, ltk=done.ltk)
-                    t1 = loop.time()
-                    response = await client.request(Op.UNLOCK)
-                    t2 = loop.time()
                     link = radio.link_clock(sim)
                     assert link is not None
+                    t1, before = loop.time(), link.pdus
+                    response = await client.request(Op.UNLOCK)
+                    t2 = loop.time()
                     pdus_seen.append(link.pdus)
+                    actuation_pdus.append(link.pdus - before)
                 assert response.status is Status.OK
                 whole.append(t2 - t0)
                 actuation.append(t2 - t1)
@@ -256,11 +257,14 @@ async def floor(profile: RadioProfile, samples: int, rng: random.Random) -> dict
             pdus = statistics.median(pdus_seen)
             # From a random moment: the advert, the set-up, then one event per further PDU.
             computed.append(adv + expected_setup_s(profile) + (pdus - 1) * ci + motor)
-    # The UNLOCK on an open session: the write waits half an event on average, the notification
-    # one more, with the motor between them.
-    actuation_model = 1.5 * ci + motor
+    # The UNLOCK on an open session: its writes (each with its response) and notifications, one
+    # event each, the first write waiting half an event on average and the first notification
+    # half an event after the motor: (PDUs - 1) intervals + the motor.
+    act_pdus = statistics.median(actuation_pdus)
+    actuation_model = (act_pdus - 1) * ci + motor
     return {
         "pdus_per_unlock_from_idle": pdus,
+        "pdus_per_actuation": act_pdus,
         "computed_ms": round(computed[0] * 1000, 1),
         "measured": summary(whole),
         "actuation_computed_ms": round(actuation_model * 1000, 1),
