@@ -21,7 +21,8 @@
 
 * **Connect on challenge** (:meth:`LinkManager.prepare`): a phone that asked for a challenge
   signs its proof next, and its unlock follows within a second or two. The link to that lock and
-  its session handshake are started at once, at access priority, and the ready link is *held*
+  its session handshake are started at once — its connect after any waiting unlock's, before
+  status polls' (``Priority.PREPARE``) — and the ready link is *held*
   for ``hold_s``; the unlock then finds it open (the advert wait, connection set-up, discovery
   and handshake were spent while the phone signed). A held link is taken only from a free slot
   (never by waiting for one), is idle in every other respect (any unlock for another lock that
@@ -88,8 +89,9 @@ _log = log.get("links")
 
 class Priority(enum.IntEnum):
     ACCESS = 0  # unlock / lock requests from people at the door
-    INTERACTIVE = 1  # status, pairing, technician commands
-    HOUSEKEEPING = 2  # log fetches, periodic status refreshes
+    PREPARE = 1  # connect on challenge: after any waiting unlock's connect, before status polls
+    INTERACTIVE = 2  # status, pairing, technician commands
+    HOUSEKEEPING = 3  # log fetches, periodic status refreshes
 
 
 class _Slots:
@@ -382,7 +384,7 @@ class LinkManager:
                 if record.lock in self._links:
                     return  # a command opened it meanwhile
                 slot = False  # _open owns it: the link's on success, released on failure
-                link = await self._open(record, Priority.ACCESS)
+                link = await self._open(record, Priority.PREPARE)
                 link.prepared, link.hold_until = True, time.monotonic() + self._hold_s
                 self.stats.prepared += 1
             finally:
