@@ -19,7 +19,9 @@ import pytest
 from bleak import BleakClient
 from bleak.backends.client import BaseBleakClient
 from bleak.backends.scanner import BaseBleakScanner
-from bumble.controller import Controller
+from bumble.controller import Controller, LegacyAdvertiser
+from bumble.gatt_client import CharacteristicProxy, DescriptorProxy, ServiceProxy
+from bumble.gatt_client import Client as GattClient
 from bumble.host import Host
 from bumble.link import LocalLink
 
@@ -109,19 +111,37 @@ async def test_connect_to_an_absent_address_is_lock_unreachable() -> None:
 
 
 #: Bumble code we re-implement or work around, fingerprinted: a new Bumble release that changes
-#: any of it fails here, so the override is reviewed (gateway/ble/bumble_backend.py _GatewayHost,
-#: firmware_sim/bumble_peripheral.py GatewayController and SimAir).
+#: any of it fails here, so the override is reviewed (gateway/ble/bumble_backend.py _GatewayHost
+#: and _restore_layout, firmware_sim/bumble_peripheral.py GatewayController, SimAir and
+#: ModelledAdvertiser).
 BUMBLE_FINGERPRINTS = {
     "Host.send_hci_packet": "c466fa2806dd157f",
     "Host.on_hci_packet": "8a97cd66d5162d55",
     "Host._send_command": "d339d25e05e09273",
     "Controller.on_hci_le_create_connection_cancel_command": "7e2c09af5423fc97",
     "LocalLink.send_advertising_pdu": "e0dfbdb65d461454",
+    # The radio model (SimAir, ModelledAdvertiser) and the GATT discovery cache (_restore_layout).
+    "LocalLink.send_acl_data": "f261ad18194a0605",
+    "LocalLink.send_ll_control_pdu": "3f044f6b4ef357b5",
+    "LegacyAdvertiser._on_timer_fired": "7f87d0d37181c088",
+    "ServiceProxy.__init__": "d2711fc6dc9b69fc",
+    "CharacteristicProxy.__init__": "0a5071463b5a702a",
+    "DescriptorProxy.__init__": "49eac98e718b1723",
+    "Client.subscribe": "6cfcee963a3f8c38",
 }
 
 
 def test_bumble_code_we_override_is_unchanged() -> None:
-    owners = {"Host": Host, "Controller": Controller, "LocalLink": LocalLink}
+    owners = {
+        "Host": Host,
+        "Controller": Controller,
+        "LocalLink": LocalLink,
+        "LegacyAdvertiser": LegacyAdvertiser,
+        "ServiceProxy": ServiceProxy,
+        "CharacteristicProxy": CharacteristicProxy,
+        "DescriptorProxy": DescriptorProxy,
+        "Client": GattClient,
+    }
     for name, expected in BUMBLE_FINGERPRINTS.items():
         cls, _, attr = name.partition(".")
         source = inspect.getsource(getattr(owners[cls], attr))
