@@ -64,6 +64,7 @@ case "$cmd" in
     test)
         ensure_mosquitto
         sync_env
+        export UV   # tests/test_install.py builds a release bundle with it
         echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
         echo "== mypy --strict" && .venv/bin/mypy
         echo "== import-linter (layers, no cycles)"

@@ -49,7 +49,8 @@ def read_bounded(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
     if len(data) > limit:
-        raise ConfigError(f"{what}: {path} is larger than {limit // (1024 * 1024)} MiB")
+        size = f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
+        raise ConfigError(f"{what}: {path} is larger than {size}")
     return data
 
 

@@ -48,9 +48,9 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Self
 
 from bleak.backends.client import BaseBleakClient
 
@@ -60,6 +60,7 @@ from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
 from gateway.errors import BleError, LockUnreachable
 from gateway.tasks import cancelling_until_done
+from protocols.cbor import CborValue
 from protocols.limits import COMMAND_ID_LEN
 from protocols.messages import Op, Response
 from protocols.session import PairingCompleted
@@ -250,7 +251,7 @@ class LinkManager:
         self,
         record: LockRecord,
         op: Op,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, CborValue] | None = None,
         *,
         cmd_id: bytes | None = None,
         priority: Priority = Priority.ACCESS,
@@ -291,7 +292,7 @@ class LinkManager:
         self,
         record: LockRecord,
         op: Op,
-        args: dict[str, Any] | None,
+        args: Mapping[str, CborValue] | None,
         cmd_id: bytes,
         *,
         priority: Priority,
@@ -335,7 +336,12 @@ class LinkManager:
             await asyncio.sleep(wait)
 
     async def _attempt(
-        self, record: LockRecord, op: Op, args: dict[str, Any] | None, cmd_id: bytes, priority: Priority
+        self,
+        record: LockRecord,
+        op: Op,
+        args: Mapping[str, CborValue] | None,
+        cmd_id: bytes,
+        priority: Priority,
     ) -> Response:
         link = await self._link(record, priority)
         if link.prepared:
@@ -431,7 +437,7 @@ class LinkManager:
         self.stats.over_budget += 1
         return False
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, object]:
         """Counters and each lock's connected seconds in the last hour (for ``ping``)."""
         locks = set(self._usage) | set(self._links)
         return {
