@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,11 @@ def test_link_latency_keys_and_their_bounds(tmp_path: Path) -> None:
             load_config(
                 write(tmp_path, GOOD.replace("max_connections = 4", f"max_connections = 4\n{bad}")), env={}
             )
+
+
+def test_F2_a_root_key_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "root-1.pub"
+    os.mkfifo(fifo)
+    p = write(tmp_path, GOOD.replace("/etc/lockgw/root-1.pub", str(fifo)))
+    with pytest.raises(ConfigError, match=r"trust\.root_keys.*not a regular file"):
+        load_checked(p, env={})
