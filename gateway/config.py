@@ -60,6 +60,9 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: MQTT protocol version (docs/mqtt-3.1.1.md): "5" (default), or "3.1.1" for brokers that
+    #: speak nothing newer (RabbitMQ's MQTT plugin). The whole contract holds on both.
+    protocol: Literal["5", "3.1.1"] = "5"
 
     @field_validator("url")
     @classmethod

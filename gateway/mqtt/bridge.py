@@ -5,7 +5,9 @@ Every connect uses clean start off and a one-week session expiry, with the will 
 keeping the session (mosquitto 2.0.11 does not restore MQTT 5 sessions after a restart): after
 each connect the gateway re-publishes, in order, every event no receipt covers yet, straight
 from the outbox — the outbox is the only queue. The broker's PUBACK marks an event published;
-only a ``B/G/receipt`` from central marks it delivered.
+only a ``B/G/receipt`` from central marks it delivered. With ``[mqtt] protocol = "3.1.1"``
+(docs/mqtt-3.1.1.md) the session is clean session off instead (3.1.1 has no expiry interval),
+nothing carries properties, and answers go to ``B/G/response/<action>``.
 
 Per connection the bridge runs, in one TaskGroup: the receiver (requests, receipts, trust
 documents), the event drain (a capped window of QoS 1 publishes in seq order) and the heartbeat
@@ -25,12 +27,14 @@ import contextlib
 import errno
 import json
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Self, TypedDict
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -180,6 +184,9 @@ class MqttBridge:
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = config
+        #: MQTT 3.1.1 (docs/mqtt-3.1.1.md): no properties at all — answers go to
+        #: ``B/G/response/<action>`` with the request's ``transaction``.
+        self.v311 = config.protocol == "3.1.1"
         self.gw_id, self.site = gw_id, site
         base = config.base_topic
         self.t_availability = f"{base}/{gw_id}/availability"
@@ -237,11 +244,21 @@ class MqttBridge:
                 offline = self._client is client
         current = self._client
         if graceful and current is not None and not offline:
-            # Sent before the session is cancelled (nothing awaits in between): the broker acts
-            # on this DISCONNECT and closes, so the normal one from aiomqtt's exit never counts.
-            current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
-                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
-            )
+            if self.v311:
+                # MQTT 3.1.1 has no such reason code: any DISCONNECT discards the will. Ending
+                # the TCP stream without one is a lost connection to the broker, which then
+                # publishes the will (MQTT 3.1.1 §3.1.2.5).
+                sock = current._client.socket()  # noqa: SLF001 - paho's socket, no API for this
+                if isinstance(sock, socket.socket):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            else:
+                # Sent before the session is cancelled (nothing awaits in between): the broker
+                # acts on this DISCONNECT and closes, so the normal one from aiomqtt's exit
+                # never counts.
+                current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
+                    reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+                )
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait([task])
@@ -253,8 +270,10 @@ class MqttBridge:
 
     def _make_client(self) -> aiomqtt.Client:
         host, port = self.cfg.host_port
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props: Properties | None = None
+        if not self.v311:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
         password = None
         if self.cfg.password_file is not None:
             password = (
@@ -275,8 +294,11 @@ class MqttBridge:
             host,
             port,
             identifier=f"lockgw-{self.gw_id}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            # 3.1.1: clean session off is the persistent session (no expiry interval exists;
+            # the broker keeps it until a clean connect). 5: clean start off + session expiry.
+            protocol=aiomqtt.ProtocolVersion.V311 if self.v311 else aiomqtt.ProtocolVersion.V5,
+            clean_session=False if self.v311 else None,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY if self.v311 else False,
             properties=props,
             keepalive=KEEPALIVE_S,
             timeout=10,

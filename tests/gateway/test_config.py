@@ -48,6 +48,15 @@ def test_good_config_and_defaults(tmp_path: Path) -> None:
     assert c.gateway.id == "gw-sandviken-1" and c.mqtt is not None and c.mqtt.host_port == ("127.0.0.1", 1883)
     assert c.policy.max_token_ttl_s == 43200 and c.control.socket == Path("/run/lockgw/control.sock")
     assert c.trust.root_keys == [Path("/etc/lockgw/root-1.pub")]
+    assert c.mqtt.protocol == "5"
+
+
+def test_mqtt_protocol_311_from_file_and_environment(tmp_path: Path) -> None:
+    text = GOOD.replace('base_topic = "lockgw"', 'base_topic = "lockgw"\nprotocol = "3.1.1"')
+    c = load_config(write(tmp_path, text), env={})
+    assert c.mqtt is not None and c.mqtt.protocol == "3.1.1"
+    c = load_config(write(tmp_path, GOOD), env={"LOCKGW_MQTT__PROTOCOL": "3.1.1"})
+    assert c.mqtt is not None and c.mqtt.protocol == "3.1.1"
 
 
 def test_mqtt_section_may_be_absent(tmp_path: Path) -> None:
@@ -70,6 +79,8 @@ def test_mqtt_section_may_be_absent(tmp_path: Path) -> None:
         ),
         (('transport = "tcp-client:127.0.0.1:9100"', ""), "ble.transport"),
         (("[policy]", "[polcy]"), "polcy"),
+        (('base_topic = "lockgw"', 'base_topic = "lockgw"\nprotocol = "4"'), "mqtt.protocol"),
+        (('base_topic = "lockgw"', 'base_topic = "lockgw"\nprotocol = 5'), "mqtt.protocol"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, patch: tuple[str, str], needle: str) -> None:
