@@ -95,6 +95,13 @@ class BleConfig(_Section):
     transport: str | None = None
     adapter: Annotated[str, Field(pattern=r"^hci[0-9]{1,2}$")] = "hci0"
     max_connections: Annotated[int, Field(ge=1, le=16)] = 4
+    #: Connect on challenge: a challenge for a lock opens its link and session at once, held
+    #: this long for the unlock that follows (0: off). docs/architecture.md (LinkManager).
+    connect_on_challenge_s: Annotated[float, Field(ge=0, le=60)] = 10.0
+    #: After an unlock/lock, keep its link open this long for the next command (0: idle_s).
+    warm_s: Annotated[float, Field(ge=0, le=300)] = 0.0
+    #: A lock's connected time per hour past which it gets no held or warm link.
+    battery_budget_s_per_hour: Annotated[float, Field(ge=0, le=3600)] = 180.0
 
 
 class TrustConfig(_Section):

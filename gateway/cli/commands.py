@@ -248,7 +248,12 @@ async def dispatch(gw: Operations, cmd: str, args: JsonObject) -> JsonObject:
 
 
 async def _ping(gw: Operations, _args: NoArgs) -> ControlAnswer:
-    return ControlAnswer.done({"gw": gw.config.gateway.id, "pid": os.getpid(), "alarms": gw.alarms()})
+    # links: the link manager's counters and each lock's connected seconds in the last hour
+    # (connect on challenge, warm sessions, battery budget; docs/architecture.md).
+    links = gw.service.links.report()
+    return ControlAnswer.done(
+        {"gw": gw.config.gateway.id, "pid": os.getpid(), "alarms": gw.alarms(), "links": links}
+    )
 
 
 async def _locks(gw: Operations, _args: NoArgs) -> ControlAnswer:

@@ -164,7 +164,14 @@ class Gateway:
                 backend = host.client_backend()
                 self.scanner_backend = self.scanner_backend or host.scanner_backend()
             self.links = await stack.enter_async_context(
-                LinkManager(gw_id=gw.id, backend=backend, max_connections=cfg.ble.max_connections)
+                LinkManager(
+                    gw_id=gw.id,
+                    backend=backend,
+                    max_connections=cfg.ble.max_connections,
+                    hold_s=cfg.ble.connect_on_challenge_s,
+                    warm_s=cfg.ble.warm_s,
+                    budget_s_per_hour=cfg.ble.battery_budget_s_per_hour,
+                )
             )
             self.service = Service(
                 gw.id,

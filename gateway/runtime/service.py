@@ -388,9 +388,12 @@ class Service:
             self._doctor_last = (time.monotonic(), run.result())
 
     async def challenge(self, req: ChallengeRequest) -> Challenged:
-        """A fresh nonce for a proof of possession (CONTRACT §8.5)."""
+        """A fresh nonce for a proof of possession (CONTRACT §8.5); the lock's link is opened
+        meanwhile (connect on challenge, gateway/ble/links.py) unless the gateway is stopping."""
         record = self._record(req)
         nonce = self.authz.challenge(lock=record.lock, action=req.act)
+        if not self.stopping:
+            self.links.prepare(record)
         return {"nonce": _b64(nonce), "expires_in": int(CHALLENGE_TTL_S), "gw": self.gw_id}
 
     async def unlock(self, req: ActuateRequest, transaction: str | None = None) -> Actuated:

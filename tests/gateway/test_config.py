@@ -223,6 +223,19 @@ def test_F2_a_root_key_that_is_a_device_is_refused_without_reading_it(tmp_path: 
         load_checked(p, env={})
 
 
+def test_link_latency_keys_and_their_bounds(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, GOOD), env={})
+    assert (c.ble.connect_on_challenge_s, c.ble.warm_s, c.ble.battery_budget_s_per_hour) == (10.0, 0.0, 180.0)
+    extra = "max_connections = 4\nconnect_on_challenge_s = 5\nwarm_s = 2.5\nbattery_budget_s_per_hour = 60"
+    c = load_config(write(tmp_path, GOOD.replace("max_connections = 4", extra)), env={})
+    assert (c.ble.connect_on_challenge_s, c.ble.warm_s, c.ble.battery_budget_s_per_hour) == (5.0, 2.5, 60.0)
+    for bad in ("connect_on_challenge_s = -1", "connect_on_challenge_s = 61", "warm_s = 301", 'warm_s = "5"'):
+        with pytest.raises(ConfigError, match=r"ble\.(connect_on_challenge_s|warm_s)"):
+            load_config(
+                write(tmp_path, GOOD.replace("max_connections = 4", f"max_connections = 4\n{bad}")), env={}
+            )
+
+
 def test_F2_a_root_key_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     fifo = tmp_path / "root-1.pub"
     os.mkfifo(fifo)
