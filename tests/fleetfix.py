@@ -306,6 +306,7 @@ def receiver_config(
     batch_max: int = 200,
     amqp_queue: str = "lockgw.central",
     extra: str = "",
+    mqtt_extra: str = "",
 ) -> Path:
     """Write a receiver TOML file (docs/fleet.md) and return its path."""
     text = (
@@ -314,7 +315,7 @@ def receiver_config(
         f'replay_retry_s = {replay_retry_s}\n{extra}\n[postgres]\ndsn = "{dsn}"\n'
     )
     if mqtt_url is not None:
-        text += f'[mqtt]\nurl = "{mqtt_url}"\n'
+        text += f'[mqtt]\nurl = "{mqtt_url}"\n{mqtt_extra}\n'
     if amqp_url is not None:
         text += f'[amqp]\nurl = "{amqp_url}"\nqueue = "{amqp_queue}"\nprefetch = {max(batch_max, 500)}\n'
     path.write_text(text)

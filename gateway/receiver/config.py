@@ -98,11 +98,17 @@ class MqttConfig(_Section):
     share_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "receivers"
     username: str | None = None
     password_file: Path | None = None
+    #: For ``mqtts://``: the CA that signed the broker's certificate (else the system's CAs).
+    ca_file: Path | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _broker_url(v, ("mqtt", "mqtts"))
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
 
     @property
     def host_port(self) -> tuple[str, int]:

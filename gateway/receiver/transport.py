@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -108,9 +109,18 @@ class MqttTransport:
         # Unacked deliveries the broker may have in flight to us: acks wait for the commit, so
         # this (and mosquitto's max_inflight_messages, default 20) bounds a batch's size.
         props.ReceiveMaximum = self._receive_max
+        tls_context = None
+        if self._config.tls:
+            try:
+                tls_context = ssl.create_default_context(
+                    cafile=str(self._config.ca_file) if self._config.ca_file else None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportUnavailable(f"mqtt.ca_file: {exc}") from exc
         client = aiomqtt.Client(
             host,
             port,
+            tls_context=tls_context,
             identifier=f"lockgw-receiver-{self._instance}",
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,

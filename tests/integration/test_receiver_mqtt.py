@@ -458,3 +458,43 @@ async def test_receipts_not_reaching_the_gateway_raise_receipt_lag(central: Cent
             return g["receipt_seq"] == 5 and "receipt_lag" not in g["alerts"]
 
         await wait_until(cleared, what="receipt_lag cleared")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_mqtts_with_the_configured_ca_stores_and_receipts(tmp_path: Path, postgres: Postgres) -> None:
+    """``mqtts://`` is a TLS connection checked against ``[mqtt] ca_file`` (it used to be
+    accepted by the config and then spoken in plain text)."""
+    from test_mqtt_tls import make_ca, make_server
+
+    ca_key, ca, ca_path = make_ca(tmp_path, "central-ca")
+    (tmp_path / "tls").mkdir()
+    broker = Broker(tmp_path / "tls", tls=make_server(tmp_path, ca_key, ca))
+    broker.start()
+    try:
+        dsn = await new_database(postgres)
+        base = f"t{secrets.token_hex(4)}"
+        cfg = receiver_config(
+            tmp_path / "r.toml", dsn=dsn, instance=f"{base}-r", mqtt_url=broker.url, base=base,
+            mqtt_extra=f'ca_file = "{ca_path}"',
+        )  # fmt: skip
+        r = ReceiverProc(cfg, tmp_path / "r.log").start()
+        try:
+            r.wait_log("mqtt_connected")
+            events = chain("gw-tls", n=5)
+            tls = aiomqtt.TLSParameters(ca_certs=str(ca_path))
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, identifier=f"{base}-gw", protocol=aiomqtt.ProtocolVersion.V5,
+                tls_params=tls,
+            ) as gw:  # fmt: skip
+                await gw.subscribe(f"{base}/gw-tls/receipt", qos=1)
+                await publish(gw, base, events)
+                async with asyncio.timeout(60):
+                    async for m in gw.messages:
+                        if json.loads(m.payload)["seq"] == 5:
+                            break
+            rows = await pg_fetch(dsn, "SELECT seq FROM events WHERE gw = 'gw-tls' ORDER BY seq")
+            assert [row["seq"] for row in rows] == [1, 2, 3, 4, 5]
+        finally:
+            assert r.stop() == 0, r.output()[-3000:]
+    finally:
+        broker.stop()
