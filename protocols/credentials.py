@@ -56,7 +56,7 @@ __all__ = [
     "load_cbor_or_b64",
 ]
 
-ROLES: Final = frozenset({"staff", "emergency", "revocations", "time"})
+ROLES: Final = frozenset({"staff", "emergency", "revocations", "time", "firmware"})
 ACTIONS: Final = frozenset({"unlock", "lock", "status"})
 TOKEN_ROLES: Final = frozenset({"staff", "emergency"})
 #: Actions a token can authorise at the gateway; "status" in a token is reserved (CONTRACT §8.11).
@@ -583,6 +583,13 @@ class Authority:
         self.challenges = Challenges(secret=nonce_secret)
 
     # -- state ------------------------------------------------------------------------------
+
+    def firmware_keys(self, now: int) -> list[CoseKey]:
+        """Keys the installed keyring names with role ``firmware``, valid at ``now``
+        (docs/firmware.md; checked by :func:`protocols.firmware.verify_image`)."""
+        if self.keyring is None:
+            return []
+        return [e.key for e in self.keyring.keys.values() if "firmware" in e.roles and e.covers(now)]
 
     def trust_state(self, now: int) -> str:
         """``ok``, ``stale`` (past an exp, or a stored document no longer verifies) or ``none``."""

@@ -1,0 +1,132 @@
+"""protocols/firmware.py: MCUboot images parsed bounded, verified against firmware keys."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import pytest
+from fwfix import firmware_key, signed_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols.errors import FirmwareImageError
+from protocols.firmware import ImageVersion, check_upgrade, parse_image, verify_image
+
+ED = firmware_key("EdDSA")
+P256 = firmware_key("ES256")
+IMAGE = signed_image(ED, "1.2.3+4", security_counter=7)
+
+
+def test_parse_reads_what_imgtool_wrote():
+    info = parse_image(IMAGE)
+    assert info.version == ImageVersion(1, 2, 3, 4)
+    assert str(info.version) == "1.2.3.4"
+    assert info.security_counter == 7
+    assert info.size == len(IMAGE)
+    assert info.digest == hashlib.sha256(IMAGE[: info.hashed_len]).digest()
+
+
+@pytest.mark.parametrize("key", [ED, P256], ids=["ed25519", "p256"])
+def test_verify_accepts_the_signing_key(key):
+    image = signed_image(key, "2.0.0")
+    assert verify_image(image, [firmware_key().cose, key.cose]).version == ImageVersion(2, 0, 0)
+
+
+def test_wrong_key_is_refused():
+    with pytest.raises(FirmwareImageError) as err:
+        verify_image(IMAGE, [firmware_key().cose, P256.cose])
+    assert err.value.code == "bad_signature"
+
+
+def test_no_keys_is_refused():
+    with pytest.raises(FirmwareImageError) as err:
+        verify_image(IMAGE, [])
+    assert err.value.code == "no_firmware_key"
+
+
+def test_unsigned_is_refused():
+    with pytest.raises(FirmwareImageError) as err:
+        verify_image(signed_image(None), [ED.cose])
+    assert err.value.code == "unsigned"
+
+
+def test_a_flipped_body_byte_is_refused():
+    bad = bytearray(IMAGE)
+    bad[100] ^= 1
+    with pytest.raises(FirmwareImageError) as err:
+        verify_image(bytes(bad), [ED.cose])
+    assert err.value.code == "bad_hash"
+
+
+def test_a_flipped_signature_byte_is_refused():
+    bad = bytearray(IMAGE)
+    bad[-5] ^= 1  # the signature is the last TLV imgtool writes
+    with pytest.raises(FirmwareImageError) as err:
+        verify_image(bytes(bad), [ED.cose])
+    assert err.value.code == "bad_signature"
+
+
+def test_the_version_field_is_covered_by_the_signature():
+    bad = bytearray(IMAGE)
+    bad[20] = 9  # major version
+    with pytest.raises(FirmwareImageError) as err:
+        verify_image(bytes(bad), [ED.cose])
+    assert err.value.code == "bad_hash"
+
+
+def test_downgrade_and_counter_rollback_are_refused():
+    info = parse_image(IMAGE)
+    check_upgrade(info, running=ImageVersion(1, 2, 3), running_counter=7)
+    with pytest.raises(FirmwareImageError) as err:
+        check_upgrade(info, running=ImageVersion(1, 3, 0), running_counter=1)
+    assert err.value.code == "downgrade"
+    with pytest.raises(FirmwareImageError) as err:
+        check_upgrade(info, running=ImageVersion(1, 0, 0), running_counter=8)
+    assert err.value.code == "counter_rollback"
+    with pytest.raises(FirmwareImageError) as err:
+        check_upgrade(info, running=ImageVersion(1, 2, 3, 4), running_counter=0)
+    assert err.value.code == "downgrade"
+    check_upgrade(info, running=ImageVersion(1, 2, 3, 4), running_counter=0, allow_same=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("1.2.3", ImageVersion(1, 2, 3)),
+        ("1.2.3.4", ImageVersion(1, 2, 3, 4)),
+        ("0.0.1+9", ImageVersion(0, 0, 1, 9)),
+    ],
+)
+def test_version_text(text, version):
+    assert ImageVersion.parse(text) == version
+
+
+@pytest.mark.parametrize("text", ["", "1.2", "1.2.3.4.5", "256.0.0", "1.2.x", "１.2.3", "1.2.65536"])
+def test_bad_version_text(text):
+    with pytest.raises(FirmwareImageError):
+        ImageVersion.parse(text)
+
+
+def test_lengths_that_run_past_the_buffer_are_refused():
+    for cut in (0, 16, 31, 32, 100, len(IMAGE) - 1):
+        with pytest.raises(FirmwareImageError):
+            parse_image(IMAGE[:cut])
+    huge = bytearray(IMAGE)
+    struct.pack_into("<I", huge, 12, 0xFFFFFFFF)  # img_size
+    with pytest.raises(FirmwareImageError):
+        parse_image(bytes(huge))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_images_never_crash(data):
+    image = bytearray(IMAGE)
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(image) - 1))
+        image[pos] = data.draw(st.integers(0, 255))
+    try:
+        info = verify_image(bytes(image), [ED.cose])
+    except FirmwareImageError:
+        return
+    assert info.digest == parse_image(IMAGE).digest  # only changes outside the signed part pass
