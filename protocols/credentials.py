@@ -584,12 +584,12 @@ class Authority:
 
     # -- state ------------------------------------------------------------------------------
 
-    def firmware_keys(self, now: int) -> list[CoseKey]:
-        """Keys the installed keyring names with role ``firmware``, valid at ``now``
-        (docs/firmware.md; checked by :func:`protocols.firmware.verify_image`)."""
+    def firmware_keys(self, now: int) -> dict[bytes, CoseKey]:
+        """Keys (by kid) the installed keyring names with role ``firmware``, valid at ``now``
+        (docs/firmware.md; used by :mod:`protocols.firmware` for images and manifests)."""
         if self.keyring is None:
-            return []
-        return [e.key for e in self.keyring.keys.values() if "firmware" in e.roles and e.covers(now)]
+            return {}
+        return {k: e.key for k, e in self.keyring.keys.items() if "firmware" in e.roles and e.covers(now)}
 
     def trust_state(self, now: int) -> str:
         """``ok``, ``stale`` (past an exp, or a stored document no longer verifies) or ``none``."""

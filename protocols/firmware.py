@@ -30,16 +30,21 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from protocols.cose import ALG_EDDSA, CoseKey
-from protocols.errors import CredentialError, FirmwareImageError
+from protocols import cbor
+from protocols.cose import ALG_EDDSA, ContentType, CoseKey, parse_sign1
+from protocols.errors import CborError, CredentialError, FirmwareImageError, RemoteProtocolError
+from protocols.messages import validate_id
 
 __all__ = [
     "IMAGE_MAGIC",
     "MAX_IMAGE_BYTES",
     "ImageInfo",
     "ImageVersion",
+    "Manifest",
     "check_upgrade",
+    "encode_manifest_payload",
     "parse_image",
+    "parse_manifest",
     "verify_image",
 ]
 
@@ -228,3 +233,123 @@ def check_upgrade(
         )
     if info.version < running or (info.version == running and not allow_same):
         raise _bad(f"version {info.version} is not newer than the running {running}", code="downgrade")
+
+
+# --- rollout manifests -----------------------------------------------------------------------
+
+#: Locks one manifest may name (a site of the Herning kind has ~1000 units).
+MAX_MANIFEST_LOCKS: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A rollout plan from central (docs/firmware.md §Manifest), verified."""
+
+    rollout: str
+    site: str
+    version: ImageVersion
+    image_sha256: bytes  # of the whole image file
+    rings: tuple[tuple[str, ...], ...]
+    min_battery: int
+    quiet_hours: tuple[int, int] | None  # [start, end) hours UTC; None: any time
+    actuation_check: bool
+    nbf: int
+    exp: int
+
+    def in_quiet_hours(self, now: float) -> bool:
+        if self.quiet_hours is None:
+            return False
+        start, end = self.quiet_hours
+        hour = int(now // 3600) % 24
+        return start <= hour < end if start <= end else hour >= start or hour < end
+
+
+def _m(message: str) -> FirmwareImageError:
+    return FirmwareImageError(message, code="bad_manifest")
+
+
+def parse_manifest(raw: bytes, keys: dict[bytes, CoseKey], *, site: str, now: int) -> Manifest:  # noqa: C901, PLR0912, PLR0915 - one refusal per field
+    """Verify a manifest (COSE_Sign1 by a keyring key with role ``firmware``) and parse it.
+
+    Payload: ``{"rollout": id, "site": id, "version": "1.2.3", "sha256": bstr 32, "locks": [ids],
+    "canary": uint (default 1), "fraction": 0..100 (percent of the rest in ring 2, default 50),
+    "min_battery": 0..100 (default 30), "quiet_hours": [start, end] hours UTC (optional),
+    "actuation_check": bool (default false), "nbf": int, "exp": int}``.
+    """
+    try:
+        sign1 = parse_sign1(raw, ContentType.FIRMWARE_MANIFEST, code="bad_manifest")
+    except CredentialError as exc:
+        raise _m(str(exc)) from exc
+    assert sign1.kid is not None
+    key = keys.get(sign1.kid)
+    if key is None:
+        raise FirmwareImageError(f"manifest key {sign1.kid.hex()} has no firmware role", code="unknown_key")
+    try:
+        sign1.verify_with(key, code="bad_signature")
+        body = sign1.payload_map(code="bad_manifest")
+    except CredentialError as exc:
+        raise FirmwareImageError(str(exc), code=exc.code) from exc
+    known = {"rollout", "site", "version", "sha256", "locks", "canary", "fraction", "min_battery"}
+    known |= {"quiet_hours", "actuation_check", "nbf", "exp"}
+    if not set(body) <= known or not {"rollout", "site", "version", "sha256", "locks", "nbf", "exp"} <= set(
+        body
+    ):
+        raise _m(
+            f"manifest fields must be {sorted(known)} (rollout, site, version, sha256, locks, nbf, exp required)"
+        )
+    try:
+        rollout, msite = validate_id(body["rollout"], "rollout"), validate_id(body["site"], "site")
+        locks = body["locks"]
+        if not isinstance(locks, list) or not 1 <= len(locks) <= MAX_MANIFEST_LOCKS:
+            raise _m(f"locks must be a list of 1..{MAX_MANIFEST_LOCKS} lock ids")
+        ids = [validate_id(lock, "lock") for lock in locks]
+    except RemoteProtocolError as exc:
+        raise _m(str(exc)) from exc
+    if len(set(ids)) != len(ids):
+        raise _m("a lock is named twice")
+    if msite != site:
+        raise FirmwareImageError(f"manifest is for site {msite}, not {site}", code="wrong_site")
+    version = body["version"]
+    sha = body["sha256"]
+    if not isinstance(version, str) or not isinstance(sha, bytes) or len(sha) != 32:
+        raise _m("version must be text and sha256 32 bytes")
+    canary, fraction = _uint(body, "canary", 1, 0, len(ids)), _uint(body, "fraction", 50, 0, 100)
+    min_battery = _uint(body, "min_battery", 30, 0, 100)
+    nbf, exp = _uint(body, "nbf", 0, 0, 2**63 - 1), _uint(body, "exp", 0, 0, 2**63 - 1)
+    if not nbf <= now <= exp:
+        raise FirmwareImageError("manifest is not valid now (nbf..exp)", code="expired")
+    quiet = body.get("quiet_hours")
+    hours: tuple[int, int] | None = None
+    if quiet is not None:
+        if not (isinstance(quiet, list) and len(quiet) == 2 and all(_is_hour(h) for h in quiet)):
+            raise _m("quiet_hours must be [start, end] hours 0..23")
+        hours = (int(str(quiet[0])), int(str(quiet[1])))
+    check = body.get("actuation_check", False)
+    if not isinstance(check, bool):
+        raise _m("actuation_check must be a boolean")
+    rest = ids[canary:]
+    second = -(-len(rest) * fraction // 100)
+    rings = tuple(r for r in (tuple(ids[:canary]), tuple(rest[:second]), tuple(rest[second:])) if r)
+    return Manifest(
+        rollout, msite, ImageVersion.parse(version), sha, rings, min_battery, hours, check, nbf, exp
+    )
+
+
+def _is_hour(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 23
+
+
+def _uint(body: object, name: str, default: int, lo: int, hi: int) -> int:
+    assert isinstance(body, dict)
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _m(f"{name} must be an integer in {lo}..{hi}")
+    return value
+
+
+def encode_manifest_payload(fields: dict[str, cbor.CborValue]) -> bytes:
+    """The payload bytes a central signs (the reference issuer and tests)."""
+    try:
+        return cbor.dumps(fields)
+    except CborError as exc:
+        raise _m(str(exc)) from exc

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,17 @@ from imgtool import keys as imgkeys
 from imgtool.image import Image
 from imgtool.version import decode_version
 
-from protocols.cose import ALG_EDDSA, ALG_ES256, CoseKey, decode_key
+from protocols.cose import (
+    ALG_EDDSA,
+    ALG_ES256,
+    ContentType,
+    CoseKey,
+    PrivateCoseKey,
+    decode_key,
+    generate_private_key,
+    sign1,
+)
+from protocols.firmware import encode_manifest_payload, parse_image
 
 
 @dataclass
@@ -64,3 +76,27 @@ def signed_image(
             img.create(key.imgtool_key if key is not None else None, "hash", None)
         img.save(os.fspath(out))
         return out.read_bytes()
+
+
+def manifest_key(kid: bytes = b"fw-manifest-1") -> PrivateCoseKey:
+    return generate_private_key(ALG_EDDSA, kid, os.urandom)
+
+
+def signed_manifest(
+    key: PrivateCoseKey, image: bytes, locks: list[str] | None = None, **fields: Any
+) -> bytes:
+    """A rollout manifest as central would sign it (docs/firmware.md §Manifest)."""
+    info = parse_image(image)
+    now = int(time.time())
+    payload: dict[str, Any] = {
+        "rollout": "ro-1",
+        "site": "site-test",
+        "version": str(info.version),
+        "sha256": hashlib.sha256(image).digest(),
+        "locks": locks,
+        "nbf": now - 60,
+        "exp": now + 86400,
+        **fields,
+    }
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return sign1(encode_manifest_payload(payload), key, ContentType.FIRMWARE_MANIFEST, kid=key.public.kid)

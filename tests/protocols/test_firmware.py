@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 
 import pytest
-from fwfix import firmware_key, signed_image
+from fwfix import firmware_key, manifest_key, signed_image, signed_manifest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.errors import FirmwareImageError
-from protocols.firmware import ImageVersion, check_upgrade, parse_image, verify_image
+from protocols.firmware import ImageVersion, check_upgrade, parse_image, parse_manifest, verify_image
 
 ED = firmware_key("EdDSA")
 P256 = firmware_key("ES256")
@@ -130,3 +131,65 @@ def test_mutated_images_never_crash(data):
     except FirmwareImageError:
         return
     assert info.digest == parse_image(IMAGE).digest  # only changes outside the signed part pass
+
+
+# --- manifests -------------------------------------------------------------------------------
+
+MKEY = manifest_key()
+LOCKS = [f"lk-{i}" for i in range(10)]
+
+
+def keys():
+    return {MKEY.public.kid: MKEY.public}
+
+
+def test_manifest_rings_canary_fraction_rest():
+    m = parse_manifest(
+        signed_manifest(MKEY, IMAGE, LOCKS, fraction=30), keys(), site="site-test", now=int(time.time())
+    )
+    assert m.rings == (("lk-0",), ("lk-1", "lk-2", "lk-3"), tuple(LOCKS[4:]))
+    assert m.version == ImageVersion(1, 2, 3, 4) and m.image_sha256 == hashlib.sha256(IMAGE).digest()
+    assert m.min_battery == 30 and m.quiet_hours is None and not m.actuation_check
+
+
+def test_manifest_quiet_hours_wrap_midnight():
+    m = parse_manifest(
+        signed_manifest(MKEY, IMAGE, LOCKS, quiet_hours=[22, 6]),
+        keys(),
+        site="site-test",
+        now=int(time.time()),
+    )
+    assert m.in_quiet_hours(23 * 3600) and m.in_quiet_hours(5 * 3600) and not m.in_quiet_hours(12 * 3600)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"site": "other-site"}, "wrong_site"),
+        ({"exp": 10}, "expired"),
+        ({"locks": []}, "bad_manifest"),
+        ({"locks": ["lk-1", "lk-1"]}, "bad_manifest"),
+        ({"locks": ["BAD ID"]}, "bad_manifest"),
+        ({"fraction": 101}, "bad_manifest"),
+        ({"quiet_hours": [1, 24]}, "bad_manifest"),
+        ({"extra": 1}, "bad_manifest"),
+        ({"actuation_check": 1}, "bad_manifest"),
+        ({"version": "x"}, "bad_version"),
+    ],
+)
+def test_bad_manifests_are_refused(fields, code):
+    fields = {"locks": LOCKS, **fields}
+    with pytest.raises(FirmwareImageError) as err:
+        parse_manifest(signed_manifest(MKEY, IMAGE, **fields), keys(), site="site-test", now=int(time.time()))
+    assert err.value.code == code
+
+
+def test_manifest_by_a_key_without_the_firmware_role_is_refused():
+    other = manifest_key(b"other-kid")
+    with pytest.raises(FirmwareImageError) as err:
+        parse_manifest(signed_manifest(other, IMAGE, LOCKS), keys(), site="site-test", now=int(time.time()))
+    assert err.value.code == "unknown_key"
+    forged = manifest_key(MKEY.public.kid)  # same kid, another key
+    with pytest.raises(FirmwareImageError) as err:
+        parse_manifest(signed_manifest(forged, IMAGE, LOCKS), keys(), site="site-test", now=int(time.time()))
+    assert err.value.code == "bad_signature"
