@@ -40,6 +40,7 @@ from bleak.backends.client import BaseBleakClient
 from gateway.backoff import backoff_for, should_retry
 from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
+from gateway.ble.smp_transport import SmpLink
 from gateway.errors import BleError, LockUnreachable
 from gateway.tasks import cancelling_until_done
 from protocols.limits import COMMAND_ID_LEN
@@ -68,6 +69,7 @@ class Priority(enum.IntEnum):
     ACCESS = 0  # unlock / lock requests from people at the door
     INTERACTIVE = 1  # status, pairing, technician commands
     HOUSEKEEPING = 2  # log fetches, periodic status refreshes
+    FIRMWARE = 3  # firmware upload chunks: only while nobody else waits (docs/firmware.md)
 
 
 class _Slots:
@@ -109,6 +111,7 @@ class _OpenLink:
     client: LockClient
     last_used: float
     busy: bool = False
+    smp: SmpLink | None = None  # SMP on this link, once a firmware request used it
 
 
 @dataclass
@@ -270,6 +273,52 @@ class LinkManager:
         finally:
             link.busy = False
             link.last_used = time.monotonic()
+
+    async def smp(self, record: LockRecord, request: Any, *, timeout_s: float = 10.0) -> Any:
+        """One SMP request (an upload chunk, a state read, a reset) at the lowest priority.
+
+        It takes the lock's gate and a connection slot only when no one of higher priority
+        waits, one request at a time: an unlock queued meanwhile runs right after the request in
+        flight (within one chunk), and a slot someone waits for is handed over after it. One
+        attempt: the rollout resumes from the lock's offset (docs/firmware.md)."""
+        gate = self._per_lock.setdefault(record.lock, _Slots(1))
+        await gate.acquire(Priority.FIRMWARE)
+        try:
+            link = await self._link(record, Priority.FIRMWARE)
+            link.busy = True
+            try:
+                if link.smp is None:
+                    link.smp = SmpLink(link.client)
+                answer = await link.smp.request(request, timeout_s=timeout_s)
+            except (BleError, asyncio.CancelledError):
+                await self._close(record.lock)
+                raise
+            finally:
+                link.busy = False
+                link.last_used = time.monotonic()
+            if self._slots.waiting:
+                await self._close(record.lock)
+            return answer
+        finally:
+            gate.release()
+
+    def link_open(self, record: LockRecord) -> bool:
+        link = self._links.get(record.lock)
+        return link is not None and link.client.is_connected
+
+    async def drop(self, record: LockRecord) -> None:
+        """Close the lock's link (after a firmware reset: never reuse a link from before)."""
+        gate = self._per_lock.setdefault(record.lock, _Slots(1))
+        await gate.acquire(Priority.ACCESS)
+        try:
+            await self._close(record.lock)
+        finally:
+            gate.release()
+
+    def smp_link(self, record: LockRecord) -> SmpLink | None:
+        """The SMP state of the lock's open link (its buffer size once known), if any."""
+        link = self._links.get(record.lock)
+        return link.smp if link is not None and link.client.is_connected else None
 
     async def pair(self, address: str, setup_code: str) -> PairingCompleted:
         """Pair with a lock in pairing mode (one attempt: a wrong code must not be retried)."""

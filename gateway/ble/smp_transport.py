@@ -16,18 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Final
+import time
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
 from smp import header as smphdr
+from smpclient import SMPClient
+from smpclient.exceptions import SMPClientException
 from smpclient.transport import SMP_CHARACTERISTIC_UUID, SMPTransport, SMPTransportDisconnected
 
-from gateway.errors import LockMisbehaved
+from gateway.ble.lock_client import LockClient
+from gateway.errors import LinkLost, LinkTimeout, LockMisbehaved
 from protocols.limits import ATT_OVERHEAD, MAX_ATT_MTU, MIN_ATT_MTU
+from protocols.messages import Op, Status, parse_smp_open
 
-__all__ = ["MAX_SMP_RESPONSE", "LinkSmpTransport"]
+__all__ = ["MAX_SMP_RESPONSE", "LinkSmpTransport", "SmpLink"]
+
+_T = TypeVar("_T")
 
 #: Largest SMP answer accepted: an image state list is < 300 bytes; 4 KiB is generous.
 MAX_SMP_RESPONSE: Final = 4096
@@ -103,3 +111,57 @@ class LinkSmpTransport(SMPTransport):
             self._buffer.clear()
             self._error = LockMisbehaved("SMP answer exceeds the bound", code="lock_error")
         self._changed.set()
+
+
+#: How long one SMP_OPEN asks the lock to keep SMP open; renewed when less than half is left.
+SMP_WINDOW_S: Final = 120
+
+
+class SmpLink:
+    """SMP on an established lock link: opens the lock's SMP window (``SMP_OPEN``, renewed
+    before it ends), then runs smpclient requests; smpclient's and bleak's errors are mapped here
+    to :mod:`gateway.errors` (LinkLost, LinkTimeout, LockMisbehaved)."""
+
+    def __init__(self, client: LockClient) -> None:
+        self._client = client
+        self._transport: LinkSmpTransport | None = None
+        self._smp: SMPClient | None = None
+        self._until = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self._transport is not None
+
+    @property
+    def buf_size(self) -> int:
+        """The largest SMP request the lock takes (its MCUmgr ``buf_size``, else the MTU)."""
+        assert self._transport is not None
+        return self._transport.max_unencoded_size
+
+    async def _open(self, timeout_s: float) -> SMPClient:
+        now = time.monotonic()
+        if now > self._until - SMP_WINDOW_S / 2:
+            answer = await self._client.request(Op.SMP_OPEN, {"secs": SMP_WINDOW_S})
+            if answer.status is not Status.OK:
+                raise LockMisbehaved(f"lock refused SMP_OPEN: {answer.status.name}", code="smp_refused")
+            self._until = now + parse_smp_open(answer.result)
+        if self._smp is None:
+            transport = LinkSmpTransport(self._client.bleak_client)
+            smp = SMPClient(transport, self._client.lock_id or "lock", timeout_s=timeout_s)
+            await self._call(smp.connect(), "SMP connect")
+            self._transport, self._smp = transport, smp
+        return self._smp
+
+    async def request(self, request: Any, *, timeout_s: float = 10.0) -> Any:
+        smp = await self._open(timeout_s)
+        return await self._call(smp.request(request, timeout_s=timeout_s), type(request).__name__)
+
+    async def _call(self, awaitable: Awaitable[_T], what: str) -> _T:
+        try:
+            return await awaitable
+        except SMPTransportDisconnected as exc:
+            raise LinkLost(f"{what}: {exc}") from exc
+        except TimeoutError as exc:
+            raise LinkTimeout(f"{what}: the lock did not answer") from exc
+        except (SMPClientException, ValueError) as exc:
+            raise LockMisbehaved(f"{what}: {exc}", code="lock_error") from exc
