@@ -35,6 +35,7 @@ __all__ = [
     "ChallengeRequest",
     "ControlLine",
     "EmptyRequest",
+    "FirmwareApplyRequest",
     "LockRequest",
     "Receipt",
     "ReplayRequest",
@@ -183,6 +184,15 @@ class ActuateRequest(LockRequest):
     keyring: B64 | None = None
     revocations: B64 | None = None
     time: B64 | None = None
+
+
+class FirmwareApplyRequest(BaseModel):
+    """``firmware_apply``: a signed rollout manifest and the MCUboot image it names
+    (docs/firmware.md; both in one request, so the image is at most ~45 KiB here)."""
+
+    model_config = _Strict
+    manifest: B64
+    image: B64
 
 
 class ReplayRequest(BaseModel):

@@ -101,7 +101,7 @@ class Rollouts:
         emit: Emit,
         clock: Callable[[], float] = time.time,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
-        on_firmware: Callable[[str, str], None] | None = None,
+        on_firmware: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._links = links
@@ -304,7 +304,7 @@ class Rollouts:
                 await self._confirm(record)
                 await self._store.confirmed(row.lock, str(m.version), c.security_counter)
                 if self._on_firmware is not None:
-                    self._on_firmware(row.lock, str(m.version))
+                    await self._on_firmware(row.lock, str(m.version))
                 return await self._finish(m, row.lock, "confirmed", "")
             await self._revert(record)
             return await self._finish(m, row.lock, "reverted", reason)

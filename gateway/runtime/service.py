@@ -42,12 +42,14 @@ from gateway.authz.authorizer import Authorizer, InstallOutcome
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord, Registry
 from gateway.errors import BleError, LockgwError, OutboxError
+from gateway.firmware.rollout import FirmwareRefused, Rollouts
 from gateway.store.outbox import Outbox
 from gateway.wire import (
     MAX_REQUEST_BYTES,
     ActuateRequest,
     ChallengeRequest,
     EmptyRequest,
+    FirmwareApplyRequest,
     LockRequest,
     ReplayRequest,
     WireError,
@@ -88,7 +90,9 @@ STATUS_FRESH_S: Final = 2.0
 #: (CONTRACT §8.14: refused work is ``busy``, never silence). Half the MQTT bridge's budget for
 #: such requests, so one lock alone never fills it.
 STATUS_WAITERS_MAX: Final = 16
-ACTIONS: Final = frozenset({"challenge", "unlock", "lock", "status", "locks", "replay"})
+ACTIONS: Final = frozenset(
+    {"challenge", "unlock", "lock", "status", "locks", "replay", "firmware_apply", "firmware_status"}
+)
 _LOG_EVENT: Final = {
     LogKind.UNLOCKED: "lock.unlocked",
     LogKind.LOCKED: "lock.locked",
@@ -209,6 +213,8 @@ class Service:
     on_lock_state: Callable[[LockView], None] = lambda _v: None
     on_info_changed: Callable[[], None] = lambda: None
     replay_sink: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    #: Firmware rollouts (docs/firmware.md); set by the runtime once the service exists.
+    firmware: Rollouts | None = None
     views: dict[str, LockView] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
@@ -516,6 +522,34 @@ class Service:
         """Every paired lock's last known state (copies), in the registry's order; no round trip."""
         return [dataclasses.replace(self._view(r)) for r in self.registry.all()]
 
+    async def firmware_apply(self, req: FirmwareApplyRequest) -> dict[str, Any]:
+        """Check and start a rollout (docs/firmware.md): refusals need no radio work."""
+        rollouts = self._rollouts()
+        try:
+            manifest, image = _unb64(req.manifest), _unb64(req.image)
+        except ValueError as exc:
+            raise RequestError("manifest and image must be base64url", code="invalid_request") from exc
+        try:
+            return await rollouts.apply(manifest, image)
+        except FirmwareRefused as exc:
+            raise RequestError(str(exc), code="firmware_refused") from exc
+
+    async def firmware_status(self) -> dict[str, Any]:
+        return {"rollouts": await self._rollouts().status()}
+
+    async def firmware_changed(self, lock: str, _version: str) -> None:
+        """A lock confirmed a new image: its state (``firmware`` as the lock reports it) is
+        asked again at once, so the retained lock state follows."""
+        record = self.registry.get(lock)
+        if record is not None:
+            with contextlib.suppress(BleError):
+                await self.refresh(record, priority=Priority.HOUSEKEEPING)
+
+    def _rollouts(self) -> Rollouts:
+        if self.firmware is None:
+            raise RequestError("firmware updates are not available on this gateway", code="unavailable")
+        return self.firmware
+
     def paired(self) -> list[LockRecord]:
         """The locks paired with this gateway."""
         return self.registry.all()
@@ -757,6 +791,8 @@ class Service:
         "status": _Route(LockRequest, lambda svc, req, _tx: svc.status(req), LockView.as_json),
         "locks": _Route(EmptyRequest, lambda svc, _req, _tx: svc.locks(), _locks_json),
         "replay": _Route(ReplayRequest, lambda svc, req, _tx: svc.replay(req), _count_json),
+        "firmware_apply": _Route(FirmwareApplyRequest, lambda svc, req, _tx: svc.firmware_apply(req), dict),
+        "firmware_status": _Route(EmptyRequest, lambda svc, _req, _tx: svc.firmware_status(), dict),
     }
 
 
