@@ -184,3 +184,42 @@ async def test_unlocks_during_an_upload_are_served_first(site: Site) -> None:
     await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
     [status] = await site.rollouts.status()
     assert status["locks"][0]["state"] == "confirmed"
+
+
+async def test_a_stopped_gateway_resumes_the_upload_from_the_locks_offset(site: Site) -> None:
+    """The runner is torn down mid-upload (as a kill leaves it: the last persisted step), and a
+    new one over the same store resumes; the lock answers its offset, so nothing is sent twice."""
+    lock_id = site.ids()[0]
+    smp = site.smp[lock_id]
+    await site.radio.apply_fault(lock_id, "fw_flash_delay", 0.02)
+    image = signed_image(KEY, "1.1.0", security_counter=2, size=20000)
+    await site.rollouts.apply(signed_manifest(MKEY, image, [lock_id]), image)
+    async with asyncio.timeout(60):
+        while site.rollouts.progress.get(("ro-1", lock_id), 0) < 40:  # noqa: ASYNC110 - polling the runner's view
+            await asyncio.sleep(0.01)
+    await site.rollouts.__aexit__(None, None, None)  # gone, whatever it was doing
+    [before] = await site.store.locks("ro-1")
+    assert before.state == "uploading" and 0 < before.offset < len(image)
+    reached = smp.server.upload.off
+    sent_before = smp.server.handled["upload"]
+
+    async def emit(type_: str, **fields: Any) -> None:
+        site.events.append({"type": type_, **fields})
+
+    async with Rollouts(
+        site.store,
+        site.links,
+        site="site-test",
+        lookup=site.records.get,
+        keys=keys,
+        emit=emit,
+        health_timeout_s=30,
+    ) as again:
+        assert await again.resume() == ["ro-1"]
+        await asyncio.wait_for(again.wait("ro-1"), 120)
+        [status] = await again.status()
+    assert status["state"] == "done" and status["locks"][0]["state"] == "confirmed"
+    chunks_after = smp.server.handled["upload"] - sent_before
+    chunk = 1024 - 40
+    assert chunks_after <= (len(image) - reached) // chunk + 3  # the rest only, from the lock's offset
+    assert smp.boot.primary.version.minor == 1

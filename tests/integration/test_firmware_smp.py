@@ -9,6 +9,7 @@ import pytest
 from airfix import Air
 from fwfix import firmware_key, signed_image
 from smpclient import SMPClient
+from smpclient.exceptions import SMPUploadError
 from smpclient.generics import success
 from smpclient.requests.image_management import ImageStatesRead, ImageStatesWrite
 from smpclient.requests.os_management import ResetWrite
@@ -121,3 +122,46 @@ async def test_link_drop_mid_upload_resumes_from_the_locks_offset(air: Air) -> N
     full = smp.server.handled["upload"] - upload_requests
     assert smp.boot.secondary == image
     assert full < len(offsets) + 2
+
+
+@pytest.mark.parametrize(
+    ("case", "outcome"),
+    [
+        ("wrong-key", "refused"),
+        ("unsigned", "refused"),
+        ("lower-counter", "refused"),
+        ("downgrade", "upgrade-refused"),
+    ],
+)
+async def test_the_bootloader_refuses_what_gets_past_the_gateway(air: Air, case: str, outcome: str) -> None:
+    """smpclient straight to the lock, no gateway checks: the simulated MCUboot (imgtool's
+    verifier, a security counter that only rises) and img_mgmt's upgrade rule still refuse."""
+    sim = air.locks[0]
+    smp = air.radio.enable_firmware(sim.model.lock_id, imgtool_verifier([KEY.imgtool_key]))
+    smp.boot.security_counter = 3
+    image = {
+        "wrong-key": signed_image(firmware_key(), "1.1.0", security_counter=5),
+        "unsigned": signed_image(None, "1.1.0"),
+        "lower-counter": signed_image(KEY, "1.1.0", security_counter=2),
+        "downgrade": signed_image(KEY, "0.9.0", security_counter=5),
+    }[case]
+    ltk = await paired(air, sim)
+    async with LockClient(str(sim.address), gw_id=GW, backend=air.host.client_backend()) as client:
+        await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
+        await client.request(Op.SMP_OPEN, {"secs": 60})
+        smpc = SMPClient(LinkSmpTransport(client.bleak_client), str(sim.address), timeout_s=5.0)
+        await smpc.connect()
+        if outcome == "upgrade-refused":
+            with pytest.raises(SMPUploadError):
+                async for _ in smpc.upload(image, upgrade=True):
+                    pass
+            assert smp.boot.secondary == b""
+            return
+        [_ async for _ in smpc.upload(image)]
+        states = await smpc.request(ImageStatesRead())
+        assert success(await smpc.request(ImageStatesWrite(hash=states.images[1].hash)))
+        await smpc.request(ResetWrite())
+    await wait_for(lambda: smp.boots, "the lock rebooted")
+    assert smp.boots[-1].kind == "refused"
+    assert str(smp.boot.primary.version) == "1.0.0" and smp.boot.security_counter == 3
+    assert sim.model.firmware == "sim-1.0.0"
