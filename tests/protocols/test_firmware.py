@@ -193,3 +193,35 @@ def test_manifest_by_a_key_without_the_firmware_role_is_refused():
     with pytest.raises(FirmwareImageError) as err:
         parse_manifest(signed_manifest(forged, IMAGE, LOCKS), keys(), site="site-test", now=int(time.time()))
     assert err.value.code == "bad_signature"
+
+
+# --- the keyring role ------------------------------------------------------------------------
+
+
+def test_firmware_keys_are_the_keyring_keys_with_the_role_valid_now():
+    from credfix import T0, World
+
+    from protocols import issuer
+    from protocols.cose import ALG_EDDSA, generate_private_key
+    from protocols.credentials import TOKEN_ROLES
+
+    w = World()
+    fw = generate_private_key(ALG_EDDSA, b"fw-1", w.rng)
+    old = generate_private_key(ALG_EDDSA, b"fw-old", w.rng)
+    ring = issuer.keyring(
+        w.root,
+        site="site-a",
+        version=1,
+        iat=T0 - 86400,
+        exp=T0 + 86400,
+        entries=[
+            issuer.KeyringEntry(w.issuer_a.public, T0 - 86400, T0 + 86400, ["staff"]),
+            issuer.KeyringEntry(fw.public, T0 - 86400, T0 + 86400, ["firmware"]),
+            issuer.KeyringEntry(old.public, T0 - 10 * 86400, T0 - 5 * 86400, ["firmware"]),
+        ],
+    )
+    auth = w.authority(install=False)
+    assert auth.firmware_keys(T0) == {}  # no keyring: no key; root keys never stand in
+    auth.install(ring, wall=T0, synced=True)
+    assert auth.firmware_keys(T0) == {b"fw-1": fw.public}
+    assert "firmware" not in TOKEN_ROLES

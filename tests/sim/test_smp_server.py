@@ -7,6 +7,8 @@ import hashlib
 
 import pytest
 from fwfix import firmware_key, signed_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from smp import error as smperr
 from smp import image_management as img
 from smp import os_management as osm
@@ -205,3 +207,25 @@ def test_reassembly_by_header_length():
 def test_verifier_errors_are_firmware_errors():
     with pytest.raises(FirmwareImageError):
         server().boot.verifier(b"junk")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_hostile_requests_never_crash_the_server(data):
+    srv = server()
+    header = data.draw(
+        st.sampled_from(
+            [
+                bytes(img.ImageUploadWriteRequest(off=0, data=b"x", len=1)),
+                bytes(img.ImageStatesWriteRequest(hash=b"h")),
+                bytes(osm.ResetWriteRequest()),
+            ]
+        )
+    )[:8]
+    body = data.draw(st.binary(max_size=64))
+    frame = bytearray(header + body)
+    frame[2:4] = len(body).to_bytes(2, "big")
+    if data.draw(st.booleans()):
+        frame[data.draw(st.integers(0, 7))] = data.draw(st.integers(0, 255))
+    reply = srv.handle(bytes(frame))
+    assert isinstance(reply.data, bytes)
