@@ -160,7 +160,7 @@ class Rollouts:
         try:
             checked = self.check(manifest_raw, image, known)
         except FirmwareRefused as exc:
-            await self._emit("firmware.refused", lock=None, reason=exc.code, detail=str(exc))
+            await self._event("firmware.refused", None, exc.code, detail=str(exc))
             raise
         m = checked.manifest
         unknown = [lock for ring in m.rings for lock in ring if self._lookup(lock) is None]
@@ -168,14 +168,15 @@ class Rollouts:
             refusal = FirmwareRefused(
                 f"locks not paired with this gateway: {', '.join(unknown[:5])}", code="unknown_lock"
             )
-            await self._emit("firmware.refused", lock=None, reason=refusal.code, detail=str(refusal))
+            await self._event("firmware.refused", None, refusal.code, detail=str(refusal))
             raise refusal
         locks = [(lock, i) for i, ring in enumerate(m.rings) for lock in ring]
         if not await self._store.add_rollout(m.rollout, manifest_raw, image, str(m.version), locks):
             raise FirmwareRefused(f"rollout {m.rollout} exists already", code="duplicate_rollout")
-        await self._emit(
+        await self._event(
             "firmware.staged",
-            lock=None,
+            None,
+            None,
             rollout=m.rollout,
             version=str(m.version),
             rings=[list(r) for r in m.rings],
@@ -258,10 +259,10 @@ class Rollouts:
                         )
                 reason = f"ring {ring} failed on {', '.join(failed)}"
                 await self._store.set_rollout(rollout, "halted", reason)
-                await self._emit("firmware.halted", lock=None, rollout=rollout, ring=ring, reason=reason)
+                await self._event("firmware.halted", None, reason, rollout=rollout, ring=ring)
                 return
         await self._store.set_rollout(rollout, "done")
-        await self._emit("firmware.done", lock=None, rollout=rollout, version=row.version)
+        await self._event("firmware.done", None, None, rollout=rollout, version=row.version)
 
     async def _one(self, c: Checked, image: bytes, row: LockRow, known: dict[str, tuple[str, int]]) -> str:  # noqa: C901 - the state machine, one branch per persisted state
         m = c.manifest
@@ -297,7 +298,9 @@ class Rollouts:
             if row.state == "uploaded":
                 await self._mark_and_reset(record, c.image_digest)
                 await self._store.set_lock(m.rollout, row.lock, state="testing")
-                await self._emit("firmware.testing", lock=row.lock, rollout=m.rollout, version=str(m.version))
+                await self._event(
+                    "firmware.testing", row.lock, None, rollout=m.rollout, version=str(m.version)
+                )
                 row = _with(row, "testing")
             reason = await self._health(m, record, c, may_reset=resumed_testing)
             if reason is None:
@@ -313,11 +316,14 @@ class Rollouts:
 
     async def _finish(self, m: Manifest, lock: str, state: str, reason: str) -> str:
         await self._store.set_lock(m.rollout, lock, state=state, reason=reason)
-        fields: dict[str, Any] = {"lock": lock, "rollout": m.rollout, "version": str(m.version)}
-        if reason:
-            fields["reason"] = reason
-        await self._emit(f"firmware.{state}", **fields)
+        await self._event(
+            f"firmware.{state}", lock, reason or None, rollout=m.rollout, version=str(m.version)
+        )
         return state
+
+    async def _event(self, type_: str, lock: str | None, reason: str | None, **data: Any) -> None:
+        """A ``firmware.*`` event (CONTRACT §5 shape: ``lock``, ``reason``, the rest in ``data``)."""
+        await self._emit(type_, lock=lock, reason=reason, data=data)
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -383,8 +389,8 @@ class Rollouts:
             if pct // 25 != reported // 25 or off == len(image):
                 reported = pct
                 await self._store.set_lock(m.rollout, record.lock, offset=off)
-                await self._emit(
-                    "firmware.uploading", lock=record.lock, rollout=m.rollout, progress=pct, offset=off
+                await self._event(
+                    "firmware.uploading", record.lock, None, rollout=m.rollout, progress=pct, offset=off
                 )
             if off >= len(image):
                 if answer.match is False:

@@ -68,7 +68,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
             events: list[dict[str, Any]] = []
 
             async def emit(type_: str, **fields: Any) -> None:
-                events.append({"type": type_, **fields})
+                events.append({"type": type_, **fields, **fields["data"]})
 
             async with (
                 FirmwareStore(tmp_path / "firmware.sqlite") as store,
@@ -204,7 +204,7 @@ async def test_a_stopped_gateway_resumes_the_upload_from_the_locks_offset(site: 
     sent_before = smp.server.handled["upload"]
 
     async def emit(type_: str, **fields: Any) -> None:
-        site.events.append({"type": type_, **fields})
+        site.events.append({"type": type_, **fields, **fields["data"]})
 
     async with Rollouts(
         site.store,
