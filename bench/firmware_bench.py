@@ -32,7 +32,7 @@ from gateway.ble.bumble_backend import BumbleHost
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
-from gateway.firmware.rollout import _chunk
+from gateway.firmware.rollout import chunk_request
 from protocols.messages import Op
 
 
@@ -42,8 +42,9 @@ async def upload(links: LinkManager, record: LockRecord, image: bytes) -> float:
     while off < len(image):
         smp = links.smp_link(record)
         buf = smp.buf_size if smp is not None and smp.ready else 256
-        answer = await links.smp(record, _chunk(image, off, sha, buf))
-        assert isinstance(answer, smpimg.ImageUploadWriteResponse) and answer.off is not None, answer
+        answer = await links.smp(record, chunk_request(image, off, sha, buf))
+        assert isinstance(answer, smpimg.ImageUploadWriteResponse), answer
+        assert answer.off is not None, answer
         off = answer.off
     return time.perf_counter() - t0
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from imgtool import keys as imgkeys
 from imgtool.image import Image
@@ -100,3 +101,11 @@ def signed_manifest(
     }
     payload = {k: v for k, v in payload.items() if v is not None}
     return sign1(encode_manifest_payload(payload), key, ContentType.FIRMWARE_MANIFEST, kid=key.public.kid)
+
+
+def shared_firmware_key(kid: bytes = b"fw-1") -> tuple[FirmwareKey, PrivateCoseKey]:
+    """One Ed25519 key as both tools need it: a COSE key (keyring entry with role firmware,
+    manifest signer) and an imgtool key (image signer, and the simulated bootloader's key)."""
+    cose = generate_private_key(ALG_EDDSA, kid, os.urandom)
+    img = imgkeys.Ed25519(Ed25519PrivateKey.from_private_bytes(cose.d))
+    return FirmwareKey(img, cose.public), cose

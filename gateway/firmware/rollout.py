@@ -47,7 +47,7 @@ from protocols.errors import FirmwareImageError
 from protocols.firmware import ImageInfo, ImageVersion, Manifest, check_upgrade, parse_manifest, verify_image
 from protocols.messages import LockState, Op, Status, parse_status
 
-__all__ = ["FirmwareRefused", "Rollouts"]
+__all__ = ["FirmwareRefused", "Rollouts", "chunk_request"]
 
 log = logging.getLogger("lockgw.firmware")
 
@@ -371,7 +371,7 @@ class Rollouts:
         while True:
             try:
                 buf = await self._buf_size(record)
-                request = _chunk(image, off, sha, buf)
+                request = chunk_request(image, off, sha, buf)
                 answer = await self._links.smp(record, request)
             except BleError as exc:
                 failures += 1
@@ -474,7 +474,7 @@ class Rollouts:
                 return
 
 
-def _chunk(image: bytes, off: int, sha: bytes, buf_size: int) -> ImageUploadWrite:
+def chunk_request(image: bytes, off: int, sha: bytes, buf_size: int) -> ImageUploadWrite:
     """The largest upload request that fits the lock's SMP buffer."""
     first: dict[str, Any] = {"len": len(image), "sha": sha} if off == 0 else {}
     empty = ImageUploadWrite(off=off, data=b"", **first)

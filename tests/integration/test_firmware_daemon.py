@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 from clifix import make_field, start_daemon
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fwfix import FirmwareKey, signed_image, signed_manifest
-from imgtool import keys as imgkeys
+from fwfix import FirmwareKey, shared_firmware_key, signed_image, signed_manifest
 
 from protocols import issuer
-from protocols.cose import ALG_EDDSA, generate_private_key
+from protocols.cose import PrivateCoseKey
 
 pytestmark = [
     pytest.mark.ble,
@@ -34,13 +32,10 @@ pytestmark = [
 ]
 
 
-def _firmware_key(tmp: Path) -> tuple[FirmwareKey, object]:
-    """One Ed25519 key as both tools need it: a COSE key (keyring entry, manifest signer) and an
-    imgtool key (image signer; its public half in PEM for the simulated bootloader)."""
-    cose = generate_private_key(ALG_EDDSA, b"fw-1", lambda n: bytes(range(n)))
-    img = imgkeys.Ed25519(Ed25519PrivateKey.from_private_bytes(cose.d))
-    img.export_public(str(tmp / "boot.pem"))
-    return FirmwareKey(img, cose.public), cose
+def _firmware_key(tmp: Path) -> tuple[FirmwareKey, PrivateCoseKey]:
+    key, cose = shared_firmware_key()
+    key.imgtool_key.export_public(str(tmp / "boot.pem"))  # the simulated bootloader's key
+    return key, cose
 
 
 def _status(f) -> dict:
