@@ -234,6 +234,9 @@ class Rollouts:
             await self._run(rollout)
         except asyncio.CancelledError:
             raise
+        except FirmwareRefused as exc:  # resumed after its manifest expired or its key went
+            await self._store.set_rollout(rollout, "halted", exc.code)
+            await self._event("firmware.halted", None, exc.code, rollout=rollout, detail=str(exc))
         except Exception as exc:
             log.exception("rollout %s crashed", rollout)
             await self._store.set_rollout(rollout, "halted", f"internal error: {type(exc).__name__}")
@@ -246,7 +249,7 @@ class Rollouts:
         for ring in sorted({lk.ring for lk in locks}):
             members = [lk for lk in locks if lk.ring == ring]
             results = await asyncio.gather(
-                *(self._one(checked, row.image, lk, known) for lk in members), return_exceptions=False
+                *(self._one_guarded(checked, row.image, lk, known) for lk in members)
             )
             failed = [
                 lk.lock for lk, state in zip(members, results, strict=True) if state in ("reverted", "failed")
@@ -314,6 +317,18 @@ class Rollouts:
         except _StepFailed as exc:
             return await self._finish(m, row.lock, "failed", exc.reason)
 
+    async def _one_guarded(
+        self, c: Checked, image: bytes, row: LockRow, known: dict[str, tuple[str, int]]
+    ) -> str:
+        """One lock's update; a bug of ours fails that lock (logged), never its ring's others."""
+        try:
+            return await self._one(c, image, row, known)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("firmware update of %s crashed", row.lock)
+            return await self._finish(c.manifest, row.lock, "failed", f"internal error: {type(exc).__name__}")
+
     async def _finish(self, m: Manifest, lock: str, state: str, reason: str) -> str:
         await self._store.set_lock(m.rollout, lock, state=state, reason=reason)
         await self._event(
@@ -356,8 +371,7 @@ class Rollouts:
         status = parse_status(answer.result)
         if status.battery_pct < m.min_battery:
             return "battery_low"
-        states = await self._smp(record, ImageStatesRead(), "state read")
-        running = states.images[0]
+        running = _images(await self._smp(record, ImageStatesRead(), "state read"))[0]
         try:
             check_upgrade(_info_of(c), running=ImageVersion.parse(running.version), running_counter=0)
         except FirmwareImageError as exc:
@@ -402,8 +416,7 @@ class Rollouts:
         return smp.buf_size if smp is not None and smp.ready else 256
 
     async def _mark_and_reset(self, record: LockRecord, digest: bytes) -> None:
-        states = await self._smp(record, ImageStatesRead(), "state read")
-        if states.images[0].hash == digest:
+        if _images(await self._smp(record, ImageStatesRead(), "state read"))[0].hash == digest:
             return  # already swapped in (a reset before a kill): straight to the health check
         await self._smp(record, ImageStatesWrite(hash=digest), "mark for test")
         await self._reset(record)
@@ -459,7 +472,7 @@ class Rollouts:
 
     async def _confirm(self, record: LockRecord) -> None:
         answer = await self._smp(record, ImageStatesWrite(confirm=True), "confirm")
-        if not answer.images[0].confirmed:
+        if not _images(answer)[0].confirmed:
             raise _StepFailed("confirm: the lock did not confirm the image")
 
     async def _revert(self, record: LockRecord) -> None:
@@ -481,6 +494,18 @@ def chunk_request(image: bytes, off: int, sha: bytes, buf_size: int) -> ImageUpl
     room = buf_size - len(bytes(empty)) - 3  # the data length head grows by at most 3 bytes
     size = max(1, min(room, len(image) - off))
     return ImageUploadWrite(off=off, data=image[off : off + size], **first)
+
+
+def _images(answer: object) -> list[smpimg.ImageState]:
+    """The image list of a state answer; a lock that names no running image fails the step."""
+    images = getattr(answer, "images", None)
+    if (
+        not isinstance(images, list)
+        or not images
+        or not all(isinstance(i, smpimg.ImageState) for i in images)
+    ):
+        raise _StepFailed("state: the lock reported no running image")
+    return images
 
 
 def _pct(off: int, size: int) -> int:
