@@ -19,6 +19,7 @@ from firmware_sim.bumble_peripheral import SimLock
 from firmware_sim.smp_gatt import imgtool_verifier
 from gateway.ble.lock_client import LockClient
 from gateway.ble.smp_transport import LinkSmpTransport
+from gateway.errors import BleError
 from protocols.messages import Op, Status
 
 pytestmark = pytest.mark.ble
@@ -165,3 +166,24 @@ async def test_the_bootloader_refuses_what_gets_past_the_gateway(air: Air, case:
     assert smp.boots[-1].kind == "refused"
     assert str(smp.boot.primary.version) == "1.0.0" and smp.boot.security_counter == 3
     assert sim.model.firmware == "sim-1.0.0"
+
+
+async def test_the_smp_window_closes_when_its_time_is_up(air: Air) -> None:
+    sim = air.locks[1]
+    smp = air.radio.enable_firmware(sim.model.lock_id, imgtool_verifier([KEY.imgtool_key]))
+    ltk = await paired(air, sim)
+    async with LockClient(str(sim.address), gw_id=GW, backend=air.host.client_backend()) as client:
+        await client.open_session(lock_id=sim.model.lock_id, ltk=ltk)
+        assert (await client.request(Op.SMP_OPEN, {"secs": 1})).status is Status.OK
+        smpc = SMPClient(LinkSmpTransport(client.bleak_client), str(sim.address), timeout_s=5.0)
+        await smpc.connect()
+        assert success(await smpc.request(ImageStatesRead()))
+        until = air.radio.now() + 1.2
+        while air.radio.now() < until:  # noqa: ASYNC110 - the window is wall-clock time
+            await asyncio.sleep(0.1)
+        refused = smp.refused
+        with pytest.raises(TimeoutError):
+            await smpc.request(ImageStatesRead(), timeout_s=1.0)
+        assert smp.refused > refused
+        with pytest.raises(BleError):  # a window beyond 600 s is malformed: the lock ends the link
+            await client.request(Op.SMP_OPEN, {"secs": 601})
