@@ -225,3 +225,27 @@ def test_firmware_keys_are_the_keyring_keys_with_the_role_valid_now():
     auth.install(ring, wall=T0, synced=True)
     assert auth.firmware_keys(T0) == {b"fw-1": fw.public}
     assert "firmware" not in TOKEN_ROLES
+
+
+# --- SMP_OPEN on the lock link ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args", [{"secs": 0}, {"secs": 601}, {"secs": "60"}, {"secs": True}, {}, {"secs": 1, "x": 1}]
+)
+def test_smp_open_arguments_are_bounded(args):
+    from protocols.errors import RemoteProtocolError
+    from protocols.messages import Op, Request, decode_request, encode_request
+
+    with pytest.raises(RemoteProtocolError):
+        decode_request(encode_request(Request(Op.SMP_OPEN, bytes(16), args)))
+
+
+def test_smp_open_policy_and_result():
+    from protocols.errors import RemoteProtocolError
+    from protocols.messages import LinkRole, Op, Response, Status, check_result, is_allowed
+
+    assert is_allowed(LinkRole.GATEWAY, Op.SMP_OPEN) and not is_allowed(LinkRole.UNAUTHENTICATED, Op.SMP_OPEN)
+    check_result(Response(Op.SMP_OPEN, bytes(16), Status.OK, {"secs": 120}))
+    with pytest.raises(RemoteProtocolError):
+        check_result(Response(Op.SMP_OPEN, bytes(16), Status.OK, {"secs": 10**6}))
