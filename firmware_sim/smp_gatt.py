@@ -92,6 +92,7 @@ class SmpService:
         self._spawn = spawn
         self._queues: dict[Connection, asyncio.Queue[bytes]] = {}
         self.refused = 0
+        self._generation = 0  # raised by each reboot: a link from before serves nothing more
         self.writes = 0
         self.drop_after: int | None = None
         self.flash_delay_s = 0.0
@@ -125,10 +126,11 @@ class SmpService:
 
     async def _serve(self, connection: Connection, queue: asyncio.Queue[bytes]) -> None:
         reassembler = SmpReassembler()
+        generation = self._generation
         while True:
             data = await queue.get()
-            if not data:
-                return
+            if not data or generation != self._generation:
+                return  # the link ended, or the lock rebooted under it
             self.writes += 1
             if self.drop_after is not None and self.writes >= self.drop_after:
                 self.drop_after = None
@@ -143,6 +145,8 @@ class SmpService:
             for request in requests:
                 if self.flash_delay_s and request[4:6] == b"\x00\x01" and request[7] == 1:
                     await asyncio.sleep(self.flash_delay_s)  # image group, upload: a flash write
+                if generation != self._generation:
+                    return
                 reply = self.server.handle(request)
                 if not await self._notify(connection, reply.data):
                     return
@@ -161,12 +165,15 @@ class SmpService:
         return True
 
     async def reboot(self) -> BootOutcome:
-        """Drop every link, forget the upload in RAM, let MCUboot swap or revert."""
-        await self._disconnect_all()
+        """Forget the upload in RAM and what the links had queued, let MCUboot swap or revert,
+        then drop every link: all at once, as an MCU reset is (nothing a peer sends meanwhile
+        meets the state from before)."""
+        self._generation += 1
         self.server.reset_ram()
         outcome = self.boot.boot()
         log.info("lock %s boots: %s %s", self.model.lock_id, outcome.kind, outcome.reason)
         self._apply_running()
+        await self._disconnect_all()
         return outcome
 
     def _apply_running(self) -> None:

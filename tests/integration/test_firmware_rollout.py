@@ -223,3 +223,20 @@ async def test_a_stopped_gateway_resumes_the_upload_from_the_locks_offset(site: 
     chunk = 1024 - 40
     assert chunks_after <= (len(image) - reached) // chunk + 3  # the rest only, from the lock's offset
     assert smp.boot.primary.version.minor == 1
+
+
+async def test_a_reboot_mid_upload_restarts_it_cleanly(site: Site) -> None:
+    lock_id = site.ids()[0]
+    smp = site.smp[lock_id]
+    await site.radio.apply_fault(lock_id, "fw_flash_delay", 0.02)
+    image = signed_image(KEY, "1.1.0", security_counter=2, size=12000)
+    await site.rollouts.apply(signed_manifest(MKEY, image, [lock_id]), image)
+    async with asyncio.timeout(60):
+        while site.rollouts.progress.get(("ro-1", lock_id), 0) < 30:  # noqa: ASYNC110 - polling the runner's view
+            await asyncio.sleep(0.01)
+    await site.radio.apply_fault(lock_id, "fw_reboot")  # the upload state in the lock's RAM is gone
+    await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
+    [status] = await site.rollouts.status()
+    assert status["locks"][0]["state"] == "confirmed", status["locks"][0]["reason"]
+    assert [b.kind for b in smp.boots] == ["normal", "swapped_test"]
+    assert smp.boot.primary.data == image  # started again from 0: the whole image, intact
