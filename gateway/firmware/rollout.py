@@ -395,7 +395,13 @@ class Rollouts:
                 off = 0  # resume: off 0 with the same SHA answers the lock's offset
                 continue
             if not isinstance(answer, smpimg.ImageUploadWriteResponse) or answer.off is None:
-                raise _StepFailed(f"upload: lock answered {_describe(answer)}")
+                if off == 0 or failures + 1 >= STEP_ATTEMPTS:
+                    raise _StepFailed(f"upload: lock answered {_describe(answer)}")
+                # Mid-upload the lock lost its upload (it rebooted between two chunks, and the
+                # link came back unnoticed): ask again from 0 with the same SHA, as after a drop.
+                failures += 1
+                off = 0
+                continue
             failures = 0
             off = answer.off
             pct = _pct(off, len(image))
