@@ -102,6 +102,7 @@ class Rollouts:
         clock: Callable[[], float] = time.time,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         on_firmware: Callable[[str, str], Awaitable[None]] | None = None,
+        autostart: bool = True,
     ) -> None:
         self._store = store
         self._links = links
@@ -112,6 +113,8 @@ class Rollouts:
         self._clock = clock
         self._health_timeout_s = health_timeout_s
         self._on_firmware = on_firmware
+        #: False in a direct CLI command: a rollout is recorded, and the daemon runs it.
+        self._autostart = autostart
         self._group: asyncio.TaskGroup | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self.progress: dict[tuple[str, str], int] = {}
@@ -181,7 +184,8 @@ class Rollouts:
             version=str(m.version),
             rings=[list(r) for r in m.rings],
         )
-        self._start(m.rollout)
+        if self._autostart:
+            self._start(m.rollout)
         return {"rollout": m.rollout, "version": str(m.version), "rings": [list(r) for r in m.rings]}
 
     async def resume(self) -> list[str]:

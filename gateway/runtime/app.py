@@ -175,6 +175,7 @@ class Gateway:
                     emit=self.service.event,
                     clock=self.clock.wall,
                     on_firmware=self.service.firmware_changed,
+                    autostart=not self.direct,
                 )
             )
             self.service.firmware = self.rollouts

@@ -240,3 +240,29 @@ async def test_a_reboot_mid_upload_restarts_it_cleanly(site: Site) -> None:
     assert status["locks"][0]["state"] == "confirmed", status["locks"][0]["reason"]
     assert [b.kind for b in smp.boots] == ["normal", "swapped_test"]
     assert smp.boot.primary.data == image  # started again from 0: the whole image, intact
+
+
+async def test_a_direct_command_records_the_rollout_and_the_daemon_runs_it(site: Site) -> None:
+    lock_id = site.ids()[0]
+    image = signed_image(KEY, "1.1.0", security_counter=2)
+
+    async def emit(type_: str, **fields: Any) -> None:
+        site.events.append({"type": type_, **fields, **fields["data"]})
+
+    async with Rollouts(
+        site.store,
+        site.links,
+        site="site-test",
+        lookup=site.records.get,
+        keys=keys,
+        emit=emit,
+        autostart=False,
+    ) as direct:
+        await direct.apply(signed_manifest(MKEY, image, [lock_id]), image)
+    [status] = await site.rollouts.status()
+    assert status["state"] == "running" and status["locks"][0]["state"] == "pending"
+    assert not site.smp[lock_id].server.handled  # nothing went over the air
+    assert await site.rollouts.resume() == ["ro-1"]  # what `lockgw run` does at start
+    await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
+    [status] = await site.rollouts.status()
+    assert status["locks"][0]["state"] == "confirmed"
