@@ -40,7 +40,6 @@ from bleak.backends.client import BaseBleakClient
 from gateway.backoff import backoff_for, should_retry
 from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
-from gateway.ble.smp_transport import SmpLink
 from gateway.errors import BleError, LockUnreachable
 from gateway.tasks import cancelling_until_done
 from protocols.limits import COMMAND_ID_LEN
@@ -111,7 +110,7 @@ class _OpenLink:
     client: LockClient
     last_used: float
     busy: bool = False
-    smp: SmpLink | None = None  # SMP on this link, once a firmware request used it
+    smp: Any = None  # SmpLink: SMP on this link, once a firmware request used it
 
 
 @dataclass
@@ -288,6 +287,9 @@ class LinkManager:
             link.busy = True
             try:
                 if link.smp is None:
+                    # Deferred: smp/smpclient load only when firmware is updated (CLI start-up).
+                    from gateway.ble.smp_transport import SmpLink  # noqa: PLC0415
+
                     link.smp = SmpLink(link.client)
                 answer = await link.smp.request(request, timeout_s=timeout_s)
             except (BleError, asyncio.CancelledError):
@@ -315,7 +317,7 @@ class LinkManager:
         finally:
             gate.release()
 
-    def smp_link(self, record: LockRecord) -> SmpLink | None:
+    def smp_link(self, record: LockRecord) -> Any:
         """The SMP state of the lock's open link (its buffer size once known), if any."""
         link = self._links.get(record.lock)
         return link.smp if link is not None and link.client.is_connected else None

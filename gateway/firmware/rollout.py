@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Self
-
-from smp import image_management as smpimg
-from smpclient.generics import error
-from smpclient.requests.image_management import ImageStatesRead, ImageStatesWrite, ImageUploadWrite
-from smpclient.requests.os_management import ResetWrite
 
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord
@@ -356,7 +353,7 @@ class Rollouts:
                     raise _StepFailed(f"{what}: {exc.code}") from exc
                 await asyncio.sleep(min(2.0, 0.2 * attempt))
                 continue
-            if error(answer):
+            if _m().error(answer):
                 raise _StepFailed(f"{what}: lock answered {_describe(answer)}")
             return answer
         raise AssertionError("unreachable")
@@ -375,7 +372,7 @@ class Rollouts:
         status = parse_status(answer.result)
         if status.battery_pct < m.min_battery:
             return "battery_low"
-        running = _images(await self._smp(record, ImageStatesRead(), "state read"))[0]
+        running = _images(await self._smp(record, _m().ImageStatesRead(), "state read"))[0]
         try:
             check_upgrade(_info_of(c), running=ImageVersion.parse(running.version), running_counter=0)
         except FirmwareImageError as exc:
@@ -398,7 +395,7 @@ class Rollouts:
                 await asyncio.sleep(min(2.0, 0.2 * failures))
                 off = 0  # resume: off 0 with the same SHA answers the lock's offset
                 continue
-            if not isinstance(answer, smpimg.ImageUploadWriteResponse) or answer.off is None:
+            if not isinstance(answer, _m().img.ImageUploadWriteResponse) or answer.off is None:
                 if off == 0 or failures + 1 >= STEP_ATTEMPTS:
                     raise _StepFailed(f"upload: lock answered {_describe(answer)}")
                 # Mid-upload the lock lost its upload (it rebooted between two chunks, and the
@@ -426,16 +423,16 @@ class Rollouts:
         return smp.buf_size if smp is not None and smp.ready else 256
 
     async def _mark_and_reset(self, record: LockRecord, digest: bytes) -> None:
-        if _images(await self._smp(record, ImageStatesRead(), "state read"))[0].hash == digest:
+        if _images(await self._smp(record, _m().ImageStatesRead(), "state read"))[0].hash == digest:
             return  # already swapped in (a reset before a kill): straight to the health check
-        await self._smp(record, ImageStatesWrite(hash=digest), "mark for test")
+        await self._smp(record, _m().ImageStatesWrite(hash=digest), "mark for test")
         await self._reset(record)
 
     async def _reset(self, record: LockRecord) -> None:
         """Reset and wait until the lock has dropped the link (it reboots after answering), so
         nothing asked afterwards can reach the image that is about to be swapped out."""
         with contextlib.suppress(_StepFailed):  # the answer may be lost with the reboot
-            await self._smp(record, ResetWrite(), "reset")
+            await self._smp(record, _m().ResetWrite(), "reset")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(REBOOT_WAIT_S):
                 while self._links.link_open(record):  # noqa: ASYNC110 - the link's end has no event here
@@ -449,12 +446,12 @@ class Rollouts:
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                states = await self._links.smp(record, ImageStatesRead())
+                states = await self._links.smp(record, _m().ImageStatesRead())
             except BleError as exc:
                 last = f"state read: {exc.code}"
                 await asyncio.sleep(0.5)
                 continue
-            if not isinstance(states, smpimg.ImageStatesReadResponse) or not states.images:
+            if not isinstance(states, _m().img.ImageStatesReadResponse) or not states.images:
                 return f"state read: lock answered {_describe(states)}"
             running = states.images[0]
             if running.hash != c.image_digest:
@@ -481,7 +478,7 @@ class Rollouts:
         return f"lock did not come back: {last}"
 
     async def _confirm(self, record: LockRecord) -> None:
-        answer = await self._smp(record, ImageStatesWrite(confirm=True), "confirm")
+        answer = await self._smp(record, _m().ImageStatesWrite(confirm=True), "confirm")
         if not _images(answer)[0].confirmed:
             raise _StepFailed("confirm: the lock did not confirm the image")
 
@@ -497,22 +494,41 @@ class Rollouts:
                 return
 
 
-def chunk_request(image: bytes, off: int, sha: bytes, buf_size: int) -> ImageUploadWrite:
+@functools.cache
+def _m() -> Any:
+    """smp and smpclient, loaded on first use: a CLI command that never touches firmware does not
+    pay for importing their hundreds of pydantic models (a second or more on a loaded Pi)."""
+    from smp import image_management  # noqa: PLC0415 - deferred on purpose (see above)
+    from smpclient.generics import error  # noqa: PLC0415 - deferred on purpose (see above)
+    from smpclient.requests import image_management as req_img  # noqa: PLC0415 - deferred on purpose
+    from smpclient.requests import os_management as req_os  # noqa: PLC0415 - deferred on purpose
+
+    return types.SimpleNamespace(
+        img=image_management,
+        error=error,
+        ImageStatesRead=req_img.ImageStatesRead,
+        ImageStatesWrite=req_img.ImageStatesWrite,
+        ImageUploadWrite=req_img.ImageUploadWrite,
+        ResetWrite=req_os.ResetWrite,
+    )
+
+
+def chunk_request(image: bytes, off: int, sha: bytes, buf_size: int) -> Any:
     """The largest upload request that fits the lock's SMP buffer."""
     first: dict[str, Any] = {"len": len(image), "sha": sha} if off == 0 else {}
-    empty = ImageUploadWrite(off=off, data=b"", **first)
+    empty = _m().ImageUploadWrite(off=off, data=b"", **first)
     room = buf_size - len(bytes(empty)) - 3  # the data length head grows by at most 3 bytes
     size = max(1, min(room, len(image) - off))
-    return ImageUploadWrite(off=off, data=image[off : off + size], **first)
+    return _m().ImageUploadWrite(off=off, data=image[off : off + size], **first)
 
 
-def _images(answer: object) -> list[smpimg.ImageState]:
+def _images(answer: object) -> list[Any]:
     """The image list of a state answer; a lock that names no running image fails the step."""
     images = getattr(answer, "images", None)
     if (
         not isinstance(images, list)
         or not images
-        or not all(isinstance(i, smpimg.ImageState) for i in images)
+        or not all(isinstance(i, _m().img.ImageState) for i in images)
     ):
         raise _StepFailed("state: the lock reported no running image")
     return images
@@ -531,7 +547,7 @@ def _with(row: LockRow, state: str) -> LockRow:
 
 
 def _describe(answer: object) -> str:
-    if isinstance(answer, smpimg.ImageManagementErrorV2):
+    if isinstance(answer, _m().img.ImageManagementErrorV2):
         return f"{answer.err.rc.name if hasattr(answer.err.rc, 'name') else answer.err.rc}"
     rc = getattr(answer, "rc", None)
     return f"rc {rc}" if rc is not None else type(answer).__name__
