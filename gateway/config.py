@@ -5,7 +5,8 @@ come from the environment as ``LOCKGW_<SECTION>__<KEY>`` (the value is read as a
 ``LOCKGW_POLICY__CLOCK_LEEWAY_S=30`` is an integer and ``…=abc`` a string). Unknown keys, wrong
 types and bad values are :class:`~gateway.errors.ConfigError` naming ``section.key`` and, where
 it can be found, the file line. Secrets are never inline: ``*_file`` keys name files that must
-not be group or world readable.
+not be group or world readable, or (a bare name, no ``/``) systemd credentials read from
+``$CREDENTIALS_DIRECTORY``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.authz.keyfiles import check_secret_permissions, load_root_keys
+from gateway.authz.keyfiles import check_secret_permissions, load_root_keys, read_bounded
 from gateway.errors import ConfigError
 from protocols.cose import CoseKey
 
@@ -59,6 +60,9 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: MQTT protocol version (docs/mqtt-3.1.1.md): "5" (default), or "3.1.1" for brokers that
+    #: speak nothing newer (RabbitMQ's MQTT plugin). The whole contract holds on both.
+    protocol: Literal["5", "3.1.1"] = "5"
 
     @field_validator("url")
     @classmethod
@@ -179,14 +183,49 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files
     except ValidationError as exc:
         raise ConfigError("; ".join(_problems(path, text, exc))) from exc
     config = config.model_copy(update={"source": path})
+    config = _resolve_credentials(path, config, os.environ if env is None else env)
     if check_files and config.mqtt is not None:
         for key in ("password_file", "key_file"):
             secret = getattr(config.mqtt, key)
-            if secret is not None:
+            if secret is not None and "/" in str(secret):  # a credential name is no file here
                 check_secret_permissions(secret, f"mqtt.{key}")
     if config.ble.backend == "bumble" and not config.ble.transport:
         raise ConfigError(f'{path}: ble.transport: required when ble.backend = "bumble"')
     return config
+
+
+#: The ``[mqtt]`` keys that name files; a bare name (no ``/``) is a systemd credential.
+CREDENTIAL_KEYS: Final = ("password_file", "ca_file", "cert_file", "key_file")
+#: A password, key or certificate file is a few KiB at most.
+MAX_SECRET_BYTES: Final = 64 * 1024
+_CREDENTIAL_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def _resolve_credentials(path: Path, config: Config, env: Mapping[str, str]) -> Config:
+    """A ``[mqtt] *_file`` value without a ``/`` names a systemd credential
+    (``LoadCredential=NAME:/etc/lockgw/FILE`` in the unit): it is read from
+    ``$CREDENTIALS_DIRECTORY/NAME``. Without ``$CREDENTIALS_DIRECTORY`` (a technician's CLI
+    command, which talks to the daemon and needs no MQTT secret) it stays a bare name;
+    :func:`load_checked` (``run``, ``config check``) refuses it then."""
+    if config.mqtt is None:
+        return config
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    update: dict[str, Path] = {}
+    for key in CREDENTIAL_KEYS:
+        value = getattr(config.mqtt, key)
+        if value is None or "/" in str(value):
+            continue
+        name = str(value)
+        if not _CREDENTIAL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: mqtt.{key}: {name!r} is neither a path (with a /) nor a systemd credential "
+                "name ([A-Za-z0-9_.-], at most 128)"
+            )
+        if directory:
+            update[key] = Path(directory) / name
+    if not update:
+        return config
+    return config.model_copy(update={"mqtt": config.mqtt.model_copy(update=update)})
 
 
 def _read_text(path: Path) -> str:
@@ -261,6 +300,21 @@ def load_checked(path: Path, *, env: Mapping[str, str] | None = None) -> Checked
     """The one validation ``lockgw run`` and ``lockgw config check`` share: the file (keys,
     types, values, secret file modes), then the root key files it names (readable, valid
     public COSE_Keys with a kid: a small-order Ed25519 point is refused). Raises ConfigError
-    naming the key; so ``config check`` answers ``ok`` exactly when ``run`` would start."""
+    naming the key; so ``config check`` answers ``ok`` exactly when ``run`` would start.
+    The MQTT secrets are read too (bounded): ``run`` needs them, under the unit from
+    ``$CREDENTIALS_DIRECTORY``."""
     config = load_config(path, env=env)
+    if config.mqtt is not None:
+        for key in CREDENTIAL_KEYS:
+            value = getattr(config.mqtt, key)
+            if value is not None and "/" not in str(value):
+                raise ConfigError(
+                    f"{path}: mqtt.{key}: {str(value)!r} names a systemd credential but "
+                    "$CREDENTIALS_DIRECTORY is not set (run under the unit with LoadCredential=, "
+                    "or give a path)"
+                )
+        for key in ("password_file", "key_file"):
+            secret = getattr(config.mqtt, key)
+            if secret is not None:
+                read_bounded(secret, f"mqtt.{key}", MAX_SECRET_BYTES)
     return CheckedConfig(config, load_root_keys(config.trust.root_keys))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,27 +28,49 @@ from gateway.errors import LockgwError
 from protocols.event_encoding import INT64_MAX
 
 __all__ = [
+    "ECHO_LEN",
+    "MAX_EVENTS_PAGE",
     "MAX_JSON_DEPTH",
     "MAX_REQUEST_BYTES",
     "MAX_TRANSACTION_LEN",
+    "SCAN_S_MAX",
+    "SCAN_S_MIN",
     "ActuateRequest",
     "ChallengeRequest",
+    "ControlAnswer",
     "ControlLine",
     "EmptyRequest",
+    "ErrorBody",
+    "ErrorResponse",
     "FirmwareApplyRequest",
+    "JsonObject",
+    "LockId",
     "LockRequest",
+    "OkResponse",
     "Receipt",
     "ReplayRequest",
+    "Response",
     "WireError",
+    "error_response",
     "first_error",
     "loads_bounded",
+    "ok_response",
     "parse_model",
     "transaction_of",
 ]
 
 #: Requests larger than this are refused unread (CONTRACT §8.4).
 MAX_REQUEST_BYTES: Final = 64 * 1024
+#: A request's ``transaction``: a string of at most this many characters (CONTRACT §4).
 MAX_TRANSACTION_LEN: Final = 128
+#: An identifier from outside (an action, a lock id) is cut to this many characters where a
+#: message or a log line repeats it.
+ECHO_LEN: Final = 64
+#: ``lockgw events``: events per answer at most. ``lockgw scan``: seconds to listen, at least
+#: and at most. (The CLI's options and the daemon's arguments check the same bounds.)
+MAX_EVENTS_PAGE: Final = 10_000
+SCAN_S_MIN: Final = 0.5
+SCAN_S_MAX: Final = 60
 #: No request, receipt or control line of the contract nests deeper than a few levels.
 MAX_JSON_DEPTH: Final = 32
 #: Identifiers (lock ids, epochs) are short; anything longer is not one.
@@ -142,14 +164,51 @@ def parse_model(model: type[M], value: Any) -> M:
 
 
 def transaction_of(value: Any) -> str | None:
-    """The request's ``transaction`` (CONTRACT §4: a string of at most 128 characters), or
+    """The request's ``transaction`` (CONTRACT §4: a string of at most ``MAX_TRANSACTION_LEN``), or
     :class:`WireError` if it is there and not one. Read first, so later errors can echo it."""
     if not isinstance(value, dict):
         raise WireError("request must be a JSON object")
     tx = value.get("transaction")
     if tx is not None and (not isinstance(tx, str) or len(tx) > MAX_TRANSACTION_LEN):
-        raise WireError("transaction must be a string of at most 128 characters")
+        raise WireError(f"transaction must be a string of at most {MAX_TRANSACTION_LEN} characters")
     return tx
+
+
+#: A JSON object on its way out (an answer's ``data``): the last step before ``json.dumps``.
+JsonObject = dict[str, object]
+
+
+class ErrorBody(TypedDict):
+    code: str
+    message: str
+
+
+class OkResponse(TypedDict):
+    """A request's answer (CONTRACT §4)."""
+
+    transaction: str | None
+    status: Literal["ok"]
+    data: JsonObject
+
+
+class ErrorResponse(TypedDict):
+    """A request's refusal (CONTRACT §4): the contract's code and a message."""
+
+    transaction: str | None
+    status: Literal["error"]
+    error: ErrorBody
+
+
+Response = OkResponse | ErrorResponse
+
+
+def ok_response(transaction: str | None, data: JsonObject) -> OkResponse:
+    return {"transaction": transaction, "status": "ok", "data": data}
+
+
+def error_response(transaction: str | None, code: str, message: str) -> ErrorResponse:
+    """The one error envelope, for every surface that answers a request (MQTT, control socket)."""
+    return {"transaction": transaction, "status": "error", "error": {"code": code, "message": message}}
 
 
 _Strict = ConfigDict(strict=True, extra="ignore", frozen=True)
@@ -210,8 +269,47 @@ class Receipt(BaseModel):
 
 
 class ControlLine(BaseModel):
-    """One control-socket request line: ``{"cmd": str, "args": {...}}``."""
+    """One control-socket request line: ``{"cmd": str, "args": {...}}``; each command parses
+    its ``args`` into its own model (gateway/cli/commands.py)."""
 
     model_config = _Strict
     cmd: Annotated[str, Field(min_length=1, max_length=64)]
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: JsonObject = Field(default_factory=dict)
+
+
+class ControlAnswer(BaseModel):
+    """A control command's answer (CONTRACT §6's exit codes): ``{"ok", "exit", "data"}``, or
+    ``{"ok": false, "exit", "error", "code"?, "data"?}``. Built by the daemon's commands, encoded
+    by :meth:`as_json` (the one encoder), and parsed back by the CLI with :meth:`parse`."""
+
+    model_config = _Strict
+    ok: bool
+    exit: Annotated[int, Field(ge=0, le=255)]
+    data: JsonObject | None = None
+    error: str | None = None
+    code: str | None = None
+
+    @classmethod
+    def done(cls, data: JsonObject, *, exit_code: int = 0) -> ControlAnswer:
+        return cls(ok=True, exit=exit_code, data=data)
+
+    @classmethod
+    def refused(
+        cls, message: str, *, exit_code: int = 1, code: str | None = None, data: JsonObject | None = None
+    ) -> ControlAnswer:
+        return cls(ok=False, exit=exit_code, error=message, code=code or None, data=data)
+
+    @classmethod
+    def parse(cls, value: object) -> ControlAnswer:
+        """The daemon's answer line (already bounded JSON) as an answer, or :class:`WireError`."""
+        return parse_model(cls, value)
+
+    def as_json(self) -> JsonObject:
+        out: JsonObject = {"ok": self.ok, "exit": self.exit}
+        if self.error is not None:
+            out["error"] = self.error
+        if self.code is not None:
+            out["code"] = self.code
+        if self.data is not None:
+            out["data"] = self.data
+        return out

@@ -43,8 +43,18 @@ _TRUE: Final = 0xF5
 _NULL: Final = 0xF6
 
 
+_TRUNCATED: Final = "truncated CBOR: item runs past the end of the input"
+
+
 class _Reader:
-    """Recursive-descent decoder; hot paths are inlined (it runs on every token and proof)."""
+    """Recursive-descent decoder; hot paths are inlined (it runs on every token and proof).
+
+    :meth:`item` is the reference: it decodes any one item and makes every refusal.
+    :meth:`_body` decodes the elements of an array or map with a fast path for the scalars
+    tokens and proofs are made of (integers, short byte and text strings, false/true/null,
+    empty containers); anything else — and anything malformed — goes to :meth:`item`, so a
+    refusal is always :meth:`item`'s, in document order.
+    """
 
     __slots__ = ("data", "items", "max_depth", "n", "pos")
 
@@ -55,12 +65,12 @@ class _Reader:
         self.max_depth = max_depth
         self.items = 0
 
-    def item(self, depth: int) -> CborValue:  # noqa: C901, PLR0912, PLR0915 - the decoder: one branch per CBOR major type and per malformed case
+    def item(self, depth: int) -> CborValue:  # noqa: C901, PLR0912 - the decoder: one branch per CBOR major type and per malformed case
         if depth > self.max_depth:
             raise CborError(f"CBOR nesting deeper than {self.max_depth}")
         data, pos = self.data, self.pos
         if pos >= self.n:
-            raise CborError("truncated CBOR: item runs past the end of the input")
+            raise CborError(_TRUNCATED)
         initial = data[pos]
         pos += 1
         major, info = initial >> 5, initial & 0x1F
@@ -78,7 +88,7 @@ class _Reader:
         elif info <= 27:
             size = 1 << (info - 24)
             if pos + size > self.n:
-                raise CborError("truncated CBOR: item runs past the end of the input")
+                raise CborError(_TRUNCATED)
             arg = int.from_bytes(data[pos : pos + size], "big")
             pos += size
         elif info == 31:
@@ -94,7 +104,7 @@ class _Reader:
         if major in (2, 3):
             end = pos + arg
             if end > self.n:
-                raise CborError("truncated CBOR: item runs past the end of the input")
+                raise CborError(_TRUNCATED)
             self.pos = end
             if major == 2:
                 return data[pos:end]
@@ -108,24 +118,91 @@ class _Reader:
             if arg > self.n - pos:
                 raise CborError("truncated CBOR: array longer than the input")
             self._count(arg)
-            item, child = self.item, depth + 1
-            return [item(child) for _ in range(arg)]
+            return self._body(arg, depth + 1, is_map=False)
         if major == 5:
             if 2 * arg > self.n - pos:
                 raise CborError("truncated CBOR: map longer than the input")
             self._count(arg)
-            out: dict[CborKey, CborValue] = {}
-            item, child = self.item, depth + 1
-            for _ in range(arg):
-                key = item(child)
-                if type(key) not in _KEY_TYPES:
-                    raise CborError("CBOR map key must be an integer, text or byte string")
-                if key in out:
-                    raise CborError(f"duplicate CBOR map key {key!r}")
-                out[key] = item(child)  # type: ignore[index]
-            return out
+            return self._body(arg, depth + 1, is_map=True)
         # major == 6: a tag wraps exactly one item.
         return Tag(arg, self.item(depth + 1))
+
+    def _body(self, count: int, depth: int, *, is_map: bool) -> list[CborValue] | dict[CborKey, CborValue]:  # noqa: C901, PLR0912, PLR0915 - the fast path, inlined on purpose: one branch per scalar head it takes from item()
+        """``count`` elements (a map: ``count`` key/value pairs) at ``depth``, from ``self.pos``."""
+        if count and depth > self.max_depth:  # the first element would be refused by item()
+            raise CborError(f"CBOR nesting deeper than {self.max_depth}")
+        data, n, pos = self.data, self.n, self.pos
+        values: list[CborValue] = []
+        out: dict[CborKey, CborValue] = {}
+        key: CborValue = None
+        for i in range(2 * count if is_map else count):
+            value: CborValue
+            initial = data[pos] if pos < n else 0xFF  # 0xff (a break): item() refuses it
+            if initial < 0x18:  # unsigned 0..23
+                value = initial
+                pos += 1
+            elif initial <= 0x1B:  # unsigned, 1/2/4/8 bytes
+                end = pos + 1 + (1 << (initial - 0x18))
+                if end > n:
+                    self.pos = pos
+                    value = self.item(depth)
+                else:
+                    value = int.from_bytes(data[pos + 1 : end], "big")
+                    pos = end
+            elif 0x20 <= initial < 0x38:  # negative -1..-24
+                value = 0x1F - initial
+                pos += 1
+            elif 0x40 <= initial < 0x58 or 0x60 <= initial <= 0x78:
+                # byte strings of 0..23 bytes (0x40..0x57), text of 0..23 or < 256 bytes (0x60..0x78)
+                if initial == 0x78:
+                    start = pos + 2
+                    end = start + (data[pos + 1] if pos + 1 < n else n)
+                else:
+                    start = pos + 1
+                    end = start + (initial & 0x1F)
+                if end > n:
+                    self.pos = pos
+                    value = self.item(depth)
+                elif initial < 0x60:
+                    value = data[start:end]
+                    pos = end
+                else:
+                    try:
+                        value = data[start:end].decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise CborError("CBOR text string is not valid UTF-8") from exc
+                    pos = end
+            elif initial == 0x58:  # byte string of < 256 bytes (keys, nonces, hashes, signatures)
+                start = pos + 2
+                end = start + (data[pos + 1] if pos + 1 < n else n)
+                if end > n:
+                    self.pos = pos
+                    value = self.item(depth)
+                else:
+                    value = data[start:end]
+                    pos = end
+            elif initial == _FALSE:
+                value = False
+                pos += 1
+            elif initial == _TRUE:
+                value = True
+                pos += 1
+            else:  # containers, tags, long strings, null, and every malformed head
+                self.pos = pos
+                value = self.item(depth)
+                pos = self.pos
+            if not is_map:
+                values.append(value)
+            elif i & 1 == 0:
+                if type(value) not in _KEY_TYPES:
+                    raise CborError("CBOR map key must be an integer, text or byte string")
+                if value in out:
+                    raise CborError(f"duplicate CBOR map key {value!r}")
+                key = value
+            else:
+                out[key] = value  # type: ignore[index]
+        self.pos = pos
+        return out if is_map else values
 
     def _count(self, n: int) -> None:
         self.items += n

@@ -22,7 +22,7 @@ import enum
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import nacl.bindings
 import nacl.exceptions
@@ -64,6 +64,8 @@ _CRV_ED25519, _CRV_P256 = 6, 1
 _TAG_SIGN1, _TAG_CWT = 18, 61
 _ED25519_P: Final = 2**255 - 19
 _P256_N: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+#: ES256's signature algorithm (an immutable descriptor: made once, not per verification).
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 #: The eight small-order points of edwards25519 in canonical encoding (Chalkias et al. 2020,
 #: "Taming the many EdDSAs", Table 6). Non-canonical encodings are refused by the y < p check.
@@ -120,10 +122,10 @@ class CoseKey:
     def verify(self, signature: bytes, message: bytes, *, code: str = "token_invalid") -> None:
         """Raise CredentialError(code) unless ``signature`` is valid for ``message``."""
         if self.alg == ALG_EDDSA:
-            if len(signature) != 64:
-                raise _err("Ed25519 signature must be 64 bytes", code)
-            try:
-                nacl.signing.VerifyKey(self.public).verify(message, signature)
+            if len(signature) != 64 or len(self.public) != 32:
+                raise _err("Ed25519 signature must be 64 bytes and its key 32", code)
+            try:  # libsodium's crypto_sign_open itself: VerifyKey would re-check what is checked
+                nacl.bindings.crypto_sign_open(signature + message, self.public)
             except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as exc:
                 raise _err("signature does not verify", code) from exc
             return
@@ -133,7 +135,7 @@ class CoseKey:
         if not (0 < r < _P256_N and 0 < s < _P256_N):
             raise _err("ES256 signature out of range", code)
         try:
-            self._p256.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
+            self._p256.verify(encode_dss_signature(r, s), message, _ECDSA_SHA256)
         except InvalidSignature as exc:
             raise _err("signature does not verify", code) from exc
 
@@ -152,8 +154,14 @@ class CoseKey:
         return "EdDSA" if self.alg == ALG_EDDSA else "ES256"
 
 
+@functools.lru_cache(maxsize=4096)
 def check_ed25519_point(public: bytes) -> None:
-    """Refuse non-canonical, off-curve, small-order and mixed-order Ed25519 public keys."""
+    """Refuse non-canonical, off-curve, small-order and mixed-order Ed25519 public keys.
+
+    Memoised: a pure function of 32 bytes whose full check costs a scalar multiplication, and a
+    phone presents the same cnf key with every token it holds. A refusal raises, so it is
+    never cached: every bad key is checked (and refused) each time.
+    """
     if len(public) != 32:
         raise _err("Ed25519 key must be 32 bytes", "bad_key")
     y = int.from_bytes(public, "little") & ((1 << 255) - 1)
@@ -161,16 +169,17 @@ def check_ed25519_point(public: bytes) -> None:
         raise _err("Ed25519 key is not canonically encoded", "bad_key")
     if public in SMALL_ORDER_ED25519 or (public[:31] + bytes([public[31] & 0x7F])) in SMALL_ORDER_ED25519:
         raise _err("Ed25519 key is a small-order point", "bad_key")
-    if not _is_prime_order_point(public):
+    # libsodium's full check: on the curve, canonical, in the prime-order subgroup.
+    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public):
         raise _err("Ed25519 key is not a valid prime-order point", "bad_key")
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_prime_order_point(public: bytes) -> bool:
-    """libsodium's full check (on the curve, canonical, prime-order subgroup). Memoised: it is a
-    pure function of 32 bytes and costs a scalar multiplication, and a phone presents the same
-    cnf key with every token it holds."""
-    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(public))
+def _ed25519_key(x: bytes, kid: bytes) -> CoseKey:
+    """A checked Ed25519 CoseKey. Memoised (an immutable value of its two arguments; a refusal
+    raises and is not cached): a phone's cnf key is decoded with every token it presents."""
+    check_ed25519_point(x)
+    return CoseKey(ALG_EDDSA, x, kid)
 
 
 def _p256_public(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
@@ -185,14 +194,15 @@ def _p256_public(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
 
 
 _PUBLIC_LABELS: Final = frozenset({1, 2, 3, 4, -1, -2, -3})
+_PRIVATE_LABELS: Final = _PUBLIC_LABELS | {-4}
 
 
 def decode_key(value: cbor.CborValue, *, allow_private: bool = False) -> CoseKey:
     """Validate a COSE_Key map; raise CredentialError(code="bad_key")."""
     if not isinstance(value, Mapping):
         raise _err("COSE_Key must be a map", "bad_key")
-    allowed = _PUBLIC_LABELS | ({-4} if allow_private else set())
-    if not set(value) <= allowed:
+    allowed = _PRIVATE_LABELS if allow_private else _PUBLIC_LABELS
+    if not allowed.issuperset(value):
         raise _err(f"COSE_Key has unexpected labels {sorted(set(value) - allowed, key=str)}", "bad_key")
     kty, alg, crv = value.get(1), value.get(3), value.get(-1)
     kid = value.get(2, b"")
@@ -204,8 +214,7 @@ def decode_key(value: cbor.CborValue, *, allow_private: bool = False) -> CoseKey
     if not isinstance(x, bytes):
         raise _err("COSE_Key x must be a byte string", "bad_key")
     if kty == _KTY_OKP and crv == _CRV_ED25519 and alg == ALG_EDDSA and -3 not in value:
-        check_ed25519_point(x)
-        return CoseKey(ALG_EDDSA, x, kid)
+        return _ed25519_key(x, kid)
     if kty == _KTY_EC2 and crv == _CRV_P256 and alg == ALG_ES256:
         y = value.get(-3)
         if not isinstance(y, bytes):
@@ -270,9 +279,9 @@ def generate_private_key(alg: int, kid: bytes, rng: Any) -> PrivateCoseKey:
 # --- COSE_Sign1 ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Sign1:
-    """A parsed, not yet verified COSE_Sign1."""
+class Sign1(NamedTuple):
+    """A parsed, not yet verified COSE_Sign1 (immutable; a NamedTuple, not a frozen dataclass,
+    because two are made on every decision)."""
 
     protected: bytes
     alg: int
@@ -314,8 +323,67 @@ _SIG1_PREFIX: Final = b"\x84" + cbor.dumps("Signature1")
 _bstr_head = cbor.bstr_head
 
 
-def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:  # noqa: C901, PLR0912 - one branch per refusal of CONTRACT §8.12 and THREATS T1
-    """Parse, bounded, a COSE_Sign1 of the expected content type. Raises CredentialError(code)."""
+def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bool = True) -> Sign1:
+    """Parse, bounded, a COSE_Sign1 of the expected content type. Raises CredentialError(code).
+
+    The refusals of CONTRACT §3.1 and §8.12 (THREATS T1) in order: size and strict CBOR
+    (:func:`_document`), the COSE_Sign1 shape (:func:`_sign1_fields`), the protected header
+    (:func:`_protected_header`).
+    """
+    fields = _common_sign1(raw, expected)
+    if fields is None:
+        fields = _sign1_fields(_document(raw, expected, code), code)
+    protected, payload, signature = fields
+    alg, kid = _protected_header(protected, expected, code, require_kid)
+    return Sign1(protected, alg, expected, kid, payload, signature)
+
+
+def _common_sign1(raw: bytes, expected: ContentType) -> tuple[bytes, bytes, bytes] | None:
+    """The fields of a document in the shape every issuer of ours writes, read without the
+    general decoder; ``None`` for any other input, which then takes the general path.
+
+    The shape: within the size limit, optional tag 61 (a token only) and tag 18 in their
+    shortest heads, then exactly ``[bstr, {}, bstr, bstr]`` with definite shortest-or-not
+    lengths of up to 65535 bytes, ending at the last byte. The strict decoder accepts every
+    such input (4 items, nesting 4, nothing to UTF-8-decode) and returns these same fields.
+    """
+    n = len(raw)
+    if n > MAX_BYTES[expected] or n < 5:
+        return None
+    pos = 2 if raw[0] == 0xD8 and raw[1] == _TAG_CWT and expected is ContentType.TOKEN else 0
+    if raw[pos] == 0xC0 | _TAG_SIGN1:
+        pos += 1
+    if raw[pos] != 0x84:
+        return None
+    protected = _bstr_at(raw, pos + 1)
+    if protected is None or protected[1] >= n or raw[protected[1]] != 0xA0:
+        return None
+    payload = _bstr_at(raw, protected[1] + 1)
+    signature = _bstr_at(raw, payload[1]) if payload is not None else None
+    if payload is None or signature is None or signature[1] != n:
+        return None
+    return raw[protected[0] : protected[1]], raw[payload[0] : payload[1]], raw[signature[0] : signature[1]]
+
+
+def _bstr_at(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """(start, end) of the byte string whose head is at ``pos`` (lengths up to 65535)."""
+    if pos >= len(raw):
+        return None
+    head = raw[pos]
+    if 0x40 <= head < 0x58:
+        start, length = pos + 1, head - 0x40
+    elif head == 0x58 and pos + 1 < len(raw):
+        start, length = pos + 2, raw[pos + 1]
+    elif head == 0x59 and pos + 2 < len(raw):
+        start, length = pos + 3, raw[pos + 1] << 8 | raw[pos + 2]
+    else:
+        return None
+    end = start + length
+    return (start, end) if end <= len(raw) else None
+
+
+def _document(raw: bytes, expected: ContentType, code: str) -> cbor.CborValue:
+    """The type's size limit, strict CBOR, then the optional tags: 61 (a token only), 18."""
     limit = MAX_BYTES[expected]
     if len(raw) > limit:
         raise _err(f"document of {len(raw)} bytes exceeds the {limit}-byte limit", code)
@@ -327,6 +395,11 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
         value = value.value
     if isinstance(value, cbor.Tag) and value.number == _TAG_SIGN1:
         value = value.value
+    return value
+
+
+def _sign1_fields(value: cbor.CborValue, code: str) -> tuple[bytes, bytes, bytes]:
+    """``[protected: bstr, unprotected: {}, payload: bstr, signature: bstr]``."""
     if not isinstance(value, list) or len(value) != 4:
         raise _err("not a COSE_Sign1 (a 4-element array, optionally tag 18)", code)
     protected, unprotected, payload, signature = value
@@ -334,6 +407,19 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
         raise _err("COSE_Sign1 fields have wrong types", code)
     if not isinstance(unprotected, Mapping) or unprotected:
         raise _err("the unprotected header must be an empty map", code)
+    return protected, payload, signature
+
+
+@functools.lru_cache(maxsize=256)
+def _protected_header(
+    protected: bytes, expected: ContentType, code: str, require_kid: bool
+) -> tuple[int, bytes | None]:
+    """Strict CBOR holding only alg (an integer), the expected content type and the kid (1..32
+    bytes where required, absent where not). Returns (alg, kid).
+
+    Memoised: a pure function of its arguments, and a gateway sees a handful of headers (one
+    per issuing key and kind); a refusal is never cached (it raises), and the cache is bounded.
+    """
     try:
         header = cbor.loads(protected)
     except CborError as exc:
@@ -351,7 +437,7 @@ def parse_sign1(raw: bytes, expected: ContentType, *, code: str, require_kid: bo
             raise _err("protected header lacks a kid of 1..32 bytes", code)
     elif kid is not None:
         raise _err("this document must not carry a kid", code)
-    return Sign1(protected, alg, expected, kid if isinstance(kid, bytes) else None, payload, signature)
+    return alg, kid if isinstance(kid, bytes) else None
 
 
 def sign1(payload: bytes, key: PrivateCoseKey, content_type: ContentType, *, kid: bytes | None) -> bytes:

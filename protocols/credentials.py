@@ -22,17 +22,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from itertools import repeat
+from typing import Any, ClassVar, Final, NamedTuple
 
 from protocols import cbor
 from protocols.cose import ContentType, CoseKey, Sign1, decode_key, parse_sign1
-from protocols.errors import CredentialError, TokenError, TrustDocumentError
+from protocols.errors import CborError, CredentialError, TokenError, TrustDocumentError
 from protocols.limits import CHALLENGE_NONCE_LEN, CHALLENGE_TTL_S
 from protocols.messages import validate_id
 
@@ -101,7 +104,11 @@ def _text(m: Mapping[Any, cbor.CborValue], key: object, what: str, code: str) ->
 
 
 def _exact_keys(
-    m: Mapping[Any, cbor.CborValue], required: set[Any], optional: set[Any], what: str, code: str
+    m: Mapping[Any, cbor.CborValue],
+    required: AbstractSet[Any],
+    optional: AbstractSet[Any],
+    what: str,
+    code: str,
 ) -> None:
     keys = set(m)
     if not required <= keys:
@@ -255,8 +262,9 @@ class TimeState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class TimeView:
+class TimeView(NamedTuple):
+    """The time a decision uses (immutable; a NamedTuple: made on every decision)."""
+
     state: TimeState
     wall: int  # the system clock
     now: int  # the time decisions use: the clock, or max(clock, floor) when unknown
@@ -353,6 +361,16 @@ def _nonce_error(code: str) -> TokenError:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _nonce_binding(lock: str, action: str) -> bytes:
+    """What a nonce's MAC covers before (issued, random): the domain, then lock and action, each
+    with a 2-byte length. Memoised per (lock, action): a pure function of them."""
+    msg = bytearray(_NONCE_DOMAIN)
+    for part in (lock.encode(), action.encode()):
+        msg += len(part).to_bytes(2, "big") + part
+    return bytes(msg)
+
+
 class Challenges:
     """Stateless nonces (like TCP SYN cookies): 32 bytes, bound to (lock, action), 30 s by the
     monotonic clock, single use (CONTRACT §3.4, §8.14).
@@ -396,11 +414,7 @@ class Challenges:
 
     @staticmethod
     def _tag(secret: bytes, lock: str, action: str, head: bytes) -> bytes:
-        msg = bytearray(_NONCE_DOMAIN)
-        for part in (lock.encode(), action.encode()):
-            msg += len(part).to_bytes(2, "big") + part
-        msg += head
-        return hmac.new(secret, bytes(msg), hashlib.sha256).digest()[:_NONCE_TAG_LEN]
+        return hmac.digest(secret, _nonce_binding(lock, action) + head, "sha256")[:_NONCE_TAG_LEN]
 
     def peek(self, nonce: bytes, *, lock: str, action: str, mono: float) -> None:
         """Raise nonce_unknown / nonce_expired unless ``nonce`` is usable for (lock, action)."""
@@ -447,9 +461,11 @@ class Challenges:
 # --- decisions -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """An accepted request, ready to become an ``access.granted`` event."""
+class Decision(NamedTuple):
+    """An accepted request, ready to become an ``access.granted`` event.
+
+    Immutable like the frozen dataclasses elsewhere; a NamedTuple because it is made on every
+    decision and a frozen dataclass costs a ``object.__setattr__`` call per field (13 here)."""
 
     lock: str
     action: str
@@ -493,8 +509,9 @@ def _deny(message: str, code: str, **context: object) -> TokenError:
     return err
 
 
-@dataclass(frozen=True, slots=True)
-class _Claims:
+class _Claims(NamedTuple):
+    """A token's claims, checked (immutable; a NamedTuple: made on every decision)."""
+
     iss: str
     sub: str
     aud: str
@@ -509,7 +526,8 @@ class _Claims:
     alarm: str | None
 
 
-_CLAIM_KEYS: Final = {1, 2, 3, 4, 5, 6, 7, 8, "locks", "act", "role", "alarm"}
+_CLAIMS_REQUIRED: Final = frozenset({1, 2, 3, 4, 6, 7, "locks", "act", "role"})
+_CLAIMS_OPTIONAL: Final = frozenset({5, 8, "alarm"})
 
 
 @dataclass
@@ -550,6 +568,49 @@ class _Checking:
     def claims_parsed(self) -> _Claims:
         assert self.parsed is not None
         return self.parsed
+
+
+@dataclass
+class _Installing:
+    """One trust document being installed (or restored): what each step of §8.5 found."""
+
+    raw: bytes
+    kind: ContentType
+    view: TimeView | None  # None while restoring: nothing moves the floor then
+    sign1: Sign1
+    payload: Mapping[Any, cbor.CborValue] | None = None
+    iat: int = 0
+    document: TrustDocument | None = None
+    signer: CoseKey | None = None
+
+    # Each accessor is reached only after the step that sets its value passed.
+    @property
+    def map(self) -> Mapping[Any, cbor.CborValue]:
+        assert self.payload is not None
+        return self.payload
+
+    @property
+    def doc(self) -> TrustDocument:
+        assert self.document is not None
+        return self.document
+
+    @property
+    def key(self) -> CoseKey:
+        assert self.signer is not None
+        return self.signer
+
+    @property
+    def now(self) -> TimeView:
+        assert self.view is not None
+        return self.view
+
+
+def _verifies(sign1: Sign1, key: CoseKey) -> bool:
+    try:
+        sign1.verify_with(key, code="bad_signature")
+    except CredentialError:
+        return False
+    return True
 
 
 class Authority:
@@ -653,81 +714,193 @@ class Authority:
         except CredentialError as exc:
             raise TrustDocumentError(str(exc), code=exc.code) from exc
 
-    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:  # noqa: C901, PLR0912, PLR0915 - one branch per trust-document refusal of CONTRACT §8.5 (to split like decide)
+    def _install(self, raw: bytes, *, wall: float, synced: bool) -> InstallResult:
+        """CONTRACT §8.5: the document's type, then each step of :attr:`INSTALL_STEPS` for its
+        kind, in turn: a step raises its refusal, passes (``None``), or ends the install with
+        its result (the same version again is silent; the last step installs)."""
         kind = document_type(raw)
         view = self.time.view(wall=wall, synced=synced)
-        sign1 = parse_sign1(raw, kind, code="malformed")
-        assert sign1.kid is not None
-        if kind is ContentType.KEYRING:
-            root = self.roots.get(sign1.kid)
-            if root is None:
-                raise TrustDocumentError(
-                    f"keyring signed by unknown root {sign1.kid.hex()}", code="unknown_key"
-                )
-            sign1.verify_with(root, code="bad_signature")
-            keyring = _parse_keyring_payload(sign1, raw)
-            if keyring.site != self.site:
-                raise TrustDocumentError(
-                    f"keyring is for site {keyring.site}, not {self.site}", code="wrong_site"
-                )
-            if set(keyring.keys) & set(self.roots):
-                raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
-            current = self.keyring
-            if current is not None and keyring.raw == current.raw:
-                return InstallResult(kind, installed=False, document=current)
-            self._check_newer(kind, keyring.version, current.version if current else None)
-            self.keyring = keyring
-            self._installed(kind, keyring.version)
-            self.time.offer(keyring.iat, view)
-            return InstallResult(kind, installed=True, document=keyring, signer=root)
-        m = sign1.payload_map(code="malformed")
-        if kind is ContentType.REVOCATIONS:
-            _exact_keys(
-                m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed"
+        st = _Installing(raw, kind, view, parse_sign1(raw, kind, code="malformed"))
+        for step in self.INSTALL_STEPS[kind]:
+            result = step(self, st)
+            if result is not None:
+                return result
+        raise AssertionError(f"the install steps for {kind} end without a result")  # pragma: no cover
+
+    # Steps shared by the kinds. Each reads what the earlier ones found.
+
+    def _payload(self, st: _Installing) -> None:
+        """The payload is a strict CBOR map → malformed."""
+        st.payload = st.sign1.payload_map(code="malformed")
+
+    def _verified(self, st: _Installing) -> None:
+        """The signature under the signer found for it → bad_signature."""
+        st.sign1.verify_with(st.key, code="bad_signature")
+
+    def _same_site(self, st: _Installing) -> None:
+        """The document is for this site → wrong_site."""
+        site = st.doc.site
+        if site != self.site:
+            raise TrustDocumentError(
+                f"{_KIND_NAME[st.kind]} is for site {site}, not {self.site}", code="wrong_site"
             )
-            iat = _int(m, "iat", "iat", "malformed")
-            signer = self._signer(sign1.kid, "revocations", iat)
-            sign1.verify_with(signer, code="bad_signature")
-            rl = _parse_revocations(m, raw, iat)
-            if rl.site != self.site:
-                raise TrustDocumentError(f"revocation list is for site {rl.site}", code="wrong_site")
-            cur = self.revocations
-            if cur is not None and rl.raw == cur.raw:
-                return InstallResult(kind, installed=False, document=cur)
-            self._check_newer(kind, rl.version, cur.version if cur else None)
-            self.revocations = rl
-            self._installed(kind, rl.version)
-            self.time.offer(rl.iat, view)
-            return InstallResult(kind, installed=True, document=rl, signer=signer)
-        ts = _parse_time_statement(m, raw)
+
+    def _not_installed_already(self, st: _Installing) -> InstallResult | None:
+        """The installed document again (byte for byte) → silent, ``installed=False``."""
+        current = self.keyring if st.kind is ContentType.KEYRING else self.revocations
+        if current is not None and st.doc.raw == current.raw:
+            return InstallResult(st.kind, installed=False, document=current)
+        return None
+
+    def _newer(self, st: _Installing) -> None:
+        """A higher version than the installed one and not below the highest ever → rollback."""
+        doc = st.doc
+        assert isinstance(doc, Keyring | RevocationList)
+        current = self.keyring if st.kind is ContentType.KEYRING else self.revocations
+        self._check_newer(st.kind, doc.version, current.version if current else None)
+
+    # Keyring (§3.2): signed by a root.
+
+    def _root_signer(self, st: _Installing) -> None:
+        """A keyring names a configured root → unknown_key."""
+        kid = st.sign1.kid
+        assert kid is not None
+        root = self.roots.get(kid)
+        if root is None:
+            raise TrustDocumentError(f"keyring signed by unknown root {kid.hex()}", code="unknown_key")
+        st.signer = root
+
+    def _keyring_payload(self, st: _Installing) -> None:
+        """The keyring's shape and keys → malformed, bad_key."""
+        st.document = _parse_keyring_payload(st.sign1, st.raw)
+
+    def _no_root_kid(self, st: _Installing) -> None:
+        """No keyring kid is a root's → malformed."""
+        keyring = st.doc
+        assert isinstance(keyring, Keyring)
+        if set(keyring.keys) & set(self.roots):
+            raise TrustDocumentError("keyring reuses a root key's kid", code="malformed")
+
+    def _install_keyring(self, st: _Installing) -> InstallResult:
+        keyring = st.doc
+        assert isinstance(keyring, Keyring)
+        self.keyring = keyring
+        self._installed(st.kind, keyring.version)
+        self.time.offer(keyring.iat, st.now)
+        return InstallResult(st.kind, installed=True, document=keyring, signer=st.key)
+
+    # Revocation list (§3.5): signed by a key with role revocations, or a root.
+
+    def _revocations_fields(self, st: _Installing) -> None:
+        """Exactly the list's fields, an integer iat → malformed."""
+        m = st.map
+        _exact_keys(m, {"site", "version", "iat", "exp", "cti", "sub"}, set(), "revocation list", "malformed")
+        st.iat = _int(m, "iat", "iat", "malformed")
+
+    def _revocations_signer(self, st: _Installing) -> None:
+        """A keyring key with role revocations valid at iat, or a root → bad_signature, unknown_key."""
+        kid = st.sign1.kid
+        assert kid is not None
+        st.signer = self._signer(kid, "revocations", st.iat)
+
+    def _revocations_payload(self, st: _Installing) -> None:
+        """The entries' shapes → malformed."""
+        st.document = _parse_revocations(st.map, st.raw, st.iat)
+
+    def _install_revocations(self, st: _Installing) -> InstallResult:
+        rl = st.doc
+        assert isinstance(rl, RevocationList)
+        self.revocations = rl
+        self._installed(st.kind, rl.version)
+        self.time.offer(rl.iat, st.now)
+        return InstallResult(st.kind, installed=True, document=rl, signer=st.key)
+
+    # Time statement (§3.6, §8.7): signed by a key with role time, or a root; a reset by a root.
+
+    def _time_payload(self, st: _Installing) -> None:
+        """Exactly site, t and an optional reset: true → malformed."""
+        st.document = _parse_time_statement(st.map, st.raw)
+
+    def _time_signer(self, st: _Installing) -> None:
+        """A reset: a root → bad_signature; otherwise a key with role time valid at t, or a root."""
+        ts, kid = st.doc, st.sign1.kid
+        assert isinstance(ts, TimeStatement)
+        assert kid is not None
         if ts.reset:
-            root_key = self.roots.get(sign1.kid)
+            root_key = self.roots.get(kid)
             if root_key is None:
                 raise TrustDocumentError(
                     "a reset time statement must be signed by a root key", code="bad_signature"
                 )
-            signer = root_key
+            st.signer = root_key
         else:
-            signer = self._signer(sign1.kid, "time", ts.t)
-        sign1.verify_with(signer, code="bad_signature")
-        if ts.site != self.site:
-            raise TrustDocumentError(f"time statement is for site {ts.site}", code="wrong_site")
+            st.signer = self._signer(kid, "time", ts.t)
+
+    def _reset_is_new(self, st: _Installing) -> InstallResult | None:
+        """A reset: the last one again → silent; one not later than it → rollback."""
+        ts, last = st.doc, self.last_reset
+        assert isinstance(ts, TimeStatement)
+        if not ts.reset or last is None:
+            return None
+        if last.raw == st.raw:
+            return InstallResult(st.kind, installed=False, document=last)
+        if ts.t <= last.t:
+            raise TrustDocumentError(
+                f"reset to {ts.t} is not later than the last reset ({last.t})", code="rollback"
+            )
+        return None
+
+    def _apply_time(self, st: _Installing) -> InstallResult:
+        """Installed only when the floor moved (a reset: when it was applied)."""
+        ts = st.doc
+        assert isinstance(ts, TimeStatement)
         before = set(self.time.alarms)
         if ts.reset:
-            last = self.last_reset
-            if last is not None and last.raw == raw:
-                return InstallResult(kind, installed=False, document=last)
-            if last is not None and ts.t <= last.t:
-                raise TrustDocumentError(
-                    f"reset to {ts.t} is not later than the last reset ({last.t})", code="rollback"
-                )
-            raised = self.time.reset(ts.t, view)
+            raised = self.time.reset(ts.t, st.now)
             if raised:
                 self.last_reset = ts
         else:
-            raised = self.time.offer(ts.t, view)
+            raised = self.time.offer(ts.t, st.now)
         alarm = next(iter(self.time.alarms - before), None)
-        return InstallResult(kind, installed=raised, document=ts, alarm=alarm, signer=signer)
+        return InstallResult(st.kind, installed=raised, document=ts, alarm=alarm, signer=st.key)
+
+    #: CONTRACT §8.5, per kind, after the type and the COSE_Sign1 shape: each step raises its
+    #: refusal (TrustDocumentError, or CredentialError mapped by :meth:`install`), passes, or
+    #: returns the result.
+    INSTALL_STEPS: ClassVar[
+        Mapping[ContentType, tuple[Callable[[Authority, _Installing], InstallResult | None], ...]]
+    ] = {
+        ContentType.KEYRING: (
+            _root_signer,
+            _verified,
+            _keyring_payload,
+            _same_site,
+            _no_root_kid,
+            _not_installed_already,
+            _newer,
+            _install_keyring,
+        ),
+        ContentType.REVOCATIONS: (
+            _payload,
+            _revocations_fields,
+            _revocations_signer,
+            _verified,
+            _revocations_payload,
+            _same_site,
+            _not_installed_already,
+            _newer,
+            _install_revocations,
+        ),
+        ContentType.TIME: (
+            _payload,
+            _time_payload,
+            _time_signer,
+            _verified,
+            _same_site,
+            _reset_is_new,
+            _apply_time,
+        ),
+    }
 
     def _check_newer(self, kind: ContentType, version: int, current: int | None) -> None:
         """No rollback: newer than the installed one and not below the highest ever installed.
@@ -746,7 +919,7 @@ class Authority:
         self.version_floor[kind] = max(version, self.version_floor.get(kind, version))
         self.unverified.discard(kind)
 
-    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:  # noqa: C901, PLR0912 - one branch per stored document state (to split like decide)
+    def restore(self, raw: bytes, *, kind: ContentType, signer: CoseKey | None) -> bool:
         """Reinstate a document installed before a restart; return False if it no longer verifies.
 
         A stored document was verified when it was installed, so it stays in force whatever has
@@ -758,56 +931,52 @@ class Authority:
         marked unverified: ``trust_state`` says ``stale`` and the gateway raises an alarm until
         a newer one installs. One that cannot even be parsed is dropped, also marked. The time
         floor does not move: it was persisted when the document was installed.
+
+        The steps: parse and shape as at install (:attr:`RESTORE_STEPS`), the keys that may
+        have signed it (:meth:`_restore_signers`), then :meth:`_reinstate`.
         """
         try:
-            sign1 = parse_sign1(raw, kind, code="malformed")
-            assert sign1.kid is not None
-            doc: TrustDocument
-            if kind is ContentType.KEYRING:
-                doc = _parse_keyring_payload(sign1, raw)
-                candidates = [k for k in (self.roots.get(sign1.kid),) if k is not None]
-            else:
-                m = sign1.payload_map(code="malformed")
-                if kind is ContentType.REVOCATIONS:
-                    _exact_keys(
-                        m,
-                        {"site", "version", "iat", "exp", "cti", "sub"},
-                        set(),
-                        "revocation list",
-                        "malformed",
-                    )
-                    doc = _parse_revocations(m, raw, _int(m, "iat", "iat", "malformed"))
-                else:
-                    doc = _parse_time_statement(m, raw)
-                candidates = [signer] if signer is not None else []
-                if not candidates:  # stored before signers were kept: the current keyring or a root
-                    try:
-                        role = "revocations" if kind is ContentType.REVOCATIONS else "time"
-                        candidates = [self._signer(sign1.kid, role, _doc_time(doc))]
-                    except CredentialError:
-                        pass
-            if doc.site != self.site:
-                raise TrustDocumentError(
-                    f"stored {_KIND_NAME[kind]} is for site {doc.site}", code="wrong_site"
-                )
+            st = _Installing(raw, kind, None, parse_sign1(raw, kind, code="malformed"))
+            for step in self.RESTORE_STEPS[kind]:
+                step(self, st)
         except CredentialError:
             if kind is not ContentType.TIME:  # a lost reset record only loses its replay guard
                 self.unverified.add(kind)
             return False
-        verified = False
-        for key in candidates:
-            try:
-                sign1.verify_with(key, code="bad_signature")
-                verified = True
-            except CredentialError:
-                continue
-        if isinstance(doc, Keyring):
-            self.keyring = doc
-        elif isinstance(doc, RevocationList):
-            self.revocations = doc
-        else:
+        verified = any(_verifies(st.sign1, key) for key in self._restore_signers(st, signer))
+        return self._reinstate(kind, st.doc, verified=verified)
+
+    #: Parsing a stored document: the install steps up to the site, without any signature.
+    RESTORE_STEPS: ClassVar[Mapping[ContentType, tuple[Callable[[Authority, _Installing], None], ...]]] = {
+        ContentType.KEYRING: (_keyring_payload, _same_site),
+        ContentType.REVOCATIONS: (_payload, _revocations_fields, _revocations_payload, _same_site),
+        ContentType.TIME: (_payload, _time_payload, _same_site),
+    }
+
+    def _restore_signers(self, st: _Installing, signer: CoseKey | None) -> list[CoseKey]:
+        """A keyring: its root. Others: the key persisted with it, or (stored before signers
+        were kept) the current keyring's key for the role, or a root."""
+        kid = st.sign1.kid
+        assert kid is not None
+        if st.kind is ContentType.KEYRING:
+            return [k for k in (self.roots.get(kid),) if k is not None]
+        if signer is not None:
+            return [signer]
+        role = "revocations" if st.kind is ContentType.REVOCATIONS else "time"
+        try:
+            return [self._signer(kid, role, _doc_time(st.doc))]
+        except CredentialError:
+            return []
+
+    def _reinstate(self, kind: ContentType, doc: TrustDocument, *, verified: bool) -> bool:
+        """Use it, verified or not; an unverified keyring or list marks its kind (stale)."""
+        if isinstance(doc, TimeStatement):
             self.last_reset = doc
             return verified  # a reset is history (the floor it set is persisted): no alarm
+        if isinstance(doc, Keyring):
+            self.keyring = doc
+        else:
+            self.revocations = doc
         self.version_floor[kind] = max(doc.version, self.version_floor.get(kind, doc.version))
         if not verified:
             self.unverified.add(kind)
@@ -1024,11 +1193,13 @@ class Authority:
     ) -> None:
         try:
             sign1 = parse_sign1(proof, ContentType.PROOF, code="proof_invalid", require_kid=False)
-            payload = sign1.payload_map(code="proof_invalid")
-            _exact_keys(payload, {"nonce", "gw", "lock", "act", "th"}, set(), "proof", "proof_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "proof_invalid", **ctx) from exc
-        nonce = payload["nonce"]
+        th = hashlib.sha256(token).digest()
+        nonce: cbor.CborValue = _canonical_proof_nonce(sign1.payload, self.gw_id, lock, action, th)
+        payload = None if nonce is not None else self._proof_payload(sign1, ctx)
+        if payload is not None:
+            nonce = payload["nonce"]
         if not isinstance(nonce, bytes) or len(nonce) != CHALLENGE_NONCE_LEN:
             raise _deny("proof nonce must be 32 bytes", "proof_invalid", **ctx)
         try:
@@ -1039,14 +1210,64 @@ class Authority:
             sign1.verify_with(holder, code="proof_invalid")
         except CredentialError as exc:
             raise _deny(str(exc), "proof_invalid", **ctx) from exc
-        if payload["gw"] != self.gw_id or payload["lock"] != lock or payload["act"] != action:
-            raise _deny("proof names another gateway, lock or action", "proof_invalid", **ctx)
-        if payload["th"] != hashlib.sha256(token).digest():
-            raise _deny("proof is bound to another token", "proof_invalid", **ctx)
+        if payload is not None:  # the canonical payload names exactly these by construction
+            if payload["gw"] != self.gw_id or payload["lock"] != lock or payload["act"] != action:
+                raise _deny("proof names another gateway, lock or action", "proof_invalid", **ctx)
+            if payload["th"] != th:
+                raise _deny("proof is bound to another token", "proof_invalid", **ctx)
         try:  # single use: a proof that verified consumes its nonce
             self.challenges.consume(nonce, mono=mono)
         except TokenError as exc:
             raise _deny(str(exc), exc.code, **ctx) from exc
+
+    @staticmethod
+    def _proof_payload(sign1: Sign1, ctx: dict[str, object]) -> Mapping[Any, cbor.CborValue]:
+        """A proof payload in any encoding: strict CBOR, exactly its five fields → proof_invalid."""
+        try:
+            payload = sign1.payload_map(code="proof_invalid")
+            _exact_keys(payload, {"nonce", "gw", "lock", "act", "th"}, set(), "proof", "proof_invalid")
+        except CredentialError as exc:
+            raise _deny(str(exc), "proof_invalid", **ctx) from exc
+        return payload
+
+
+def _canonical_proof_nonce(payload: bytes, gw: str, lock: str, action: str, th: bytes) -> bytes | None:
+    """The nonce of a proof payload that is, byte for byte, the deterministic encoding (RFC 8949
+    §4.2.1, what our issuer writes) of ``{"gw": gw, "th": th, "act": action, "lock": lock,
+    "nonce": <32 bytes>}``; ``None`` for any other payload, which is then decoded and checked
+    field by field. Such a payload decodes strictly to exactly those fields, so every check the
+    general path makes on it passes: this only skips the decoding."""
+    parts = _canonical_proof_parts(gw, lock, action)
+    if parts is None:
+        return None
+    before_th, before_nonce = parts
+    cut = len(before_th) + 32
+    if (
+        len(payload) != cut + len(before_nonce) + CHALLENGE_NONCE_LEN
+        or not payload.startswith(before_th)
+        or payload[len(before_th) : cut] != th
+        or payload[cut : cut + len(before_nonce)] != before_nonce
+    ):
+        return None
+    return payload[-CHALLENGE_NONCE_LEN:]
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_proof_parts(gw: str, lock: str, action: str) -> tuple[bytes, bytes] | None:
+    """The bytes of that encoding before th and between th and the nonce, checked against the
+    encoder itself (``None``, i.e. no shortcut, should the layout ever differ)."""
+    zero = bytes(32)
+    try:
+        whole = cbor.dumps({"nonce": zero, "gw": gw, "lock": lock, "act": action, "th": zero})
+    except CborError:
+        return None
+    before_th = b"\xa5" + cbor.dumps("gw") + cbor.dumps(gw) + cbor.dumps("th") + cbor.bstr_head(32)
+    before_nonce = (
+        cbor.dumps("act") + cbor.dumps(action) + cbor.dumps("lock") + cbor.dumps(lock) + cbor.dumps("nonce")
+    ) + cbor.bstr_head(CHALLENGE_NONCE_LEN)
+    if before_th + zero + before_nonce + zero != whole:
+        return None
+    return before_th, before_nonce
 
 
 def _context(m: Mapping[Any, cbor.CborValue]) -> dict[str, object]:
@@ -1086,9 +1307,7 @@ def _parse_time_statement(m: Mapping[Any, cbor.CborValue], raw: bytes) -> TimeSt
 
 def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
     try:
-        _exact_keys(
-            m, {1, 2, 3, 4, 6, 7, "locks", "act", "role"}, {5, 8, "alarm"}, "token claims", "token_invalid"
-        )
+        _exact_keys(m, _CLAIMS_REQUIRED, _CLAIMS_OPTIONAL, "token claims", "token_invalid")
         cti = m[7]
         if not isinstance(cti, bytes) or len(cti) != _CTI_LEN:
             raise CredentialError("cti must be 16 bytes", code="token_invalid")
@@ -1097,7 +1316,7 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
             not isinstance(locks, Sequence)
             or isinstance(locks, str | bytes)
             or not 1 <= len(locks) <= _MAX_LOCKS
-            or not all(isinstance(x, str) for x in locks)
+            or not all(map(isinstance, locks, repeat(str)))
             or len(set(locks)) != len(locks)
         ):
             raise CredentialError("locks must be 1..64 distinct lock ids", code="token_invalid")
@@ -1107,7 +1326,8 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
             not isinstance(act, Sequence)
             or isinstance(act, str | bytes)
             or not act
-            or not all(isinstance(a, str) and a in ACTIONS for a in act)
+            or not all(map(isinstance, act, repeat(str)))
+            or not ACTIONS.issuperset(act)
             or len(set(act)) != len(act)
         ):
             raise CredentialError(
@@ -1128,8 +1348,8 @@ def _claims(m: Mapping[Any, cbor.CborValue], ctx: dict[str, object]) -> _Claims:
             _int(m, 6, "iat", "token_invalid"),
             cti,
             m.get(8),
-            tuple(str(x) for x in locks),
-            tuple(str(a) for a in act),
+            tuple(map(str, locks)),
+            tuple(map(str, act)),
             str(m["role"]),
             alarm if isinstance(alarm, str) else None,
         )

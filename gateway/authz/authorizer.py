@@ -20,6 +20,7 @@ import os
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
@@ -40,7 +41,7 @@ from protocols.credentials import (
 )
 from protocols.errors import CborError, CredentialError, TrustDocumentError
 
-__all__ = ["RELEASE_FLOOR", "Authorizer", "InstallOutcome", "TrustStore", "load_root_keys"]
+__all__ = ["RELEASE_FLOOR", "Authorizer", "DocumentKind", "InstallOutcome", "TrustStore", "load_root_keys"]
 
 #: The starting time floor: this release's date (2026-11-22T00:00:00Z). A device that boots at
 #: 1970 with no network still knows it is at least this late.
@@ -133,11 +134,20 @@ _RAISE_NUM: Final = (
 )
 
 
+class DocumentKind(StrEnum):
+    """Which trust document an install was about (``unknown``: not one we could tell)."""
+
+    KEYRING = "keyring"
+    REVOCATIONS = "revocations"
+    TIME = "time"
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class InstallOutcome:
     """What happened to an offered document, ready for a trust.installed / trust.rejected event."""
 
-    kind: str  # "keyring" | "revocations" | "time" | "unknown"
+    kind: DocumentKind
     installed: bool
     rejected: bool
     code: str | None = None
@@ -148,7 +158,11 @@ class InstallOutcome:
     expiring: list[Expiry] = field(default_factory=list)
 
 
-_KIND = {ContentType.KEYRING: "keyring", ContentType.REVOCATIONS: "revocations", ContentType.TIME: "time"}
+_KIND: Final = {
+    ContentType.KEYRING: DocumentKind.KEYRING,
+    ContentType.REVOCATIONS: DocumentKind.REVOCATIONS,
+    ContentType.TIME: DocumentKind.TIME,
+}
 #: Stored documents, in restore order (a legacy revocation list is checked against the keyring).
 _STORED: Final = (
     ("keyring", ContentType.KEYRING),
@@ -308,10 +322,10 @@ def _stored_key(raw: bytes | None) -> CoseKey | None:
         return None  # restore then treats the document as unverifiable
 
 
-def _kind_of(raw: bytes) -> str:
+def _kind_of(raw: bytes) -> DocumentKind:
     from protocols.credentials import document_type  # noqa: PLC0415 - only for refusals
 
     try:
         return _KIND[document_type(raw)]
     except CredentialError:
-        return "unknown"
+        return DocumentKind.UNKNOWN

@@ -42,14 +42,18 @@ def read_bounded(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
     """A regular file's bytes, at most ``limit`` of them read (``/dev/zero`` as a key file
     must be an error, not an endless read)."""
     try:
-        with Path(path).open("rb") as fh:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever;
+        # it has no effect on the regular file read below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                 raise ConfigError(f"{what}: {path} is not a regular file")
             data = fh.read(limit + 1)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
     if len(data) > limit:
-        raise ConfigError(f"{what}: {path} is larger than {limit // (1024 * 1024)} MiB")
+        size = f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
+        raise ConfigError(f"{what}: {path} is larger than {size}")
     return data
 
 

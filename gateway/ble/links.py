@@ -31,7 +31,7 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -42,6 +42,7 @@ from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
 from gateway.errors import BleError, LockUnreachable
 from gateway.tasks import cancelling_until_done
+from protocols.cbor import CborValue
 from protocols.limits import COMMAND_ID_LEN
 from protocols.messages import Op, Response
 from protocols.session import PairingCompleted
@@ -181,7 +182,7 @@ class LinkManager:
         self,
         record: LockRecord,
         op: Op,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, CborValue] | None = None,
         *,
         cmd_id: bytes | None = None,
         priority: Priority = Priority.ACCESS,
@@ -222,7 +223,7 @@ class LinkManager:
         self,
         record: LockRecord,
         op: Op,
-        args: dict[str, Any] | None,
+        args: Mapping[str, CborValue] | None,
         cmd_id: bytes,
         *,
         priority: Priority,
@@ -263,7 +264,12 @@ class LinkManager:
             await asyncio.sleep(wait)
 
     async def _attempt(
-        self, record: LockRecord, op: Op, args: dict[str, Any] | None, cmd_id: bytes, priority: Priority
+        self,
+        record: LockRecord,
+        op: Op,
+        args: Mapping[str, CborValue] | None,
+        cmd_id: bytes,
+        priority: Priority,
     ) -> Response:
         link = await self._link(record, priority)
         link.busy = True

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -34,6 +34,7 @@ from gateway.errors import (
     LockUnreachable,
     PairingFailed,
 )
+from protocols.cbor import CborValue
 from protocols.errors import ProtocolError
 from protocols.framing import fragment
 from protocols.gatt import RX_CHAR_UUID, TX_CHAR_UUID
@@ -178,7 +179,7 @@ class LockClient:
         raise LockMisbehaved(f"unexpected answer to HELLO: {type(event).__name__}")
 
     async def request(
-        self, op: Op, args: dict[str, Any] | None = None, *, cmd_id: bytes | None = None
+        self, op: Op, args: Mapping[str, CborValue] | None = None, *, cmd_id: bytes | None = None
     ) -> Response:
         """Send one command and wait for its response (same ``cmd_id`` ⇒ same result)."""
         cmd_id = cmd_id or self._rng(COMMAND_ID_LEN)

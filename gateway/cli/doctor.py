@@ -11,30 +11,29 @@ import configparser
 import os
 import shutil
 import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from gateway.authz.keyfiles import check_secret_permissions
+from gateway.cli import hostsetup
 from gateway.errors import AdapterUnavailable, ConfigError
 from gateway.store.outbox import LOW_SPACE_BYTES
+from gateway.wire import JsonObject
+from protocols.credentials import TimeState
 
 if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.store.outbox import OutboxStats
     from protocols.credentials import TimeView
 
-__all__ = ["BrokerLink", "Check", "HealthSnapshot", "run_checks"]
+__all__ = ["CHECKS", "BrokerLink", "Check", "CheckFn", "CheckStatus", "HealthSnapshot", "run_checks"]
 
 BACKLOG_WARN: Final = 1000
-#: BlueZ settings the threat model relies on (THREATS B8–B10), from /etc/bluetooth/main.conf.
-BLUEZ_WANTED: Final = {
-    ("General", "ControllerMode"): "le",
-    ("General", "JustWorksRepairing"): "never",
-    ("General", "AlwaysPairable"): "false",
-    ("General", "SecureConnections"): "only",
-    ("GATT", "KeySize"): "16",
-}
+#: Resolving the broker's name when DNS is down can take long; doctor says so instead of waiting.
+RESOLVE_WITHIN_S: Final = 5.0
 
 
 class BrokerLink(Protocol):
@@ -68,12 +67,28 @@ class HealthSnapshot(Protocol):
         raises AdapterUnavailable when it does not open."""
 
 
+class CheckStatus(StrEnum):
+    PASS = "pass"  # noqa: S105 - a check outcome, not a password
+    WARN = "warn"
+    FAIL = "fail"
+
+
+PASS: Final = CheckStatus.PASS
+WARN: Final = CheckStatus.WARN
+FAIL: Final = CheckStatus.FAIL
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     name: str
-    status: str  # "pass" | "warn" | "fail"
+    status: CheckStatus
     detail: str
     fix: str = ""
+
+
+#: One doctor check: reads the snapshot, answers one line or several. ``daemon``: the adapter
+#: is held by the daemon this command talks to.
+CheckFn = Callable[[HealthSnapshot, bool], Awaitable[Sequence[Check]]]
 
 
 def _db_check(path: Path) -> str:
@@ -86,13 +101,14 @@ def _db_check(path: Path) -> str:
         db.close()
 
 
-async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
-    cfg = gw.config
-    out: list[Check] = [Check("configuration", "pass", f"{cfg.source} is valid")]
+async def _configuration(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    return [Check("configuration", PASS, f"{gw.config.source} is valid")]
+
+
+async def _secret_files(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    mqtt = gw.config.mqtt
     secrets = [
-        (f"mqtt.{k}", getattr(cfg.mqtt, k))
-        for k in ("password_file", "key_file")
-        if cfg.mqtt and getattr(cfg.mqtt, k)
+        (f"mqtt.{k}", getattr(mqtt, k)) for k in ("password_file", "key_file") if mqtt and getattr(mqtt, k)
     ]
     bad = []
     for key, path in secrets:
@@ -100,184 +116,241 @@ async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
             check_secret_permissions(path, key)
         except ConfigError as exc:
             bad.append(str(exc))
-    out.append(
+    return [
         Check(
             "secret file permissions",
-            "fail" if bad else "pass",
+            FAIL if bad else PASS,
             "; ".join(bad) or f"{len(secrets)} secret files, 0600",
             "chmod 600 the files named" if bad else "",
         )
-    )
-    data = cfg.gateway.data_dir
+    ]
+
+
+async def _data_directory(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    data = gw.config.gateway.data_dir
     writable = os.access(data, os.W_OK)
     free = shutil.disk_usage(data).free if data.exists() else 0
-    out.append(
+    return [
         Check(
             "data directory",
-            "pass" if writable and free > LOW_SPACE_BYTES else "warn" if writable else "fail",
+            PASS if writable and free > LOW_SPACE_BYTES else WARN if writable else FAIL,
             f"{data}: {'writable' if writable else 'NOT writable'}, {free // 2**20} MiB free",
             "" if writable else f"chown lockgw {data}",
         )
-    )
+    ]
+
+
+async def _database_integrity(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    data = gw.config.gateway.data_dir
     results = await asyncio.to_thread(
         lambda: {p.name: _db_check(p) for p in (data / "trust.sqlite3", data / "locks.sqlite3")}
     )
     results["events.sqlite3"] = await gw.outbox_integrity()
     broken = {k: v for k, v in results.items() if v not in ("ok", "absent")}
-    out.append(
+    return [
         Check(
             "database integrity",
-            "fail" if broken else "pass",
+            FAIL if broken else PASS,
             ", ".join(f"{k}: {v}" for k, v in results.items()),
             "stop the daemon, keep a copy of the data directory, restore from backup" if broken else "",
         )
+    ]
+
+
+async def _ble(gw: HealthSnapshot, daemon: bool) -> Sequence[Check]:
+    ble = gw.config.ble
+    if ble.backend == "bumble":
+        return [await _bumble_adapter(gw, ble.transport, daemon=daemon)]
+    present = os.path.exists(f"/sys/class/bluetooth/{ble.adapter}")  # noqa: PTH110, ASYNC240 - one stat
+    adapter = Check(
+        "BLE adapter",
+        PASS if present else FAIL,
+        f"{ble.adapter} {'present' if present else 'not found'}",
+        "" if present else "check the dongle / `systemctl status bluetooth`; set [ble] adapter",
     )
-    if cfg.ble.backend == "bumble":
-        out.append(await _bumble_adapter(gw, cfg.ble.transport, daemon=daemon))
-    else:
-        present = os.path.exists(f"/sys/class/bluetooth/{cfg.ble.adapter}")  # noqa: PTH110, ASYNC240 - one stat
-        out.append(
-            Check(
-                "BLE adapter",
-                "pass" if present else "fail",
-                f"{cfg.ble.adapter} {'present' if present else 'not found'}",
-                "" if present else "check the dongle / `systemctl status bluetooth`; set [ble] adapter",
-            )
+    return [adapter, _bluez_settings()]
+
+
+async def _broker(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    cfg = gw.config.mqtt
+    if cfg is None:
+        return [Check("broker", WARN, "no [mqtt] section: running offline, events stay in the outbox")]
+    if gw.mqtt is None:
+        return [await _probe_broker(cfg.host_port)]
+    ok = gw.mqtt.connected.is_set()
+    return [
+        Check(
+            "broker",
+            PASS if ok else FAIL,
+            f"{cfg.url} {'connected' if ok else 'not connected: ' + (gw.mqtt.last_error or '?')}"
+            + (" (TLS verified)" if ok and cfg.tls else ""),
+            "" if ok else "check the broker, the network and (mqtts) the CA file",
         )
-        out.append(_bluez_settings())
-    if cfg.mqtt is None:
-        out.append(Check("broker", "warn", "no [mqtt] section: running offline, events stay in the outbox"))
-    elif gw.mqtt is not None:
-        ok = gw.mqtt.connected.is_set()
-        out.append(
-            Check(
-                "broker",
-                "pass" if ok else "fail",
-                f"{cfg.mqtt.url} {'connected' if ok else 'not connected: ' + (gw.mqtt.last_error or '?')}"
-                + (" (TLS verified)" if ok and cfg.mqtt.tls else ""),
-                "" if ok else "check the broker, the network and (mqtts) the CA file",
-            )
-        )
-    else:
-        out.append(await _probe_broker(cfg.mqtt.host_port))
+    ]
+
+
+async def _unit_network(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
+    """The installed unit's IPAddressAllow= admits the configured broker (no line: no unit)."""
+    cfg = gw.config
+    try:
+        async with asyncio.timeout(RESOLVE_WITHIN_S):
+            return await asyncio.to_thread(_unit_network_sync, cfg)
+    except TimeoutError:
+        host = cfg.mqtt.host_port[0] if cfg.mqtt else "?"
+        return [
+            Check("unit network", WARN, f"{host} did not resolve in {RESOLVE_WITHIN_S:.0f} s", "check DNS")
+        ]
+
+
+def _unit_network_sync(cfg: Config) -> list[Check]:
+    texts = hostsetup.read_unit_texts()
+    if texts is None:
+        return []
+    result = hostsetup.check_broker_allowed(cfg, texts)
+    return [Check("unit network", CheckStatus(result.status), result.detail, result.fix)]
+
+
+async def _time(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     view = gw.time_view()
-    out.append(
+    synced = view.state is TimeState.SYNCED
+    return [
         Check(
             "time",
-            "pass" if str(view.state) == "synced" else "warn",
+            PASS if synced else WARN,
             f"state {view.state}, floor {view.floor}, clock {view.wall}",
-            ""
-            if str(view.state) == "synced"
-            else "enable NTP (systemd-timesyncd or chrony); unlocks still work",
+            "" if synced else "enable NTP (systemd-timesyncd or chrony); unlocks still work",
         )
-    )
+    ]
+
+
+async def _trust_documents(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     summary = gw.trust_summary()
-    warn_days = cfg.policy.expiry_warning_days
-    for name in ("keyring", "revocations"):
-        doc = summary[name]
-        if not isinstance(doc, dict):
-            out.append(
-                Check(
-                    name,
-                    "fail" if name == "keyring" else "warn",
-                    "none installed",
-                    "central publishes it on B/S/" + name + " or: lockgw trust install FILE",
-                )
-            )
-            continue
-        days = (int(doc["exp"]) - view.now) / 86400
-        status = "fail" if days < 0 and name == "keyring" else "warn" if days < warn_days else "pass"
-        out.append(
-            Check(
-                name,
-                status,
-                f"v{doc['version']}, {days:.1f} days left",
-                ""
-                if status == "pass"
-                else "ask central for a newer one (it keeps working while stale, flagged)",
-            )
+    now = gw.time_view().now
+    warn_days = gw.config.policy.expiry_warning_days
+    return [_trust_document(name, summary[name], now, warn_days) for name in ("keyring", "revocations")]
+
+
+def _trust_document(name: str, doc: object, now: float, warn_days: float) -> Check:
+    if not isinstance(doc, dict):
+        return Check(
+            name,
+            FAIL if name == "keyring" else WARN,
+            "none installed",
+            "central publishes it on B/S/" + name + " or: lockgw trust install FILE",
         )
+    days = (int(doc["exp"]) - now) / 86400
+    status = FAIL if days < 0 and name == "keyring" else WARN if days < warn_days else PASS
+    return Check(
+        name,
+        status,
+        f"v{doc['version']}, {days:.1f} days left",
+        "" if status == PASS else "ask central for a newer one (it keeps working while stale, flagged)",
+    )
+
+
+async def _outbox(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     stats = gw.outbox_stats()
-    out.append(
+    behind = stats.backlog > BACKLOG_WARN
+    return [
         Check(
             "outbox",
-            "warn" if stats.backlog > BACKLOG_WARN else "pass",
+            WARN if behind else PASS,
             f"epoch {stats.epoch}: last #{stats.last_seq}, receipted #{stats.receipt_seq}, backlog {stats.backlog}",
-            "central is not sending receipts: check its consumer" if stats.backlog > BACKLOG_WARN else "",
+            "central is not sending receipts: check its consumer" if behind else "",
         )
-    )
+    ]
+
+
+async def _components(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     restarting = gw.restarting()
-    out.append(
+    return [
         Check(
             "components",
-            "fail" if restarting else "pass",
+            FAIL if restarting else PASS,
             f"restarting after a crash: {', '.join(restarting)}" if restarting else "all running",
             "the daemon's log has each crash with its traceback (journalctl -u lockgw)" if restarting else "",
         )
-    )
+    ]
+
+
+async def _alarms(gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     alarms = gw.alarms()
-    out.append(
+    return [
         Check(
             "alarms",
-            "warn" if alarms else "pass",
+            WARN if alarms else PASS,
             ", ".join(alarms) or "none",
             "what each means and what clears it: docs/architecture.md, Alarms" if alarms else "",
         )
-    )
+    ]
+
+
+async def _watchdog(_gw: HealthSnapshot, _daemon: bool) -> Sequence[Check]:
     watchdog = os.environ.get("WATCHDOG_USEC")
-    out.append(
+    return [
         Check(
             "systemd watchdog",
-            "pass" if watchdog else "warn",
+            PASS if watchdog else WARN,
             f"WatchdogSec={int(watchdog) // 10**6} s" if watchdog else "not running under a systemd watchdog",
             "" if watchdog else "install config/lockgw.service (WatchdogSec=20)",
         )
-    )
-    return out
+    ]
+
+
+#: The checklist, in the order doctor prints it. A new check is one function added here.
+CHECKS: Final[tuple[CheckFn, ...]] = (
+    _configuration,
+    _secret_files,
+    _data_directory,
+    _database_integrity,
+    _ble,
+    _broker,
+    _unit_network,
+    _time,
+    _trust_documents,
+    _outbox,
+    _components,
+    _alarms,
+    _watchdog,
+)
+
+
+async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
+    return [line for check in CHECKS for line in await check(gw, daemon)]
 
 
 async def _bumble_adapter(gw: HealthSnapshot, transport: str | None, *, daemon: bool) -> Check:
     try:
         if not await gw.open_adapter():
-            return Check("BLE adapter", "pass", "injected BLE backend")
+            return Check("BLE adapter", PASS, "injected BLE backend")
     except AdapterUnavailable as exc:
         return Check(
             "BLE adapter",
-            "fail",
+            FAIL,
             str(exc),
             "start the simulator (lockgw-sim serve) or plug in the dongle; check [ble] transport",
         )
     return Check(
         "BLE adapter",
-        "pass",
+        PASS,
         f"Bumble transport {transport} open" + (" (held by the daemon)" if daemon else ""),
     )
 
 
-def _bluez_settings(path: Path = Path("/etc/bluetooth/main.conf")) -> Check:
-    if not path.exists():
-        return Check("BlueZ settings", "warn", f"{path} not found", "install bluez and set " + _wanted())
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    try:
-        parser.read(path)
-    except configparser.Error as exc:
-        return Check("BlueZ settings", "warn", f"{path}: {exc}", "fix the file")
-    wrong = [
-        f"{s}.{k}={parser.get(s, k, fallback='(unset)')}"
-        for (s, k), v in BLUEZ_WANTED.items()
-        if parser.get(s, k, fallback="").strip().lower() != v
-    ]
-    return Check(
-        "BlueZ settings",
-        "warn" if wrong else "pass",
-        ", ".join(wrong) or "hardened",
-        _wanted() if wrong else "",
+def _bluez_settings(path: Path = hostsetup.BLUEZ_MAIN_CONF) -> Check:
+    """THREATS B8–B10 through the keys BlueZ 5.66 reads (:data:`hostsetup.BLUEZ_WANTED`)."""
+    fix = (
+        "run packaging/install.sh (or set " + hostsetup.bluez_wanted_text() + "), systemctl restart bluetooth"
     )
-
-
-def _wanted() -> str:
-    return ", ".join(f"[{s}] {k} = {v}" for (s, k), v in BLUEZ_WANTED.items())
+    if not path.exists():
+        return Check("BlueZ settings", WARN, f"{path} not found", "install bluez; " + fix)
+    try:
+        wrong = hostsetup.bluez_problems(path.read_text(encoding="utf-8", errors="replace"))
+    except configparser.Error as exc:
+        return Check("BlueZ settings", WARN, f"{path}: {exc}", "fix the file")
+    return Check(
+        "BlueZ settings", WARN if wrong else PASS, ", ".join(wrong) or "hardened", fix if wrong else ""
+    )
 
 
 async def _probe_broker(host_port: tuple[str, int]) -> Check:
@@ -288,10 +361,11 @@ async def _probe_broker(host_port: tuple[str, int]) -> Check:
         writer.close()
     except (OSError, TimeoutError) as exc:
         return Check(
-            "broker", "fail", f"{host}:{port} unreachable ({exc})", "start the broker or fix [mqtt] url"
+            "broker", FAIL, f"{host}:{port} unreachable ({exc})", "start the broker or fix [mqtt] url"
         )
-    return Check("broker", "pass", f"{host}:{port} accepts connections (the daemon is not running)")
+    return Check("broker", PASS, f"{host}:{port} accepts connections (the daemon is not running)")
 
 
-def as_json(checks: list[Check]) -> dict[str, Any]:
-    return {"ok": not any(c.status == "fail" for c in checks), "checks": [asdict(c) for c in checks]}
+def as_json(checks: list[Check]) -> JsonObject:
+    """The doctor report's JSON (CONTRACT §6): ``ok`` and one object per check."""
+    return {"ok": not any(c.status == FAIL for c in checks), "checks": [asdict(c) for c in checks]}

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, cast
 
 import click
 from click.shell_completion import CompletionItem, get_completion_class
@@ -34,6 +34,8 @@ from click.shell_completion import CompletionItem, get_completion_class
 from gateway.cli.ui import Ui
 from gateway.config import Config, config_path, load_checked, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
+from gateway.wire import MAX_EVENTS_PAGE, SCAN_S_MAX, SCAN_S_MIN, ControlAnswer, JsonObject, WireError
+from protocols.event_encoding import INT64_MAX
 
 __all__ = ["cli", "main"]
 
@@ -105,7 +107,7 @@ def _complete_locks(ctx: click.Context, _param: click.Parameter, incomplete: str
     return [CompletionItem(lock, help=name or None) for lock, name in rows]
 
 
-# --- the link to the daemon (or the data directory) ------------------------------------------------
+# --- where a command goes: the daemon, or the data directory --------------------------------------
 
 
 #: Direct-mode commands that only read: they never keep ``lockgw run`` from starting.
@@ -121,7 +123,11 @@ class _DaemonOrDirect:
         self.config = config
         self._gw: Any = None
 
-    async def call(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, cmd: str, args: JsonObject) -> ControlAnswer:
+        """One command's answer, from the daemon or the direct gateway (parsed once, here)."""
+        return ControlAnswer.parse(await self._call(cmd, args))
+
+    async def _call(self, cmd: str, args: JsonObject) -> JsonObject:
         from gateway.cli.commands import dispatch  # noqa: PLC0415
         from gateway.runtime.control import call  # noqa: PLC0415 - keeps CLI start-up light
 
@@ -222,36 +228,33 @@ def _run_stoppable(
     return asyncio.run(go())
 
 
-def _with_link(
+def _with_gateway(
     opts: Opts,
     body: Callable[[_DaemonOrDirect, Ui], Awaitable[int]],
     *,
     stopped: Callable[[signal.Signals], int] | None = None,
 ) -> int:
-    """Run ``body`` on a link; SIGINT or SIGTERM end it, and the link is closed either way."""
+    """Run ``body`` against the daemon (or the direct gateway); SIGINT or SIGTERM end it, and
+    the direct gateway is closed either way."""
     config = opts.load()
-    link = _DaemonOrDirect(config)
+    target = _DaemonOrDirect(config)
     return _run_stoppable(
-        lambda: body(link, opts.ui),
+        lambda: body(target, opts.ui),
         stopped=stopped or (lambda sig: _stopped_by(sig, as_json=opts.json)),
-        cleanup=link.close,
+        cleanup=target.close,
     )
 
 
-def _emit(ui: Ui, answer: dict[str, Any], human: Callable[[Any], None]) -> int:
+def _emit(ui: Ui, answer: ControlAnswer, human: Callable[[Any], None]) -> int:
     """Print an answer: its data (JSON or human), or its error (JSON or stderr)."""
     if ui.json_mode:
-        ui.json(
-            answer.get("data")
-            if answer.get("ok")
-            else {"error": answer.get("error"), "code": answer.get("code")}
-        )
-    elif answer.get("ok"):
-        human(answer.get("data"))
+        ui.json(answer.data if answer.ok else {"error": answer.error, "code": answer.code})
+    elif answer.ok:
+        human(answer.data)
     else:
-        code = f"{answer['code']}: " if answer.get("code") else ""
-        ui.error(f"{code}{answer.get('error')}")
-    return int(answer.get("exit", EXIT_FAILED))
+        code = f"{answer.code}: " if answer.code else ""
+        ui.error(f"{code}{answer.error}")
+    return answer.exit
 
 
 # --- the command line --------------------------------------------------------------------------------
@@ -334,7 +337,7 @@ def config_check(opts: Opts, path: str | None) -> int:
 @cli.command(epilog=_example("lockgw scan --timeout 10"))
 @click.option(
     "--timeout",
-    type=click.FloatRange(0.5, 60),
+    type=click.FloatRange(SCAN_S_MIN, SCAN_S_MAX),
     default=5.0,
     show_default=True,
     help="Seconds to listen (0.5..60).",
@@ -348,13 +351,13 @@ def scan(opts: Opts, timeout: float) -> int:
     pairing mode.
     """
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress(f"scanning for {timeout:g} s …"):
-            a = await link.call("scan", {"timeout": timeout})
+            a = await target.call("scan", {"timeout": timeout})
         cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
         return _emit(ui, a, lambda d: ui.table(d["locks"], cols, title="locks in range"))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(epilog=_example("lockgw pair C0:12:34:56:78:9A --code 123-456-789 --name 'Front door'"))
@@ -366,17 +369,17 @@ def scan(opts: Opts, timeout: float) -> int:
 def pair(opts: Opts, address: str, code: str, name: str) -> int:
     """Pair a lock that is in pairing mode; prints the lock id alone."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         ui.note("put the lock in pairing mode (hold its button until the light blinks blue)")
         with ui.progress(f"pairing with {address} …"):
-            a = await link.call("pair", {"address": address, "code": code, "name": name})
+            a = await target.call("pair", {"address": address, "code": code, "name": name})
         # CONTRACT §6: pair prints the lock id (alone, so `L=$(lockgw pair …)` works).
         code_rc = _emit(ui, a, lambda d: ui.line(str(d["lock"])))
-        if a.get("ok") and not ui.json_mode:
-            ui.note(f"paired {a['data']['lock']} {a['data'].get('name') or ''}".rstrip())
+        if a.ok and a.data is not None and not ui.json_mode:
+            ui.note(f"paired {a.data['lock']} {a.data.get('name') or ''}".rstrip())
         return code_rc
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(
@@ -389,15 +392,15 @@ def pair(opts: Opts, address: str, code: str, name: str) -> int:
 def unpair(opts: Opts, lock: str, force: bool) -> int:
     """Wipe a lock's key on both ends."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress(f"unpairing {lock} …"):
-            a = await link.call("unpair", {"lock": lock, "force": force})
+            a = await target.call("unpair", {"lock": lock, "force": force})
         return _emit(ui, a, lambda _d: ui.line(f"unpaired {lock}"))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
-def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
+def _lock_table(ui: Ui, answer: ControlAnswer) -> int:
     from gateway.runtime.service import LockView  # noqa: PLC0415
 
     return _emit(ui, answer, lambda d: ui.table(d["locks"], list(LockView.FIELDS), title="locks"))
@@ -409,10 +412,10 @@ def _lock_table(ui: Ui, answer: dict[str, Any]) -> int:
 def locks(opts: Opts) -> int:
     """List paired locks and their last known state."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        return _lock_table(ui, await link.call("locks", {}))
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
+        return _lock_table(ui, await target.call("locks", {}))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(epilog=_example("lockgw status lk-1a2b3c4d", "lockgw status"))
@@ -422,15 +425,15 @@ def locks(opts: Opts) -> int:
 def status(opts: Opts, lock: str | None) -> int:
     """Refresh and show a lock's state (every lock without L)."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         if lock is None:
             with ui.progress("asking every lock …"):
-                return _lock_table(ui, await link.call("status", {}))
+                return _lock_table(ui, await target.call("status", {}))
         with ui.progress(f"asking {lock} …"):
-            a = await link.call("status", {"lock": lock})
+            a = await target.call("status", {"lock": lock})
         return _emit(ui, a, lambda d: ui.line("\n".join(f"{k:>13}: {v}" for k, v in d.items())))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 def _actuate_command(action: str) -> click.Command:
@@ -447,7 +450,7 @@ def _actuate_command(action: str) -> click.Command:
     @json_option
     @click.pass_obj
     def command(opts: Opts, lock: str, token: str, holder_key: str | None) -> int:
-        return _with_link(opts, lambda link, ui: _actuate(link, ui, action, lock, token, holder_key))
+        return _with_gateway(opts, lambda target, ui: _actuate(target, ui, action, lock, token, holder_key))
 
     command.__doc__ = (
         f"{action.capitalize()} a door with a token.\n\n"
@@ -461,32 +464,44 @@ def _actuate_command(action: str) -> click.Command:
 
 
 async def _actuate(  # noqa: PLR0917 - the command's arguments
-    link: _DaemonOrDirect, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
+    target: _DaemonOrDirect, ui: Ui, action: str, lock: str, token_path: str, holder_key: str | None
 ) -> int:
     from gateway.authz.keyfiles import read_document, read_private_key  # noqa: PLC0415
     from protocols import issuer  # noqa: PLC0415
 
     token = read_document(Path(token_path), "--token")
-    payload: dict[str, Any] = {"lock": lock, "token": base64.urlsafe_b64encode(token).decode().rstrip("=")}
+    payload: JsonObject = {"lock": lock, "token": base64.urlsafe_b64encode(token).decode().rstrip("=")}
     with ui.progress(f"{action}ing {lock} …"):
         if holder_key:
             holder = read_private_key(Path(holder_key), "--holder-key")
-            ch = await link.call("request", {"action": "challenge", "payload": {"lock": lock, "act": action}})
-            if not ch.get("ok"):
+            ch = await target.call(
+                "request", {"action": "challenge", "payload": {"lock": lock, "act": action}}
+            )
+            if not ch.ok:
                 return _emit(ui, ch, lambda _d: None)
-            data = ch["data"]["data"]
-            nonce = base64.urlsafe_b64decode(data["nonce"] + "==")
-            proof = issuer.proof(holder, token_bytes=token, nonce=nonce, gw=data["gw"], lock=lock, act=action)
+            data = _answered(ch)
+            nonce = base64.urlsafe_b64decode(str(data["nonce"]) + "==")
+            proof = issuer.proof(
+                holder, token_bytes=token, nonce=nonce, gw=str(data["gw"]), lock=lock, act=action
+            )
             payload["proof"] = base64.urlsafe_b64encode(proof).decode().rstrip("=")
-        answer = await link.call("request", {"action": action, "payload": payload})
+        answer = await target.call("request", {"action": action, "payload": payload})
     if ui.json_mode:
-        ui.json(answer.get("data"))
-    elif answer.get("ok"):
-        d = answer["data"]["data"]
+        ui.json(answer.data)
+    elif answer.ok:
+        d = _answered(answer)
         ui.line(f"{d['lock']}: {d['state']} (event #{d['seq']})")
     else:
-        ui.error(f"{action} refused: {answer.get('code')}: {answer.get('error')}")
-    return int(answer["exit"])
+        ui.error(f"{action} refused: {answer.code}: {answer.error}")
+    return answer.exit
+
+
+def _answered(answer: ControlAnswer) -> JsonObject:
+    """The data of a ``request`` command's ok answer: the MQTT response's own ``data``."""
+    inner = (answer.data or {}).get("data")
+    if not isinstance(inner, dict):
+        raise WireError("the daemon's answer to a request carries no data")
+    return inner
 
 
 _actuate_command("unlock")
@@ -527,13 +542,13 @@ class _When(click.ParamType[str]):
 )
 @click.option(
     "--since",
-    type=click.IntRange(min=1, max=2**63 - 1),
+    type=click.IntRange(min=1, max=INT64_MAX),
     default=1,
     show_default=True,
     help="First seq to show.",
 )
 @click.option(
-    "--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Events at most."
+    "--limit", type=click.IntRange(1, MAX_EVENTS_PAGE), default=100, show_default=True, help="Events at most."
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events (JSON lines with --json).")
 @click.option("--lock", default=None, shell_complete=_complete_locks, help="Only this lock's events.")
@@ -543,7 +558,7 @@ class _When(click.ParamType[str]):
 @click.option("--until", type=_When(), default=None, help="Before this time (ISO 8601, or an age).")
 @json_option
 @click.pass_obj
-def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one branch per filter and mode
+def events(  # noqa: PLR0917 - click passes one parameter per option
     opts: Opts,
     since: int,
     limit: int,
@@ -560,43 +575,52 @@ def events(  # noqa: PLR0917, C901 - click passes one parameter per option; one 
     clock, emergency alarm) are tagged; on a terminal a tick marks what central has receipted.
     """
     filters = {"lock": lock, "type": type_, "sub": sub, "from": from_, "until": until}
+    given: JsonObject = {k: v for k, v in filters.items() if v}
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         cursor = since
         while True:
-            a = await link.call(
-                "events", {"since": cursor, "limit": limit, **{k: v for k, v in filters.items() if v}}
-            )
-            if not a.get("ok"):
+            a = await target.call("events", {"since": cursor, "limit": limit, **given})
+            if not a.ok or a.data is None:
                 return _emit(ui, a, lambda _d: None)
-            d = a["data"]
+            page: dict[str, Any] = a.data
             if not follow:
-                if ui.json_mode:
-                    ui.json(d)
-                elif d["events"]:
-                    ui.event_table(d["events"], receipt_seq=d["receipt_seq"])
-                else:
-                    ui.note(f"(no matching events from #{cursor}; the last is #{d['last_seq']})")
-                return EXIT_OK
-            for e in d["events"]:
-                if ui.json_mode:
-                    ui.json(e)
-                else:
-                    ui.event(e, receipt_seq=d["receipt_seq"])
-            cursor = d["next"]
-            if len(d["events"]) < limit:
+                return _show_events(ui, page, cursor)
+            _print_followed(ui, page)
+            cursor = page["next"]
+            if len(page["events"]) < limit:
                 await asyncio.sleep(FOLLOW_POLL_S)
 
     # --follow ends with Ctrl-C or SIGTERM: that is success. (KeyboardInterrupt: a Ctrl-C
     # while the configuration is read, before the command's own handling is installed.)
     try:
-        return _with_link(
+        return _with_gateway(
             opts, body, stopped=lambda _sig: EXIT_OK if follow else _stopped_by(_sig, as_json=opts.json)
         )
     except KeyboardInterrupt:
         if follow:
             return EXIT_OK
         raise
+
+
+def _show_events(ui: Ui, page: dict[str, Any], cursor: int) -> int:
+    """One page of history: JSON, a table, or a note that nothing matched."""
+    if ui.json_mode:
+        ui.json(page)
+    elif page["events"]:
+        ui.event_table(page["events"], receipt_seq=page["receipt_seq"])
+    else:
+        ui.note(f"(no matching events from #{cursor}; the last is #{page['last_seq']})")
+    return EXIT_OK
+
+
+def _print_followed(ui: Ui, page: dict[str, Any]) -> None:
+    """``--follow``: each event as a JSON line or a line of text."""
+    for e in page["events"]:
+        if ui.json_mode:
+            ui.json(e)
+        else:
+            ui.event(e, receipt_seq=page["receipt_seq"])
 
 
 @cli.group(epilog=_example("lockgw trust show", "lockgw trust install keyring.cose"))
@@ -616,10 +640,10 @@ def _doc(doc: Any) -> str:
 def trust_show(opts: Opts) -> int:
     """Installed keyring and revocation list (versions, days to expiry) and the time floor."""
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        a = await link.call("trust_show", {})
-        d = a.get("data") or {}
-        if a.get("ok") and ui.json_mode:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
+        a = await target.call("trust_show", {})
+        d: dict[str, Any] = a.data or {}
+        if a.ok and ui.json_mode:
             for name in ("keyring", "revocations"):
                 if isinstance(d.get(name), dict):
                     d[name].pop("days_left", None)
@@ -634,7 +658,7 @@ def trust_show(opts: Opts) -> int:
             ),
         )
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @trust.command("install", epilog=_example("lockgw trust install keyring.cose"))
@@ -645,8 +669,8 @@ def trust_install(opts: Opts, file: str) -> int:
     """Install a keyring, revocation list or time statement (told apart by content type)."""
     raw = Path(file).read_bytes()
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
-        a = await link.call("trust_install", {"document": base64.b64encode(raw).decode()})
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
+        a = await target.call("trust_install", {"document": base64.b64encode(raw).decode()})
         return _emit(
             ui,
             a,
@@ -656,7 +680,7 @@ def trust_install(opts: Opts, file: str) -> int:
             ),
         )
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.group(epilog=_example("lockgw firmware status", "lockgw firmware apply manifest.cose app.signed.bin"))
@@ -664,10 +688,11 @@ def firmware() -> None:
     """Firmware rollouts to the locks (docs/firmware.md)."""
 
 
-def _firmware_answer(a: dict[str, Any]) -> dict[str, Any]:
+def _firmware_answer(a: ControlAnswer) -> ControlAnswer:
     """A control ``request`` answer with the use case's data lifted to ``data``."""
-    if a.get("ok"):
-        return {**a, "data": (a.get("data") or {}).get("data")}
+    if a.ok:
+        inner = (a.data or {}).get("data")
+        return ControlAnswer.done(inner if isinstance(inner, dict) else {})
     return a
 
 
@@ -679,7 +704,7 @@ def _rollout_rows(data: Any) -> list[dict[str, Any]]:
     ]
 
 
-async def _firmware_status(link: _DaemonOrDirect) -> dict[str, Any]:
+async def _firmware_status(link: _DaemonOrDirect) -> ControlAnswer:
     return _firmware_answer(await link.call("request", {"action": "firmware_status", "payload": {}}))
 
 
@@ -694,7 +719,7 @@ def firmware_status(opts: Opts) -> int:
         cols = ["rollout", "version", "lock", "ring", "state", "progress", "reason"]
         return _emit(ui, a, lambda d: ui.table(_rollout_rows(d), cols, title="firmware"))
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @firmware.command("apply", epilog=_example("lockgw firmware apply manifest.cose app.signed.bin --wait"))
@@ -712,17 +737,22 @@ def firmware_apply(opts: Opts, manifest: str, image: str, *, wait: bool) -> int:
 
     async def body(link: _DaemonOrDirect, ui: Ui) -> int:
         a = _firmware_answer(await link.call("request", {"action": "firmware_apply", "payload": payload}))
-        if not a.get("ok") or not wait:
+        if not a.ok or not wait:
             return _emit(
                 ui,
                 a,
                 lambda d: ui.line(f"rollout {d['rollout']} of {d['version']} started: rings {d['rings']}"),
             )
-        rollout, last = a["data"]["rollout"], ""
+        rollout, last = (a.data or {}).get("rollout"), ""
         while True:
             s = await _firmware_status(link)
-            mine = [r for r in (s.get("data") or {}).get("rollouts", []) if r["rollout"] == rollout]
-            if not s.get("ok") or not mine or mine[0]["state"] != "running":
+            listed = (s.data or {}).get("rollouts")
+            mine: list[Any] = [
+                r
+                for r in (listed if isinstance(listed, list) else [])
+                if isinstance(r, dict) and r.get("rollout") == rollout
+            ]
+            if not s.ok or not mine or mine[0]["state"] != "running":
                 break
             done = sum(
                 lk["state"] in ("confirmed", "reverted", "refused", "failed", "halted")
@@ -741,7 +771,7 @@ def firmware_apply(opts: Opts, manifest: str, image: str, *, wait: bool) -> int:
         halted = bool(mine) and mine[0]["state"] != "done"
         return code or (1 if halted else 0)
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(epilog=_example("lockgw doctor", "lockgw --json doctor"))
@@ -754,18 +784,18 @@ def doctor(opts: Opts) -> int:
     and TLS, time state, keyring and revocation expiry, outbox backlog, systemd watchdog.
     """
 
-    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         with ui.progress("checking …"):
-            a = await link.call("doctor", {})
+            a = await target.call("doctor", {})
         if ui.json_mode:
-            ui.json(a.get("data"))
-        elif "data" in a:
-            ui.checks(a["data"].get("checks", []))
+            ui.json(a.data)
+        elif a.data is not None:
+            ui.checks(cast("list[dict[str, Any]]", a.data.get("checks", [])))
         else:
-            ui.error(str(a.get("error")))
-        return int(a.get("exit", EXIT_FAILED))
+            ui.error(str(a.error))
+        return a.exit
 
-    return _with_link(opts, body)
+    return _with_gateway(opts, body)
 
 
 @cli.command(

@@ -5,7 +5,9 @@ Every connect uses clean start off and a one-week session expiry, with the will 
 keeping the session (mosquitto 2.0.11 does not restore MQTT 5 sessions after a restart): after
 each connect the gateway re-publishes, in order, every event no receipt covers yet, straight
 from the outbox — the outbox is the only queue. The broker's PUBACK marks an event published;
-only a ``B/G/receipt`` from central marks it delivered.
+only a ``B/G/receipt`` from central marks it delivered. With ``[mqtt] protocol = "3.1.1"``
+(docs/mqtt-3.1.1.md) the session is clean session off instead (3.1.1 has no expiry interval),
+nothing carries properties, and answers go to ``B/G/response/<action>``.
 
 Per connection the bridge runs, in one TaskGroup: the receiver (requests, receipts, trust
 documents), the event drain (a capped window of QoS 1 publishes in seq order) and the heartbeat
@@ -25,27 +27,43 @@ import contextlib
 import errno
 import json
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypedDict
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway import log
+from gateway.authz.keyfiles import read_bounded
 from gateway.backoff import backoff_for
-from gateway.config import MqttConfig
-from gateway.errors import MqttUnavailable
+from gateway.config import MAX_SECRET_BYTES, MqttConfig
+from gateway.errors import ConfigError, MqttUnavailable
+from gateway.events import SealedEvent
 from gateway.store.outbox import Outbox
 from gateway.tasks import cancel_and_wait
-from gateway.wire import Receipt, WireError, loads_bounded, parse_model, transaction_of
+from gateway.wire import (
+    ECHO_LEN,
+    JsonObject,
+    Receipt,
+    Response,
+    WireError,
+    error_response,
+    loads_bounded,
+    parse_model,
+    transaction_of,
+)
 
 __all__ = [
     "HEARTBEAT_S",
     "RECEIPT_ALARM_S",
+    "GatewayInfo",
+    "Heartbeat",
     "MqttBridge",
     "ReceiptWatch",
     "quiet_closed_socket_callbacks",
@@ -84,7 +102,37 @@ DISCONNECT_WITH_WILL: Final = 0x04
 #: and the operator see it within 12 minutes — inside the 15-minute goal.
 RECEIPT_ALARM_S: Final = 600.0
 
-Handler = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+Handler = Callable[[str, bytes], Awaitable[Response]]
+
+
+class GatewayInfo(TypedDict):
+    """The retained ``B/G/info`` object (CONTRACT §4)."""
+
+    gw: str
+    site: str
+    version: str
+    started_at: int | None
+    epoch: str
+    locks: list[str]
+    keyring_version: int | None
+    keyring_exp: int | None
+    revocations_version: int | None
+    revocations_exp: int | None
+    time_state: str
+
+
+class Heartbeat(TypedDict):
+    """The ``B/G/heartbeat`` object (CONTRACT §4, §8.8)."""
+
+    ts: int
+    epoch: str
+    last_seq: int
+    receipt_seq: int
+    backlog: int
+    time_state: str
+    alarms: list[str]
+
+
 _log = log.get("mqtt")
 
 
@@ -127,15 +175,18 @@ class MqttBridge:
         outbox: Outbox,
         handle_request: Handler,
         install: Callable[[bytes], Awaitable[object]],
-        info: Callable[[], dict[str, Any]],
-        heartbeat: Callable[[], dict[str, Any]],
-        lock_states: Callable[[], list[dict[str, Any]]],
+        info: Callable[[], GatewayInfo],
+        heartbeat: Callable[[], Heartbeat],
+        lock_states: Callable[[], list[JsonObject]],
         heartbeat_s: float = HEARTBEAT_S,
         republish_after_s: float = REPUBLISH_AFTER_S,
         receipt_alarm_s: float = RECEIPT_ALARM_S,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = config
+        #: MQTT 3.1.1 (docs/mqtt-3.1.1.md): no properties at all — answers go to
+        #: ``B/G/response/<action>`` with the request's ``transaction``.
+        self.v311 = config.protocol == "3.1.1"
         self.gw_id, self.site = gw_id, site
         base = config.base_topic
         self.t_availability = f"{base}/{gw_id}/availability"
@@ -193,11 +244,21 @@ class MqttBridge:
                 offline = self._client is client
         current = self._client
         if graceful and current is not None and not offline:
-            # Sent before the session is cancelled (nothing awaits in between): the broker acts
-            # on this DISCONNECT and closes, so the normal one from aiomqtt's exit never counts.
-            current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
-                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
-            )
+            if self.v311:
+                # MQTT 3.1.1 has no such reason code: any DISCONNECT discards the will. Ending
+                # the TCP stream without one is a lost connection to the broker, which then
+                # publishes the will (MQTT 3.1.1 §3.1.2.5).
+                sock = current._client.socket()  # noqa: SLF001 - paho's socket, no API for this
+                if isinstance(sock, socket.socket):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            else:
+                # Sent before the session is cancelled (nothing awaits in between): the broker
+                # acts on this DISCONNECT and closes, so the normal one from aiomqtt's exit
+                # never counts.
+                current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
+                    reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+                )
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait([task])
@@ -209,11 +270,17 @@ class MqttBridge:
 
     def _make_client(self) -> aiomqtt.Client:
         host, port = self.cfg.host_port
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props: Properties | None = None
+        if not self.v311:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
         password = None
         if self.cfg.password_file is not None:
-            password = self.cfg.password_file.read_text(encoding="utf-8").strip()
+            password = (
+                read_bounded(self.cfg.password_file, "mqtt.password_file", MAX_SECRET_BYTES)
+                .decode("utf-8", "replace")
+                .strip()
+            )
         tls_context = None
         if self.cfg.tls:
             tls_context = ssl.create_default_context(
@@ -227,8 +294,11 @@ class MqttBridge:
             host,
             port,
             identifier=f"lockgw-{self.gw_id}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            # 3.1.1: clean session off is the persistent session (no expiry interval exists;
+            # the broker keeps it until a clean connect). 5: clean start off + session expiry.
+            protocol=aiomqtt.ProtocolVersion.V311 if self.v311 else aiomqtt.ProtocolVersion.V5,
+            clean_session=False if self.v311 else None,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY if self.v311 else False,
             properties=props,
             keepalive=KEEPALIVE_S,
             timeout=10,
@@ -251,7 +321,12 @@ class MqttBridge:
         while True:
             try:
                 client = self._make_client()
-            except (OSError, ssl.SSLError, ValueError) as exc:  # a password or TLS file unreadable
+            except (
+                OSError,
+                ssl.SSLError,
+                ValueError,
+                ConfigError,
+            ) as exc:  # a password or TLS file unreadable
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 _log.error("mqtt_client_unusable", reason=self.last_error)
                 attempt += 1
@@ -326,12 +401,12 @@ class MqttBridge:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             await self._publish(self.t_info, json.dumps(self._info(), sort_keys=True), retain=True)
 
-    async def publish_lock_state(self, state: dict[str, Any]) -> None:
+    async def publish_lock_state(self, state: JsonObject) -> None:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             topic = f"{self.cfg.base_topic}/{self.gw_id}/locks/{state['lock']}/state"
             await self._publish(topic, json.dumps(state, sort_keys=True), retain=True)
 
-    async def publish_replayed(self, event: dict[str, Any]) -> None:
+    async def publish_replayed(self, event: SealedEvent) -> None:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             await self._publish(self.t_events, json.dumps(event, sort_keys=True))
 
@@ -449,7 +524,9 @@ class MqttBridge:
         refused too — else a requester could make the gateway publish, with its own broker
         rights, where only central or phones may (every gateway of the site would then record a
         ``trust.rejected``)."""
-        own = self.t_response + (action if action.isascii() and action.isprintable() else "invalid")[:64]
+        own = (
+            self.t_response + (action if action.isascii() and action.isprintable() else "invalid")[:ECHO_LEN]
+        )
         if requested is None or requested == "":
             return own, False
         if not isinstance(requested, str):
@@ -477,21 +554,14 @@ class MqttBridge:
         async def run() -> None:
             topic, refused = self.response_topic(action, response_topic)
             if refused:
-                response: dict[str, Any] = {
-                    "transaction": _tx(payload),
-                    "status": "error",
-                    "error": {
-                        "code": "invalid_request",
-                        "message": "Response Topic must not hold a wildcard or lie on this gateway's "
-                        "own topics outside response/ (CONTRACT §8.10)",
-                    },
-                }
+                response: Response = error_response(
+                    _tx(payload),
+                    "invalid_request",
+                    "Response Topic must not hold a wildcard or lie on this gateway's "
+                    "own topics outside response/ (CONTRACT §8.10)",
+                )
             elif (budget := self._access if action in _ACCESS_ACTIONS else self._requests).locked():
-                response = {
-                    "transaction": _tx(payload),
-                    "status": "error",
-                    "error": {"code": "busy", "message": "too many requests in progress"},
-                }
+                response = error_response(_tx(payload), "busy", "too many requests in progress")
             else:
                 async with budget:
                     response = await self._handle_request(action, payload)

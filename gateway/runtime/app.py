@@ -38,14 +38,16 @@ from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import Registry
 from gateway.config import Config
 from gateway.errors import AdapterUnavailable
+from gateway.events import GatewayStarted, GatewayStopping, TimeStateChanged, TrustExpired, TrustExpiring
 from gateway.firmware.rollout import Rollouts
 from gateway.firmware.store import FirmwareStore
-from gateway.mqtt.bridge import MqttBridge
+from gateway.mqtt.bridge import GatewayInfo, Heartbeat, MqttBridge
 from gateway.runtime.control import ControlServer
 from gateway.runtime.service import LockView, Service
 from gateway.runtime.supervisor import Component, Failure, OnFailure, Supervisor
 from gateway.runtime.systemd import notify, watchdog_interval_s
 from gateway.store.outbox import Outbox, OutboxStats
+from gateway.wire import ControlAnswer, JsonObject
 from protocols.credentials import Policy, TimeView
 
 __all__ = ["Gateway"]
@@ -102,7 +104,7 @@ class Gateway:
     mqtt: MqttBridge | None = field(init=False, default=None)
     #: What answers the control socket (``gateway.cli.commands.dispatch``, injected by the
     #: CLI so that this layer never imports the one above it); None: no control socket.
-    control_handler: Callable[[Gateway, str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    control_handler: Callable[[Gateway, str, JsonObject], Awaitable[JsonObject]] | None = None
     #: Direct mode for a reader (``events``, ``locks``): no lock on the data directory at all, so
     #: a technician's ``events --follow`` never keeps the daemon from starting.
     readonly: bool = False
@@ -172,7 +174,7 @@ class Gateway:
                     site=gw.site,
                     lookup=self.registry.get,
                     keys=lambda: self.authz.core.firmware_keys(int(self.clock.wall())),
-                    emit=self.service.event,
+                    emit=self.service.firmware_event,
                     clock=self.clock.wall,
                     on_firmware=self.service.firmware_changed,
                     autostart=not self.direct,
@@ -182,9 +184,7 @@ class Gateway:
             self.started_at = int(self.clock.wall())
             if self.direct:
                 return self
-            await self.service.event(
-                "gateway.started", data={"version": _version(), "alarms": self.authz.alarms}
-            )
+            await self.service.event(GatewayStarted(version=_version(), alarms=tuple(self.authz.alarms)))
             await self._announce_expiries()
             if cfg.mqtt is not None:
                 self.mqtt = MqttBridge(
@@ -232,7 +232,7 @@ class Gateway:
         # (MQTT bridge, control socket) and each records access.failed before it ends.
         interrupted = await self.service.quiesce(STOP_GRACE_S)
         with contextlib.suppress(Exception):
-            await self.service.event("gateway.stopping", data={"interrupted_commands": interrupted})
+            await self.service.event(GatewayStopping(interrupted_commands=interrupted))
         if self.mqtt is not None:
             # Give the drain a moment to publish the stopping event, then say offline.
             if self.mqtt.connected.is_set():
@@ -245,7 +245,7 @@ class Gateway:
 
     # --- published state --------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> GatewayInfo:
         summary = self.authz.trust_summary()
         kr, rl = summary["keyring"], summary["revocations"]
         return {
@@ -262,7 +262,7 @@ class Gateway:
             "time_state": str(self.authz.time_view().state),
         }
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self) -> Heartbeat:
         stats = self.outbox.stats()
         return {
             "ts": int(self.clock.wall()),
@@ -379,22 +379,20 @@ class Gateway:
 
     # --- the control socket ---------------------------------------------------------------
 
-    async def control(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def control(self, cmd: str, args: JsonObject) -> JsonObject:
         """Commands from ``lockgw`` while the daemon runs (gateway/runtime/control.py), answered by the
         injected ``control_handler`` (gateway/cli/commands.py: the CLI layer, above this one)."""
         if self.control_handler is None:
-            return {"ok": False, "exit": 2, "error": "this gateway serves no control commands"}
+            return ControlAnswer.refused("this gateway serves no control commands", exit_code=2).as_json()
         return await self.control_handler(self, cmd, args)
 
     # --- loops ------------------------------------------------------------------------------
 
     async def _announce_expiries(self) -> None:
         for exp in self.authz.expiring():
-            kind = "trust.expired" if exp.days_left <= 0 else "trust.expiring"
+            kind = TrustExpired if exp.days_left <= 0 else TrustExpiring
             await self.service.event(
-                kind,
-                outcome="warning",
-                data={"what": exp.what, "id": exp.ident, "exp": exp.exp, "days_left": exp.days_left},
+                kind(what=exp.what, ident=exp.ident, exp=exp.exp, days_left=exp.days_left)
             )
 
     async def _expiry_loop(self) -> None:
@@ -424,9 +422,7 @@ class Gateway:
             state = str(self.authz.time_view().state)
             if state != self._last_time_state:
                 if self._last_time_state:
-                    await self.service.event(
-                        "time.state_changed", data={"from": self._last_time_state, "to": state}
-                    )
+                    await self.service.event(TimeStateChanged(before=self._last_time_state, after=state))
                     self._info_changed()
                 self._last_time_state = state
             await asyncio.sleep(TIME_STATE_EVERY_S)

@@ -15,12 +15,12 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Final, Self
 
 from gateway import log
 from gateway.errors import AdapterUnavailable
 from gateway.tasks import cancel_and_wait
-from gateway.wire import ControlLine, WireError, loads_bounded, parse_model
+from gateway.wire import ControlAnswer, ControlLine, JsonObject, WireError, loads_bounded, parse_model
 
 __all__ = ["MAX_LINE", "ControlServer", "call"]
 
@@ -31,7 +31,8 @@ MAX_CLIENTS: Final = 64
 #: once; a follower asks again every second).
 IDLE_S: Final = 60.0
 
-Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+#: Answers one command: its name and JSON args in, the JSON answer out (gateway/cli/commands.py).
+Handler = Callable[[str, JsonObject], Awaitable[JsonObject]]
 _log = log.get("control")
 
 
@@ -66,7 +67,9 @@ class ControlServer:
             # Bounded: a client that opens connections without end cannot use up the daemon's
             # file descriptors (and with them the MQTT reconnect and the CLI's own connection).
             _log.warning("control_refused", reason=f"more than {self._max_clients} connections")
-            writer.write(_line({"ok": False, "exit": 3, "error": "too many control connections; try again"}))
+            writer.write(
+                _line(ControlAnswer.refused("too many control connections; try again", exit_code=3).as_json())
+            )
             writer.close()
             return
         task = asyncio.current_task()
@@ -78,7 +81,7 @@ class ControlServer:
                     async with asyncio.timeout(self._idle_s):
                         line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(_line({"ok": False, "exit": 2, "error": "request line too long"}))
+                    writer.write(_line(ControlAnswer.refused("request line too long", exit_code=2).as_json()))
                     break
                 except TimeoutError:
                     break  # idle (or a line that never ends): the connection is closed
@@ -93,24 +96,25 @@ class ControlServer:
             if task is not None:
                 self._clients.discard(task)
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes) -> JsonObject:
         try:
             request = parse_model(ControlLine, loads_bounded(line, max_bytes=MAX_LINE))
         except WireError as exc:
-            return {"ok": False, "exit": 2, "error": f"malformed control request: {exc}"}
+            return ControlAnswer.refused(f"malformed control request: {exc}", exit_code=2).as_json()
         try:
             return await self._handler(request.cmd, request.args)
         except Exception as exc:  # noqa: BLE001 - the daemon answers, never dies, on a bad command
             _log.error("control_command_crashed", cmd=request.cmd, exc_info=exc)
-            return {"ok": False, "exit": 1, "error": f"{type(exc).__name__}: {exc}"}
+            return ControlAnswer.refused(f"{type(exc).__name__}: {exc}").as_json()
 
 
-def _line(obj: dict[str, Any]) -> bytes:
+def _line(obj: JsonObject) -> bytes:
     return json.dumps(obj, sort_keys=True).encode() + b"\n"
 
 
-async def call(path: Path, cmd: str, args: dict[str, Any], *, timeout_s: float = 60.0) -> dict[str, Any]:
-    """One request to the daemon. Raises OSError when no daemon listens there."""
+async def call(path: Path, cmd: str, args: JsonObject, *, timeout_s: float = 60.0) -> JsonObject:
+    """One request to the daemon: its answer's JSON (the CLI reads it as a ``ControlAnswer``).
+    Raises OSError when no daemon listens there."""
     reader, writer = await asyncio.open_unix_connection(str(path), limit=16 * 1024 * 1024)
     try:
         writer.write(_line({"cmd": cmd, "args": args}))

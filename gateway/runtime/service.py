@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Generic, Protocol, TypedDict, TypeVar
 
@@ -38,22 +38,47 @@ import structlog
 from pydantic import BaseModel
 
 from gateway import log
-from gateway.authz.authorizer import Authorizer, InstallOutcome
+from gateway.authz.authorizer import Authorizer, DocumentKind, InstallOutcome
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord, Registry
 from gateway.errors import BleError, LockgwError, OutboxError
+from gateway.events import (
+    AccessDenied,
+    AccessFailed,
+    AccessGranted,
+    ActuationReported,
+    Event,
+    LockLogForwarded,
+    LockPaired,
+    LockReachable,
+    LockUnpaired,
+    LockUnreachable,
+    Requester,
+    SealedEvent,
+    Stamp,
+    TimeAlarm,
+    TrustExpiring,
+    TrustInstalled,
+    TrustRejected,
+    event_fields,
+)
 from gateway.firmware.rollout import FirmwareRefused, Rollouts
 from gateway.store.outbox import Outbox
 from gateway.wire import (
+    ECHO_LEN,
     MAX_REQUEST_BYTES,
     ActuateRequest,
     ChallengeRequest,
     EmptyRequest,
     FirmwareApplyRequest,
+    JsonObject,
     LockRequest,
     ReplayRequest,
+    Response,
     WireError,
+    error_response,
     loads_bounded,
+    ok_response,
     parse_model,
     transaction_of,
 )
@@ -61,9 +86,8 @@ from protocols.credentials import Decision
 from protocols.errors import ProtocolError, TokenError
 from protocols.limits import CHALLENGE_TTL_S, COMMAND_ID_LEN
 from protocols.messages import (
+    DoorState,
     LockState,
-    LogEntry,
-    LogKind,
     Op,
     Status,
     parse_actuation,
@@ -93,19 +117,6 @@ STATUS_WAITERS_MAX: Final = 16
 ACTIONS: Final = frozenset(
     {"challenge", "unlock", "lock", "status", "locks", "replay", "firmware_apply", "firmware_status"}
 )
-_LOG_EVENT: Final = {
-    LogKind.UNLOCKED: "lock.unlocked",
-    LogKind.LOCKED: "lock.locked",
-    LogKind.JAMMED: "lock.jammed",
-    LogKind.DOOR_OPENED: "lock.door_opened",
-    LogKind.DOOR_CLOSED: "lock.door_closed",
-    LogKind.BATTERY_LOW: "lock.battery_low",
-    LogKind.MANUAL: "lock.manual",
-    LogKind.PAIRED: "lock.log",
-    LogKind.UNPAIRED: "lock.log",
-    LogKind.TIME_SET: "lock.log",
-    LogKind.LOG_OVERFLOW: "lock.log",
-}
 
 
 class RequestError(LockgwError):
@@ -153,8 +164,8 @@ class LockView:
 
     lock: str
     name: str
-    state: str = "unknown"
-    door: str = "unknown"
+    state: LockState = LockState.UNKNOWN
+    door: DoorState = DoorState.UNKNOWN
     battery_pct: int | None = None
     available: bool = False
     last_contact: int | None = None
@@ -174,12 +185,12 @@ class LockView:
         "firmware",
     )
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> JsonObject:
         return {name: getattr(self, name) for name in self.FIELDS}
 
 
 class _AnyRoute(Protocol):
-    async def answer(self, svc: Service, value: object, transaction: str | None) -> dict[str, Any]: ...
+    async def answer(self, svc: Service, value: object, transaction: str | None) -> JsonObject: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +199,17 @@ class _Route(Generic[_M, _R]):
 
     model: type[_M]
     call: Callable[[Service, _M, str | None], Awaitable[_R]]
-    encode: Callable[[_R], dict[str, Any]]
+    encode: Callable[[_R], JsonObject]
 
-    async def answer(self, svc: Service, value: object, transaction: str | None) -> dict[str, Any]:
+    async def answer(self, svc: Service, value: object, transaction: str | None) -> JsonObject:
         return self.encode(await self.call(svc, parse_model(self.model, value), transaction))
 
 
-def _locks_json(views: list[LockView]) -> dict[str, Any]:
+def _locks_json(views: list[LockView]) -> JsonObject:
     return {"locks": [v.as_json() for v in views]}
 
 
-def _count_json(count: int) -> dict[str, Any]:
+def _count_json(count: int) -> JsonObject:
     return {"count": count}
 
 
@@ -212,7 +223,7 @@ class Service:
     links: LinkManager
     on_lock_state: Callable[[LockView], None] = lambda _v: None
     on_info_changed: Callable[[], None] = lambda: None
-    replay_sink: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    replay_sink: Callable[[SealedEvent], Awaitable[None]] | None = None
     #: Firmware rollouts (docs/firmware.md); set by the runtime once the service exists.
     firmware: Rollouts | None = None
     views: dict[str, LockView] = field(default_factory=dict)
@@ -251,40 +262,55 @@ class Service:
 
     # --- events ------------------------------------------------------------------------------
 
-    def _stamp(self) -> dict[str, str]:
+    def _stamp(self) -> Stamp:
         """The time and trust state every event carries (one time view per event)."""
         view = self.authz.time_view()
-        return {"time_state": str(view.state), "trust_state": self.authz.core.trust_state(view.now)}
+        return Stamp(str(view.state), self.authz.core.trust_state(view.now))
 
-    async def event(self, type_: str, **fields: Any) -> dict[str, Any]:
-        return await self.outbox.append({"type": type_, **self._stamp(), **fields})
+    def _fields(self, event: Event) -> dict[str, object]:
+        return event_fields(event, self._stamp())
+
+    async def event(self, event: Event) -> SealedEvent:
+        """Commit ``event`` (gateway/events.py) durably; the sealed event."""
+        return await self.outbox.append(self._fields(event))
+
+    async def firmware_event(
+        self, type_: str, *, lock: str | None, reason: str | None, data: dict[str, Any]
+    ) -> SealedEvent:
+        """A ``firmware.*`` event (docs/firmware.md; CONTRACT §5 shape: ``lock``, ``reason``,
+        the rest in ``data``), stamped like every event."""
+        stamp = self._stamp()
+        return await self.outbox.append(
+            {
+                "type": type_,
+                "time_state": stamp.time_state,
+                "trust_state": stamp.trust_state,
+                "lock": lock,
+                "reason": reason,
+                "data": data,
+            }
+        )
 
     async def trust_event(self, outcome: InstallOutcome, *, transaction: str | None = None) -> None:
         if outcome.rejected:
             await self.event(
-                "trust.rejected",
-                outcome="rejected",
-                reason=outcome.code,
-                transaction=transaction,
-                data={"kind": outcome.kind, "message": outcome.message},
+                TrustRejected(
+                    reason=outcome.code, kind=outcome.kind, message=outcome.message, transaction=transaction
+                )
             )
         elif outcome.installed:
             await self.event(
-                "trust.installed",
-                transaction=transaction,
-                data={"kind": outcome.kind, "version": outcome.version, "exp": outcome.exp},
+                TrustInstalled(
+                    kind=outcome.kind, version=outcome.version, exp=outcome.exp, transaction=transaction
+                )
             )
             for exp in outcome.expiring:
                 await self.event(
-                    "trust.expiring",
-                    outcome="warning",
-                    data={"what": exp.what, "id": exp.ident, "exp": exp.exp, "days_left": exp.days_left},
+                    TrustExpiring(what=exp.what, ident=exp.ident, exp=exp.exp, days_left=exp.days_left)
                 )
             self.on_info_changed()
         if outcome.alarm:
-            await self.event(
-                "time.state_changed", outcome="alarm", reason=outcome.alarm, data={"kind": outcome.kind}
-            )
+            await self.event(TimeAlarm(reason=outcome.alarm, kind=outcome.kind))
 
     async def install(self, raw: bytes, *, transaction: str | None = None) -> InstallOutcome:
         """The same as :meth:`install_trust` (its name before the use cases were named)."""
@@ -292,7 +318,7 @@ class Service:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def handle(self, action: str, payload: bytes) -> dict[str, Any]:
+    async def handle(self, action: str, payload: bytes) -> Response:
         """Answer one MQTT request; never raises for bad input (CONTRACT §4: errors are responses).
 
         The payload is parsed once, bounded, into the action's typed model (gateway/wire.py);
@@ -300,24 +326,23 @@ class Service:
         per request (action, transaction, lock, outcome, reason code; never a token or proof)."""
         return await self._logged(action, lambda: loads_bounded(payload))
 
-    async def answer(self, action: str, value: object) -> dict[str, Any]:
+    async def answer(self, action: str, value: object) -> Response:
         """As :meth:`handle`, for a request already parsed from bounded JSON (the control
         socket's ``request`` command): the same action table, answer and log line."""
         return await self._logged(action, lambda: value)
 
-    async def _logged(self, action: str, parse: Callable[[], object]) -> dict[str, Any]:
-        with structlog.contextvars.bound_contextvars(action=action[:64], transaction=None, lock=None):
+    async def _logged(self, action: str, parse: Callable[[], object]) -> Response:
+        with structlog.contextvars.bound_contextvars(action=action[:ECHO_LEN], transaction=None, lock=None):
             answer = await self._answer(action, parse)
-            error = answer.get("error")
             _log.info(
                 "request",
                 transaction=answer["transaction"],
                 outcome=answer["status"],
-                reason=error["code"] if error else None,
+                reason=answer["error"]["code"] if answer["status"] == "error" else None,
             )
             return answer
 
-    async def _answer(self, action: str, parse: Callable[[], object]) -> dict[str, Any]:
+    async def _answer(self, action: str, parse: Callable[[], object]) -> Response:
         transaction: str | None = None
         try:
             value = parse()
@@ -325,19 +350,20 @@ class Service:
             route = self._ROUTES.get(action)
             if route is None:
                 raise RequestError(
-                    f"unknown action {action[:64]!r}; use one of {sorted(ACTIONS)}", code="unknown_action"
+                    f"unknown action {action[:ECHO_LEN]!r}; use one of {sorted(ACTIONS)}",
+                    code="unknown_action",
                 )
             data = await route.answer(self, value, transaction)
         except Exception as exc:  # noqa: BLE001 - refusals, bad input and bugs alike become answers
-            return _error(transaction, *refusal_of(exc))
-        return {"transaction": transaction, "status": "ok", "data": data}
+            return error_response(transaction, *refusal_of(exc))
+        return ok_response(transaction, data)
 
     def _record(self, request: LockRequest) -> LockRecord:
-        structlog.contextvars.bind_contextvars(lock=request.lock[:64])
+        structlog.contextvars.bind_contextvars(lock=request.lock[:ECHO_LEN])
         record = self.registry.get(request.lock)
         if record is None:
             raise RequestError(
-                f"lock {request.lock[:64]!r} is not paired with this gateway", code="unknown_lock"
+                f"lock {request.lock[:ECHO_LEN]!r} is not paired with this gateway", code="unknown_lock"
             )
         return record
 
@@ -363,9 +389,9 @@ class Service:
             raise RequestError("the gateway is stopping; try again in a few seconds", code="busy")
         record = self._record(body)
         for name, carried in (
-            ("keyring", body.keyring),
-            ("revocations", body.revocations),
-            ("time", body.time),
+            (DocumentKind.KEYRING, body.keyring),
+            (DocumentKind.REVOCATIONS, body.revocations),
+            (DocumentKind.TIME, body.time),
         ):
             if carried:
                 try:
@@ -396,18 +422,9 @@ class Service:
         return await self._grant_and_run(record, action, decision, tx, t0)
 
     async def _deny(self, record: LockRecord, action: str, tx: str | None, exc: TokenError) -> Actuated:
-        ctx: dict[str, Any] = getattr(exc, "context", {})
-        await self.event(
-            "access.denied",
-            lock=record.lock,
-            outcome="denied",
-            reason=exc.code,
-            sub=ctx.get("sub"),
-            cti=ctx.get("cti"),
-            role=ctx.get("role"),
-            transaction=tx,
-            data={"action": action, "message": str(exc)},
-        )
+        ctx: Mapping[str, str | None] = getattr(exc, "context", {})  # protocols.credentials sets it
+        requester = Requester(record.lock, ctx.get("sub"), ctx.get("cti"), ctx.get("role"), tx)
+        await self.event(AccessDenied(requester=requester, reason=exc.code, action=action, message=str(exc)))
         raise RequestError(str(exc), code=exc.code)
 
     async def _grant_and_run(
@@ -426,21 +443,21 @@ class Service:
         self, record: LockRecord, action: str, d: Decision, tx: str | None, t0: float
     ) -> Actuated:
         cmd_id = os.urandom(COMMAND_ID_LEN)
-        common = {"lock": record.lock, "sub": d.sub, "cti": d.cti, "role": d.role, "transaction": tx}
+        requester = Requester(record.lock, d.sub, d.cti, d.role, tx)
         await self.event(
-            "access.granted",
-            **common,
-            data={
-                "action": action,
-                "kid": d.kid,
-                "iss": d.iss,
-                "exp": d.exp,
-                "flags": list(d.flags),
-                "alarm": d.alarm,
-                "priority": d.priority,
-                "cmd_id": cmd_id.hex(),
-            },
+            AccessGranted(
+                requester=requester,
+                action=action,
+                kid=d.kid,
+                iss=d.iss,
+                exp=d.exp,
+                flags=d.flags,
+                alarm=d.alarm,
+                priority=d.priority,
+                cmd_id=cmd_id.hex(),
+            )
         )
+        failed = functools.partial(AccessFailed, requester=requester, action=action, cmd_id=cmd_id.hex())
         op = Op.UNLOCK if action == "unlock" else Op.LOCK
         t_cmd = time.perf_counter()
         try:
@@ -451,64 +468,39 @@ class Service:
             # Stopped mid-command: the grant must not stand without an outcome. Whether the bolt
             # moved is unknown here; the lock's own log, fetched on the next contact, tells.
             await _uncancellable(
-                self._failed(
-                    common,
-                    action,
-                    cmd_id,
-                    "lock_error",
-                    message="interrupted: the gateway stopped during the command; "
-                    "the lock's log shows whether it actuated",
+                self.event(
+                    failed(
+                        reason="lock_error",
+                        message="interrupted: the gateway stopped during the command; "
+                        "the lock's log shows whether it actuated",
+                    )
                 )
             )
             raise
         except (BleError, ProtocolError) as exc:
             code = exc.code if isinstance(exc, BleError) else "lock_error"
             code = code if code in ("lock_unreachable", "lock_error") else "lock_unreachable"
-            await self._failed(common, action, cmd_id, code, message=str(exc))
+            await self.event(failed(reason=code, message=str(exc)))
             raise RequestError(f"{action} was authorised but failed: {exc}", code=code) from exc
         view = self.views.setdefault(record.lock, LockView(record.lock, record.name))
-        view.state, view.available, view.last_contact = str(state), True, int(self.authz.clock.wall())
+        view.state, view.available, view.last_contact = state, True, int(self.authz.clock.wall())
         if response.status is Status.JAMMED or state is LockState.JAMMED:
-            await self.outbox.append_many(
-                [self._fields("lock.jammed", common, lock_seq, cmd_id)], forwarded=[(record.lock, lock_seq)]
-            )
-            await self._failed(common, action, cmd_id, "lock_jammed", lock_seq=lock_seq)
+            jammed = ActuationReported.jammed(requester, lock_seq, cmd_id.hex())
+            await self.outbox.append_many([self._fields(jammed)], forwarded=[(record.lock, lock_seq)])
+            await self.event(failed(reason="lock_jammed", lock_seq=lock_seq))
             self.on_lock_state(view)
             raise RequestError("the lock jammed; check the door and the bolt", code="lock_jammed")
         if response.status is not Status.OK:
-            await self._failed(common, action, cmd_id, "lock_error", status=response.status.name)
+            await self.event(failed(reason="lock_error", status=response.status.name))
             raise RequestError(f"the lock answered {response.status.name}", code="lock_error")
-        type_ = "lock.unlocked" if action == "unlock" else "lock.locked"
-        (done,) = await self.outbox.append_many(
-            [self._fields(type_, common, lock_seq, cmd_id)], forwarded=[(record.lock, lock_seq)]
-        )
+        moved = ActuationReported.done(action, requester, lock_seq, cmd_id.hex())
+        (done,) = await self.outbox.append_many([self._fields(moved)], forwarded=[(record.lock, lock_seq)])
         self.on_lock_state(view)
         t_out = time.perf_counter()
         self.latencies_ms.append((t_out - t0) * 1000)
         if self.trace is not None:
             self.trace.append((t0, t_cmd, t_reply, t_out))
         return {"lock": record.lock, "state": str(state), "seq": done["seq"]}
-
-    async def _failed(
-        self, common: dict[str, Any], action: str, cmd_id: bytes, reason: str, **data: object
-    ) -> dict[str, Any]:
-        """The one ``access.failed`` event: a grant whose command did not complete (same
-        ``cmd_id`` as its ``access.granted``), with what is known of why."""
-        return await self.event(
-            "access.failed",
-            **common,
-            outcome="failed",
-            reason=reason,
-            data={"action": action, "cmd_id": cmd_id.hex(), **data},
-        )
-
-    def _fields(self, type_: str, common: dict[str, Any], lock_seq: int, cmd_id: bytes) -> dict[str, Any]:
-        return {
-            "type": type_,
-            **self._stamp(),
-            **common,
-            "data": {"lock_seq": lock_seq, "cmd_id": cmd_id.hex(), "source": "gateway"},
-        }
 
     async def status(self, req: LockRequest) -> LockView:
         """The lock's state, asked of the lock unless it is fresh (CONTRACT §8.14): a copy."""
@@ -567,7 +559,7 @@ class Service:
         sub: str | None = None,
         ts_from: str | None = None,
         ts_until: str | None = None,
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[SealedEvent], int]:
         """Stored events from ``since`` matching every filter given, and where to continue
         (gateway/store/outbox.py, ``Outbox.query``)."""
         return await self.outbox.query(
@@ -608,7 +600,7 @@ class Service:
         self.registry.put(record)
         self._forget(record.lock)
         self._view(record)
-        await self.event("lock.paired", lock=record.lock, data={"address": address, "name": record.name})
+        await self.event(LockPaired(lock=record.lock, address=address, name=record.name))
         self.on_info_changed()
         return record
 
@@ -633,9 +625,7 @@ class Service:
         self.registry.remove(lock)
         self._forget(lock)
         await self.event(
-            "lock.unpaired",
-            lock=lock,
-            data={"forced": force and not wiped_on_lock, "wiped_on_lock": wiped_on_lock},
+            LockUnpaired(lock=lock, forced=force and not wiped_on_lock, wiped_on_lock=wiped_on_lock)
         )
         self.on_info_changed()
         return wiped_on_lock
@@ -730,21 +720,19 @@ class Service:
             if view.available:
                 view.available = False
                 await self.event(
-                    "lock.unreachable",
-                    lock=record.lock,
-                    outcome="failed",
-                    reason=getattr(exc, "code", "lock_error"),
-                    data={"message": str(exc)},
+                    LockUnreachable(
+                        lock=record.lock, reason=getattr(exc, "code", "lock_error"), message=str(exc)
+                    )
                 )
                 self.on_lock_state(view)
             raise
         was_available = view.available
-        view.state, view.door, view.battery_pct = str(status.state), str(status.door), status.battery_pct
+        view.state, view.door, view.battery_pct = status.state, status.door, status.battery_pct
         view.firmware, view.available, view.last_contact = status.firmware, True, int(self.authz.clock.wall())
         self._fresh_at[record.lock] = self.authz.clock.mono()
         if not was_available:
             _log.info("link_restored", lock=record.lock)
-            await self.event("lock.reachable", lock=record.lock)
+            await self.event(LockReachable(lock=record.lock))
         await self.fetch_log(record, priority=priority)
         self.on_lock_state(view)
 
@@ -764,7 +752,11 @@ class Service:
             if not entries:
                 return forwarded
             known = await self.outbox.forwarded(record.lock, [e.lock_seq for e in entries])
-            fresh = [self._log_fields(record, e) for e in entries if e.lock_seq not in known]
+            fresh = [
+                self._fields(LockLogForwarded(lock=record.lock, entry=e))
+                for e in entries
+                if e.lock_seq not in known
+            ]
             top = entries[-1].lock_seq
             await self.outbox.append_many(
                 fresh, cursor=(record.lock, top), forwarded=[(record.lock, e.lock_seq) for e in entries]
@@ -773,14 +765,6 @@ class Service:
             await self.links.command(
                 record, Op.ACK_LOG, {"upto": top}, priority=priority
             )  # only after commit
-
-    def _log_fields(self, record: LockRecord, entry: LogEntry) -> dict[str, Any]:
-        return {
-            "type": _LOG_EVENT.get(entry.kind, "lock.log"),
-            "lock": record.lock,
-            **self._stamp(),
-            "data": entry.event_data(),  # the lock's own map stays under lock_data (THREATS B7)
-        }
 
     #: The action table (MQTT's ``B/G/request/<action>``, CONTRACT §4): each action's request
     #: model, the one use case it calls, and how that answer is encoded as the response's data.
@@ -803,10 +787,6 @@ class _Refresh:
     key: tuple[str, Priority]
     task: asyncio.Future[None]
     waiters: int = 0
-
-
-def _error(transaction: str | None, code: str, message: str) -> dict[str, Any]:
-    return {"transaction": transaction, "status": "error", "error": {"code": code, "message": message}}
 
 
 def _b64(data: bytes) -> str:

@@ -40,6 +40,7 @@ from typing import Any, Final, Self, TypeVar, cast
 
 from gateway import log
 from gateway.errors import OutboxError
+from gateway.events import SealedEvent
 from protocols.event_encoding import GENESIS, INT64_MAX, check_fields, seal_event_json
 
 __all__ = ["DEFAULT_RETENTION_S", "Outbox", "OutboxStats"]
@@ -438,13 +439,13 @@ class Outbox:
         self._jobs.put(_Job(fn, future, loop, write, appends, cursor, forwarded))
         return await future
 
-    async def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+    async def append(self, fields: Mapping[str, Any]) -> SealedEvent:
         """Commit one event durably; return it sealed (epoch, seq, id, prev, hash). Fields that
         cannot be stored as they are (:func:`protocols.event_encoding.check_fields`) are refused
         here with :class:`OutboxError`, before anything is queued."""
         _checked([fields])
         (event,) = await self._submit(_noop, write=True, appends=[fields])
-        return cast("dict[str, Any]", event)
+        return cast("SealedEvent", event)
 
     async def append_many(
         self,
@@ -452,7 +453,7 @@ class Outbox:
         *,
         cursor: tuple[str, int] | None = None,
         forwarded: list[tuple[str, int]] | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[SealedEvent]:
         """Commit several events in one transaction, with the lock-log bookkeeping if given:
         ``forwarded`` marks (lock, lock_seq) pairs as reported, ``cursor`` advances the lock's
         log cursor (and forgets the marks it covers). Refused whole, before anything is queued,
@@ -524,14 +525,12 @@ class Outbox:
 
         return int(await self._submit(write, write=True))
 
-    async def read(
-        self, from_seq: int, to_seq: int | None = None, *, limit: int = 500
-    ) -> list[dict[str, Any]]:
+    async def read(self, from_seq: int, to_seq: int | None = None, *, limit: int = 500) -> list[SealedEvent]:
         """Stored events with from_seq ≤ seq ≤ to_seq, in order (at most ``limit``)."""
         hi = min(to_seq, INT64_MAX) if to_seq is not None else INT64_MAX
         from_seq = max(0, min(from_seq, INT64_MAX))
 
-        def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
+        def read(db: sqlite3.Connection) -> list[SealedEvent]:
             rows = db.execute(
                 "SELECT json FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (from_seq, hi, limit),
@@ -550,12 +549,12 @@ class Outbox:
         sub: str | None = None,
         ts_from: str | None = None,
         ts_until: str | None = None,
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[SealedEvent], int]:
         """Stored events from ``since`` on that match every filter given, in order, at most
         ``limit``; and the seq to continue from (past everything examined, so a follower neither
         misses nor repeats an event). ``ts_*`` compare as strings: every ``ts`` has one format."""
 
-        def read(db: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
+        def read(db: sqlite3.Connection) -> tuple[list[SealedEvent], int]:
             top = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
             rows = db.execute(
                 "SELECT seq, json FROM events WHERE seq >= :since AND seq <= :top"

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import cbor_reference
 import pytest
+from credfix import World
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +114,80 @@ def test_B7_lone_surrogates_are_not_text_either_way(text: str) -> None:
     raw = text.encode("utf-8", "surrogatepass")
     with pytest.raises(CborError, match="UTF-8"):
         cbor.loads(bytes([0x60 | len(raw)]) + raw)
+
+
+# --- the optimised decoder against the reference (tests/cbor_reference.py) ----------
+
+
+def _outcome(decode: object, data: bytes) -> tuple[str, object]:
+    try:
+        value = decode(data)  # type: ignore[operator]
+    except CborError as exc:
+        return "refused", str(exc)
+    return "value", (type(value).__name__, value)
+
+
+def _same_as_reference(data: bytes) -> None:
+    fast, ref = _outcome(cbor.loads, data), _outcome(cbor_reference.loads, data)
+    assert fast == ref, data.hex()
+    if fast[0] == "value":  # the same types all the way down (1 == True, b"" == ... aside)
+        assert cbor.dumps(cbor.loads(data)) == cbor.dumps(cbor_reference.loads(data))
+
+
+def _mutations(data: bytes) -> st.SearchStrategy[bytes]:
+    """A valid encoding with one byte changed, dropped, inserted, or cut short."""
+    n = len(data)
+    i = st.integers(0, max(n - 1, 0))
+    byte = st.integers(0, 255)
+    return st.one_of(
+        st.tuples(i, byte).map(lambda t: data[: t[0]] + bytes([t[1]]) + data[t[0] + 1 :]),
+        i.map(lambda k: data[:k] + data[k + 1 :]),
+        st.tuples(i, byte).map(lambda t: data[: t[0]] + bytes([t[1]]) + data[t[0] :]),
+        i.map(lambda k: data[:k]),
+    )
+
+
+@settings(max_examples=800)
+@given(st.binary(max_size=120))
+def test_B6_random_bytes_decode_exactly_as_the_reference(data: bytes) -> None:
+    _same_as_reference(data)
+
+
+@settings(max_examples=500)
+@given(values.map(cbor.dumps).flatmap(_mutations))
+def test_B6_mutated_documents_decode_exactly_as_the_reference(data: bytes) -> None:
+    _same_as_reference(data)
+
+
+@pytest.mark.parametrize("max_depth", [1, 2, 3, 8])
+@settings(max_examples=120)
+@given(values.map(cbor.dumps))
+def test_B6_nesting_limits_are_the_reference_s(max_depth: int, data: bytes) -> None:
+    fast = _outcome(lambda d: cbor.loads(d, max_depth=max_depth), data)
+    assert fast == _outcome(lambda d: cbor_reference.loads(d, max_depth=max_depth), data)
+
+
+def test_B6_token_and_proof_shapes_and_each_of_their_mutations_decode_as_the_reference() -> None:
+    w = World()
+    auth = w.authority()
+    token = w.token()
+    proof = w.prove(auth, token)
+    for doc in (token, proof, w.keyring()):
+        sign1 = cbor.loads(doc)
+        assert isinstance(sign1, cbor.Tag)
+        assert isinstance(sign1.value, list)
+        for data in (doc, sign1.value[0], sign1.value[2]):
+            _same_as_reference(data)
+            for k in range(len(data)):  # every byte changed to a few telling values, and every cut
+                for b in (0x00, 0x17, 0x18, 0x1F, 0x40, 0x58, 0x5F, 0x78, 0x7F, 0x9F, 0xBF, 0xF6, 0xFF):
+                    _same_as_reference(data[:k] + bytes([b]) + data[k + 1 :])
+                _same_as_reference(data[:k])
+
+
+def test_B6_more_items_than_the_limit_is_refused_as_by_the_reference() -> None:
+    n = 65_537
+    data = b"\x9a" + n.to_bytes(4, "big") + b"\x00" * n
+    with pytest.raises(CborError, match="more than 65536 items"):
+        cbor.loads(data)
+    _same_as_reference(data)
+    _same_as_reference(b"\x9a" + (n - 1).to_bytes(4, "big") + b"\x00" * (n - 1))

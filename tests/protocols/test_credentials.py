@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from credfix import GW, LOCK, SITE, T0, World
 
-from protocols import cbor, issuer
+from protocols import cbor, credentials, issuer
 from protocols.cose import ALG_EDDSA, ContentType, PrivateCoseKey, generate_private_key, sign1
-from protocols.credentials import Authority, Challenges, Policy, TimeState
+from protocols.credentials import Authority, Challenges, Decision, Policy, TimeState
 from protocols.errors import TokenError, TrustDocumentError
 
 
@@ -558,3 +560,119 @@ def test_the_check_order_is_the_contracts_as_a_list() -> None:
         "_not_revoked",  # revocation: token_revoked
         "_possession",  # proof: proof_required, nonce_unknown, nonce_expired, proof_invalid
     ]
+
+
+# --- the canonical-proof shortcut decides exactly as the field-by-field path -----------------
+
+
+def _proof_variants(w: World, token: bytes, nonce: bytes) -> list[bytes]:
+    """Proof payloads signed by the holder: the honest one, each field wrong, and encodings of
+    the honest fields that are valid but not the deterministic one."""
+    th = hashlib.sha256(token).digest()
+    good = {"nonce": nonce, "gw": GW, "lock": LOCK, "act": "unlock", "th": th}
+    maps: list[dict[str, cbor.CborValue]] = [
+        good,
+        {**good, "gw": "gw-other"},
+        {**good, "lock": "lk-door-2"},
+        {**good, "act": "lock"},
+        {**good, "th": bytes(32)},
+        {**good, "nonce": nonce[:31]},
+        {**good, "nonce": nonce + b"\x00"},
+        {**good, "nonce": nonce.hex()},
+        {**good, "extra": 1},
+        {k: v for k, v in good.items() if k != "th"},
+    ]
+    payloads = [cbor.dumps(m) for m in maps]
+    canonical = payloads[0]
+    payloads += [
+        # keys in insertion order instead of the deterministic one
+        b"\xa5" + b"".join(cbor.dumps(k) + cbor.dumps(v) for k, v in good.items()),
+        canonical.replace(b"\x58\x20", b"\x59\x00\x20", 1),  # th's length in a longer head
+        canonical[:-34] + b"\x58\x21" + nonce + b"\x00",  # a 33-byte nonce at the end
+        canonical[:-1],  # cut
+        canonical + b"\x00",  # trailing byte
+        canonical.replace(b"\xa5", b"\xa6", 1) + cbor.dumps("th") + cbor.dumps(th),  # th twice
+    ]
+    return [sign1(p, w.holder, ContentType.PROOF, kid=None) for p in payloads]
+
+
+def test_canonical_proof_shortcut_matches_the_general_path(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fresh() -> Authority:
+        auth = Authority(
+            gw_id=GW,
+            site=SITE,
+            roots={w.root.public.kid: w.root.public},
+            policy=w.policy,
+            floor=T0 - 86400,
+            nonce_secret=b"n" * 32,
+        )
+        auth.install(w.keyring(), wall=T0, synced=True)
+        return auth
+
+    token = w.token()
+    nonce = fresh().challenge(lock=LOCK, action="unlock", mono=100.0, rng=w.rng)
+    good = issuer.proof(w.holder, token_bytes=token, nonce=nonce, gw=GW, lock=LOCK, act="unlock")
+    sign1_good = credentials.parse_sign1(good, ContentType.PROOF, code="x", require_kid=False)
+    assert (
+        credentials._canonical_proof_nonce(
+            sign1_good.payload, GW, LOCK, "unlock", hashlib.sha256(token).digest()
+        )
+        == nonce
+    ), "the shortcut must take what our issuer writes"
+
+    def outcome(proof: bytes) -> object:
+        try:
+            return decide(fresh(), token, proof)
+        except TokenError as exc:
+            return (exc.code, str(exc))
+
+    variants = [good, *_proof_variants(w, token, nonce)]
+    shortcut = [outcome(p) for p in variants]
+    monkeypatch.setattr(credentials, "_canonical_proof_nonce", lambda *_: None)
+    general = [outcome(p) for p in variants]
+    assert shortcut == general
+    granted = [isinstance(o, Decision) for o in general]
+    # The honest proof twice (issuer and test encoder), the non-deterministic encodings
+    # (insertion order, long head) are granted; every wrong field and malformed encoding is not.
+    assert granted == [True, True] + [False] * 9 + [True, True] + [False] * 4
+
+
+# --- trust-document refusals the install steps make (CONTRACT §8.5), one per step ------------
+
+
+def test_keyring_refusals_in_step_order(w: World) -> None:
+    auth = w.authority(install=False)
+    stranger = generate_private_key(ALG_EDDSA, b"root-x", w.rng)
+    entry = issuer.KeyringEntry(w.issuer_a.public, T0 - 86400, T0 + 86400, ["staff"])
+
+    def keyring(signer: PrivateCoseKey, *entries: issuer.KeyringEntry, site: str = SITE) -> bytes:
+        return issuer.keyring(signer, site=site, version=5, iat=T0 - 60, exp=T0 + 86400, entries=entries)
+
+    def code(raw: bytes) -> str:
+        with pytest.raises(TrustDocumentError) as info:
+            auth.install(raw, wall=T0, synced=True)
+        return info.value.code
+
+    assert code(keyring(stranger, entry)) == "unknown_key"  # before the signature and the payload
+    forged = bytearray(keyring(w.root, entry))
+    forged[-1] ^= 1
+    assert code(bytes(forged)) == "bad_signature"
+    # A root-signed keyring for another site that also reuses a root kid: the site comes first.
+    root_entry = issuer.KeyringEntry(w.root.public, T0 - 86400, T0 + 86400, ["staff"])
+    assert code(keyring(w.root, root_entry, site="site-b")) == "wrong_site"
+    assert code(keyring(w.root, root_entry)) == "malformed"
+    assert auth.keyring is None and auth.version_floor == {}
+    assert auth.install(keyring(w.root, entry), wall=T0, synced=True).installed
+    assert (
+        code(issuer.keyring(w.root, site=SITE, version=4, iat=T0, exp=T0 + 86400, entries=[entry]))
+        == "rollback"
+    )
+
+
+def test_an_unparseable_stored_document_is_dropped_and_marked(w: World) -> None:
+    auth = w.authority()
+    garbage = b"\xd2\x84" + b"\x00" * 20
+    assert auth.restore(garbage, kind=ContentType.REVOCATIONS, signer=None) is False
+    assert ContentType.REVOCATIONS in auth.unverified and auth.revocations is None
+    assert auth.restore(garbage, kind=ContentType.TIME, signer=None) is False
+    assert ContentType.TIME not in auth.unverified  # a lost reset record only loses its replay guard

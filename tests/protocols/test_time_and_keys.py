@@ -9,7 +9,7 @@ from credfix import GW, LOCK, SITE, T0, World
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import cbor, issuer
+from protocols import cbor, cose, issuer
 from protocols.cose import SMALL_ORDER_ED25519, ContentType, CoseKey, decode_key, parse_sign1, sign1
 from protocols.credentials import Authority, TimeKeeper, TimeState, load_cbor_or_b64
 from protocols.errors import CredentialError, TokenError, TrustDocumentError
@@ -249,6 +249,38 @@ def test_B6_arbitrary_well_formed_claims_raise_only_token_errors(claims: object)
     raw = sign1(cbor.dumps(claims), _w.issuer_a, ContentType.TOKEN, kid=b"iss-a")  # type: ignore[arg-type]
     with contextlib.suppress(TokenError):
         _auth.decide(raw, None, lock=LOCK, action="unlock", wall=T0, synced=True, mono=1.0)
+
+
+def _parsed(data: bytes, ctype: ContentType, *, general: bool) -> object:
+    """parse_sign1's outcome: the Sign1, or the refusal's message and code."""
+    try:
+        if general:  # the general decoder only, without the common-shape path
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cose, "_common_sign1", lambda *_: None)
+                return parse_sign1(data, ctype, code="x", require_kid=ctype is not ContentType.PROOF)
+        return parse_sign1(data, ctype, code="x", require_kid=ctype is not ContentType.PROOF)
+    except CredentialError as exc:
+        return (str(exc), exc.code)
+
+
+def _variants(doc: bytes) -> list[bytes]:
+    out = [doc, b"\xd8\x3d" + doc, b"\xd8\x3d" + doc[1:], doc[1:], b"\xd2" + doc, doc + b"\x00"]
+    for k in range(min(len(doc), 80)):  # the envelope and the protected header: every byte, every cut
+        out += [
+            doc[:k] + bytes([b]) + doc[k + 1 :]
+            for b in (0x00, 0x3D, 0x40, 0x57, 0x58, 0x59, 0x5A, 0x84, 0xA0, 0xA1, 0xD2, 0xFF)
+        ]
+        out.append(doc[:k])
+    return out
+
+
+def test_B6_the_common_shape_path_of_parse_sign1_decides_exactly_as_the_general_decoder() -> None:
+    proof = _w.prove(_auth, _good)
+    keyring = _w.keyring()
+    for doc in (_good, proof, keyring):
+        for data in _variants(doc):
+            for ctype in ContentType:
+                assert _parsed(data, ctype, general=False) == _parsed(data, ctype, general=True), data.hex()
 
 
 def test_load_cbor_or_b64() -> None:
