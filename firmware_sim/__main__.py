@@ -24,8 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from imgtool import keys as imgkeys
+
 from firmware_sim.bumble_peripheral import RadioTiming, SimRadio
 from firmware_sim.radio import PROFILES, RadioProfile, parse_overrides, profile_named
+from firmware_sim.smp_gatt import imgtool_verifier
 
 __all__ = ["main"]
 
@@ -81,6 +84,10 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with SimRadio(timing=timing, profile=profile, seed=args.seed) as radio:
         locks = await radio.add_locks(args.locks, seed=args.seed, state_dir=args.state)
+        if args.firmware_key:
+            verifier = imgtool_verifier([imgkeys.load(str(path)) for path in args.firmware_key])
+            for sim in locks:
+                radio.enable_firmware(sim.model.lock_id, verifier)
         if args.transport:
             try:
                 await radio.serve_hci(args.transport)
@@ -138,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         help="override one profile field, e.g. conn_interval_ms=15 (repeatable)",
     )
     p.add_argument("--response-delay-ms", type=float, default=0.0, help="delay before each lock answer")
+    p.add_argument(
+        "--firmware-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="an imgtool key (PEM) the locks' bootloader trusts: enables the SMP service (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.locks <= 500:
         parser.error("--locks must be between 1 and 500")

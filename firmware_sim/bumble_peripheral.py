@@ -44,6 +44,8 @@ from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_r
 from firmware_sim.peripheral import LinkDriver
 from firmware_sim.persist import LockStore
 from firmware_sim.radio import PROFILES, LinkClock, LockRadio, RadioProfile
+from firmware_sim.smp_gatt import SmpService
+from firmware_sim.smp_server import Verifier
 from protocols.framing import fragment
 from protocols.gatt import (
     COMPANY_ID,
@@ -97,6 +99,7 @@ class SimLock:
     # Advert updates run one at a time: two interleaved ones (a link's end, then a fault) could
     # each find advertising off and the first restart it after the second decided it must stop.
     advert_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    smp: SmpService | None = None  # the firmware-update service (enable_firmware)
 
 
 def _address(index: int, base: int) -> str:
@@ -365,6 +368,25 @@ class SimRadio:
         elif mode == "spake2":  # a hostile pairing peer: an off-curve SPAKE2 point
             await notify(connection, sim.tx, off_curve_pair_response(sim.model.lock_id))
 
+    def enable_firmware(self, lock_id: str, verifier: Verifier) -> SmpService:
+        """Give a lock the SMP service and an MCUboot that trusts what ``verifier`` accepts."""
+        sim = self.locks[lock_id]
+
+        async def disconnect_all() -> None:
+            for connection in list(sim.drivers):
+                await self._disconnect(sim, connection)
+
+        sim.smp = SmpService(
+            sim.device,
+            sim.model,
+            verifier=verifier,
+            now=self.now,
+            driver_for=sim.drivers.get,
+            disconnect_all=disconnect_all,
+            spawn=self._spawn,
+        )
+        return sim.smp
+
     # --- faults (see docs/simulator.md) ------------------------------------------------
 
     async def apply_fault(self, lock_id: str, fault: str, value: Any = None) -> dict[str, Any]:  # noqa: C901, PLR0912 - a dispatcher: one branch per fault command of docs/simulator.md
@@ -405,6 +427,10 @@ class SimRadio:
             model.press_pairing_button(now)
         elif fault == "factory_reset":
             model.factory_reset()
+        elif fault.startswith("fw_") and sim.smp is not None:
+            pending = sim.smp.apply_fault(fault, value)
+            if pending is not None:
+                await pending
         else:
             raise ValueError(f"unknown fault {fault!r}")
         if sim.store is not None:

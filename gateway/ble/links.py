@@ -50,7 +50,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 from bleak.backends.client import BaseBleakClient
 
@@ -93,6 +93,7 @@ class Priority(enum.IntEnum):
     PREPARE = 1  # connect on challenge: after any waiting unlock's connect, before status polls
     INTERACTIVE = 2  # status, pairing, technician commands
     HOUSEKEEPING = 3  # log fetches, periodic status refreshes
+    FIRMWARE = 4  # firmware upload chunks: only while nobody else waits (docs/firmware.md)
 
 
 class _Slots:
@@ -146,6 +147,7 @@ class _OpenLink:
     hold_until: float = 0.0
     #: Opened by :meth:`LinkManager.prepare` and not used yet.
     prepared: bool = False
+    smp: Any = None  # SmpLink: SMP on this link, once a firmware request used it
 
 
 @dataclass
@@ -463,6 +465,55 @@ class LinkManager:
                 lock: round(self.connected_s_last_hour(lock), 3) for lock in sorted(locks)
             },
         }
+
+    async def smp(self, record: LockRecord, request: Any, *, timeout_s: float = 10.0) -> Any:
+        """One SMP request (an upload chunk, a state read, a reset) at the lowest priority.
+
+        It takes the lock's gate and a connection slot only when no one of higher priority
+        waits, one request at a time: an unlock queued meanwhile runs right after the request in
+        flight (within one chunk), and a slot someone waits for is handed over after it. One
+        attempt: the rollout resumes from the lock's offset (docs/firmware.md)."""
+        gate = self._per_lock.setdefault(record.lock, _Slots(1))
+        await gate.acquire(Priority.FIRMWARE)
+        try:
+            link = await self._link(record, Priority.FIRMWARE)
+            link.busy = True
+            try:
+                if link.smp is None:
+                    # Deferred: smp/smpclient load only when firmware is updated (CLI start-up).
+                    from gateway.ble.smp_transport import SmpLink  # noqa: PLC0415
+
+                    link.smp = SmpLink(link.client)
+                answer = await link.smp.request(request, timeout_s=timeout_s)
+            except (BleError, asyncio.CancelledError):
+                await self._close(record.lock)
+                raise
+            finally:
+                link.busy = False
+                link.last_used = time.monotonic()
+            if self._slots.waiting:
+                await self._close(record.lock)
+            return answer
+        finally:
+            gate.release()
+
+    def link_open(self, record: LockRecord) -> bool:
+        link = self._links.get(record.lock)
+        return link is not None and link.client.is_connected
+
+    async def drop(self, record: LockRecord) -> None:
+        """Close the lock's link (after a firmware reset: never reuse a link from before)."""
+        gate = self._per_lock.setdefault(record.lock, _Slots(1))
+        await gate.acquire(Priority.ACCESS)
+        try:
+            await self._close(record.lock)
+        finally:
+            gate.release()
+
+    def smp_link(self, record: LockRecord) -> Any:
+        """The SMP state of the lock's open link (its buffer size once known), if any."""
+        link = self._links.get(record.lock)
+        return link.smp if link is not None and link.client.is_connected else None
 
     async def pair(self, address: str, setup_code: str) -> PairingCompleted:
         """Pair with a lock in pairing mode (one attempt: a wrong code must not be retried)."""

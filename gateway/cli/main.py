@@ -791,6 +791,97 @@ def trust_install(opts: Opts, file: str) -> int:
     return _with_gateway(opts, body)
 
 
+@cli.group(epilog=_example("lockgw firmware status", "lockgw firmware apply manifest.cose app.signed.bin"))
+def firmware() -> None:
+    """Firmware rollouts to the locks (docs/firmware.md)."""
+
+
+def _firmware_answer(a: ControlAnswer) -> ControlAnswer:
+    """A control ``request`` answer with the use case's data lifted to ``data``."""
+    if a.ok:
+        inner = (a.data or {}).get("data")
+        return ControlAnswer.done(inner if isinstance(inner, dict) else {})
+    return a
+
+
+def _rollout_rows(data: Any) -> list[dict[str, Any]]:
+    return [
+        {"rollout": r["rollout"], "version": r["version"], **lk}
+        for r in (data or {}).get("rollouts", [])
+        for lk in r["locks"]
+    ]
+
+
+async def _firmware_status(link: _DaemonOrDirect) -> ControlAnswer:
+    return _firmware_answer(await link.call("request", {"action": "firmware_status", "payload": {}}))
+
+
+@firmware.command("status", epilog=_example("lockgw firmware status", "lockgw --json firmware status"))
+@json_option
+@click.pass_obj
+def firmware_status(opts: Opts) -> int:
+    """Rollouts and each lock's step (pending, uploading %, testing, confirmed, reverted, ...)."""
+
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+        a = await _firmware_status(link)
+        cols = ["rollout", "version", "lock", "ring", "state", "progress", "reason"]
+        return _emit(ui, a, lambda d: ui.table(_rollout_rows(d), cols, title="firmware"))
+
+    return _with_gateway(opts, body)
+
+
+@firmware.command("apply", epilog=_example("lockgw firmware apply manifest.cose app.signed.bin --wait"))
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", is_flag=True, help="Follow the rollout until it ends (progress on a terminal).")
+@json_option
+@click.pass_obj
+def firmware_apply(opts: Opts, manifest: str, image: str, *, wait: bool) -> int:
+    """Check a signed rollout manifest and its signed image, then start the rollout."""
+    payload = {
+        "manifest": base64.urlsafe_b64encode(Path(manifest).read_bytes()).decode(),
+        "image": base64.urlsafe_b64encode(Path(image).read_bytes()).decode(),
+    }
+
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+        a = _firmware_answer(await link.call("request", {"action": "firmware_apply", "payload": payload}))
+        if not a.ok or not wait:
+            return _emit(
+                ui,
+                a,
+                lambda d: ui.line(f"rollout {d['rollout']} of {d['version']} started: rings {d['rings']}"),
+            )
+        rollout, last = (a.data or {}).get("rollout"), ""
+        while True:
+            s = await _firmware_status(link)
+            listed = (s.data or {}).get("rollouts")
+            mine: list[Any] = [
+                r
+                for r in (listed if isinstance(listed, list) else [])
+                if isinstance(r, dict) and r.get("rollout") == rollout
+            ]
+            if not s.ok or not mine or mine[0]["state"] != "running":
+                break
+            done = sum(
+                lk["state"] in ("confirmed", "reverted", "refused", "failed", "halted")
+                for lk in mine[0]["locks"]
+            )
+            message = f"rollout {rollout}: {done}/{len(mine[0]['locks'])} locks done"
+            if message == last and not ui.err.is_terminal:
+                await asyncio.sleep(1.0)  # a pipe gets one line per change, a terminal a spinner
+                continue
+            last = message
+            with ui.progress(message):
+                await asyncio.sleep(1.0)
+        code = _emit(
+            ui, s, lambda _d: ui.table(_rollout_rows({"rollouts": mine}), ["lock", "ring", "state", "reason"])
+        )
+        halted = bool(mine) and mine[0]["state"] != "done"
+        return code or (1 if halted else 0)
+
+    return _with_gateway(opts, body)
+
+
 @cli.command(epilog=_example("lockgw doctor", "lockgw --json doctor"))
 @json_option
 @click.pass_obj

@@ -42,6 +42,8 @@ from gateway.ble.registry import Registry
 from gateway.config import Config
 from gateway.errors import AdapterUnavailable
 from gateway.events import GatewayStarted, GatewayStopping, TimeStateChanged, TrustExpired, TrustExpiring
+from gateway.firmware.rollout import Rollouts
+from gateway.firmware.store import FirmwareStore
 from gateway.mqtt.bridge import GatewayInfo, Heartbeat, MqttBridge
 from gateway.runtime.control import ControlServer
 from gateway.runtime.homeassistant import Discovery, LockInfo
@@ -101,6 +103,7 @@ class Gateway:
     authz: Authorizer = field(init=False)
     registry: Registry = field(init=False)
     outbox: Outbox = field(init=False)
+    rollouts: Rollouts = field(init=False)
     links: LinkManager = field(init=False)
     service: Service = field(init=False)
     mqtt: MqttBridge | None = field(init=False, default=None)
@@ -183,6 +186,21 @@ class Gateway:
                 on_lock_state=self._lock_state_changed,
                 on_info_changed=self._info_changed,
             )
+            firmware_store = await stack.enter_async_context(FirmwareStore(data / "firmware.sqlite3"))
+            self.rollouts = await stack.enter_async_context(
+                Rollouts(
+                    firmware_store,
+                    self.links,
+                    site=gw.site,
+                    lookup=self.registry.get,
+                    keys=lambda: self.authz.core.firmware_keys(int(self.clock.wall())),
+                    emit=self.service.firmware_event,
+                    clock=self.clock.wall,
+                    on_firmware=self.service.firmware_changed,
+                    autostart=not self.direct,
+                )
+            )
+            self.service.firmware = self.rollouts
             self.started_at = int(self.clock.wall())
             if self.direct:
                 return self
@@ -213,6 +231,9 @@ class Gateway:
             except OSError as exc:
                 # Doors keep opening without the CLI: run on, alarm.
                 self._control_error = f"control socket {cfg.control.socket}: {exc.strerror or exc}"
+            resumed = await self.rollouts.resume()  # a rollout the daemon was running goes on
+            if resumed:
+                _log.info("firmware_rollouts_resumed", rollouts=resumed)
         except BaseException:
             await stack.aclose()
             raise

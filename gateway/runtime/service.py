@@ -63,6 +63,7 @@ from gateway.events import (
     TrustRejected,
     event_fields,
 )
+from gateway.firmware.rollout import FirmwareRefused, Rollouts
 from gateway.runtime.metrics import Metrics
 from gateway.store.outbox import Outbox
 from gateway.wire import (
@@ -71,6 +72,7 @@ from gateway.wire import (
     ActuateRequest,
     ChallengeRequest,
     EmptyRequest,
+    FirmwareApplyRequest,
     JsonObject,
     LockRequest,
     ReplayRequest,
@@ -118,7 +120,19 @@ STATUS_WAITERS_MAX: Final = 16
 #: requests share one run. The checks read every database (``PRAGMA quick_check``), so a flood
 #: of them must never reach the outbox's writer more than once per this period.
 DOCTOR_FRESH_S: Final = 10.0
-ACTIONS: Final = frozenset({"challenge", "unlock", "lock", "status", "locks", "replay", "doctor"})
+ACTIONS: Final = frozenset(
+    {
+        "challenge",
+        "unlock",
+        "lock",
+        "status",
+        "locks",
+        "replay",
+        "doctor",
+        "firmware_apply",
+        "firmware_status",
+    }
+)
 
 
 class RequestError(LockgwError):
@@ -228,6 +242,8 @@ class Service:
     #: After every successful unlock or lock: (lock, action). Home Assistant's last access.
     on_access: Callable[[str, str], None] = lambda _lock, _action: None
     replay_sink: Callable[[SealedEvent], Awaitable[None]] | None = None
+    #: Firmware rollouts (docs/firmware.md); set by the runtime once the service exists.
+    firmware: Rollouts | None = None
     views: dict[str, LockView] = field(default_factory=dict)
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
     #: from time.perf_counter(): the gateway-added time is everything outside the command.
@@ -282,6 +298,23 @@ class Service:
     async def event(self, event: Event) -> SealedEvent:
         """Commit ``event`` (gateway/events.py) durably; the sealed event."""
         return await self.outbox.append(self._fields(event))
+
+    async def firmware_event(
+        self, type_: str, *, lock: str | None, reason: str | None, data: dict[str, Any]
+    ) -> SealedEvent:
+        """A ``firmware.*`` event (docs/firmware.md; CONTRACT §5 shape: ``lock``, ``reason``,
+        the rest in ``data``), stamped like every event."""
+        stamp = self._stamp()
+        return await self.outbox.append(
+            {
+                "type": type_,
+                "time_state": stamp.time_state,
+                "trust_state": stamp.trust_state,
+                "lock": lock,
+                "reason": reason,
+                "data": data,
+            }
+        )
 
     async def trust_event(self, outcome: InstallOutcome, *, transaction: str | None = None) -> None:
         if outcome.rejected:
@@ -537,6 +570,34 @@ class Service:
         """Every paired lock's last known state (copies), in the registry's order; no round trip."""
         return [dataclasses.replace(self._view(r)) for r in self.registry.all()]
 
+    async def firmware_apply(self, req: FirmwareApplyRequest) -> dict[str, Any]:
+        """Check and start a rollout (docs/firmware.md): refusals need no radio work."""
+        rollouts = self._rollouts()
+        try:
+            manifest, image = _unb64(req.manifest), _unb64(req.image)
+        except ValueError as exc:
+            raise RequestError("manifest and image must be base64url", code="invalid_request") from exc
+        try:
+            return await rollouts.apply(manifest, image)
+        except FirmwareRefused as exc:
+            raise RequestError(str(exc), code="firmware_refused") from exc
+
+    async def firmware_status(self) -> dict[str, Any]:
+        return {"rollouts": await self._rollouts().status()}
+
+    async def firmware_changed(self, lock: str, _version: str) -> None:
+        """A lock confirmed a new image: its state (``firmware`` as the lock reports it) is
+        asked again at once, so the retained lock state follows."""
+        record = self.registry.get(lock)
+        if record is not None:
+            with contextlib.suppress(BleError):
+                await self.refresh(record, priority=Priority.HOUSEKEEPING)
+
+    def _rollouts(self) -> Rollouts:
+        if self.firmware is None:
+            raise RequestError("firmware updates are not available on this gateway", code="unavailable")
+        return self.firmware
+
     def paired(self) -> list[LockRecord]:
         """The locks paired with this gateway."""
         return self.registry.all()
@@ -775,6 +836,8 @@ class Service:
         "locks": _Route(EmptyRequest, lambda svc, _req, _tx: svc.locks(), _locks_json),
         "replay": _Route(ReplayRequest, lambda svc, req, _tx: svc.replay(req), _count_json),
         "doctor": _Route(EmptyRequest, lambda svc, _req, _tx: svc.doctor(), dict),
+        "firmware_apply": _Route(FirmwareApplyRequest, lambda svc, req, _tx: svc.firmware_apply(req), dict),
+        "firmware_status": _Route(EmptyRequest, lambda svc, _req, _tx: svc.firmware_status(), dict),
     }
 
 
