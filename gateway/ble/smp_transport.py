@@ -52,6 +52,11 @@ class LinkSmpTransport(SMPTransport):
     async def connect(self, address: str, timeout_s: float) -> None:  # noqa: ARG002 - already connected
         char = self._client.services.get_characteristic(str(SMP_CHARACTERISTIC_UUID))
         if char is None:
+            # Maybe a GATT layout cached before the lock's attribute table changed (a firmware
+            # update, SMP enabled): drop it, so the step's next attempt discovers again.
+            forget = getattr(getattr(self._client, "_backend", None), "forget_layout", None)
+            if callable(forget):
+                forget()
             raise LockMisbehaved("lock offers no SMP service", code="no_smp")
         try:
             async with asyncio.timeout(timeout_s):

@@ -78,7 +78,8 @@ async def test_firmware_actions(tmp_path: Path) -> None:
             await asyncio.wait_for(rollouts.wait("ro-1"), 60)
             status = await ask("firmware_status", {})
             [rollout] = status["data"]["rollouts"]
-            assert rollout["state"] == "done" and rollout["locks"][0]["state"] == "confirmed"
+            [row] = rollout["locks"]
+            assert rollout["state"] == "done" and row["state"] == "confirmed", row
             assert svc.views[lock].firmware == "sim-1.1.0"  # the lock state followed
         events = await rig.events()
         fw = [e for e in events if e["type"].startswith("firmware.")]
