@@ -15,9 +15,17 @@ import click
 
 from gateway import log
 from gateway.errors import ConfigError
-from gateway.receiver.app import Receiver
-from gateway.receiver.config import ReceiverConfig, config_path, load_receiver_config
-from gateway.receiver.store import Store, StoreUnavailable
+
+try:
+    from gateway.receiver.app import Receiver
+    from gateway.receiver.config import ReceiverConfig, config_path, load_receiver_config
+    from gateway.receiver.store import Store, StoreUnavailable
+except ModuleNotFoundError as exc:  # pragma: no cover - an install without the extra
+    if exc.name not in {"asyncpg", "aio_pika"}:
+        raise
+    sys.exit(
+        f"lockgw-receiver: {exc.name} is missing: install the receiver's extra, pip install 'lockgw[receiver]'"
+    )
 
 __all__ = ["main"]
 
