@@ -310,11 +310,10 @@ class LinkManager:
         self.stats.commands += 1
         self.stats.by_priority[priority.name] = self.stats.by_priority.get(priority.name, 0) + 1
         started = time.monotonic()
-        failed_at = self._prepare_failed.pop(record.lock, None)
-        attempt = 1 if failed_at is not None and time.monotonic() - failed_at < self._hold_s else 0
+        attempt = 0
         while True:
-            attempt += 1
             await gate.acquire(priority)
+            attempt = self._next_attempt(record.lock, attempt)
             try:
                 response = await self._attempt(record, op, args, cmd_id, priority)
             except asyncio.CancelledError:
@@ -414,6 +413,16 @@ class LinkManager:
             self._preparing.discard(record.lock)
             if slot:
                 self._slots.release()
+
+    def _next_attempt(self, lock: str, attempt: int) -> int:
+        """The attempt number a command starts, with the lock's gate held: a prepare (connect
+        on challenge) that failed to reach the lock, maybe while this command waited for the
+        gate, was the first attempt of the command that followed it."""
+        if attempt == 0:
+            failed_at = self._prepare_failed.pop(lock, None)
+            if failed_at is not None and time.monotonic() - failed_at < self._hold_s:
+                return 2
+        return attempt + 1
 
     def _keep_warm(self, lock: str, hold_s: float) -> None:
         link = self._links.get(lock)
