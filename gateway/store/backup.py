@@ -224,6 +224,8 @@ def _unpack_verified(path: Path, into: Path) -> BackupSummary:  # noqa: C901, PL
                     raise BackupError(f"{path}: unexpected member {name[:80]!r}; not a lockgw backup")
                 if not member.isreg():
                     raise BackupError(f"{path}: member {name!r} is not a regular file")
+                if member.issparse():  # a few KiB in the file, its full stated size on disk
+                    raise BackupError(f"{path}: member {name!r} is sparse; lockgw backups never are")
                 if name == MANIFEST:
                     if seen:
                         raise BackupError(f"{path}: the manifest must come first")
@@ -327,8 +329,15 @@ def _check_db(path: Path, name: str, copy: Path) -> None:
             if result != "ok":
                 raise BackupError(f"{path}: {name} fails SQLite's integrity check ({result})")
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # A trigger runs inside the daemon's own writes (one on INSERT INTO events could delete
+            # the outbox); a view can shadow nothing we read but is no part of our schema either.
+            code = db.execute(
+                "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'view') LIMIT 1"
+            ).fetchone()
     except sqlite3.Error as exc:
         raise BackupError(f"{path}: {name} is not a readable SQLite database ({exc})") from exc
+    if code is not None:
+        raise BackupError(f"{path}: {name} holds a {code[0]} ({str(code[1])[:40]!r}); lockgw's never do")
     if not _TABLES[name] <= tables:
         raise BackupError(f"{path}: {name} lacks the tables {sorted(_TABLES[name] - tables)}")
 

@@ -3,13 +3,30 @@ running-daemon case is tests/integration/test_backup_restore.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from gateway.authz.authorizer import TrustStore
 from gateway.ble.registry import LockRecord, Registry
-from gateway.store.backup import BackupError, backup, read_summary, restore
+from gateway.store.backup import (
+    DATABASES,
+    BackupError,
+    _manifest,
+    _summarise,
+    _write_tar,
+    backup,
+    read_summary,
+    restore,
+)
 from gateway.store.outbox import Outbox
 
 
@@ -73,3 +90,67 @@ async def test_new_epoch_restores_the_locks_and_trust_but_not_the_events(tmp_pat
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["locks.sqlite3", "trust.sqlite3"]
     async with Outbox(tmp_path / "new" / "events.sqlite3", gw="gw-1", site="s-1", wall=lambda: 1.8e9) as ob:
         assert ob.epoch != s.epoch and ob.stats().last_seq == 0
+
+
+# --- hostile backup files (attack round 3) -----------------------------------------------------
+
+
+def _unpack(tar_path: Path, into: Path) -> dict[str, Path]:
+    into.mkdir()
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(into, filter="data")
+    return {name: into / name for name in DATABASES}
+
+
+async def test_a_database_with_a_trigger_is_refused_even_under_a_matching_manifest(tmp_path: Path) -> None:
+    """A backup whose events.sqlite3 carries a trigger (here: every new event deletes the
+    outbox) has a manifest that matches it, since whoever forged the file wrote both. Restored,
+    the daemon's first append would run it and lose every acknowledged event: refused."""
+    await _make(tmp_path / "data")
+    backup(tmp_path / "data", tmp_path / "b.tar", gw="gw-1", site="s-1")
+    for obj in (
+        "CREATE TRIGGER wipe AFTER INSERT ON events BEGIN DELETE FROM events; END",
+        "CREATE VIEW v AS SELECT * FROM events",
+    ):
+        copies = _unpack(tmp_path / "b.tar", tmp_path / "x")
+        with contextlib.closing(sqlite3.connect(copies["events.sqlite3"])) as db:
+            db.execute(obj)
+            db.commit()
+        summary = _summarise(copies, gw="gw-1", site="s-1", created="2026-12-01T00:00:00Z")
+        _write_tar(tmp_path / "evil.tar", _manifest(summary, copies), copies)
+        with pytest.raises(BackupError, match=r"holds a (trigger|view)"):
+            restore(tmp_path / "evil.tar", tmp_path / "new", gw="gw-1")
+        assert not (tmp_path / "new").exists()
+        shutil.rmtree(tmp_path / "x")
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar makes the sparse member")
+async def test_a_sparse_member_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A sparse member is a few KiB in the file and its stated size on disk (up to 8 GiB per
+    database): a small file that fills the SD card while it is unpacked. Refused at its header."""
+    await _make(tmp_path / "data")
+    backup(tmp_path / "data", tmp_path / "b.tar", gw="gw-1", site="s-1")
+    copies = _unpack(tmp_path / "b.tar", tmp_path / "x")
+    big = 64 * 2**20
+    os.truncate(copies["events.sqlite3"], big)
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    manifest["files"]["events.sqlite3"]["bytes"] = big
+    (tmp_path / "x" / "manifest.json").write_text(json.dumps(manifest))
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            "tar",
+            "--sparse",
+            "--format=pax",
+            "-cf",
+            str(tmp_path / "evil.tar"),
+            "-C",
+            str(tmp_path / "x"),
+            "manifest.json",
+            *DATABASES,
+        ],
+        check=True,
+    )
+    assert (tmp_path / "evil.tar").stat().st_size < big // 16  # it is sparse
+    with pytest.raises(BackupError, match=r"member .events\.sqlite3. is sparse"):
+        read_summary(tmp_path / "evil.tar")
