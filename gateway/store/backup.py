@@ -37,6 +37,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tarfile
@@ -48,7 +49,10 @@ from typing import IO, Any, Final
 
 from gateway.errors import AdapterUnavailable, LockgwError
 from gateway.wire import WireError, loads_bounded
+from protocols.errors import RemoteProtocolError
 from protocols.event_encoding import event_hash
+from protocols.messages import validate_id
+from protocols.session import LTK_LEN
 
 __all__ = ["BackupError", "BackupSummary", "backup", "read_summary", "restore"]
 
@@ -66,6 +70,9 @@ _TABLES: Final = {
     "events.sqlite3": {"meta", "events", "lock_cursor", "forwarded"},
 }
 _CHUNK: Final = 1 << 20
+_ADDRESS: Final = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+#: A lock's name as pairing stores it (the CLI and MQTT bound it far below this).
+MAX_LOCK_NAME: Final = 1024
 
 
 class BackupError(LockgwError):
@@ -349,9 +356,9 @@ def _summarise(copies: dict[str, Path], *, gw: str, site: str, created: str) -> 
             sqlite3.connect(f"{copies['locks.sqlite3'].as_uri()}?mode=ro", uri=True)
         ) as db:
             locks = int(db.execute("SELECT count(*) FROM locks").fetchone()[0])
-            for lock, address, ltk in db.execute("SELECT lock, address, ltk FROM locks"):
-                if not isinstance(lock, str) or not isinstance(address, str) or not isinstance(ltk, bytes):
-                    raise BackupError("locks.sqlite3 holds a malformed lock record")
+            for lock, address, name, ltk in db.execute("SELECT lock, address, name, ltk FROM locks"):
+                if not _lock_record_ok(lock, address, name, ltk):
+                    raise BackupError(f"locks.sqlite3 holds a malformed lock record ({str(lock)[:40]!r})")
         with contextlib.closing(
             sqlite3.connect(f"{copies['trust.sqlite3'].as_uri()}?mode=ro", uri=True)
         ) as db:
@@ -384,6 +391,24 @@ def _summarise(copies: dict[str, Path], *, gw: str, site: str, created: str) -> 
         last_seq=last_seq,
         receipt_seq=int(receipt),
         events=int(count),
+    )
+
+
+def _lock_record_ok(lock: object, address: object, name: object, ltk: object) -> bool:
+    """A registry row as pairing makes it: the daemon puts the id into MQTT topic names and the
+    address and link key into every connect, and never checks them again."""
+    try:
+        validate_id(lock, "lock")
+    except RemoteProtocolError:
+        return False
+    return (
+        isinstance(address, str)
+        and _ADDRESS.fullmatch(address) is not None
+        and isinstance(name, str)
+        and len(name) <= MAX_LOCK_NAME
+        and "\x00" not in name
+        and isinstance(ltk, bytes)
+        and len(ltk) == LTK_LEN
     )
 
 

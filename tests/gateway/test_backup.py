@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from gateway.ble.registry import LockRecord, Registry
 from gateway.store.backup import (
     DATABASES,
     BackupError,
+    BackupSummary,
     _manifest,
     _summarise,
     _write_tar,
@@ -32,7 +34,7 @@ from gateway.store.outbox import Outbox
 
 async def _make(data: Path) -> None:
     reg = Registry(data / "locks.sqlite3")
-    reg.put(LockRecord("lk-1", "C0:00:00:00:00:01", "Front", b"k" * 16))
+    reg.put(LockRecord("lk-1", "C0:00:00:00:00:01", "Front", b"k" * 32))
     reg.close()
     store = TrustStore(data / "trust.sqlite3")
     store.put_num("floor", 1)
@@ -59,7 +61,7 @@ async def test_a_stopped_gateway_backs_up_and_restores_onto_an_empty_directory(t
     got, aside = restore(tmp_path / "b.tar", tmp_path / "new", gw="gw-1")
     assert got == s and aside is None
     assert Registry(tmp_path / "new" / "locks.sqlite3").get("lk-1") == LockRecord(
-        "lk-1", "C0:00:00:00:00:01", "Front", b"k" * 16
+        "lk-1", "C0:00:00:00:00:01", "Front", b"k" * 32
     )
     async with Outbox(tmp_path / "new" / "events.sqlite3", gw="gw-1", site="s-1", wall=lambda: 1.8e9) as ob:
         assert (ob.epoch, ob.stats().last_seq, ob.stats().receipt_seq) == (s.epoch, 5, 2)
@@ -154,3 +156,45 @@ async def test_a_sparse_member_is_refused_before_anything_is_written(tmp_path: P
     assert (tmp_path / "evil.tar").stat().st_size < big // 16  # it is sparse
     with pytest.raises(BackupError, match=r"member .events\.sqlite3. is sparse"):
         read_summary(tmp_path / "evil.tar")
+
+
+async def test_a_forged_lock_record_is_refused(tmp_path: Path) -> None:
+    """The daemon trusts its registry: a lock id with topic metacharacters ends up in MQTT topic
+    names, a malformed address or link key in every connect. A restored registry is checked
+    field by field, as pairing would have made it."""
+    await _make(tmp_path / "data")
+    backup(tmp_path / "data", tmp_path / "b.tar", gw="gw-1", site="s-1")
+    for row in (
+        ("lk/#", "C0:00:00:00:00:02", "x", b"k" * 32),
+        ("lk-2", "not an address", "x", b"k" * 32),
+        ("lk-2", "C0:00:00:00:00:02", "x", b"short"),
+        ("lk-2", "C0:00:00:00:00:02", "x" * 5000, b"k" * 32),
+    ):
+        copies = _unpack(tmp_path / "b.tar", tmp_path / "x")
+        with contextlib.closing(sqlite3.connect(copies["locks.sqlite3"])) as db:
+            db.execute("INSERT INTO locks VALUES (?, ?, ?, ?)", row)
+            db.commit()
+        summary = _summarise_unchecked(copies)
+        _write_tar(tmp_path / "evil.tar", _manifest(summary, copies), copies)
+        with pytest.raises(BackupError, match="malformed lock record"):
+            restore(tmp_path / "evil.tar", tmp_path / "new", gw="gw-1")
+        assert not (tmp_path / "new").exists()
+        shutil.rmtree(tmp_path / "x")
+
+
+def _summarise_unchecked(copies: dict[str, Path]) -> BackupSummary:
+    """The summary a forger writes into the manifest (the lock count, whatever the rows hold)."""
+    with contextlib.closing(sqlite3.connect(copies["locks.sqlite3"])) as db:
+        locks = int(db.execute("SELECT count(*) FROM locks").fetchone()[0])
+    with contextlib.closing(sqlite3.connect(copies["locks.sqlite3"])) as db:
+        db.execute("ALTER TABLE locks RENAME TO locks_real")
+        db.execute("CREATE TABLE locks AS SELECT * FROM locks_real WHERE 0")
+        db.commit()
+    try:
+        base = _summarise(copies, gw="gw-1", site="s-1", created="2026-12-01T00:00:00Z")
+    finally:
+        with contextlib.closing(sqlite3.connect(copies["locks.sqlite3"])) as db:
+            db.execute("DROP TABLE locks")
+            db.execute("ALTER TABLE locks_real RENAME TO locks")
+            db.commit()
+    return dataclasses.replace(base, locks=locks)
