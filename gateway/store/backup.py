@@ -42,7 +42,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -450,12 +450,20 @@ def _check_chain(  # noqa: PLR0917 - the facts one chain check needs
 
 
 def restore(
-    path: Path, data_dir: Path, *, gw: str, force: bool = False, new_epoch: bool = False
+    path: Path,
+    data_dir: Path,
+    *,
+    gw: str,
+    force: bool = False,
+    new_epoch: bool = False,
+    trust_check: Callable[[Path], None] | None = None,
 ) -> tuple[BackupSummary, Path | None]:
     """Restore the backup ``path`` onto ``data_dir``; returns what it held and where the previous
     contents went (``--force`` on a non-empty directory), or None. With ``new_epoch`` only the
     locks and the trust store come back: the daemon starts a new outbox (a new epoch), for a
-    backup older than what central already has (docs/operations.md)."""
+    backup older than what central already has (docs/operations.md). ``trust_check`` is
+    given the verified trust store before anything moves and raises :class:`BackupError` to
+    refuse it (the CLI checks its documents against the configured root keys)."""
     data_dir = data_dir.absolute()
     parent = data_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -477,6 +485,8 @@ def restore(
                     f"{path} is a backup of gateway {summary.gw!r}; this configuration is {gw!r} "
                     "(restore it with that gateway's configuration)"
                 )
+            if trust_check is not None:
+                trust_check(staging / "trust.sqlite3")
             if new_epoch:
                 (staging / "events.sqlite3").unlink()
             aside = _swap(staging, data_dir, keep_old=bool(present))

@@ -12,11 +12,14 @@ import shutil
 import sqlite3
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from credfix import GW, SITE, World
+from helpers import SeededRng
 
-from gateway.authz.authorizer import TrustStore
+from gateway.authz.authorizer import TrustStore, unverified_stored
 from gateway.ble.registry import LockRecord, Registry
 from gateway.store.backup import (
     DATABASES,
@@ -198,3 +201,29 @@ def _summarise_unchecked(copies: dict[str, Path]) -> BackupSummary:
             db.execute("ALTER TABLE locks_real RENAME TO locks")
             db.commit()
     return dataclasses.replace(base, locks=locks)
+
+
+async def test_a_keyring_that_does_not_verify_against_this_sites_roots_is_refused(tmp_path: Path) -> None:
+    """Started on a trust store whose keyring does not verify (another site's backup, or one
+    whose keyring a forger signed), the daemon uses it anyway, marked stale: whoever signed it
+    issues tokens. Restore checks the stored documents against the configured roots first."""
+    ours, theirs = World(), World(rng=SeededRng(b"other"))
+    await _make(tmp_path / "data")
+    store = TrustStore(tmp_path / "data" / "trust.sqlite3")
+    store.put_blob("keyring", theirs.keyring())
+    store.close()
+    backup(tmp_path / "data", tmp_path / "b.tar", gw="gw-1", site="s-1")
+
+    def check(world: World) -> Callable[[Path], None]:
+        def run(trust: Path) -> None:
+            roots = {world.root.public.kid: world.root.public}
+            if bad := unverified_stored(trust, gw_id=GW, site=SITE, roots=roots, policy=world.policy):
+                raise BackupError(f"holds a {', '.join(bad)} that does not verify")
+
+        return run
+
+    with pytest.raises(BackupError, match="holds a keyring that does not verify"):
+        restore(tmp_path / "b.tar", tmp_path / "new", gw="gw-1", trust_check=check(ours))
+    assert not (tmp_path / "new").exists()
+    restore(tmp_path / "b.tar", tmp_path / "new", gw="gw-1", trust_check=check(theirs))
+    assert (tmp_path / "new" / "trust.sqlite3").exists()
