@@ -10,7 +10,7 @@ an unauthorised SMP peer that would not leak state).
 Faults (docs/simulator.md): ``fw_drop_after`` N SMP writes the link drops; ``fw_reboot`` reboots
 now (mid-upload: the upload state in RAM is lost); ``fw_flash_delay`` seconds per upload chunk;
 ``fw_unhealthy`` VERSION: that image, once booted for test, answers every lock command FAILED
-(a health check must catch it).
+(a health check must catch it); ``fw_lie_offset`` N: every upload write is answered ``off=N``.
 """
 
 from __future__ import annotations
@@ -189,6 +189,8 @@ class SmpService:
         elif fault == "fw_unhealthy":
             self.unhealthy_versions.add(str(value))
             self._apply_running()
+        elif fault == "fw_lie_offset":
+            self.server.lie_offset = int(value)
         elif fault == "fw_reboot":
             return self.reboot()
         else:

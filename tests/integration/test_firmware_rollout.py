@@ -266,3 +266,20 @@ async def test_a_direct_command_records_the_rollout_and_the_daemon_runs_it(site:
     await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
     [status] = await site.rollouts.status()
     assert status["locks"][0]["state"] == "confirmed"
+
+
+@pytest.mark.parametrize("offset", [0, 2000, 10**6])
+async def test_a_lock_lying_about_its_upload_offset_fails_alone_and_bounded(site: Site, offset: int) -> None:
+    """A hostile lock answers every upload write with one offset: stuck at the start, stuck
+    midway, or beyond the image. The gateway gives up on that lock with the reason (it looped
+    forever, holding the lock's link and radio time) and the rollout halts."""
+    image = signed_image(KEY, "1.1.0", security_counter=2, size=3000)
+    liar = site.ids()[0]
+    await site.radio.apply_fault(liar, "fw_lie_offset", offset)
+    await site.rollouts.apply(signed_manifest(MKEY, image, [liar]), image)
+    await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
+    [status] = await site.rollouts.status()
+    assert status["state"] == "halted", status
+    [lk] = status["locks"]
+    assert lk["state"] == "failed" and "offset" in lk["reason"], lk
+    assert not site.smp[liar].boot.testing and site.smp[liar].boot.pending is None
