@@ -409,15 +409,9 @@ class Rollouts:
                 off = 0
                 continue
             failures = 0
-            if not 0 <= answer.off <= len(image):
-                raise _StepFailed(f"upload: the lock answered offset {answer.off}, outside 0..{len(image)}")
             sent += len(request.data)
             stalls = stalls + 1 if answer.off <= off and request.data else 0
-            if stalls >= STEP_ATTEMPTS or sent > budget:
-                raise _StepFailed(
-                    f"upload: the lock's offset does not advance (offset {answer.off} after "
-                    f"{sent} bytes sent for an image of {len(image)})"
-                )
+            _check_progress(answer.off, len(image), stalls=stalls, sent=sent, budget=budget)
             off = answer.off
             pct = _pct(off, len(image))
             self.progress[(m.rollout, record.lock)] = pct
@@ -525,6 +519,17 @@ def _m() -> Any:
         ImageUploadWrite=req_img.ImageUploadWrite,
         ResetWrite=req_os.ResetWrite,
     )
+
+
+def _check_progress(answered: int, size: int, *, stalls: int, sent: int, budget: int) -> None:
+    """Fail the upload step of a lock whose offsets lie: outside the image, or not advancing."""
+    if not 0 <= answered <= size:
+        raise _StepFailed(f"upload: the lock answered offset {answered}, outside 0..{size}")
+    if stalls >= STEP_ATTEMPTS or sent > budget:
+        raise _StepFailed(
+            f"upload: the lock's offset does not advance (offset {answered} after {sent} bytes "
+            f"sent for an image of {size})"
+        )
 
 
 def chunk_request(image: bytes, off: int, sha: bytes, buf_size: int) -> Any:
