@@ -113,6 +113,9 @@ def backup(data_dir: Path, out: Path, *, gw: str, site: str) -> BackupSummary:
         if not (data_dir / name).is_file():
             raise BackupError(f"{data_dir / name} does not exist: nothing to back up (wrong data_dir?)")
     out = out.absolute()
+    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data_dir)):
+        # Renamed into place, the tar would replace a live database (--out DATA_DIR/events.sqlite3).
+        raise BackupError(f"{out} is inside the data directory {data_dir}; write the backup elsewhere")
     if out.is_dir():
         raise BackupError(f"{out} is a directory; give a file name (--out FILE)")
     with tempfile.TemporaryDirectory(prefix="lockgw-backup-") as tmp, _daemon_or_hold(data_dir) as running:

@@ -227,3 +227,14 @@ async def test_a_keyring_that_does_not_verify_against_this_sites_roots_is_refuse
     assert not (tmp_path / "new").exists()
     restore(tmp_path / "b.tar", tmp_path / "new", gw="gw-1", trust_check=check(theirs))
     assert (tmp_path / "new" / "trust.sqlite3").exists()
+
+
+async def test_a_backup_written_into_the_data_directory_is_refused(tmp_path: Path) -> None:
+    """``--out DATA_DIR/events.sqlite3`` (a slip of the keyboard) renamed the tar over the live
+    outbox: every acknowledged event gone. Nothing is written into the data directory."""
+    await _make(tmp_path / "data")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    for out in ("events.sqlite3", "locks.sqlite3", "b.tar", "sub/../events.sqlite3"):
+        with pytest.raises(BackupError, match="inside the data directory"):
+            backup(tmp_path / "data", tmp_path / "data" / out, gw="gw-1", site="s-1")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
