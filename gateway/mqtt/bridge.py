@@ -264,6 +264,12 @@ class MqttBridge:
             )
         tls_context = None
         if self.cfg.tls:
+            # OpenSSL opens these by name and blocks (the event loop with it) on a FIFO, or
+            # reads /dev/zero to the end: each must first be a regular file, bounded.
+            for key in ("ca_file", "cert_file", "key_file"):
+                tls_file = getattr(self.cfg, key)
+                if tls_file is not None:
+                    read_bounded(tls_file, f"mqtt.{key}")
             tls_context = ssl.create_default_context(
                 cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None
             )
