@@ -90,22 +90,34 @@ def apply_bluez(text: str) -> str:
 
 
 def _set(lines: list[str], section: str, key: str, value: str) -> list[str]:
-    start = next((i for i, line in enumerate(lines) if line.strip() == f"[{section}]"), None)
-    if start is None:
-        return [*lines, "", f"[{section}]", _MARK, f"{key} = {value}"]
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
-        len(lines),
-    )
+    """Every active ``key`` line in every ``[section]`` of that name gets ``value``: BlueZ
+    (GKeyFile) and doctor take the last of a key given twice, or of a section given twice, so
+    a weak value left after the first would still apply."""
+    header = f"[{section}]"
+    starts = [i for i, line in enumerate(lines) if line.strip() == header]
+    if not starts:
+        return [*lines, "", header, _MARK, f"{key} = {value}"]
     active = re.compile(rf"^\s*{re.escape(key)}\s*=")
     commented = re.compile(rf"^\s*#\s*{re.escape(key)}\s*=")
-    for i in range(start + 1, end):
-        if active.match(lines[i]):
-            if lines[i].split("=", 1)[1].strip().lower() == value:
-                return lines
-            return [*lines[:i], _MARK, f"{key} = {value}", *lines[i + 1 :]]
+    found, weak = False, []
+    for start in starts:
+        for i in range(start + 1, _section_end(lines, start)):
+            if active.match(lines[i]):
+                found = True
+                if lines[i].split("=", 1)[1].strip().lower() != value:
+                    weak.append(i)
+    if found:
+        out = list(lines)
+        for i in reversed(weak):
+            out[i : i + 1] = [_MARK, f"{key} = {value}"]
+        return out
+    start, end = starts[0], _section_end(lines, starts[0])
     at = next((i + 1 for i in range(start + 1, end) if commented.match(lines[i])), start + 1)
     return [*lines[:at], _MARK, f"{key} = {value}", *lines[at:]]
+
+
+def _section_end(lines: list[str], start: int) -> int:
+    return next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
 
 
 # --- the unit's network allow-list ------------------------------------------------------------

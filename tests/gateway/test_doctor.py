@@ -152,3 +152,25 @@ def test_missing_or_broken_main_conf_is_a_warning_with_the_fix(tmp_path: Path) -
     assert missing.status == "warn" and "KeySize = 16" in missing.fix
     broken = check(tmp_path, "no section header\n")
     assert broken.status == "warn" and broken.fix == "fix the file"
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        pytest.param(
+            "[General]\nJustWorksRepairing = never\nJustWorksRepairing = always\n", id="B9-key-twice-last-wins"
+        ),
+        pytest.param(
+            "[General]\nControllerMode = le\n[Policy]\n[General]\nControllerMode = dual\n",
+            id="B9-section-twice-last-wins",
+        ),
+        pytest.param("[GATT]\nKeySize = 16\n\n[GATT]\n  KeySize=7\n", id="B8-indented-in-a-second-section"),
+    ],
+)
+def test_the_installers_edit_leaves_no_later_weak_value_behind(hostile: str) -> None:
+    """Found by attack (round 2): BlueZ (GKeyFile) and doctor take the *last* value of a key
+    given twice, or of a section given twice; the edit set only the first, and a re-run said
+    'already hardened' while doctor warned and BlueZ ran with the weak value."""
+    fixed = apply_bluez(hostile)
+    assert bluez_problems(fixed) == []
+    assert apply_bluez(fixed) == fixed
