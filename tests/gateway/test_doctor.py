@@ -158,7 +158,8 @@ def test_missing_or_broken_main_conf_is_a_warning_with_the_fix(tmp_path: Path) -
     "hostile",
     [
         pytest.param(
-            "[General]\nJustWorksRepairing = never\nJustWorksRepairing = always\n", id="B9-key-twice-last-wins"
+            "[General]\nJustWorksRepairing = never\nJustWorksRepairing = always\n",
+            id="B9-key-twice-last-wins",
         ),
         pytest.param(
             "[General]\nControllerMode = le\n[Policy]\n[General]\nControllerMode = dual\n",
