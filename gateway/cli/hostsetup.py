@@ -191,8 +191,10 @@ def network_dropin(config: Config, addresses: Sequence[Address], dns: Sequence[A
     broker's ``addresses`` (and, for a broker named by host name, the ``dns`` servers the
     daemon resolves it through)."""
     url = config.mqtt.url if config.mqtt else "(no [mqtt] section)"
+    # The path escaped: a newline in it would end the comment and write unit settings.
+    source = str(config.source).encode("unicode_escape").decode()
     lines = [
-        f"# Written by packaging/install.sh from {config.source}: [mqtt] url = {url}",
+        f"# Written by packaging/install.sh from {source}: [mqtt] url = {url}",
         "# The addresses are resolved at install time; when the broker's change, run",
         "# `install.sh reconfigure` again (lockgw doctor warns when they no longer match).",
         "[Service]",
