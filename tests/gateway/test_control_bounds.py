@@ -100,3 +100,19 @@ async def test_F5_a_client_that_never_reads_its_answers_is_closed_not_held_for_e
                     answers += 1
         writer.transport.abort()
         assert answers < 100  # closed, not served to the end once the client read again
+
+
+async def test_F5_a_client_over_the_cap_that_sent_its_request_reads_the_refusal(tmp_path: Path) -> None:
+    """Attack (round 2), held: the CLI sends its line before reading; the refused connection
+    is closed with that line unread (the peer sees ECONNRESET after the data, not before),
+    so the CLI still reads 'too many connections' (exit 3)."""
+    sock = tmp_path / "ctl.sock"
+    async with ControlServer(sock, echo, max_clients=1):
+        _held_reader, held = await asyncio.open_unix_connection(str(sock))
+        held.write(b'{"cmd": "pi')
+        await held.drain()
+        for _ in range(20):  # each try races the server's close against the client's read
+            answer = await call(sock, "ping", {}, timeout_s=BOUND_S)
+            assert answer["ok"] is False and answer["exit"] == 3, answer
+        held.close()
+        await held.wait_closed()

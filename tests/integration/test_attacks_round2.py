@@ -5,6 +5,7 @@ nothing changes, the daemon keeps opening doors, and its log has no traceback.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -103,3 +104,34 @@ def test_a_malformed_control_command_is_a_usage_error(site: Site, line: str) -> 
     else:
         assert answer["exit"] == 2 or answer.get("code") == "invalid_request", (line, answer)
     assert site.alive()
+
+
+def test_many_half_closed_connections_then_the_cli_and_the_doors_still_work(site: Site) -> None:
+    """100 connections (over the cap of 64), each sending half a line and shutting its write
+    side: each gets an answer line (an error, or too many connections) and ends; then ping
+    answers and a door opens."""
+    held = []
+    try:
+        for i in range(100):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(str(site.daemon.control))
+            s.sendall(b'{"cmd": "pi' if i % 2 else b'{"cmd": "ping"}\n{"cmd"')
+            s.shutdown(socket.SHUT_WR)
+            held.append(s)
+        for s in held:
+            data = b""
+            # a refused connection is closed with our bytes unread: ECONNRESET after its line
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(65536):
+                    data += chunk
+            answers = [json.loads(line) for line in data.splitlines()]
+            assert answers, "a half-closed connection got no answer"
+            assert answers[-1]["ok"] is False and answers[-1]["exit"] in (2, 3), answers
+    finally:
+        for s in held:
+            s.close()
+    (pong,) = ask(site, [json.dumps({"cmd": "ping"})])
+    assert pong["ok"] is True
+    honest_unlock(site)
+    site.check_store()
