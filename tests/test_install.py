@@ -318,3 +318,17 @@ def test_upgrade_keeps_data_and_config_rollback_and_uninstall(installed: Path, b
     assert not (r / "etc/lockgw").exists() and not data.exists()
     assert "lockgw:" not in (r / "etc/passwd").read_text() + (r / "etc/group").read_text()
     assert (r / "etc/bluetooth/main.conf").read_text() == STOCK_MAIN_CONF
+
+
+def test_a_scratch_root_with_spaces_installs_and_its_config_checks(bundles: Bundles, tmp_path: Path) -> None:
+    """Attack (round 2): DESTDIR holding spaces (and a quote) — every path in install.sh
+    quoted; the installed configuration passes its own check."""
+    root = scratch_root(tmp_path / "a dir with 'spaces'")
+    install(bundles.first, root)
+    assert (root / "etc/lockgw/lockgw.toml").is_file()
+    assert Path(root / "opt/lockgw/current").readlink().as_posix().startswith("releases/")
+    dropin = root / "etc/systemd/system/lockgw.service.d/50-broker.conf"
+    if dropin.exists():
+        assert all(
+            line.startswith(("#", "[Service]", "IPAddressAllow=")) for line in dropin.read_text().splitlines()
+        )
