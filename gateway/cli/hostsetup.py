@@ -256,7 +256,14 @@ def cli() -> None:
 @click.argument("path", type=click.Path(path_type=Path), default=BLUEZ_MAIN_CONF)
 def bluez_command(path: Path) -> None:
     """Set the BlueZ keys lockgw relies on in PATH (BlueZ 5.66 main.conf), in place."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    except UnicodeDecodeError as exc:  # left as it is: rewriting would change its other bytes
+        raise click.ClickException(
+            f"{path}: not UTF-8 text (byte {exc.start}); set {bluez_wanted_text()}"
+        ) from None
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read: {exc.strerror}") from None
     new = apply_bluez(text)
     if new != text:
         path.write_text(new, encoding="utf-8")

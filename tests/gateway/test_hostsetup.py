@@ -110,3 +110,17 @@ def test_a_config_path_with_a_newline_cannot_add_lines_to_the_drop_in(tmp_path: 
     assert all(
         line.startswith(("#", "[Service]", "IPAddressAllow=203.0.113.7")) for line in dropin.splitlines()
     )
+
+
+def test_a_main_conf_that_is_not_utf8_is_a_clear_error_and_is_left_as_it_is(tmp_path: Path) -> None:
+    """Found by attack (round 2): the installer's BlueZ edit ended in a UnicodeDecodeError
+    traceback on a main.conf holding Latin-1 bytes."""
+    from click.testing import CliRunner
+
+    conf = tmp_path / "main.conf"
+    raw = b"[General]\nName = D\xf6rr\n"
+    conf.write_bytes(raw)
+    result = CliRunner().invoke(hostsetup.cli, ["bluez", str(conf)])
+    assert result.exit_code == 1 and "not UTF-8" in result.output, result.output
+    assert not isinstance(result.exception, UnicodeDecodeError)
+    assert conf.read_bytes() == raw
