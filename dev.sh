@@ -48,6 +48,16 @@ ensure_mosquitto() {
     if command -v apt-get >/dev/null 2>&1; then apt_install mosquitto; fi
 }
 
+ensure_central() {
+    # The receiver's tests start their own PostgreSQL and RabbitMQ in temp dirs (tests/fleetfix.py);
+    # they need the binaries only, never the machine-wide services.
+    command -v apt-get >/dev/null 2>&1 || return 0
+    local want=()
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || want+=(postgresql)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || want+=(rabbitmq-server)
+    [ ${#want[@]} -eq 0 ] || apt_install "${want[@]}"
+}
+
 sync_env() {
     ensure_uv
     "$UV" sync --frozen --python "$(python_bin)" -q
@@ -63,6 +73,7 @@ case "$cmd" in
         ;;
     test)
         ensure_mosquitto
+        ensure_central
         sync_env
         export UV   # tests/test_install.py builds a release bundle with it
         echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .

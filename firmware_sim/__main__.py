@@ -1,8 +1,8 @@
 """``lockgw-sim``: simulated lock units on a real BLE host stack.
 
-``lockgw-sim serve --locks N [--seed N] [--state DIR] [--transport tcp-server:HOST:PORT]``
-prints one JSON line per lock (``{"lock", "address", "setup_code"}``), then a line
-``{"ready": true, "transport": ...}``, and serves until SIGINT/SIGTERM or end of input.
+``lockgw-sim serve --locks N [--seed N] [--state DIR] [--transport tcp-server:HOST:PORT]
+[--radio flat|typical|slow] [--radio-set FIELD=VALUE ...]`` prints one JSON line per lock (``{"lock", "address", "setup_code"}``), then a line
+``{"ready": true, "transport": ..., "radio": PROFILE}``, and serves until SIGINT/SIGTERM or end of input.
 
 Fault commands are JSON lines on standard input, answered by one JSON line on standard output
 (docs/simulator.md lists them)::
@@ -24,7 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from imgtool import keys as imgkeys
+
 from firmware_sim.bumble_peripheral import RadioTiming, SimRadio
+from firmware_sim.radio import PROFILES, RadioProfile, parse_overrides, profile_named
+from firmware_sim.smp_gatt import imgtool_verifier
 
 __all__ = ["main"]
 
@@ -70,15 +74,20 @@ async def _read_commands(radio: SimRadio, stop: asyncio.Event) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    profile: RadioProfile = args.profile
     timing = RadioTiming(
-        advertising_interval_ms=args.adv_interval_ms, response_delay_s=args.response_delay_ms / 1000
+        advertising_interval_ms=profile.adv_interval_ms, response_delay_s=args.response_delay_ms / 1000
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with SimRadio(timing=timing) as radio:
+    async with SimRadio(timing=timing, profile=profile, seed=args.seed) as radio:
         locks = await radio.add_locks(args.locks, seed=args.seed, state_dir=args.state)
+        if args.firmware_key:
+            verifier = imgtool_verifier([imgkeys.load(str(path)) for path in args.firmware_key])
+            for sim in locks:
+                radio.enable_firmware(sim.model.lock_id, verifier)
         if args.transport:
             try:
                 await radio.serve_hci(args.transport)
@@ -93,7 +102,7 @@ async def serve(args: argparse.Namespace) -> int:
                     "setup_code": sim.model.setup_code,
                 }
             )
-        _emit({"ready": True, "transport": args.transport})
+        _emit({"ready": True, "transport": args.transport, "radio": profile.name})
         reader = asyncio.create_task(_read_commands(radio, stop), name="sim-commands")
         try:
             await stop.wait()
@@ -116,13 +125,43 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="HCI transport for the gateway, e.g. tcp-server:127.0.0.1:9100",
     )
-    p.add_argument("--adv-interval-ms", type=float, default=20.0, help="advertising interval (20..10240)")
+    p.add_argument(
+        "--adv-interval-ms",
+        type=float,
+        default=None,
+        help="advertising interval (20..10240); the same as --radio-set adv_interval_ms=…",
+    )
+    p.add_argument(
+        "--radio",
+        default="flat",
+        choices=sorted(PROFILES),
+        help="radio timing profile (docs/simulator.md); flat: no radio delays (the default)",
+    )
+    p.add_argument(
+        "--radio-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one profile field, e.g. conn_interval_ms=15 (repeatable)",
+    )
     p.add_argument("--response-delay-ms", type=float, default=0.0, help="delay before each lock answer")
+    p.add_argument(
+        "--firmware-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="an imgtool key (PEM) the locks' bootloader trusts: enables the SMP service (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.locks <= 500:
         parser.error("--locks must be between 1 and 500")
-    if not 20.0 <= args.adv_interval_ms <= 10240.0:
-        parser.error("--adv-interval-ms must be between 20 and 10240")
+    overrides = list(args.radio_set)
+    if args.adv_interval_ms is not None:
+        overrides.insert(0, f"adv_interval_ms={args.adv_interval_ms}")
+    try:
+        args.profile = parse_overrides(profile_named(args.radio), overrides)
+    except ValueError as exc:
+        parser.error(f"--radio-set: {exc}")
     if args.response_delay_ms < 0:
         parser.error("--response-delay-ms must not be negative")
     with contextlib.suppress(KeyboardInterrupt):

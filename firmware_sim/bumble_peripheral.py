@@ -7,9 +7,12 @@ same process (:meth:`SimRadio.open_gateway_controller`, for tests) or a controll
 TCP HCI transport (``tcp-server:HOST:PORT``) so a gateway in another process attaches with the
 Bumble transport ``tcp-client:HOST:PORT``.
 
-Radio timing is configurable (:class:`RadioTiming`): the advertising interval, a delay before
-the lock answers each exchange, and extra latency injected by faults. Everything runs flat out
-by default.
+Radio timing is configurable: a :class:`~firmware_sim.radio.RadioProfile` (``flat``, the
+default, runs flat out as the simulator always did; ``typical`` and ``slow`` model advertising
+events, connection set-up, one ATT PDU per connection event, the ATT_MTU and the motor — see
+firmware_sim/radio.py and docs/simulator.md), plus :class:`RadioTiming`'s flat knobs (the
+advertising interval, a delay before the lock answers each exchange) and extra latency injected
+by faults.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Final, Self
 
 from bumble import gatt, hci, ll
 from bumble.controller import Connection as ControllerConnection
-from bumble.controller import Controller
+from bumble.controller import Controller, LegacyAdvertiser
 from bumble.core import UUID, AdvertisingData, InvalidPacketError, PhysicalTransport
 from bumble.device import Connection, Device
 from bumble.hci import Address
@@ -40,6 +43,9 @@ from bumble.transport.common import AsyncPipeSink, PacketParser, Transport
 from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_response
 from firmware_sim.peripheral import LinkDriver
 from firmware_sim.persist import LockStore
+from firmware_sim.radio import PROFILES, LinkClock, LockRadio, RadioProfile
+from firmware_sim.smp_gatt import SmpService
+from firmware_sim.smp_server import Verifier
 from protocols.framing import fragment
 from protocols.gatt import (
     COMPANY_ID,
@@ -54,6 +60,7 @@ from protocols.limits import MAX_FRAME_BODY
 __all__ = [
     "GatewayController",
     "HciTcpServer",
+    "ModelledAdvertiser",
     "RadioTiming",
     "SimAir",
     "SimLock",
@@ -79,6 +86,8 @@ class SimLock:
     address: Address
     tx: gatt.Characteristic[bytes]
     store: LockStore | None = None  # the state file (``--state``); None: in memory only
+    radio: LockRadio | None = None  # its timing under a modelled profile; None: flat
+    controller: Controller | None = None  # its virtual controller on the air
     extra_latency_s: float = 0.0
     hostile: str | None = None  # None | "garbage" | "oversized" | "truncated" | "flood" | "spake2"
     drop_next_after_write: bool = False
@@ -90,6 +99,7 @@ class SimLock:
     # Advert updates run one at a time: two interleaved ones (a link's end, then a fault) could
     # each find advertising off and the first restart it after the second decided it must stop.
     advert_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    smp: SmpService | None = None  # the firmware-update service (enable_firmware)
 
 
 def _address(index: int, base: int) -> str:
@@ -108,9 +118,16 @@ class SimRadio:
         timing: RadioTiming | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        profile: RadioProfile | None = None,
+        seed: int | None = None,
     ) -> None:
-        self.link = SimAir()
+        """``profile``: the radio model (default ``flat``); ``seed``: its per-lock draws
+        (advert phase, transmit window offsets, jitter) are then the same on every run."""
+        self.profile = profile or PROFILES["flat"]
+        self.profile.check()
+        self.link = SimAir(self.profile)
         self.timing = timing or RadioTiming()
+        self._radio_seed = seed if seed is not None else random.SystemRandom().getrandbits(64)
         self.locks: dict[str, SimLock] = {}
         self._rng = rng or random.Random()  # noqa: S311 - simulation noise only, not keys
         self._clock = clock
@@ -142,6 +159,15 @@ class SimRadio:
     def now(self) -> float:
         return self._clock()
 
+    def link_clock(self, sim: SimLock) -> LinkClock | None:
+        """The clock of the lock's latest link (modelled profiles only)."""
+        clocks = [c for (_, lock), c in self.link.links.items() if lock is sim.controller]
+        return max(clocks, key=lambda c: c.created) if clocks else None
+
+    def connections_to(self, sim: SimLock) -> int:
+        """How many connections the lock has accepted (CONNECT_INDs it received)."""
+        return self.link.connections.get(sim.controller, 0) if sim.controller is not None else 0
+
     # --- locks -------------------------------------------------------------------------
 
     async def add_lock(self, model: LockModel, store: LockStore | None = None) -> SimLock:
@@ -150,8 +176,17 @@ class SimRadio:
         digest = int.from_bytes(hashlib.sha256(model.lock_id.encode()).digest()[:4], "big")
         address = Address(_address(index, 0x1000 + digest % 0x100000))
         controller = SupervisedController(f"lock{index}", link=self.link, public_address=str(address))
+        lock_radio = None
+        if not self.profile.flat:
+            # One rng per lock, from the seed and the lock's id: the same draws however many
+            # locks there are and in whatever order they act.
+            lock_radio = LockRadio(self.profile, random.Random(f"{self._radio_seed}:{model.lock_id}"))  # noqa: S311 - simulation noise only
+            controller.le_legacy_advertiser = ModelledAdvertiser(controller, lock_radio)
+            self.link.radios[controller] = lock_radio
         device = Device(address=address, host=Host(controller, AsyncPipeSink(controller)))
         device.name = model.lock_id
+        if self.profile.mtu:
+            device.gatt_server.max_mtu = self.profile.mtu
         holder: dict[str, SimLock] = {}
 
         def on_write(connection: Connection, value: bytes) -> None:
@@ -174,7 +209,15 @@ class SimRadio:
         )
         device.add_service(gatt.Service(UUID(SERVICE_UUID), [rx, tx]))
         await device.power_on()
-        sim = SimLock(model=model, device=device, address=address, tx=tx, store=store)
+        sim = SimLock(
+            model=model,
+            device=device,
+            address=address,
+            tx=tx,
+            store=store,
+            radio=lock_radio,
+            controller=controller,
+        )
         holder["lock"] = sim
         device.on("connection", lambda conn: self._on_connection(sim, conn))
         self.locks[model.lock_id] = sim
@@ -233,10 +276,13 @@ class SimRadio:
         if sim.device.is_advertising:
             await sim.device.stop_advertising()
         if not sim.drivers and not sim.out_of_range:
+            interval_ms = (
+                self.timing.advertising_interval_ms if sim.radio is None else sim.radio.adv_interval_s * 1000
+            )
             await sim.device.start_advertising(
                 auto_restart=False,
-                advertising_interval_min=self.timing.advertising_interval_ms,
-                advertising_interval_max=self.timing.advertising_interval_ms,
+                advertising_interval_min=interval_ms,
+                advertising_interval_max=interval_ms,
             )
 
     def refresh_advert(self, sim: SimLock) -> None:
@@ -281,6 +327,7 @@ class SimRadio:
                 sim.drop_next_after_write = False
                 await self._disconnect(sim, connection)
                 return
+            await self._motor(sim, moved=sim.model.state_counter != before[0] and bool(out))
             mtu = connection.att_mtu
             for piece in fragment(out, mtu) if out else []:
                 await sim.device.notify_subscriber(connection, sim.tx, piece)
@@ -292,6 +339,12 @@ class SimRadio:
                 await asyncio.sleep(0.05)  # let the ERROR notification leave first
                 await self._disconnect(sim, connection)
                 return
+
+    @staticmethod
+    async def _motor(sim: SimLock, *, moved: bool) -> None:
+        """Under a modelled profile the bolt moves before the lock answers an actuation."""
+        if moved and sim.radio is not None:
+            await asyncio.sleep(sim.radio.motor_s())
 
     @staticmethod
     async def _disconnect(sim: SimLock, connection: Connection) -> None:
@@ -314,6 +367,25 @@ class SimRadio:
                 await notify(connection, sim.tx, bytes([1, 0x20]) + (MAX_FRAME_BODY).to_bytes(2, "big"))
         elif mode == "spake2":  # a hostile pairing peer: an off-curve SPAKE2 point
             await notify(connection, sim.tx, off_curve_pair_response(sim.model.lock_id))
+
+    def enable_firmware(self, lock_id: str, verifier: Verifier) -> SmpService:
+        """Give a lock the SMP service and an MCUboot that trusts what ``verifier`` accepts."""
+        sim = self.locks[lock_id]
+
+        async def disconnect_all() -> None:
+            for connection in list(sim.drivers):
+                await self._disconnect(sim, connection)
+
+        sim.smp = SmpService(
+            sim.device,
+            sim.model,
+            verifier=verifier,
+            now=self.now,
+            driver_for=sim.drivers.get,
+            disconnect_all=disconnect_all,
+            spawn=self._spawn,
+        )
+        return sim.smp
 
     # --- faults (see docs/simulator.md) ------------------------------------------------
 
@@ -355,6 +427,10 @@ class SimRadio:
             model.press_pairing_button(now)
         elif fault == "factory_reset":
             model.factory_reset()
+        elif fault.startswith("fw_") and sim.smp is not None:
+            pending = sim.smp.apply_fault(fault, value)
+            if pending is not None:
+                await pending
         else:
             raise ValueError(f"unknown fault {fault!r}")
         if sim.store is not None:
@@ -408,21 +484,99 @@ class SimAir(LocalLink):
     core doing nothing (locks never scan). Here an ADV_IND goes to the central controllers (the
     gateways' — the only ones that scan) and a CONNECT_IND only to the controller that owns the
     advertiser's address. What reaches those controllers is unchanged.
+
+    Under a modelled radio profile (not ``flat``) each link gets a
+    :class:`~firmware_sim.radio.LinkClock` at its CONNECT_IND, and every data PDU (one L2CAP
+    PDU: one ATT PDU) and LL control PDU is delivered at the link's next free connection event
+    in its direction instead of at once; PDUs of one direction keep their order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, profile: RadioProfile | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.centrals: set[Controller] = set()
+        self.profile = profile or PROFILES["flat"]
+        #: Each lock controller's radio (modelled profiles only).
+        self.radios: dict[Controller, LockRadio] = {}
+        #: The clock of each (central, peripheral) link, replaced at each CONNECT_IND.
+        self.links: dict[tuple[Controller, Controller], LinkClock] = {}
+        #: Connections made, by peripheral (lock) controller: what a test counts.
+        self.connections: dict[Controller, int] = {}
 
     def send_advertising_pdu(self, sender_controller: Controller, packet: ll.AdvertisingPdu) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(packet, ll.ConnectInd):
             owner = self.find_le_controller(packet.advertiser_address)
             targets = [owner] if owner is not None else []
+            if owner is not None:
+                self.connections[owner] = self.connections.get(owner, 0) + 1
+                radio = self.radios.get(owner)
+                if radio is not None:
+                    self.links[(sender_controller, owner)] = radio.new_link(loop.time())
         else:
             targets = [c for c in self.centrals if c is not sender_controller]
         for c in targets:
             loop.call_soon(c.on_ll_advertising_pdu, packet)
+
+    def _clock(self, sender: Controller, receiver: Controller | None) -> tuple[LinkClock | None, int]:
+        if receiver is None or self.profile.flat:
+            return None, 0
+        if sender in self.centrals:
+            return self.links.get((sender, receiver)), 0
+        return self.links.get((receiver, sender)), 1
+
+    def send_acl_data(
+        self,
+        sender_controller: Controller,
+        destination_address: hci.Address,
+        transport: PhysicalTransport,
+        data: bytes,
+    ) -> None:
+        modelled = not self.profile.flat and transport == PhysicalTransport.LE
+        destination = self.find_le_controller(destination_address) if modelled else None
+        clock, direction = self._clock(sender_controller, destination)
+        if clock is None or destination is None:
+            super().send_acl_data(sender_controller, destination_address, transport, data)
+            return
+        loop = asyncio.get_running_loop()
+        source = sender_controller.random_address
+        loop.call_at(
+            clock.deliver_at(direction, loop.time()),
+            lambda: destination.on_link_acl_data(source, transport, data),
+        )
+
+    def send_ll_control_pdu(
+        self, sender_address: hci.Address, receiver_address: hci.Address, packet: ll.ControlPdu
+    ) -> None:
+        if self.profile.flat:
+            super().send_ll_control_pdu(sender_address, receiver_address, packet)
+            return
+        sender = self.find_le_controller(sender_address)
+        receiver = self.find_le_controller(receiver_address)
+        clock, direction = self._clock(sender, receiver) if sender is not None else (None, 0)
+        if clock is None or receiver is None:
+            super().send_ll_control_pdu(sender_address, receiver_address, packet)
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_at(
+            clock.deliver_at(direction, loop.time()),
+            lambda: receiver.on_ll_control_pdu(sender_address, packet),
+        )
+
+
+class ModelledAdvertiser(LegacyAdvertiser):
+    """Bumble's legacy advertiser, with the gap between advertising events from the lock's
+    :class:`~firmware_sim.radio.LockRadio` (advInterval + advDelay, in seconds) rather than the
+    HCI interval read as milliseconds."""
+
+    def __init__(self, controller: Controller, radio: LockRadio) -> None:
+        super().__init__(controller)
+        self.radio = radio
+
+    def _on_timer_fired(self) -> None:
+        self.send_advertising_data()
+        self.timer_handle = asyncio.get_running_loop().call_later(
+            self.radio.next_advert_gap_s(), self._on_timer_fired
+        )
 
 
 #: A link whose peer went silent is dropped after the supervision timeout the central chose;
@@ -480,6 +634,9 @@ class SupervisedController(Controller):
 
     def _supervise(self, connection: ControllerConnection, timeout_10ms: int) -> None:
         timeout_s = max(MIN_SUPERVISION_TIMEOUT_S, timeout_10ms / 100)
+        profile = getattr(self.link, "profile", None)
+        if isinstance(profile, RadioProfile) and profile.supervision_timeout_ms:
+            timeout_s = profile.supervision_timeout_ms / 1000  # the profile's, not the central's
         loop = asyncio.get_running_loop()
         state: dict[str, Any] = {"peer": None, "heard": loop.time()}
 

@@ -135,6 +135,10 @@ class LockModel:
     ran: dict[Op, int] = field(default_factory=dict)
     policy: PairingPolicy = field(default_factory=PairingPolicy)
     lie: str | None = None  # the `lie` fault: one of LIE_MODES, not persisted
+    #: STATUS's "firmware": the running image (set by the SMP glue after each boot), not persisted.
+    firmware: str = FIRMWARE_VERSION
+    #: The `fw_unhealthy` fault: the running image answers every command FAILED (not persisted).
+    unhealthy: bool = False
     #: Raised by every change to the persisted state (not itself persisted): the state file is
     #: behind while its revision differs (:class:`firmware_sim.persist.LockStore`).
     revision: int = 0
@@ -328,6 +332,10 @@ class LockModel:
             self.clock_offset_s = t - now - now * self.drift_ppm / 1e6
             self._log(now, LogKind.TIME_SET, data={"t": t})
             return Response(op, cmd_id, Status.OK, {"clock": self.clock(now)})
+        if op is Op.SMP_OPEN:
+            # The window belongs to the link, so the link driver grants it; a model asked
+            # directly has no link to open SMP on.
+            return Response(op, cmd_id, Status.BAD_REQUEST, {"error": "no link"})
         # Op.UNPAIR: wipe the key; this session ends when the link drops.
         self._log(now, LogKind.UNPAIRED, data={"gw": self.paired_gw or ""})
         self.paired_gw = self.ltk = None
@@ -342,7 +350,7 @@ class LockModel:
             "state": str(self.state),
             "door": str(self.door),
             "battery_pct": int(self.battery_pct),
-            "firmware": FIRMWARE_VERSION,
+            "firmware": self.firmware,
             "clock": self.clock(now),
             "log_first": self.first_seq(),
             "log_next": self.next_seq,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from firmware_sim.lock_model import LockModel
 from firmware_sim.persist import LockStore
 from protocols.errors import ProtocolError
-from protocols.messages import ErrorCode, LinkRole, Response, Status, is_allowed
+from protocols.messages import ErrorCode, LinkRole, Op, Response, Status, is_allowed
 from protocols.session import (
     Event,
     LockConnection,
@@ -48,6 +48,12 @@ class LinkDriver:
             attempts_left=model.attempts_left() if code is not None else None,
         )
         self.error: ProtocolError | OSError | None = None
+        #: Until when (``now`` seconds) this link may write to the SMP service (Op.SMP_OPEN).
+        self.smp_until: float = 0.0
+
+    def smp_open(self, now: float) -> bool:
+        """True while an authenticated SMP_OPEN on this link has not expired."""
+        return self._conn.peer is not None and now < self.smp_until
 
     @property
     def closed(self) -> bool:
@@ -86,6 +92,12 @@ class LinkDriver:
             role = LinkRole.GATEWAY if self._conn.peer else LinkRole.UNAUTHENTICATED
             if not is_allowed(role, request.op):
                 return Response(request.op, request.cmd_id, Status.DENIED, {})
+            if request.op is Op.SMP_OPEN:
+                secs = int(str(request.args["secs"]))
+                self.smp_until = now + secs
+                return Response(request.op, request.cmd_id, Status.OK, {"secs": secs})
+            if self.model.unhealthy:
+                return Response(request.op, request.cmd_id, Status.FAILED, {"error": "unhealthy image"})
             return self.model.execute(request, now)
         return None
 

@@ -31,6 +31,8 @@ __all__ = [
     "BleConfig",
     "CheckedConfig",
     "Config",
+    "HomeAssistantConfig",
+    "MetricsConfig",
     "MqttConfig",
     "config_path",
     "load_checked",
@@ -60,6 +62,9 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: MQTT protocol version (docs/mqtt-3.1.1.md): "5" (default), or "3.1.1" for brokers that
+    #: speak nothing newer (RabbitMQ's MQTT plugin). The whole contract holds on both.
+    protocol: Literal["5", "3.1.1"] = "5"
 
     @field_validator("url")
     @classmethod
@@ -90,6 +95,13 @@ class BleConfig(_Section):
     transport: str | None = None
     adapter: Annotated[str, Field(pattern=r"^hci[0-9]{1,2}$")] = "hci0"
     max_connections: Annotated[int, Field(ge=1, le=16)] = 4
+    #: Connect on challenge: a challenge for a lock opens its link and session at once, held
+    #: this long for the unlock that follows (0: off). docs/architecture.md (LinkManager).
+    connect_on_challenge_s: Annotated[float, Field(ge=0, le=60)] = 10.0
+    #: After an unlock/lock, keep its link open this long for the next command (0: idle_s).
+    warm_s: Annotated[float, Field(ge=0, le=300)] = 0.0
+    #: A lock's connected time per hour past which it gets no held or warm link.
+    battery_budget_s_per_hour: Annotated[float, Field(ge=0, le=3600)] = 180.0
 
 
 class TrustConfig(_Section):
@@ -115,6 +127,38 @@ class ControlConfig(_Section):
         return v
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (docs/operations.md): off unless enabled; loopback by default."""
+
+    enabled: bool = False
+    #: ``HOST:PORT`` or ``unix:/ABSOLUTE/PATH``. Anything but loopback or a unix socket exposes
+    #: the site's health to the network: put a firewall or a reverse proxy in front.
+    listen: str = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v.startswith("unix:"):
+            path = v[len("unix:") :]
+            if not path.startswith("/") or len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ValueError(f"unix: takes an absolute path of at most {MAX_SOCKET_PATH} bytes")
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]", host) or not port.isdigit():
+            raise ValueError("must be HOST:PORT (127.0.0.1:9108) or unix:/PATH")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError("the port must be in 1..65535")
+        return v
+
+
+class HomeAssistantConfig(_Section):
+    """Home Assistant MQTT discovery (docs/homeassistant.md): read-only entities, off by default."""
+
+    discovery: bool = False
+    #: Home Assistant's discovery prefix (its default).
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = "homeassistant"
+
+
 class Config(_Section):
     gateway: GatewayConfig
     mqtt: MqttConfig | None = None
@@ -122,6 +166,8 @@ class Config(_Section):
     trust: TrustConfig = TrustConfig()
     policy: PolicyConfig = PolicyConfig()
     control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     source: Path | None = Field(default=None, exclude=True)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "EmptyRequest",
     "ErrorBody",
     "ErrorResponse",
+    "FirmwareApplyRequest",
     "JsonObject",
     "LockId",
     "LockRequest",
@@ -242,6 +243,15 @@ class ActuateRequest(LockRequest):
     keyring: B64 | None = None
     revocations: B64 | None = None
     time: B64 | None = None
+
+
+class FirmwareApplyRequest(BaseModel):
+    """``firmware_apply``: a signed rollout manifest and the MCUboot image it names
+    (docs/firmware.md; both in one request, so the image is at most ~45 KiB here)."""
+
+    model_config = _Strict
+    manifest: B64
+    image: B64
 
 
 class ReplayRequest(BaseModel):

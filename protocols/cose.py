@@ -90,6 +90,7 @@ class ContentType(enum.StrEnum):
     KEYRING = "application/lockgw-keyring+cbor"
     REVOCATIONS = "application/lockgw-revocations+cbor"
     TIME = "application/lockgw-time+cbor"
+    FIRMWARE_MANIFEST = "application/lockgw-firmware-manifest+cbor"
 
 
 MAX_BYTES: Final[Mapping[ContentType, int]] = {
@@ -98,6 +99,7 @@ MAX_BYTES: Final[Mapping[ContentType, int]] = {
     ContentType.KEYRING: MAX_KEYRING_BYTES,
     ContentType.REVOCATIONS: MAX_REVOCATIONS_BYTES,
     ContentType.TIME: MAX_TIME_STATEMENT_BYTES,
+    ContentType.FIRMWARE_MANIFEST: 16 * 1024,  # 1000 lock ids of ≤ 14 bytes plus the plan
 }
 
 

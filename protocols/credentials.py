@@ -59,7 +59,7 @@ __all__ = [
     "load_cbor_or_b64",
 ]
 
-ROLES: Final = frozenset({"staff", "emergency", "revocations", "time"})
+ROLES: Final = frozenset({"staff", "emergency", "revocations", "time", "firmware"})
 ACTIONS: Final = frozenset({"unlock", "lock", "status"})
 TOKEN_ROLES: Final = frozenset({"staff", "emergency"})
 #: Actions a token can authorise at the gateway; "status" in a token is reserved (CONTRACT §8.11).
@@ -644,6 +644,13 @@ class Authority:
         self.challenges = Challenges(secret=nonce_secret)
 
     # -- state ------------------------------------------------------------------------------
+
+    def firmware_keys(self, now: int) -> dict[bytes, CoseKey]:
+        """Keys (by kid) the installed keyring names with role ``firmware``, valid at ``now``
+        (docs/firmware.md; used by :mod:`protocols.firmware` for images and manifests)."""
+        if self.keyring is None:
+            return {}
+        return {k: e.key for k, e in self.keyring.keys.items() if "firmware" in e.roles and e.covers(now)}
 
     def trust_state(self, now: int) -> str:
         """``ok``, ``stale`` (past an exp, or a stored document no longer verifies) or ``none``."""

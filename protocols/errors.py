@@ -11,6 +11,7 @@ error codes (CONTRACT §4, §8.4), so a response can be built straight from the 
     ├── LocalProtocolError             we were asked to do something the state forbids
     ├── RemoteProtocolError            the peer sent something the state or crypto forbids
     │   └── AuthenticationError        a MAC, AEAD tag or pairing confirmation failed
+    ├── FirmwareImageError             an MCUboot image was refused (protocols/firmware.py)
     └── CredentialError                a COSE/CWT document was refused (contract codes)
         ├── TokenError                 an unlock token or proof was refused
         └── TrustDocumentError         a keyring / revocation list / time statement was refused
@@ -24,6 +25,7 @@ __all__ = [
     "AuthenticationError",
     "CborError",
     "CredentialError",
+    "FirmwareImageError",
     "FramingError",
     "LocalProtocolError",
     "ProtocolError",
@@ -64,6 +66,10 @@ class RemoteProtocolError(ProtocolError):
 
 class AuthenticationError(RemoteProtocolError):
     default_code = "authentication_failed"
+
+
+class FirmwareImageError(ProtocolError):
+    default_code = "bad_image"
 
 
 class CredentialError(ProtocolError):

@@ -32,6 +32,7 @@ from protocols.limits import (
 
 __all__ = [
     "LINK_POLICY",
+    "SMP_WINDOW_MAX_S",
     "DoorState",
     "ErrorCode",
     "LinkRole",
@@ -53,6 +54,7 @@ __all__ = [
     "parse_actuation",
     "parse_log",
     "parse_set_time",
+    "parse_smp_open",
     "parse_status",
     "validate_id",
 ]
@@ -66,6 +68,12 @@ class Op(enum.IntEnum):
     ACK_LOG = 5
     SET_TIME = 6
     UNPAIR = 7
+    SMP_OPEN = 8  # open the lock's SMP (firmware update) service to this link for "secs"
+
+
+#: Longest SMP window one SMP_OPEN grants (docs/protocol.md §5, docs/firmware.md): an upload of
+#: a few hundred KiB at BLE speeds plus test and reset; the gateway renews it per step.
+SMP_WINDOW_MAX_S: Final = 600
 
 
 class Status(enum.IntEnum):
@@ -135,6 +143,7 @@ LINK_POLICY: Final[Mapping[tuple[LinkRole, Op], bool]] = {
     (LinkRole.GATEWAY, Op.ACK_LOG): True,
     (LinkRole.GATEWAY, Op.SET_TIME): True,
     (LinkRole.GATEWAY, Op.UNPAIR): True,
+    (LinkRole.GATEWAY, Op.SMP_OPEN): True,
 }
 
 
@@ -264,6 +273,7 @@ _ARGS: Final[Mapping[Op, Mapping[str, object]]] = {
     Op.ACK_LOG: {"upto": _is_uint},
     Op.SET_TIME: {"t": _is_int},
     Op.UNPAIR: {},
+    Op.SMP_OPEN: {"secs": lambda v: _is_uint(v) and 1 <= v <= SMP_WINDOW_MAX_S},
 }
 
 
@@ -414,6 +424,11 @@ def parse_set_time(result: Mapping[str, cbor.CborValue]) -> int:
     return _int_field(result, "clock", MIN_INT64, MAX_INT64)
 
 
+def parse_smp_open(result: Mapping[str, cbor.CborValue]) -> int:
+    """``secs`` (how long the lock keeps SMP open to this link) of an SMP_OPEN result."""
+    return _int_field(result, "secs", 1, SMP_WINDOW_MAX_S)
+
+
 def check_result(response: Response) -> None:
     """Range-check a response's result as its op defines it (raises RemoteProtocolError).
 
@@ -432,5 +447,7 @@ def check_result(response: Response) -> None:
         parse_log(response.result)
     elif op is Op.ACK_LOG:
         parse_ack(response.result)
+    elif op is Op.SMP_OPEN:
+        parse_smp_open(response.result)
     else:  # Op.SET_TIME
         parse_set_time(response.result)

@@ -83,7 +83,9 @@ class Broker:
         self.kill()
 
 
-def drain_only_bridge(url: str, outbox: Outbox, *, gw_id: str, site: str, **kw: Any) -> MqttBridge:
+def drain_only_bridge(
+    url: str, outbox: Outbox, *, gw_id: str, site: str, protocol: str = "5", **kw: Any
+) -> MqttBridge:
     """An MQTT bridge that only drains ``outbox`` (requests, trust documents and state are
     no-ops): the gateway's publishing path alone, for tests and benchmarks."""
 
@@ -91,7 +93,7 @@ def drain_only_bridge(url: str, outbox: Outbox, *, gw_id: str, site: str, **kw: 
         return {}
 
     return MqttBridge(
-        MqttConfig(url=url),
+        MqttConfig(url=url, protocol=protocol),
         gw_id=gw_id,
         site=site,
         outbox=outbox,
@@ -171,11 +173,15 @@ class MqttProxy:
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # Closed first, before anything awaits: a proxy shut down meanwhile (its exit
+            # cancels this task) still ends both TCP streams now, so the broker sees a client
+            # whose stream ended at once — not when the garbage collector gets to the socket.
+            for w in (client_w, broker_w):
+                w.close()
             for t in (up, down):
                 t.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
             for w in (client_w, broker_w):
-                w.close()
                 with contextlib.suppress(OSError):
                     await w.wait_closed()
             self._tasks.discard(task)

@@ -159,12 +159,14 @@ def start_daemon(f: Field, *args: str, preexec: Callable[[], None] | None = None
     return daemon
 
 
-def make_field(tmp: Path, *, gw: str = "gw-cli", seed: int = 51, extra_config: str = "") -> Field:
+def make_field(
+    tmp: Path, *, gw: str = "gw-cli", seed: int = 51, extra_config: str = "", sim_args: tuple[str, ...] = ()
+) -> Field:
     """Two simulated locks (a `lockgw-sim` process), a config naming them and a root key, a
     keyring signed by that root (``keyring.cose``) and the phone's key (``phone.key``) in ``tmp``.
     The caller ends the simulator (``field.sim``)."""
     port = free_port()
-    sim, locks = start_sim(port, seed=seed, locks=2)
+    sim, locks = start_sim(port, seed=seed, locks=2, extra=sim_args)
     w = World()
     root = tmp / "root.pub"
     root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))

@@ -51,6 +51,7 @@ from bumble import att, core, hci
 from bumble.controller import Controller
 from bumble.core import AdvertisingData
 from bumble.device import Advertisement, Connection, Device, Peer
+from bumble.gatt_client import CharacteristicProxy, DescriptorProxy, ServiceProxy
 from bumble.host import Host
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink, Transport
@@ -101,6 +102,12 @@ _PROPERTY_NAMES: tuple[tuple[int, str], ...] = (
 )
 
 
+#: (handle, end_group_handle, uuid, [(handle, end, uuid, properties, [(handle, type)])]).
+_CachedService = tuple[
+    int, int, core.UUID, list[tuple[int, int, core.UUID, int, list[tuple[int, core.UUID]]]]
+]
+
+
 class BumbleHost:
     """A Bumble host on a transport or an in-process controller. Async context manager."""
 
@@ -120,6 +127,11 @@ class BumbleHost:
         self._address = address
         self.mtu = mtu
         self.connect_lock = asyncio.Lock()
+        #: GATT layouts found by discovery, per peer address: a later connection to the same
+        #: peer skips discovery (about 30 ATT PDUs, one connection event each on a real radio).
+        #: A peer whose cached layout fails on a link (its firmware changed the attribute
+        #: table) is dropped from the cache and discovered again on its next connection.
+        self.gatt_cache: dict[str, list[_CachedService]] = {}
         self._transport: Transport | None = None
         self._device: Device | None = None
         # Lazy: opened by the first connect or scan, and tried again by each later one while it
@@ -582,36 +594,58 @@ class BumbleBleakClient(BaseBleakClient):
         connection.on("disconnection", self._on_disconnection)
         peer = Peer(connection)
         self._peer = peer
+        cached = self.host.gatt_cache.get(str(self._peer_address))
         try:
             with _map_bumble_errors("service discovery"):
                 async with asyncio.timeout(self._timeout):
                     await peer.request_mtu(self.host.mtu)
-                    await peer.discover_services()
-                    services = BleakGATTServiceCollection()
-                    for service in peer.services:
-                        bservice = BleakGATTService(service, service.handle, _uuid_str(service.uuid))
-                        services.add_service(bservice)
-                        await service.discover_characteristics()
-                        for char in service.characteristics:
-                            await char.discover_descriptors()
-                            props = [n for bit, n in _PROPERTY_NAMES if int(char.properties) & bit]
-                            bchar = BleakGATTCharacteristic(
-                                char,
-                                char.handle,
-                                _uuid_str(char.uuid),
-                                props,  # type: ignore[arg-type]
-                                lambda: self.mtu_size - 3,
-                                bservice,
-                            )
-                            services.add_characteristic(bchar)
-                            for desc in char.descriptors:
-                                services.add_descriptor(
-                                    BleakGATTDescriptor(desc, desc.handle, _uuid_str(desc.type), bchar)
-                                )
-            self.services = services
+                    if cached is not None:
+                        _restore_layout(peer, cached)
+                    else:
+                        await peer.discover_services()
+                        for service in peer.services:
+                            await service.discover_characteristics()
+                            for char in service.characteristics:
+                                await char.discover_descriptors()
+                        self.host.gatt_cache[str(self._peer_address)] = _layout_of(peer)
+            self.services = self._collection(peer)
         except BaseException:
             await self.disconnect()
             raise
+
+    def _collection(self, peer: Peer) -> BleakGATTServiceCollection:
+        services = BleakGATTServiceCollection()
+        for service in peer.services:
+            bservice = BleakGATTService(service, service.handle, _uuid_str(service.uuid))
+            services.add_service(bservice)
+            for char in service.characteristics:
+                props = [n for bit, n in _PROPERTY_NAMES if int(char.properties) & bit]
+                bchar = BleakGATTCharacteristic(
+                    char,
+                    char.handle,
+                    _uuid_str(char.uuid),
+                    props,  # type: ignore[arg-type]
+                    lambda: self.mtu_size - 3,
+                    bservice,
+                )
+                services.add_characteristic(bchar)
+                for desc in char.descriptors:
+                    services.add_descriptor(
+                        BleakGATTDescriptor(desc, desc.handle, _uuid_str(desc.type), bchar)
+                    )
+        return services
+
+    @contextlib.contextmanager
+    def _forgetting_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BleakError:
+            self.forget_layout()  # maybe a stale handle: discover again next time
+            raise
+
+    def forget_layout(self) -> None:
+        """Drop this peer's cached GATT layout: its next connection discovers it again."""
+        self.host.gatt_cache.pop(str(self._peer_address), None)
 
     def _on_disconnection(self, _reason: int) -> None:
         was_connected = self._connection is not None
@@ -655,7 +689,7 @@ class BumbleBleakClient(BaseBleakClient):
         self, characteristic: BleakGATTCharacteristic, data: SizedBuffer, response: bool
     ) -> None:
         peer = self._require()
-        with _map_bumble_errors("write"):
+        with self._forgetting_on_error(), _map_bumble_errors("write"):
             await peer.write_value(characteristic.obj, bytes(data), with_response=response)
 
     async def write_gatt_descriptor(self, descriptor: BleakGATTDescriptor, data: SizedBuffer) -> None:
@@ -667,10 +701,45 @@ class BumbleBleakClient(BaseBleakClient):
         self, characteristic: BleakGATTCharacteristic, callback: NotifyCallback, **kwargs: Any
     ) -> None:
         peer = self._require()
-        with _map_bumble_errors("subscribe"):
+        with self._forgetting_on_error(), _map_bumble_errors("subscribe"):
             await peer.subscribe(characteristic.obj, lambda value: callback(bytearray(value)))
 
     async def stop_notify(self, characteristic: BleakGATTCharacteristic) -> None:
         peer = self._require()
         with _map_bumble_errors("unsubscribe"):
             await peer.unsubscribe(characteristic.obj)
+
+
+def _layout_of(peer: Peer) -> list[_CachedService]:
+    return [
+        (
+            service.handle,
+            service.end_group_handle,
+            service.uuid,
+            [
+                (
+                    char.handle,
+                    char.end_group_handle,
+                    char.uuid,
+                    int(char.properties),
+                    [(desc.handle, desc.type) for desc in char.descriptors],
+                )
+                for char in service.characteristics
+            ],
+        )
+        for service in peer.services
+    ]
+
+
+def _restore_layout(peer: Peer, layout: list[_CachedService]) -> None:
+    """Bumble's proxies for a cached layout, as discovery would have left them."""
+    client = peer.gatt_client
+    client.services = []
+    for handle, end, uuid, chars in layout:
+        service = ServiceProxy(client, handle, end, uuid)  # type: ignore[no-untyped-call]
+        for c_handle, c_end, c_uuid, props, descs in chars:
+            char: CharacteristicProxy[bytes] = CharacteristicProxy(client, c_handle, c_end, c_uuid, props)
+            char.descriptors = [DescriptorProxy(client, d_handle, d_type) for d_handle, d_type in descs]
+            char.descriptors_discovered = True
+            service.characteristics.append(char)
+        client.services.append(service)

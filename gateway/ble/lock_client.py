@@ -94,6 +94,13 @@ class LockClient:
         return self._client is not None and self._client.is_connected and self._poisoned is None
 
     @property
+    def bleak_client(self) -> BleakClient:
+        """The connected client, for the SMP transport of this same link (gateway.ble.smp_transport)."""
+        if self._client is None or self._poisoned is not None:
+            raise self._poisoned or LinkLost("not connected")
+        return self._client
+
+    @property
     def mtu(self) -> int:
         assert self._client is not None
         return max(MIN_ATT_MTU, min(MAX_ATT_MTU, self._client.mtu_size))

@@ -16,7 +16,7 @@ import binascii
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, ClassVar, Final, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Generic, Protocol, TypeVar, cast
 
 import structlog
 from bleak import BleakScanner
@@ -56,6 +56,7 @@ __all__ = [
     "TrustInstallArgs",
     "UnpairArgs",
     "dispatch",
+    "doctor_report",
 ]
 
 #: Filter strings longer than this are not lock ids, types or subjects (bounds the query).
@@ -263,7 +264,12 @@ async def dispatch(gw: Operations, cmd: str, args: JsonObject) -> JsonObject:
 
 
 async def _ping(gw: Operations, _args: NoArgs) -> ControlAnswer:
-    return ControlAnswer.done({"gw": gw.config.gateway.id, "pid": os.getpid(), "alarms": gw.alarms()})
+    # links: the link manager's counters and each lock's connected seconds in the last hour
+    # (connect on challenge, warm sessions, battery budget; docs/architecture.md).
+    links = gw.service.links.report()
+    return ControlAnswer.done(
+        {"gw": gw.config.gateway.id, "pid": os.getpid(), "alarms": gw.alarms(), "links": links}
+    )
 
 
 async def _locks(gw: Operations, _args: NoArgs) -> ControlAnswer:
@@ -388,8 +394,14 @@ async def _scan(gw: Operations, args: ScanArgs) -> ControlAnswer:
     )
 
 
+async def doctor_report(gw: Operations) -> dict[str, Any]:
+    """``lockgw doctor``'s report, ``{"ok", "checks"}``: also the daemon's MQTT ``doctor``
+    action (injected into the runtime, which never imports this layer)."""
+    return as_json(await run_checks(gw, daemon=not gw.direct))
+
+
 async def _doctor(gw: Operations, _args: NoArgs) -> ControlAnswer:
-    report = as_json(await run_checks(gw, daemon=not gw.direct))
+    report = await doctor_report(gw)
     if report["ok"]:
         return ControlAnswer.done(report)
     return ControlAnswer.refused("some checks failed", data=report)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import re
 import signal
 import sqlite3
@@ -279,6 +280,18 @@ def cli(ctx: click.Context, config: str | None, json_: bool) -> None:
     opts = ctx.ensure_object(Opts)
     opts.config = config
     opts.json = opts.json or json_
+    if ctx.invoked_subcommand not in ("run", "demo"):
+        # A command's own messages say what went wrong, once; the direct gateway's warnings
+        # (each retry of a lock out of range) would only repeat them. Errors still show; the
+        # previous level is back when the command ends (the CLI also runs in-process).
+        import structlog  # noqa: PLC0415 - keeps CLI start-up light
+
+        from gateway import log  # noqa: PLC0415
+
+        log.get("cli")  # the one configuration, made now, so nothing later resets the level
+        previous = structlog.get_config()["wrapper_class"]
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+        ctx.call_on_close(lambda: structlog.configure(wrapper_class=previous))
 
 
 @cli.command(epilog=_example("lockgw --config /etc/lockgw/lockgw.toml run"))
@@ -334,7 +347,14 @@ def config_check(opts: Opts, path: str | None) -> int:
     return EXIT_OK
 
 
-@cli.command(epilog=_example("lockgw scan --timeout 10"))
+#: ``scan`` asks the daemon (or the adapter) for this long at a time, and shows what came in.
+SCAN_SLICE_S: Final = 1.0
+_SCAN_COLS: Final = ("lock", "address", "rssi", "paired", "pairing_mode", "paired_here")
+
+
+@cli.command(
+    epilog=_example("lockgw scan --timeout 10", "lockgw --json scan --follow   # JSON lines as found")
+)
 @click.option(
     "--timeout",
     type=click.FloatRange(SCAN_S_MIN, SCAN_S_MAX),
@@ -342,32 +362,120 @@ def config_check(opts: Opts, path: str | None) -> int:
     show_default=True,
     help="Seconds to listen (0.5..60).",
 )
+@click.option("--follow", "-f", is_flag=True, help="Print each lock as it is found (JSON lines with --json).")
 @json_option
 @click.pass_obj
-def scan(opts: Opts, timeout: float) -> int:
-    """List nearby locks.
+def scan(opts: Opts, timeout: float, follow: bool) -> int:
+    """List nearby locks, as they are found.
 
     Address, lock id, signal strength, and whether each is paired (here or elsewhere) or in
-    pairing mode.
+    pairing mode. On a terminal the table fills in live; piped, it is printed at the end (one
+    line per lock as found with --follow); --json prints one object at the end, or with
+    --follow one JSON line per lock as it is found.
     """
 
-    async def body(target: _DaemonOrDirect, ui: Ui) -> int:
-        with ui.progress(f"scanning for {timeout:g} s …"):
-            a = await target.call("scan", {"timeout": timeout})
-        cols = ["lock", "address", "rssi", "paired", "pairing_mode", "paired_here"]
-        return _emit(ui, a, lambda d: ui.table(d["locks"], cols, title="locks in range"))
+    return _with_gateway(
+        opts,
+        lambda link, ui: _Scan(link, ui, timeout=timeout, follow=follow).run(),
+        # --follow ends with Ctrl-C or SIGTERM as `events --follow` does: that is success.
+        stopped=(lambda _sig: EXIT_OK) if follow else None,
+    )
 
-    return _with_gateway(opts, body)
+
+class _Scan:
+    """``lockgw scan``: asks for ``SCAN_SLICE_S`` at a time and shows what came in, live."""
+
+    def __init__(self, link: _DaemonOrDirect, ui: Ui, *, timeout: float, follow: bool) -> None:
+        self.link, self.ui, self.timeout, self.follow = link, ui, timeout, follow
+        self.found: dict[str, dict[str, Any]] = {}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return sorted(self.found.values(), key=lambda d: -int(d["rssi"] or -999))
+
+    def _streamed(self, new: dict[str, Any]) -> None:
+        if self.ui.json_mode:
+            self.ui.json(new)
+        else:
+            self.ui.line("  ".join(f"{c}={new.get(c)}" for c in _SCAN_COLS))
+
+    async def _listen(self, show: Callable[[list[dict[str, Any]]], None] | None) -> ControlAnswer | None:
+        """Until the timeout; a failed answer is returned as it came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while (left := deadline - loop.time()) > 0.05:
+            a = await self.link.call("scan", {"timeout": max(0.5, min(SCAN_SLICE_S, left))})
+            if not a.ok or a.data is None:
+                return a
+            for d in cast("list[dict[str, Any]]", a.data["locks"]):
+                if d["lock"] not in self.found and self.follow:
+                    self._streamed(d)
+                self.found[d["lock"]] = d
+            if show is not None:
+                show(self.rows())
+        return None
+
+    async def run(self) -> int:
+        ui, title = self.ui, "locks in range"
+        if ui.terminal and not self.follow:
+            caption = f"scanning for {self.timeout:g} s …"
+            with ui.live_table(_SCAN_COLS, title=title, caption=caption) as show:
+                failed = await self._listen(show)
+        else:
+            with ui.progress(f"scanning for {self.timeout:g} s …"):
+                failed = await self._listen(None)
+        if failed is not None:
+            return _emit(ui, failed, lambda _d: None)
+        if self.follow:
+            return EXIT_OK
+        if ui.json_mode:
+            ui.json({"locks": self.rows()})
+        elif not ui.terminal:
+            ui.table(self.rows(), _SCAN_COLS, title=title)
+        elif not self.found:
+            ui.note("(no locks in range)")
+        return EXIT_OK
 
 
-@cli.command(epilog=_example("lockgw pair C0:12:34:56:78:9A --code 123-456-789 --name 'Front door'"))
+#: A setup code is a dozen characters; one line of stdin longer than this is not one.
+MAX_SETUP_CODE: Final = 256
+
+
+def _setup_code(code: str | None) -> str:
+    """``--code``, else asked for on the terminal (not echoed), else one line of stdin: the code
+    never needs to be on a command line (shell history, ``ps``)."""
+    if code is not None:
+        return code
+    if sys.stdin is not None and sys.stdin.isatty():
+        return str(click.prompt("setup code (printed on the lock unit)", hide_input=True, err=True)).strip()
+    line = sys.stdin.readline(MAX_SETUP_CODE + 1) if sys.stdin is not None else ""
+    if len(line) > MAX_SETUP_CODE:
+        raise click.BadParameter(f"longer than {MAX_SETUP_CODE} characters", param_hint="'--code' (stdin)")
+    if not line.strip():
+        raise click.BadParameter(
+            "no setup code: give --code, type it at the prompt, or pipe one line to stdin",
+            param_hint="'--code'",
+        )
+    return line.strip()
+
+
+@cli.command(
+    epilog=_example(
+        "lockgw pair C0:12:34:56:78:9A --name 'Front door'      # asks for the code, not echoed",
+        "lockgw pair C0:12:34:56:78:9A < code.txt              # or one line of stdin",
+    )
+)
 @click.argument("address")
-@click.option("--code", required=True, help="The setup code printed on the lock unit.")
+@click.option(
+    "--code",
+    default=None,
+    help="The setup code printed on the lock unit; without it, asked for (not echoed) or read from stdin.",
+)
 @click.option("--name", default="", help="A name for the door (shown in tables and events).")
 @json_option
 @click.pass_obj
-def pair(opts: Opts, address: str, code: str, name: str) -> int:
+def pair(opts: Opts, address: str, code: str | None, name: str) -> int:
     """Pair a lock that is in pairing mode; prints the lock id alone."""
+    code = _setup_code(code)
 
     async def body(target: _DaemonOrDirect, ui: Ui) -> int:
         ui.note("put the lock in pairing mode (hold its button until the light blinks blue)")
@@ -683,6 +791,97 @@ def trust_install(opts: Opts, file: str) -> int:
     return _with_gateway(opts, body)
 
 
+@cli.group(epilog=_example("lockgw firmware status", "lockgw firmware apply manifest.cose app.signed.bin"))
+def firmware() -> None:
+    """Firmware rollouts to the locks (docs/firmware.md)."""
+
+
+def _firmware_answer(a: ControlAnswer) -> ControlAnswer:
+    """A control ``request`` answer with the use case's data lifted to ``data``."""
+    if a.ok:
+        inner = (a.data or {}).get("data")
+        return ControlAnswer.done(inner if isinstance(inner, dict) else {})
+    return a
+
+
+def _rollout_rows(data: Any) -> list[dict[str, Any]]:
+    return [
+        {"rollout": r["rollout"], "version": r["version"], **lk}
+        for r in (data or {}).get("rollouts", [])
+        for lk in r["locks"]
+    ]
+
+
+async def _firmware_status(link: _DaemonOrDirect) -> ControlAnswer:
+    return _firmware_answer(await link.call("request", {"action": "firmware_status", "payload": {}}))
+
+
+@firmware.command("status", epilog=_example("lockgw firmware status", "lockgw --json firmware status"))
+@json_option
+@click.pass_obj
+def firmware_status(opts: Opts) -> int:
+    """Rollouts and each lock's step (pending, uploading %, testing, confirmed, reverted, ...)."""
+
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+        a = await _firmware_status(link)
+        cols = ["rollout", "version", "lock", "ring", "state", "progress", "reason"]
+        return _emit(ui, a, lambda d: ui.table(_rollout_rows(d), cols, title="firmware"))
+
+    return _with_gateway(opts, body)
+
+
+@firmware.command("apply", epilog=_example("lockgw firmware apply manifest.cose app.signed.bin --wait"))
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", is_flag=True, help="Follow the rollout until it ends (progress on a terminal).")
+@json_option
+@click.pass_obj
+def firmware_apply(opts: Opts, manifest: str, image: str, *, wait: bool) -> int:
+    """Check a signed rollout manifest and its signed image, then start the rollout."""
+    payload = {
+        "manifest": base64.urlsafe_b64encode(Path(manifest).read_bytes()).decode(),
+        "image": base64.urlsafe_b64encode(Path(image).read_bytes()).decode(),
+    }
+
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+        a = _firmware_answer(await link.call("request", {"action": "firmware_apply", "payload": payload}))
+        if not a.ok or not wait:
+            return _emit(
+                ui,
+                a,
+                lambda d: ui.line(f"rollout {d['rollout']} of {d['version']} started: rings {d['rings']}"),
+            )
+        rollout, last = (a.data or {}).get("rollout"), ""
+        while True:
+            s = await _firmware_status(link)
+            listed = (s.data or {}).get("rollouts")
+            mine: list[Any] = [
+                r
+                for r in (listed if isinstance(listed, list) else [])
+                if isinstance(r, dict) and r.get("rollout") == rollout
+            ]
+            if not s.ok or not mine or mine[0]["state"] != "running":
+                break
+            done = sum(
+                lk["state"] in ("confirmed", "reverted", "refused", "failed", "halted")
+                for lk in mine[0]["locks"]
+            )
+            message = f"rollout {rollout}: {done}/{len(mine[0]['locks'])} locks done"
+            if message == last and not ui.err.is_terminal:
+                await asyncio.sleep(1.0)  # a pipe gets one line per change, a terminal a spinner
+                continue
+            last = message
+            with ui.progress(message):
+                await asyncio.sleep(1.0)
+        code = _emit(
+            ui, s, lambda _d: ui.table(_rollout_rows({"rollouts": mine}), ["lock", "ring", "state", "reason"])
+        )
+        halted = bool(mine) and mine[0]["state"] != "done"
+        return code or (1 if halted else 0)
+
+    return _with_gateway(opts, body)
+
+
 @cli.command(epilog=_example("lockgw doctor", "lockgw --json doctor"))
 @json_option
 @click.pass_obj
@@ -707,6 +906,104 @@ def doctor(opts: Opts) -> int:
     return _with_gateway(opts, body)
 
 
+def _backup_lines(ui: Ui, verb: str, where: Path, s: Any) -> None:
+    ui.line(f"{verb} {where}")
+    ui.line(
+        f"  gateway {s.gw} (site {s.site}), made {s.created}\n"
+        f"  {s.locks} paired locks (their link keys: this file is a secret), {s.trust_entries} trust entries\n"
+        f"  outbox epoch {s.epoch}: events #{s.first_seq}..#{s.last_seq} ({s.events} kept), "
+        f"receipted up to #{s.receipt_seq}, {s.unreceipted} not yet receipted"
+    )
+
+
+@cli.command(
+    epilog=_example("lockgw backup --out /root/lockgw-$(date +%F).tar", "lockgw --json backup --out b.tar")
+)
+@click.option(
+    "--out", "out", required=True, type=click.Path(dir_okay=False), help="The backup file (mode 0600)."
+)
+@json_option
+@click.pass_obj
+def backup(opts: Opts, out: str) -> int:
+    """Copy the lock registry, trust store and outbox into one file, online.
+
+    Works while the daemon runs (a consistent read-only snapshot of each database, SQLite's
+    backup API) or without it. The file holds the locks' link keys: treat it as a secret.
+    """
+    from gateway.store.backup import backup as make_backup  # noqa: PLC0415 - keeps CLI start-up light
+
+    cfg = opts.load()
+    summary = make_backup(cfg.gateway.data_dir, Path(out), gw=cfg.gateway.id, site=cfg.gateway.site)
+    if opts.ui.json_mode:
+        opts.ui.json({"file": str(Path(out).absolute()), **summary.as_json()})
+    else:
+        _backup_lines(opts.ui, "wrote", Path(out), summary)
+    return EXIT_OK
+
+
+@cli.command(
+    epilog=_example(
+        "systemctl stop lockgw && lockgw restore /root/lockgw-2026-11-30.tar && systemctl start lockgw",
+        "lockgw restore --check backup.tar   # verify only, change nothing",
+    )
+)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--force", is_flag=True, help="Restore onto a non-empty data directory (moved aside, not deleted)."
+)
+@click.option("--check", "check_only", is_flag=True, help="Only verify the file and say what it holds.")
+@click.option(
+    "--new-epoch",
+    is_flag=True,
+    help="Restore the locks and trust only; start a new event epoch (the backup is older than central's events).",
+)
+@json_option
+@click.pass_obj
+def restore(opts: Opts, file: str, force: bool, check_only: bool, new_epoch: bool) -> int:
+    """Restore a backup onto the (new, empty) data directory; the daemon must be stopped.
+
+    The file is verified completely first (checksums, SQLite integrity, the events' hash chain);
+    a bad file changes nothing. The locks answer without re-pairing; the epoch and the events
+    central has not receipted come back and are published again when the daemon starts.
+    """
+    from gateway.store.backup import read_summary  # noqa: PLC0415
+    from gateway.store.backup import restore as do_restore  # noqa: PLC0415
+
+    cfg = opts.load()
+    aside = None
+    if check_only:
+        summary = read_summary(Path(file))
+    else:
+        summary, aside = do_restore(
+            Path(file), cfg.gateway.data_dir, gw=cfg.gateway.id, force=force, new_epoch=new_epoch
+        )
+    if opts.ui.json_mode:
+        opts.ui.json(
+            {
+                "file": file,
+                "restored": not check_only,
+                "data_dir": str(cfg.gateway.data_dir),
+                "moved_aside": str(aside) if aside else None,
+                "new_epoch": new_epoch,
+                **summary.as_json(),
+            }
+        )
+    else:
+        _backup_lines(
+            opts.ui,
+            "verified" if check_only else f"restored into {cfg.gateway.data_dir} from",
+            Path(file),
+            summary,
+        )
+        if new_epoch and not check_only:
+            opts.ui.note("events not restored: the daemon starts a new epoch (central sees it in B/G/info)")
+        if aside is not None:
+            opts.ui.note(
+                f"the previous contents are in {aside} (delete it once all is well: it holds link keys)"
+            )
+    return EXIT_OK
+
+
 @cli.command(
     epilog=_example(
         'eval "$(lockgw completion bash)"', "lockgw completion fish > ~/.config/fish/completions/lockgw.fish"
@@ -728,7 +1025,7 @@ async def _run_daemon(config: Config) -> int:
     """The daemon: until SIGTERM/SIGINT (exit 0), or until a component whose failure stops it
     fails (exit 1, the reason logged) so that systemd restarts it."""
     from gateway import log  # noqa: PLC0415 - keeps CLI start-up light
-    from gateway.cli.commands import dispatch  # noqa: PLC0415
+    from gateway.cli.commands import dispatch, doctor_report  # noqa: PLC0415
     from gateway.runtime.app import Gateway  # noqa: PLC0415
 
     log.configure()
@@ -738,7 +1035,7 @@ async def _run_daemon(config: Config) -> int:
     loop.set_exception_handler(log.loop_exception_handler)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Gateway(config, control_handler=dispatch) as gateway:
+    async with Gateway(config, control_handler=dispatch, diagnostics=doctor_report) as gateway:
         logger.info("serving", locks=len(gateway.registry.all()), gw=config.gateway.id)
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:

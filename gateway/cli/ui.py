@@ -12,10 +12,11 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -125,6 +126,31 @@ class Ui:
         lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip()]
         lines += ["  ".join(_plain(r.get(c), c).ljust(widths[c]) for c in cols).rstrip() for r in rows]
         self.line("\n".join(lines))
+
+    def _rich_table(self, rows: Sequence[dict[str, Any]], cols: Sequence[str], title: str | None) -> Table:
+        t = Table(title=title, header_style="bold", title_justify="left")
+        for c in cols:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*(_cell(c, r.get(c)) for c in cols))
+        return t
+
+    @contextlib.contextmanager
+    def live_table(
+        self, cols: Sequence[str], *, title: str, caption: str
+    ) -> Iterator[Callable[[Sequence[dict[str, Any]]], None]]:
+        """A table redrawn in place on the terminal as rows come (rich Live); yields the
+        function that shows the rows so far. Only for :attr:`terminal`."""
+        empty = self._rich_table([], cols, title)
+        empty.caption = caption
+        with Live(empty, console=self.out, refresh_per_second=8, transient=False) as live:
+
+            def show(rows: Sequence[dict[str, Any]]) -> None:
+                table = self._rich_table(rows, cols, title)
+                table.caption = caption
+                live.update(table)
+
+            yield show
 
     def event_table(self, events: Sequence[dict[str, Any]], *, receipt_seq: int) -> None:
         """History: a table on a terminal (✓ = receipted by central), one line each when piped."""

@@ -5,7 +5,9 @@ Every connect uses clean start off and a one-week session expiry, with the will 
 keeping the session (mosquitto 2.0.11 does not restore MQTT 5 sessions after a restart): after
 each connect the gateway re-publishes, in order, every event no receipt covers yet, straight
 from the outbox — the outbox is the only queue. The broker's PUBACK marks an event published;
-only a ``B/G/receipt`` from central marks it delivered.
+only a ``B/G/receipt`` from central marks it delivered. With ``[mqtt] protocol = "3.1.1"``
+(docs/mqtt-3.1.1.md) the session is clean session off instead (3.1.1 has no expiry interval),
+nothing carries properties, and answers go to ``B/G/response/<action>``.
 
 Per connection the bridge runs, in one TaskGroup: the receiver (requests, receipts, trust
 documents), the event drain (a capped window of QoS 1 publishes in seq order) and the heartbeat
@@ -25,12 +27,14 @@ import contextlib
 import errno
 import json
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Self, TypedDict
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -174,12 +178,16 @@ class MqttBridge:
         info: Callable[[], GatewayInfo],
         heartbeat: Callable[[], Heartbeat],
         lock_states: Callable[[], list[JsonObject]],
+        retained: Callable[[], dict[str, str]] | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         republish_after_s: float = REPUBLISH_AFTER_S,
         receipt_alarm_s: float = RECEIPT_ALARM_S,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = config
+        #: MQTT 3.1.1 (docs/mqtt-3.1.1.md): no properties at all — answers go to
+        #: ``B/G/response/<action>`` with the request's ``transaction``.
+        self.v311 = config.protocol == "3.1.1"
         self.gw_id, self.site = gw_id, site
         base = config.base_topic
         self.t_availability = f"{base}/{gw_id}/availability"
@@ -194,6 +202,9 @@ class MqttBridge:
         self._handle_request = handle_request
         self._install = install
         self._info, self._heartbeat, self._lock_states = info, heartbeat, lock_states
+        #: Further retained messages (topic → payload) published at every connect: the Home
+        #: Assistant discovery configs (gateway/runtime/homeassistant.py).
+        self._retained = retained
         self._heartbeat_s = heartbeat_s
         self.republish_after_s = republish_after_s
         self._receipt_watch = ReceiptWatch(receipt_alarm_s)
@@ -237,11 +248,21 @@ class MqttBridge:
                 offline = self._client is client
         current = self._client
         if graceful and current is not None and not offline:
-            # Sent before the session is cancelled (nothing awaits in between): the broker acts
-            # on this DISCONNECT and closes, so the normal one from aiomqtt's exit never counts.
-            current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
-                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
-            )
+            if self.v311:
+                # MQTT 3.1.1 has no such reason code: any DISCONNECT discards the will. Ending
+                # the TCP stream without one is a lost connection to the broker, which then
+                # publishes the will (MQTT 3.1.1 §3.1.2.5).
+                sock = current._client.socket()  # noqa: SLF001 - paho's socket, no API for this
+                if isinstance(sock, socket.socket):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            else:
+                # Sent before the session is cancelled (nothing awaits in between): the broker
+                # acts on this DISCONNECT and closes, so the normal one from aiomqtt's exit
+                # never counts.
+                current._client.disconnect(  # noqa: SLF001 - aiomqtt 2.x has no reason code option
+                    reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+                )
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait([task])
@@ -253,8 +274,10 @@ class MqttBridge:
 
     def _make_client(self) -> aiomqtt.Client:
         host, port = self.cfg.host_port
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props: Properties | None = None
+        if not self.v311:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
         password = None
         if self.cfg.password_file is not None:
             password = read_password(self.cfg.password_file)
@@ -277,8 +300,11 @@ class MqttBridge:
             host,
             port,
             identifier=f"lockgw-{self.gw_id}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            # 3.1.1: clean session off is the persistent session (no expiry interval exists;
+            # the broker keeps it until a clean connect). 5: clean start off + session expiry.
+            protocol=aiomqtt.ProtocolVersion.V311 if self.v311 else aiomqtt.ProtocolVersion.V5,
+            clean_session=False if self.v311 else None,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY if self.v311 else False,
             properties=props,
             keepalive=KEEPALIVE_S,
             timeout=10,
@@ -341,6 +367,8 @@ class MqttBridge:
         await self.publish_info()
         for state in self._lock_states():
             await self.publish_lock_state(state)
+        for topic, payload in (self._retained() if self._retained is not None else {}).items():
+            await self.publish_retained(topic, payload)
         self.connected.set()
         # The three run until one fails (a lost connection fails the receiver first); the
         # others are then cancelled and awaited, and the first error propagates as itself.
@@ -385,6 +413,12 @@ class MqttBridge:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
             topic = f"{self.cfg.base_topic}/{self.gw_id}/locks/{state['lock']}/state"
             await self._publish(topic, json.dumps(state, sort_keys=True), retain=True)
+
+    async def publish_retained(self, topic: str, payload: str) -> None:
+        """A retained QoS 1 message (empty ``payload``: clears the topic); dropped when not
+        connected (the next connect publishes what ``retained`` then returns)."""
+        with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):
+            await self._publish(topic, payload, retain=True)
 
     async def publish_replayed(self, event: SealedEvent) -> None:
         with contextlib.suppress(aiomqtt.MqttError, MqttUnavailable):

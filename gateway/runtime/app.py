@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import json
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any, Final, Self
@@ -39,8 +42,12 @@ from gateway.ble.registry import Registry
 from gateway.config import Config
 from gateway.errors import AdapterUnavailable
 from gateway.events import GatewayStarted, GatewayStopping, TimeStateChanged, TrustExpired, TrustExpiring
+from gateway.firmware.rollout import Rollouts
+from gateway.firmware.store import FirmwareStore
 from gateway.mqtt.bridge import GatewayInfo, Heartbeat, MqttBridge
 from gateway.runtime.control import ControlServer
+from gateway.runtime.homeassistant import Discovery, LockInfo
+from gateway.runtime.metrics import Metrics, MetricsServer, Snapshot
 from gateway.runtime.service import LockView, Service
 from gateway.runtime.supervisor import Component, Failure, OnFailure, Supervisor
 from gateway.runtime.systemd import notify, watchdog_interval_s
@@ -96,16 +103,25 @@ class Gateway:
     authz: Authorizer = field(init=False)
     registry: Registry = field(init=False)
     outbox: Outbox = field(init=False)
+    rollouts: Rollouts = field(init=False)
     links: LinkManager = field(init=False)
     service: Service = field(init=False)
     mqtt: MqttBridge | None = field(init=False, default=None)
     #: What answers the control socket (``gateway.cli.commands.dispatch``, injected by the
     #: CLI so that this layer never imports the one above it); None: no control socket.
     control_handler: Callable[[Gateway, str, JsonObject], Awaitable[JsonObject]] | None = None
+    #: ``lockgw doctor``'s checks for the MQTT ``doctor`` action (``gateway.cli.commands.doctor_report``,
+    #: injected by the CLI for the same reason); None: the action answers ``unknown_action``.
+    diagnostics: Callable[[Gateway], Awaitable[dict[str, Any]]] | None = None
     #: Direct mode for a reader (``events``, ``locks``): no lock on the data directory at all, so
     #: a technician's ``events --follow`` never keeps the daemon from starting.
     readonly: bool = False
     supervisor: Supervisor | None = field(init=False, default=None)
+    #: Prometheus series (``[metrics] enabled``; never in direct mode).
+    metrics: Metrics | None = field(init=False, default=None)
+    #: Home Assistant discovery (``[homeassistant] discovery``, with ``[mqtt]``).
+    discovery: Discovery | None = field(init=False, default=None)
+    _announced: set[str] = field(init=False, default_factory=set)
     _stack: contextlib.AsyncExitStack = field(init=False, default_factory=contextlib.AsyncExitStack)
     _adapter_error: str | None = field(init=False, default=None)
     _last_time_state: str = field(init=False, default="")
@@ -151,7 +167,14 @@ class Gateway:
                 backend = host.client_backend()
                 self.scanner_backend = self.scanner_backend or host.scanner_backend()
             self.links = await stack.enter_async_context(
-                LinkManager(gw_id=gw.id, backend=backend, max_connections=cfg.ble.max_connections)
+                LinkManager(
+                    gw_id=gw.id,
+                    backend=backend,
+                    max_connections=cfg.ble.max_connections,
+                    hold_s=cfg.ble.connect_on_challenge_s,
+                    warm_s=cfg.ble.warm_s,
+                    budget_s_per_hour=cfg.ble.battery_budget_s_per_hour,
+                )
             )
             self.service = Service(
                 gw.id,
@@ -163,11 +186,27 @@ class Gateway:
                 on_lock_state=self._lock_state_changed,
                 on_info_changed=self._info_changed,
             )
+            firmware_store = await stack.enter_async_context(FirmwareStore(data / "firmware.sqlite3"))
+            self.rollouts = await stack.enter_async_context(
+                Rollouts(
+                    firmware_store,
+                    self.links,
+                    site=gw.site,
+                    lookup=self.registry.get,
+                    keys=lambda: self.authz.core.firmware_keys(int(self.clock.wall())),
+                    emit=self.service.firmware_event,
+                    clock=self.clock.wall,
+                    on_firmware=self.service.firmware_changed,
+                    autostart=not self.direct,
+                )
+            )
+            self.service.firmware = self.rollouts
             self.started_at = int(self.clock.wall())
             if self.direct:
                 return self
             await self.service.event(GatewayStarted(version=_version(), alarms=tuple(self.authz.alarms)))
             await self._announce_expiries()
+            self._operations_features()
             if cfg.mqtt is not None:
                 self.mqtt = MqttBridge(
                     cfg.mqtt,
@@ -179,6 +218,7 @@ class Gateway:
                     info=self.info,
                     heartbeat=self.heartbeat,
                     lock_states=lambda: [v.as_json() for v in self.service.views.values()],
+                    retained=self._discovery_configs if self.discovery is not None else None,
                     heartbeat_s=self.heartbeat_s,
                     republish_after_s=self.republish_after_s,
                     mono=self.clock.mono,
@@ -191,11 +231,30 @@ class Gateway:
             except OSError as exc:
                 # Doors keep opening without the CLI: run on, alarm.
                 self._control_error = f"control socket {cfg.control.socket}: {exc.strerror or exc}"
+            resumed = await self.rollouts.resume()  # a rollout the daemon was running goes on
+            if resumed:
+                _log.info("firmware_rollouts_resumed", rollouts=resumed)
         except BaseException:
             await stack.aclose()
             raise
-        notify("READY=1", f"STATUS=serving {len(self.registry.all())} locks")
+        notify("READY=1", f"STATUS={self.status_line()}")
         return self
+
+    def _operations_features(self) -> None:
+        """The daemon's optional extras: remote ``doctor``, metrics, Home Assistant discovery."""
+        cfg = self.config
+        if self.diagnostics is not None:
+            self.service.diagnose = functools.partial(self.diagnostics, self)
+        if cfg.metrics.enabled:
+            self.metrics = self.service.metrics = Metrics()
+        if cfg.mqtt is not None and cfg.homeassistant.discovery:
+            self.discovery = Discovery(
+                gw=cfg.gateway.id,
+                base_topic=cfg.mqtt.base_topic,
+                prefix=cfg.homeassistant.prefix,
+                version=_version(),
+            )
+            self.service.on_access = self._accessed
 
     async def __aexit__(self, *exc: object) -> None:
         if self.direct:
@@ -300,6 +359,40 @@ class Gateway:
     def _info_changed(self) -> None:
         if self.mqtt is not None:
             self._spawn(self.mqtt.publish_info())
+            if self.discovery is not None:
+                self._spawn(self._sync_discovery())
+
+    # --- Home Assistant discovery (gateway/runtime/homeassistant.py) ----------------------------
+
+    def _discovery_configs(self) -> dict[str, str]:
+        """Every paired lock's discovery configs; what was announced is remembered, so that an
+        unpaired lock's entities are removed (:meth:`_sync_discovery`)."""
+        assert self.discovery is not None
+        records = self.registry.all()
+        self._announced |= {r.lock for r in records}
+        views = self.service.views
+        return self.discovery.encoded(
+            LockInfo(r.lock, r.name, views[r.lock].firmware if r.lock in views else None) for r in records
+        )
+
+    async def _sync_discovery(self) -> None:
+        assert self.discovery is not None
+        assert self.mqtt is not None
+        gone = self._announced - {r.lock for r in self.registry.all()}
+        for topic, payload in self._discovery_configs().items():
+            await self.mqtt.publish_retained(topic, payload)
+        for lock in sorted(gone):
+            for topic in self.discovery.removals(lock):
+                await self.mqtt.publish_retained(topic, "")
+            await self.mqtt.publish_retained(self.discovery.last_access_topic(lock), "")
+            self._announced.discard(lock)
+
+    def _accessed(self, lock: str, action: str) -> None:
+        if self.discovery is None or self.mqtt is None:
+            return
+        ts = datetime.fromtimestamp(self.clock.wall(), UTC).isoformat(timespec="seconds")
+        body = json.dumps({"lock": lock, "action": action, "ts": ts}, sort_keys=True)
+        self._spawn(self.mqtt.publish_retained(self.discovery.last_access_topic(lock), body))
 
     def _spawn(self, coro: Any) -> None:
         if self.supervisor is not None:
@@ -333,7 +426,46 @@ class Gateway:
             out.append(Component("adverts", watcher.run))
         if self.mqtt is not None:
             out.append(Component("mqtt", self.mqtt.run))
+        if self.metrics is not None:
+            server = MetricsServer(self.config.metrics.listen, self.metrics, self.metrics_snapshot)
+            out.append(Component("metrics", server.run))
         return out
+
+    async def metrics_snapshot(self) -> Snapshot:
+        """The state gauges' values now (gateway/runtime/metrics.py), read before each scrape."""
+        stats = self.outbox.stats()
+        view = self.authz.time_view()
+        lag = 0.0
+        if stats.backlog > 0:
+            oldest = await self.outbox.read(stats.receipt_seq + 1, limit=1)
+            if oldest:
+                ts = datetime.fromisoformat(str(oldest[0]["ts"]))
+                lag = max(0.0, self.clock.wall() - ts.timestamp())
+        in_use, slots, waiting = self.links.occupancy()
+        core = self.authz.core
+        expiry: dict[str, float] = {}
+        if core.keyring is not None:
+            expiry["keyring"] = (core.keyring.exp - view.now) / 86400
+            keys = [key.exp for key in core.keyring.keys.values()]
+            if keys:
+                expiry["key"] = (min(keys) - view.now) / 86400
+        if core.revocations is not None:
+            expiry["revocations"] = (core.revocations.exp - view.now) / 86400
+        views = self.service.views.values()
+        return Snapshot(
+            last_seq=stats.last_seq,
+            receipt_seq=stats.receipt_seq,
+            receipt_lag_s=lag,
+            slots_in_use=in_use,
+            slots=slots,
+            queue_depth=waiting,
+            locks=len(self.registry.all()),
+            locks_available=sum(1 for v in views if v.available),
+            trust_expiry_days=expiry,
+            time_state=str(view.state),
+            alarms=tuple(self.alarms()),
+            mqtt_connected=self.mqtt.connected.is_set() if self.mqtt is not None else None,
+        )
 
     @property
     def failed(self) -> asyncio.Future[Failure]:
@@ -410,6 +542,7 @@ class Gateway:
         """One log line for every alarm raised and every alarm cleared (seen within
         ``ALARM_LOG_EVERY_S``), whichever component holds it."""
         active: set[str] = set()
+        shown = ""
         while True:
             now = set(self.alarms())
             for alarm in sorted(now - active):
@@ -417,7 +550,19 @@ class Gateway:
             for alarm in sorted(active - now):
                 _log.info("alarm_cleared", alarm=alarm)
             active = now
+            if (status := self.status_line()) != shown:
+                notify(f"STATUS={status}")  # `systemctl status lockgw` shows it
+                shown = status
             await asyncio.sleep(ALARM_LOG_EVERY_S)
+
+    def status_line(self) -> str:
+        """One line for sd_notify's ``STATUS=``: locks, backlog, alarms (kept current every
+        ``ALARM_LOG_EVERY_S``)."""
+        stats = self.outbox.stats()
+        alarms = self.alarms()
+        return f"serving {len(self.registry.all())} locks; backlog {stats.backlog} of #{stats.last_seq}; " + (
+            f"alarms: {', '.join(alarms)}" if alarms else "no alarms"
+        )
 
     async def _outbox_watch(self) -> None:
         raise await self.outbox.wait_failed()
@@ -430,7 +575,9 @@ class Gateway:
         whose transport dropped or whose controller answers again after a stall."""
         host = self.ble_host
         if host is None:
-            return  # an injected backend (tests) or BlueZ: bleak reports its own failures per call
+            if self.ble_backend is None and self.config.ble.backend == "bluez":
+                await self._bluez_adapter_loop()
+            return  # an injected backend (tests): it reports its own failures per call
         while True:
             try:
                 await host.check()
@@ -444,6 +591,22 @@ class Gateway:
                 self._adapter_error = None
             # Early when an HCI command went unanswered (a stall seen by a request).
             await host.wait_suspect(ADAPTER_CHECK_S)
+
+    async def _bluez_adapter_loop(self) -> None:
+        """With BlueZ: the adapter is there while the kernel lists it (``/sys/class/bluetooth/hciN``;
+        a USB dongle pulled, a UART adapter that failed to come up). Its loss is
+        ``ble_adapter_unavailable`` and starves the watchdog, as with Bumble; bleak still
+        reports per call whatever else goes wrong under BlueZ."""
+        node = Path("/sys/class/bluetooth") / self.config.ble.adapter
+        while True:
+            present = await asyncio.to_thread(node.exists)
+            if not present and self._adapter_error is None:
+                self._adapter_error = f"{self.config.ble.adapter}: not present ({node} is missing)"
+                _log.error("adapter_unavailable", reason=self._adapter_error)
+            elif present and self._adapter_error is not None:
+                _log.info("adapter_available_again")
+                self._adapter_error = None
+            await asyncio.sleep(ADAPTER_CHECK_S)
 
     async def _watchdog_loop(self) -> None:
         interval = watchdog_interval_s()

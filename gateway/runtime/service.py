@@ -42,6 +42,7 @@ from gateway.authz.authorizer import Authorizer, DocumentKind, InstallOutcome
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord, Registry
 from gateway.errors import BleError, LockgwError, OutboxError
+from gateway.errors import LockUnreachable as LockUnreachableError
 from gateway.events import (
     AccessDenied,
     AccessFailed,
@@ -62,6 +63,8 @@ from gateway.events import (
     TrustRejected,
     event_fields,
 )
+from gateway.firmware.rollout import FirmwareRefused, Rollouts
+from gateway.runtime.metrics import Metrics
 from gateway.store.outbox import Outbox
 from gateway.wire import (
     ECHO_LEN,
@@ -69,6 +72,7 @@ from gateway.wire import (
     ActuateRequest,
     ChallengeRequest,
     EmptyRequest,
+    FirmwareApplyRequest,
     JsonObject,
     LockRequest,
     ReplayRequest,
@@ -112,7 +116,23 @@ STATUS_FRESH_S: Final = 2.0
 #: (CONTRACT §8.14: refused work is ``busy``, never silence). Half the MQTT bridge's budget for
 #: such requests, so one lock alone never fills it.
 STATUS_WAITERS_MAX: Final = 16
-ACTIONS: Final = frozenset({"challenge", "unlock", "lock", "status", "locks", "replay"})
+#: A ``doctor`` report younger than this answers a ``doctor`` request at once; concurrent
+#: requests share one run. The checks read every database (``PRAGMA quick_check``), so a flood
+#: of them must never reach the outbox's writer more than once per this period.
+DOCTOR_FRESH_S: Final = 10.0
+ACTIONS: Final = frozenset(
+    {
+        "challenge",
+        "unlock",
+        "lock",
+        "status",
+        "locks",
+        "replay",
+        "doctor",
+        "firmware_apply",
+        "firmware_status",
+    }
+)
 
 
 class RequestError(LockgwError):
@@ -219,14 +239,22 @@ class Service:
     links: LinkManager
     on_lock_state: Callable[[LockView], None] = lambda _v: None
     on_info_changed: Callable[[], None] = lambda: None
+    #: After every successful unlock or lock: (lock, action). Home Assistant's last access.
+    on_access: Callable[[str, str], None] = lambda _lock, _action: None
     replay_sink: Callable[[SealedEvent], Awaitable[None]] | None = None
+    #: Firmware rollouts (docs/firmware.md); set by the runtime once the service exists.
+    firmware: Rollouts | None = None
     views: dict[str, LockView] = field(default_factory=dict)
-    latencies_ms: list[float] = field(default_factory=list)
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
     #: from time.perf_counter(): the gateway-added time is everything outside the command.
     trace: list[tuple[float, float, float, float]] | None = None
     status_fresh_s: float = STATUS_FRESH_S
     status_waiters_max: int = STATUS_WAITERS_MAX
+    #: The ``doctor`` checks (``lockgw doctor``'s, injected by the CLI layer, which this layer
+    #: never imports): the report as ``{"ok", "checks"}``. None: no ``doctor`` action here.
+    diagnose: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    #: Prometheus series (``[metrics] enabled``): request latency, lock round trips, decisions.
+    metrics: Metrics | None = None
 
     #: Set by :meth:`quiesce`: new unlock/lock requests get ``busy`` while the gateway stops.
     stopping: bool = field(init=False, default=False)
@@ -239,6 +267,9 @@ class Service:
     _fresh_at: dict[str, float] = field(init=False, default_factory=dict)
     #: One log fetch at a time per lock: forwarded exactly once however refreshes overlap.
     _log_mutex: dict[str, asyncio.Lock] = field(init=False, default_factory=dict)
+    #: The doctor run in flight (shared), and the last report with its time (time.monotonic()).
+    _doctor_run: asyncio.Future[dict[str, Any]] | None = field(init=False, default=None)
+    _doctor_last: tuple[float, dict[str, Any]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         for rec in self.registry.all():
@@ -267,6 +298,23 @@ class Service:
     async def event(self, event: Event) -> SealedEvent:
         """Commit ``event`` (gateway/events.py) durably; the sealed event."""
         return await self.outbox.append(self._fields(event))
+
+    async def firmware_event(
+        self, type_: str, *, lock: str | None, reason: str | None, data: dict[str, Any]
+    ) -> SealedEvent:
+        """A ``firmware.*`` event (docs/firmware.md; CONTRACT §5 shape: ``lock``, ``reason``,
+        the rest in ``data``), stamped like every event."""
+        stamp = self._stamp()
+        return await self.outbox.append(
+            {
+                "type": type_,
+                "time_state": stamp.time_state,
+                "trust_state": stamp.trust_state,
+                "lock": lock,
+                "reason": reason,
+                "data": data,
+            }
+        )
 
     async def trust_event(self, outcome: InstallOutcome, *, transaction: str | None = None) -> None:
         if outcome.rejected:
@@ -310,7 +358,14 @@ class Service:
 
     async def _logged(self, action: str, parse: Callable[[], object]) -> Response:
         with structlog.contextvars.bound_contextvars(action=action[:ECHO_LEN], transaction=None, lock=None):
+            t0 = time.perf_counter()
             answer = await self._answer(action, parse)
+            if self.metrics is not None:
+                self.metrics.request_done(
+                    action if action in ACTIONS else "other",
+                    answer["error"]["code"] if answer["status"] == "error" else None,
+                    time.perf_counter() - t0,
+                )
             _log.info(
                 "request",
                 transaction=answer["transaction"],
@@ -346,10 +401,32 @@ class Service:
 
     # --- the use cases ------------------------------------------------------------------------
 
+    async def doctor(self) -> dict[str, Any]:
+        """The ``doctor`` action (docs/contract-additions.md): the same checks as ``lockgw
+        doctor``, read-only. A report under ``DOCTOR_FRESH_S`` old answers at once; concurrent
+        callers share one run; a caller that goes away leaves it to the others."""
+        if self.diagnose is None:
+            raise RequestError("this gateway process runs no diagnostics", code="unknown_action")
+        now = time.monotonic()
+        if self._doctor_last is not None and now - self._doctor_last[0] < DOCTOR_FRESH_S:
+            return self._doctor_last[1]
+        run = self._doctor_run
+        if run is None or run.done():
+            run = self._doctor_run = asyncio.ensure_future(self.diagnose())
+            run.add_done_callback(self._doctor_done)
+        return await asyncio.shield(run)
+
+    def _doctor_done(self, run: asyncio.Future[dict[str, Any]]) -> None:
+        if not run.cancelled() and run.exception() is None:
+            self._doctor_last = (time.monotonic(), run.result())
+
     async def challenge(self, req: ChallengeRequest) -> Challenged:
-        """A fresh nonce for a proof of possession (CONTRACT §8.5)."""
+        """A fresh nonce for a proof of possession (CONTRACT §8.5); the lock's link is opened
+        meanwhile (connect on challenge, gateway/ble/links.py) unless the gateway is stopping."""
         record = self._record(req)
         nonce = self.authz.challenge(lock=record.lock, action=req.act)
+        if not self.stopping:
+            self.links.prepare(record)
         return {"nonce": _b64(nonce), "expires_in": int(CHALLENGE_TTL_S), "gw": self.gw_id}
 
     async def unlock(self, req: ActuateRequest, transaction: str | None = None) -> Actuated:
@@ -440,6 +517,8 @@ class Service:
         try:
             response = await self.links.command(record, op, cmd_id=cmd_id, priority=Priority.ACCESS)
             t_reply = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.lock_round_trip(action, t_reply - t_cmd)
             state, lock_seq = parse_actuation(response.result)
         except asyncio.CancelledError:
             # Stopped mid-command: the grant must not stand without an outcome. Whether the bolt
@@ -473,8 +552,8 @@ class Service:
         moved = ActuationReported.done(action, requester, lock_seq, cmd_id.hex())
         (done,) = await self.outbox.append_many([self._fields(moved)], forwarded=[(record.lock, lock_seq)])
         self.on_lock_state(view)
+        self.on_access(record.lock, action)
         t_out = time.perf_counter()
-        self.latencies_ms.append((t_out - t0) * 1000)
         if self.trace is not None:
             self.trace.append((t0, t_cmd, t_reply, t_out))
         return {"lock": record.lock, "state": str(state), "seq": done["seq"]}
@@ -490,6 +569,34 @@ class Service:
     async def locks(self) -> list[LockView]:
         """Every paired lock's last known state (copies), in the registry's order; no round trip."""
         return [dataclasses.replace(self._view(r)) for r in self.registry.all()]
+
+    async def firmware_apply(self, req: FirmwareApplyRequest) -> dict[str, Any]:
+        """Check and start a rollout (docs/firmware.md): refusals need no radio work."""
+        rollouts = self._rollouts()
+        try:
+            manifest, image = _unb64(req.manifest), _unb64(req.image)
+        except ValueError as exc:
+            raise RequestError("manifest and image must be base64url", code="invalid_request") from exc
+        try:
+            return await rollouts.apply(manifest, image)
+        except FirmwareRefused as exc:
+            raise RequestError(str(exc), code="firmware_refused") from exc
+
+    async def firmware_status(self) -> dict[str, Any]:
+        return {"rollouts": await self._rollouts().status()}
+
+    async def firmware_changed(self, lock: str, _version: str) -> None:
+        """A lock confirmed a new image: its state (``firmware`` as the lock reports it) is
+        asked again at once, so the retained lock state follows."""
+        record = self.registry.get(lock)
+        if record is not None:
+            with contextlib.suppress(BleError):
+                await self.refresh(record, priority=Priority.HOUSEKEEPING)
+
+    def _rollouts(self) -> Rollouts:
+        if self.firmware is None:
+            raise RequestError("firmware updates are not available on this gateway", code="unavailable")
+        return self.firmware
 
     def paired(self) -> list[LockRecord]:
         """The locks paired with this gateway."""
@@ -638,9 +745,13 @@ class Service:
             await asyncio.shield(flight.task)
         except (BleError, ProtocolError) as exc:
             if priority is not Priority.HOUSEKEEPING:
-                raise RequestError(
-                    f"lock {record.lock} is unreachable: {exc}", code="lock_unreachable"
-                ) from exc
+                # The link manager's LockUnreachable already says what was tried and what to do.
+                message = (
+                    str(exc)
+                    if isinstance(exc, LockUnreachableError)
+                    else f"lock {record.lock} is unreachable: {exc}"
+                )
+                raise RequestError(message, code="lock_unreachable") from exc
         finally:
             flight.waiters -= 1
             if not flight.waiters and not flight.task.done():
@@ -724,6 +835,9 @@ class Service:
         "status": _Route(LockRequest, lambda svc, req, _tx: svc.status(req), LockView.as_json),
         "locks": _Route(EmptyRequest, lambda svc, _req, _tx: svc.locks(), _locks_json),
         "replay": _Route(ReplayRequest, lambda svc, req, _tx: svc.replay(req), _count_json),
+        "doctor": _Route(EmptyRequest, lambda svc, _req, _tx: svc.doctor(), dict),
+        "firmware_apply": _Route(FirmwareApplyRequest, lambda svc, req, _tx: svc.firmware_apply(req), dict),
+        "firmware_status": _Route(EmptyRequest, lambda svc, _req, _tx: svc.firmware_status(), dict),
     }
 
 

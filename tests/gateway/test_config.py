@@ -48,6 +48,15 @@ def test_good_config_and_defaults(tmp_path: Path) -> None:
     assert c.gateway.id == "gw-sandviken-1" and c.mqtt is not None and c.mqtt.host_port == ("127.0.0.1", 1883)
     assert c.policy.max_token_ttl_s == 43200 and c.control.socket == Path("/run/lockgw/control.sock")
     assert c.trust.root_keys == [Path("/etc/lockgw/root-1.pub")]
+    assert c.mqtt.protocol == "5"
+
+
+def test_mqtt_protocol_311_from_file_and_environment(tmp_path: Path) -> None:
+    text = GOOD.replace('base_topic = "lockgw"', 'base_topic = "lockgw"\nprotocol = "3.1.1"')
+    c = load_config(write(tmp_path, text), env={})
+    assert c.mqtt is not None and c.mqtt.protocol == "3.1.1"
+    c = load_config(write(tmp_path, GOOD), env={"LOCKGW_MQTT__PROTOCOL": "3.1.1"})
+    assert c.mqtt is not None and c.mqtt.protocol == "3.1.1"
 
 
 def test_mqtt_section_may_be_absent(tmp_path: Path) -> None:
@@ -70,6 +79,8 @@ def test_mqtt_section_may_be_absent(tmp_path: Path) -> None:
         ),
         (('transport = "tcp-client:127.0.0.1:9100"', ""), "ble.transport"),
         (("[policy]", "[polcy]"), "polcy"),
+        (('base_topic = "lockgw"', 'base_topic = "lockgw"\nprotocol = "4"'), "mqtt.protocol"),
+        (('base_topic = "lockgw"', 'base_topic = "lockgw"\nprotocol = 5'), "mqtt.protocol"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, patch: tuple[str, str], needle: str) -> None:
@@ -210,6 +221,19 @@ def test_F2_a_root_key_that_is_a_device_is_refused_without_reading_it(tmp_path: 
     p = write(tmp_path, GOOD.replace("/etc/lockgw/root-1.pub", "/dev/zero"))
     with pytest.raises(ConfigError, match=r"trust\.root_keys.*not a regular file"):
         load_checked(p, env={})
+
+
+def test_link_latency_keys_and_their_bounds(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, GOOD), env={})
+    assert (c.ble.connect_on_challenge_s, c.ble.warm_s, c.ble.battery_budget_s_per_hour) == (10.0, 0.0, 180.0)
+    extra = "max_connections = 4\nconnect_on_challenge_s = 5\nwarm_s = 2.5\nbattery_budget_s_per_hour = 60"
+    c = load_config(write(tmp_path, GOOD.replace("max_connections = 4", extra)), env={})
+    assert (c.ble.connect_on_challenge_s, c.ble.warm_s, c.ble.battery_budget_s_per_hour) == (5.0, 2.5, 60.0)
+    for bad in ("connect_on_challenge_s = -1", "connect_on_challenge_s = 61", "warm_s = 301", 'warm_s = "5"'):
+        with pytest.raises(ConfigError, match=r"ble\.(connect_on_challenge_s|warm_s)"):
+            load_config(
+                write(tmp_path, GOOD.replace("max_connections = 4", f"max_connections = 4\n{bad}")), env={}
+            )
 
 
 def test_F2_a_root_key_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:

@@ -139,9 +139,14 @@ class Site:
         return events
 
 
-def make_site(tmp: Path, broker: Broker, *, seed: int = 77) -> tuple[Site, subprocess.Popen[str]]:
+def make_site(
+    tmp: Path, broker: Broker, *, seed: int = 77, extra_config: str = ""
+) -> tuple[Site, subprocess.Popen[str]]:
     f = make_field(
-        tmp, gw=GW, seed=seed, extra_config=f'[mqtt]\nurl = "{broker.url}"\nbase_topic = "{BASE}"\n'
+        tmp,
+        gw=GW,
+        seed=seed,
+        extra_config=f'[mqtt]\nurl = "{broker.url}"\nbase_topic = "{BASE}"\n' + extra_config,
     )
     sim, locks, w = f.sim, f.locks, f.w
     f.run("trust", "install", str(tmp / "keyring.cose"))

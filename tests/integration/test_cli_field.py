@@ -122,6 +122,9 @@ def test_lock_out_of_range_is_a_clear_failure_then_recovers(field: Field) -> Non
     field.fault(lock["lock"], "range", "out")
     gone = field.act("unlock", lock["lock"], ok=None)
     assert gone.returncode == 1 and "lock_unreachable" in gone.stderr, gone.stderr
+    # Said once: what was tried and what to do; no retry warnings around it (issue 12).
+    assert gone.stderr.count("did not answer") == 1 and "connection attempts over" in gone.stderr
+    assert "within range of the gateway" in gone.stderr and '"level"' not in gone.stderr, gone.stderr
     failed = json.loads(field.run("--json", "events", "--type", "access.failed").stdout)["events"]
     assert failed and failed[-1]["reason"] == "lock_unreachable"
     state = json.loads(field.run("--json", "locks").stdout)["locks"][0]

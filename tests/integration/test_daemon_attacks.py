@@ -10,6 +10,7 @@ hash-chained. The named cases are the ones that stopped every door before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -275,3 +276,54 @@ def test_B13_no_secret_the_site_used_appears_in_the_daemons_log(site: Site) -> N
     assert len(site.secrets) > 5
     for secret in site.secrets:
         assert secret not in output
+
+
+def _links_report(site: Site) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(site.daemon.control))
+        s.sendall(json.dumps({"cmd": "ping"}).encode() + b"\n")
+        answer = json.loads(s.makefile("rb").readline())
+    assert answer["ok"] is True, answer
+    report: dict[str, Any] = answer["data"]["links"]
+    return report
+
+
+def test_connect_on_challenge_on_the_running_daemon(site: Site) -> None:
+    """A challenge opens the lock's link while the phone signs; its unlock needs no new
+    connection (the daemon's link counters, read over the control socket)."""
+    lock = site.locks[1]
+
+    async def wait_for(cond: Any, within_s: float = 30) -> dict[str, Any] | None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while not cond(report := _links_report(site)):  # noqa: ASYNC110 - the daemon's counters
+                    await asyncio.sleep(0.1)
+                return report
+        return None
+
+    async def attempt(c: Any) -> bool:
+        """One try; False when the daemon's own work (a housekeeping connect) interfered."""
+        # Whatever earlier tests left open (idle links, links held for their challenges) ends.
+        before = await wait_for(lambda r: r["open"] == 0 and r["held"] == 0)
+        assert before is not None, "links stayed open"
+        want = before["prepared"] + 1
+        ch = await site.request(c, "challenge", json.dumps({"lock": lock, "act": "unlock"}).encode())
+        assert ch["status"] == "ok", ch
+        ready = await wait_for(lambda r: r["prepared"] == want, within_s=10)
+        if ready is None or ready["connects"] != before["connects"] + 1:
+            return False  # the lock's link was opened by housekeeping just before, or another's
+        answer = await site.unlock(c, lock)
+        assert answer["status"] == "ok", answer
+        after = _links_report(site)
+        assert after["prepared_used"] == before["prepared_used"] + 1
+        assert after["connected_s_last_hour"][lock] > 0
+        return bool(after["connects"] == ready["connects"])  # the unlock used the held link
+
+    async def body(c: Any) -> None:
+        for _ in range(5):
+            if await attempt(c):
+                return
+        raise AssertionError("the unlock after a challenge opened a new connection, 5 times")
+
+    run(_with_session(site, body))

@@ -108,18 +108,20 @@ async def test_sigterm_stops_cleanly_and_kill_9_triggers_the_will(
         proc.wait(10)
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_A6_a_graceful_stop_leaves_offline_retained_when_the_offline_publish_is_lost(
-    tmp_path: Path, live_broker: Broker
+    tmp_path: Path, live_broker: Broker, protocol: str
 ) -> None:
     """A broker that stops taking the gateway's publishes just as it stops: the retained offline
     publish never completes, and a normal DISCONNECT would discard the will, leaving "online"
-    retained for ever. The bridge disconnects with the will instead."""
-    gw = "gw-a6"
+    retained for ever. The bridge disconnects with the will instead (MQTT 5: reason code 0x04;
+    3.1.1, which has none: it ends the TCP stream without a DISCONNECT)."""
+    gw = f"gw-a6-{protocol.replace('.', '')}"
     async with (
         Outbox(tmp_path / "events.sqlite3", gw=gw, site="s-1", wall=time.time) as outbox,
         MqttProxy(live_broker.port) as proxy,
     ):
-        bridge = drain_only_bridge(proxy.url, outbox, gw_id=gw, site="s-1")
+        bridge = drain_only_bridge(proxy.url, outbox, gw_id=gw, site="s-1", protocol=protocol)
         await bridge.__aenter__()
         try:
             await asyncio.wait_for(bridge.connected.wait(), 15)

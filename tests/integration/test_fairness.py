@@ -14,7 +14,18 @@ from pathlib import Path
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_mqtt_e2e import GW, B, Central, Setup, central, next_on, setup, unlock_via_mqtt  # noqa: F401 - the broker-backed gateway fixtures
+from test_mqtt_e2e import (  # noqa: F401 - the broker-backed gateway fixtures
+    GW,
+    B,
+    Central,
+    Setup,
+    central,
+    mqtt_broker,
+    next_on,
+    protocol,
+    setup,
+    unlock_via_mqtt,
+)
 from test_service import Rig, build_rig
 
 from gateway.ble.links import Priority

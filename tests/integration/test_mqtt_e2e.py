@@ -15,6 +15,7 @@ from broker import Broker, drain_only_bridge
 from credfix import SITE, World
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from rabbit import RabbitCluster
 
 from firmware_sim.bumble_peripheral import SimLock, SimRadio
 from gateway.authz.clock import ManualClock
@@ -37,13 +38,51 @@ B = "lockgw"
 class Setup:
     w: World
     gw: Gateway
-    broker: Broker
+    broker: Broker | RabbitMqtt
     locks: list[SimLock]
     radio: SimRadio
     clock: ManualClock
 
 
-def write_config(tmp: Path, broker: Broker, w: World) -> Config:
+#: The MQTT protocol both the gateway and the test's central speak; tests parametrised over
+#: it run the same contract on 3.1.1 (docs/mqtt-3.1.1.md), where nothing carries properties.
+#: "3.1.1@rabbitmq": 3.1.1 against a private single RabbitMQ node (tests/rabbit.py) instead
+#: of mosquitto.
+BOTH_PROTOCOLS = pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+
+
+@pytest.fixture
+def protocol() -> str:
+    return "5"
+
+
+def aiomqtt_version(protocol: str) -> aiomqtt.ProtocolVersion:
+    return aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
+
+
+@dataclass
+class RabbitMqtt:
+    """A RabbitMQ node's MQTT listener where a test expects a mosquitto ``Broker``."""
+
+    rc: RabbitCluster
+
+    @property
+    def port(self) -> int:
+        return self.rc.nodes[0].mqtt_port
+
+    @property
+    def url(self) -> str:
+        return self.rc.nodes[0].mqtt_url
+
+
+@pytest.fixture
+def mqtt_broker(request: pytest.FixtureRequest, protocol: str) -> Broker | RabbitMqtt:
+    if protocol.endswith("@rabbitmq"):
+        return RabbitMqtt(request.getfixturevalue("rabbit1"))
+    return request.getfixturevalue("live_broker")
+
+
+def write_config(tmp: Path, broker: Broker | RabbitMqtt, w: World, protocol: str = "5") -> Config:
     root = tmp / "root.pub"
     root.write_text(b64url(cbor.dumps(w.root.public.to_cbor())))
     cfg = tmp / "lockgw.toml"
@@ -54,6 +93,7 @@ site = "{SITE}"
 data_dir = "{tmp / "data"}"
 [mqtt]
 url = "{broker.url}"
+protocol = "{protocol.split("@", maxsplit=1)[0]}"
 [trust]
 root_keys = ["{root}"]
 [control]
@@ -63,7 +103,7 @@ socket = "{tmp / "ctl.sock"}"
 
 
 @pytest.fixture
-async def setup(tmp_path: Path, live_broker: Broker) -> AsyncIterator[Setup]:
+async def setup(tmp_path: Path, mqtt_broker: Broker | RabbitMqtt, protocol: str) -> AsyncIterator[Setup]:
     from credfix import T0
 
     w = World()
@@ -71,7 +111,7 @@ async def setup(tmp_path: Path, live_broker: Broker) -> AsyncIterator[Setup]:
     async with SimRadio(clock=clock.wall) as radio:
         sims = await radio.add_locks(2, seed=21)
         async with BumbleHost(controller=radio.open_gateway_controller()) as host:
-            config = write_config(tmp_path, live_broker, w)
+            config = write_config(tmp_path, mqtt_broker, w, protocol)
             gw = Gateway(
                 config, clock=clock, ble_backend=host.client_backend(), heartbeat_s=0.3, housekeeping_s=3600
             )
@@ -79,15 +119,16 @@ async def setup(tmp_path: Path, live_broker: Broker) -> AsyncIterator[Setup]:
                 for sim in sims:
                     done = await gw.links.pair(str(sim.address), sim.model.setup_code)
                     gw.registry.put(LockRecord(done.lock_id, str(sim.address), sim.model.name, done.ltk))
-                yield Setup(w, gw, live_broker, sims, radio, clock)
+                yield Setup(w, gw, mqtt_broker, sims, radio, clock)
 
 
 class Central:
     """A test MQTT client that keeps every message it receives (nothing is dropped while a
     test waits for something else)."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, protocol: str = "5") -> None:
         self.client = client
+        self.v311 = protocol != "5"
         self.inbox: list[aiomqtt.Message] = []
         self._cond = asyncio.Condition()
 
@@ -108,11 +149,11 @@ class Central:
 
 
 @pytest.fixture
-async def central(live_broker: Broker) -> AsyncIterator[Central]:
+async def central(mqtt_broker: Broker | RabbitMqtt, protocol: str) -> AsyncIterator[Central]:
     async with aiomqtt.Client(
-        "127.0.0.1", live_broker.port, identifier="central-test", protocol=aiomqtt.ProtocolVersion.V5
+        "127.0.0.1", mqtt_broker.port, identifier="central-test", protocol=aiomqtt_version(protocol)
     ) as client:
-        c = Central(client)
+        c = Central(client, protocol)
         task = asyncio.create_task(c.pump())
         yield c
         task.cancel()
@@ -128,6 +169,18 @@ async def next_on(c: Central, topic: str, *, within: float = 10.0, pred=lambda _
 
 
 async def request(client: Central, action: str, body: dict, *, corr: bytes) -> dict:
+    """A request and its answer: over MQTT 5 on a Response Topic with Correlation Data; over
+    3.1.1 (no properties) on ``B/G/response/<action>``, matched by ``transaction``."""
+    if client.v311:
+        tx = body.get("transaction") or corr.decode()
+        await client.subscribe(f"{B}/{GW}/response/{action}")
+        await client.publish(f"{B}/{GW}/request/{action}", json.dumps({**body, "transaction": tx}), qos=1)
+        msg = await next_on(
+            client,
+            f"{B}/{GW}/response/{action}",
+            pred=lambda m: json.loads(m.payload).get("transaction") == tx,
+        )
+        return json.loads(msg.payload)
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = "phone/replies"
     props.CorrelationData = corr
@@ -151,10 +204,16 @@ async def unlock_via_mqtt(s: Setup, client: Central, lock: str, corr: bytes) -> 
     )
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1", "3.1.1@rabbitmq"])
 async def test_contract_topics_request_response_receipts(setup: Setup, central: Central) -> None:
     s = setup
     await central.subscribe(f"{B}/{GW}/#")
     await central.subscribe("phone/replies")
+    if isinstance(s.broker, RabbitMqtt):
+        # RabbitMQ 3.10 sends retained messages only to subscriptions without wildcards
+        # (docs/mqtt-3.1.1.md): central subscribes to the retained topics by name.
+        await central.subscribe(f"{B}/{GW}/availability")
+        await central.subscribe(f"{B}/{GW}/info")
     avail = await next_on(central, f"{B}/{GW}/availability")
     assert json.loads(avail.payload) == {"state": "online"} and avail.retain
     info = json.loads((await next_on(central, f"{B}/{GW}/info")).payload)
@@ -190,7 +249,15 @@ async def test_contract_topics_request_response_receipts(setup: Setup, central: 
     assert locks["transaction"] == "L" and len(locks["data"]["locks"]) == 2
     # Garbage requests get error responses and the gateway carries on.
     await central.publish(f"{B}/{GW}/request/unlock", b"\xff\x00garbage", qos=1)
-    bad = json.loads((await next_on(central, f"{B}/{GW}/response/unlock")).payload)
+    bad = json.loads(
+        (
+            await next_on(
+                central,
+                f"{B}/{GW}/response/unlock",
+                pred=lambda m: json.loads(m.payload)["transaction"] is None,
+            )
+        ).payload
+    )
     assert (
         bad == {"transaction": None, "status": "error", "error": bad["error"]}
         and bad["error"]["code"] == "invalid_request"
@@ -223,7 +290,9 @@ async def test_contract_topics_request_response_receipts(setup: Setup, central: 
     assert body["backlog"] == body["last_seq"] - body["receipt_seq"]
     await next_on(central, f"{B}/{GW}/locks/{lock}/state")
     # A late subscriber gets the retained state and availability.
-    async with aiomqtt.Client("127.0.0.1", s.broker.port, identifier="late") as late:
+    async with aiomqtt.Client(
+        "127.0.0.1", s.broker.port, identifier="late", protocol=aiomqtt_version(central_protocol(central))
+    ) as late:
         await late.subscribe(f"{B}/{GW}/locks/{lock}/state", qos=1)
         await late.subscribe(f"{B}/{GW}/availability", qos=1)
         got: dict[str, aiomqtt.Message] = {}
@@ -235,6 +304,10 @@ async def test_contract_topics_request_response_receipts(setup: Setup, central: 
     state = got[f"{B}/{GW}/locks/{lock}/state"]
     assert state.retain and json.loads(state.payload)["state"] == "unlocked"
     assert got[f"{B}/{GW}/availability"].retain
+
+
+def central_protocol(c: Central) -> str:
+    return "3.1.1" if c.v311 else "5"
 
 
 async def test_D10_unconfirmed_events_raise_receipts_stalled_in_heartbeats(
@@ -263,8 +336,9 @@ async def test_D10_unconfirmed_events_raise_receipts_stalled_in_heartbeats(
     assert json.loads(hb.payload)["backlog"] == s.gw.outbox.stats().last_seq - last
 
 
+@BOTH_PROTOCOLS
 async def test_D3_D4_A4_broker_without_persistence_killed_doors_open_nothing_lost_order_kept(
-    setup: Setup,
+    setup: Setup, protocol: str
 ) -> None:
     s = setup
     assert not s.gw.authz.install(s.w.keyring()).rejected  # may already be in, retained by the broker
@@ -291,7 +365,7 @@ async def test_D3_D4_A4_broker_without_persistence_killed_doors_open_nothing_los
     assert s.gw.outbox.stats().backlog == last
     s.broker.start()
     async with aiomqtt.Client(
-        "127.0.0.1", s.broker.port, identifier="central-2", protocol=aiomqtt.ProtocolVersion.V5
+        "127.0.0.1", s.broker.port, identifier="central-2", protocol=aiomqtt_version(protocol)
     ) as central:
         await central.subscribe(f"{B}/{GW}/events", qos=1)
         seen: dict[int, dict] = {}

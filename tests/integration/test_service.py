@@ -59,9 +59,16 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def build_rig(
-    tmp_path: Path, *, locks: int = 2, seed: int = 11, slots: int = 2, **outbox_kw: Any
+    tmp_path: Path,
+    *,
+    locks: int = 2,
+    seed: int = 11,
+    slots: int = 2,
+    links_kw: dict[str, Any] | None = None,
+    **outbox_kw: Any,
 ) -> AsyncIterator[Rig]:
-    """Simulated locks paired to a gateway service (no broker), keyring installed."""
+    """Simulated locks paired to a gateway service (no broker), keyring installed;
+    ``links_kw``: more LinkManager arguments (connect on challenge, warm sessions)."""
     from credfix import T0
 
     w = World()
@@ -73,7 +80,9 @@ async def build_rig(
             registry = Registry(tmp_path / "locks.sqlite3")
             async with (
                 Outbox(tmp_path / "events.sqlite3", gw=GW, site=SITE, wall=clock.wall, **outbox_kw) as outbox,
-                LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=slots) as links,
+                LinkManager(
+                    gw_id=GW, backend=host.client_backend(), max_connections=slots, **(links_kw or {})
+                ) as links,
             ):
                 for sim in sims:
                     done = await links.pair(str(sim.address), sim.model.setup_code)

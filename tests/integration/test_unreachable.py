@@ -31,7 +31,13 @@ async def test_A8_lock_out_of_range_fails_after_one_retry_with_one_clear_message
     async with LinkManager(gw_id=GW, backend=air.host.client_backend(), max_connections=2) as links:
         with pytest.raises(LockUnreachable) as failure:
             await links.command(record, Op.STATUS)
-        assert str(failure.value) == f"no connection to {sim.address} within {CONNECT_TIMEOUT_S:.0f} s"
+        # One message: which lock, what was tried, the last reason, what to do (issue 12).
+        message = str(failure.value)
+        assert message.startswith(
+            f"lock {record.lock} ({sim.address}) did not answer: 2 connection attempts over "
+        )
+        assert f"last: no connection to {sim.address} within {CONNECT_TIMEOUT_S:.0f} s." in message
+        assert "within range of the gateway" in message
         assert links.stats.retries == UNREACHABLE_ATTEMPTS - 1 == 1
         # Bumble cancels its own timed-out connect; ours, the backstop, must not log a warning.
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

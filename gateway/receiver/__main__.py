@@ -1,0 +1,3 @@
+from gateway.receiver.main import main
+
+main()
