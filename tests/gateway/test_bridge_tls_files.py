@@ -1,4 +1,4 @@
-"""Attacks on the work merged on 2026-12-01 (round 2): each test here failed before its fix."""
+"""Attacks on the bridge's TLS files (round 2, 2026-12-01): each test here failed before its fix."""
 
 from __future__ import annotations
 
