@@ -244,6 +244,17 @@ MAX_SECRET_BYTES: Final = 64 * 1024
 _CREDENTIAL_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
+def read_password(path: Path) -> str:
+    """The MQTT password: the file's UTF-8 text (bounded), without surrounding whitespace.
+    Bytes that are not UTF-8 are refused, not replaced: the broker would only say 'not
+    authorized' to a password changed on the way."""
+    raw = read_bounded(path, "mqtt.password_file", MAX_SECRET_BYTES)
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"mqtt.password_file: {path} is not UTF-8 text (byte {exc.start})") from None
+
+
 def _resolve_credentials(path: Path, config: Config, env: Mapping[str, str]) -> Config:
     """A ``[mqtt] *_file`` value without a ``/`` names a systemd credential
     (``LoadCredential=NAME:/etc/lockgw/FILE`` in the unit): it is read from
@@ -356,8 +367,8 @@ def load_checked(path: Path, *, env: Mapping[str, str] | None = None) -> Checked
                     "$CREDENTIALS_DIRECTORY is not set (run under the unit with LoadCredential=, "
                     "or give a path)"
                 )
-        for key in ("password_file", "key_file"):
-            secret = getattr(config.mqtt, key)
-            if secret is not None:
-                read_bounded(secret, f"mqtt.{key}", MAX_SECRET_BYTES)
+        if config.mqtt.password_file is not None:
+            read_password(config.mqtt.password_file)
+        if config.mqtt.key_file is not None:
+            read_bounded(config.mqtt.key_file, "mqtt.key_file", MAX_SECRET_BYTES)
     return CheckedConfig(config, load_root_keys(config.trust.root_keys))

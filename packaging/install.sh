@@ -32,6 +32,9 @@ MAIN_CONF=/etc/bluetooth/main.conf
 
 say() { echo "install.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
+# A venv built under a root whose path holds whitespace gets /bin/sh trampolines naming that
+# path (no shebang can), which would not run once installed: refused, not built broken.
+case $R in *[[:space:]]*) die "DESTDIR must not contain whitespace: ${R@Q}" ;; esac
 live() { [ -z "$R" ]; }   # installing onto the running system (not a scratch root)
 have_systemd() { live && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
 
@@ -151,10 +154,17 @@ build_release() {
     rm -f "$req"
     if [ -n "$R" ]; then
         # Built under DESTDIR: the scripts must name the venv where it will run.
-        local f
+        # Compared and cut as literal text, not a sed expression: DESTDIR may hold | or regex
+        # characters. Written back through cat, which keeps the file's mode.
+        local f first
         for f in "$dir"/bin/*; do
-            [ -f "$f" ] && [ ! -L "$f" ] && head -c 2 "$f" | grep -q '#!' &&
-                sed -i "1s|^#!$R/|#!/|" "$f"
+            [ -f "$f" ] && [ ! -L "$f" ] || continue
+            first=$(head -n 1 "$f")
+            if [[ $first == "#!$R/"* ]]; then
+                { printf '#!/%s\n' "${first#"#!$R/"}"; tail -n +2 "$f"; } > "$f.lockgw-tmp"
+                cat "$f.lockgw-tmp" > "$f"
+                rm -f "$f.lockgw-tmp"
+            fi
         done
     fi
     mkdir -p "$dir/doc" "$dir/config"
@@ -198,7 +208,9 @@ write_network_dropin() {
     [ -x "$py" ] || py=$R$OPT/releases/$RELEASE/bin/python
     tmp=$(mktemp)
     if "$py" -m gateway.cli.hostsetup network-dropin "$R$CONF" --resolv-conf "$R/etc/resolv.conf" > "$tmp"; then
-        sed -i "s|$R$CONF|$CONF|" "$tmp"
+        local content
+        content=$(<"$tmp")  # the root path replaced literally (not a sed expression: DESTDIR may hold |)
+        printf '%s\n' "${content//"$R$CONF"/"$CONF"}" > "$tmp"
         install -m 0644 "$tmp" "$R$DROPIN_DIR/50-broker.conf"
     else
         say "could not write $DROPIN_DIR/50-broker.conf (see above); the unit admits localhost only"

@@ -318,3 +318,37 @@ def test_upgrade_keeps_data_and_config_rollback_and_uninstall(installed: Path, b
     assert not (r / "etc/lockgw").exists() and not data.exists()
     assert "lockgw:" not in (r / "etc/passwd").read_text() + (r / "etc/group").read_text()
     assert (r / "etc/bluetooth/main.conf").read_text() == STOCK_MAIN_CONF
+
+
+def test_a_scratch_root_with_a_quote_and_a_bar_installs_and_reconfigures(
+    bundles: Bundles, tmp_path: Path
+) -> None:
+    """Attack (round 2). Found: the root path went into sed expressions (``s|$R$CONF|$CONF|``
+    and the venv scripts' shebangs), so a ``|`` in DESTDIR ended the installer with a sed
+    error; both are now replaced as literal text."""
+    root = scratch_root(tmp_path / "it's|here")
+    install(bundles.first, root)
+    lockgw = (root / "opt/lockgw/current/bin/lockgw").read_text()
+    assert lockgw.startswith("#!/opt/lockgw/releases/") and str(root) not in lockgw
+    install(bundles.first, root, "reconfigure")
+    dropin = (root / "etc/systemd/system/lockgw.service.d/50-broker.conf").read_text()
+    assert dropin.startswith("# Written by packaging/install.sh from /etc/lockgw/lockgw.toml: "), dropin
+    assert all(line.startswith(("#", "[Service]", "IPAddressAllow=")) for line in dropin.splitlines())
+
+
+def test_a_scratch_root_with_spaces_is_refused_before_anything_is_built(
+    bundles: Bundles, tmp_path: Path
+) -> None:
+    """Attack (round 2). Found: under a DESTDIR with spaces uv writes /bin/sh trampolines
+    naming that path into the venv's scripts, which would not run once installed."""
+    root = scratch_root(tmp_path / "a dir")
+    proc = subprocess.run(
+        [str(bundles.first / "install.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "DESTDIR": str(root), "UV": _uv(), "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 1 and "DESTDIR must not contain whitespace" in proc.stderr, proc.stderr
+    assert not (root / "opt").exists()

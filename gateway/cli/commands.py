@@ -203,10 +203,26 @@ class PairArgs(_Args):
         return ControlAnswer.refused(message, exit_code=2)
 
 
+def _flag(value: object) -> object:
+    """A JSON flag: true/false, 1/0 or null (absent). Not any truthy value: ``"false"``
+    forcing an unpair would be a state change made by bad input."""
+    if value is None:
+        return False
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    return value  # a bool passes; anything else is refused by the strict bool
+
+
 class UnpairArgs(_Args):
     USAGE: ClassVar[str] = "unpair needs a lock id"
     lock: str
-    force: Annotated[bool, BeforeValidator(bool)] = False
+    force: Annotated[bool, BeforeValidator(_flag)] = False
+
+    @classmethod
+    def refusal(cls, exc: ValidationError) -> ControlAnswer:
+        if all(e["loc"] == ("force",) for e in exc.errors(include_url=False)):
+            return ControlAnswer.refused("unpair: force is true or false", exit_code=2)
+        return ControlAnswer.refused(cls.USAGE, exit_code=2)
 
 
 class ScanArgs(_Args):

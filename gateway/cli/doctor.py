@@ -316,7 +316,16 @@ CHECKS: Final[tuple[CheckFn, ...]] = (
 
 
 async def run_checks(gw: HealthSnapshot, *, daemon: bool) -> list[Check]:
-    return [line for check in CHECKS for line in await check(gw, daemon)]
+    """Every check's lines; a check that raises is one failed line (its name, the error) and
+    the rest still run: doctor is what a technician runs when something is already wrong."""
+    lines: list[Check] = []
+    for check in CHECKS:
+        try:
+            lines += await check(gw, daemon)
+        except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others
+            name = getattr(check, "__name__", "check").strip("_").replace("_", " ")
+            lines.append(Check(name, FAIL, f"the check itself failed: {type(exc).__name__}: {exc}"))
+    return lines
 
 
 async def _bumble_adapter(gw: HealthSnapshot, transport: str | None, *, daemon: bool) -> Check:
@@ -346,6 +355,8 @@ def _bluez_settings(path: Path = hostsetup.BLUEZ_MAIN_CONF) -> Check:
         return Check("BlueZ settings", WARN, f"{path} not found", "install bluez; " + fix)
     try:
         wrong = hostsetup.bluez_problems(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError as exc:
+        return Check("BlueZ settings", WARN, f"{path}: cannot read: {exc.strerror}", "fix the file")
     except configparser.Error as exc:
         return Check("BlueZ settings", WARN, f"{path}: {exc}", "fix the file")
     return Check(

@@ -90,22 +90,34 @@ def apply_bluez(text: str) -> str:
 
 
 def _set(lines: list[str], section: str, key: str, value: str) -> list[str]:
-    start = next((i for i, line in enumerate(lines) if line.strip() == f"[{section}]"), None)
-    if start is None:
-        return [*lines, "", f"[{section}]", _MARK, f"{key} = {value}"]
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
-        len(lines),
-    )
+    """Every active ``key`` line in every ``[section]`` of that name gets ``value``: BlueZ
+    (GKeyFile) and doctor take the last of a key given twice, or of a section given twice, so
+    a weak value left after the first would still apply."""
+    header = f"[{section}]"
+    starts = [i for i, line in enumerate(lines) if line.strip() == header]
+    if not starts:
+        return [*lines, "", header, _MARK, f"{key} = {value}"]
     active = re.compile(rf"^\s*{re.escape(key)}\s*=")
     commented = re.compile(rf"^\s*#\s*{re.escape(key)}\s*=")
-    for i in range(start + 1, end):
-        if active.match(lines[i]):
-            if lines[i].split("=", 1)[1].strip().lower() == value:
-                return lines
-            return [*lines[:i], _MARK, f"{key} = {value}", *lines[i + 1 :]]
+    found, weak = False, []
+    for start in starts:
+        for i in range(start + 1, _section_end(lines, start)):
+            if active.match(lines[i]):
+                found = True
+                if lines[i].split("=", 1)[1].strip().lower() != value:
+                    weak.append(i)
+    if found:
+        out = list(lines)
+        for i in reversed(weak):
+            out[i : i + 1] = [_MARK, f"{key} = {value}"]
+        return out
+    start, end = starts[0], _section_end(lines, starts[0])
     at = next((i + 1 for i in range(start + 1, end) if commented.match(lines[i])), start + 1)
     return [*lines[:at], _MARK, f"{key} = {value}", *lines[at:]]
+
+
+def _section_end(lines: list[str], start: int) -> int:
+    return next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
 
 
 # --- the unit's network allow-list ------------------------------------------------------------
@@ -179,8 +191,10 @@ def network_dropin(config: Config, addresses: Sequence[Address], dns: Sequence[A
     broker's ``addresses`` (and, for a broker named by host name, the ``dns`` servers the
     daemon resolves it through)."""
     url = config.mqtt.url if config.mqtt else "(no [mqtt] section)"
+    # The path escaped: a newline in it would end the comment and write unit settings.
+    source = str(config.source).encode("unicode_escape").decode()
     lines = [
-        f"# Written by packaging/install.sh from {config.source}: [mqtt] url = {url}",
+        f"# Written by packaging/install.sh from {source}: [mqtt] url = {url}",
         "# The addresses are resolved at install time; when the broker's change, run",
         "# `install.sh reconfigure` again (lockgw doctor warns when they no longer match).",
         "[Service]",
@@ -242,7 +256,14 @@ def cli() -> None:
 @click.argument("path", type=click.Path(path_type=Path), default=BLUEZ_MAIN_CONF)
 def bluez_command(path: Path) -> None:
     """Set the BlueZ keys lockgw relies on in PATH (BlueZ 5.66 main.conf), in place."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    except UnicodeDecodeError as exc:  # left as it is: rewriting would change its other bytes
+        raise click.ClickException(
+            f"{path}: not UTF-8 text (byte {exc.start}); set {bluez_wanted_text()}"
+        ) from None
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read: {exc.strerror}") from None
     new = apply_bluez(text)
     if new != text:
         path.write_text(new, encoding="utf-8")

@@ -292,7 +292,16 @@ def cli(ctx: click.Context, config: str | None, json_: bool) -> None:
         log.get("cli")  # the one configuration, made now, so nothing later resets the level
         previous = structlog.get_config()["wrapper_class"]
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-        ctx.call_on_close(lambda: structlog.configure(wrapper_class=previous))
+        # The libraries' stdlib loggers too (asyncio's debug-mode "Executing … took" warnings).
+        root = logging.getLogger()
+        previous_level = root.level
+        root.setLevel(logging.ERROR)
+
+        def restore() -> None:
+            structlog.configure(wrapper_class=previous)
+            root.setLevel(previous_level)
+
+        ctx.call_on_close(restore)
 
 
 @cli.command(epilog=_example("lockgw --config /etc/lockgw/lockgw.toml run"))

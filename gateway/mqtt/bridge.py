@@ -42,7 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from gateway import log
 from gateway.authz.keyfiles import read_bounded
 from gateway.backoff import backoff_for
-from gateway.config import MAX_SECRET_BYTES, MqttConfig
+from gateway.config import MqttConfig, read_password
 from gateway.errors import ConfigError, MqttUnavailable
 from gateway.events import SealedEvent
 from gateway.store.outbox import Outbox
@@ -280,13 +280,15 @@ class MqttBridge:
             props.SessionExpiryInterval = SESSION_EXPIRY_S
         password = None
         if self.cfg.password_file is not None:
-            password = (
-                read_bounded(self.cfg.password_file, "mqtt.password_file", MAX_SECRET_BYTES)
-                .decode("utf-8", "replace")
-                .strip()
-            )
+            password = read_password(self.cfg.password_file)
         tls_context = None
         if self.cfg.tls:
+            # OpenSSL opens these by name and blocks (the event loop with it) on a FIFO, or
+            # reads /dev/zero to the end: each must first be a regular file, bounded.
+            for key in ("ca_file", "cert_file", "key_file"):
+                tls_file = getattr(self.cfg, key)
+                if tls_file is not None:
+                    read_bounded(tls_file, f"mqtt.{key}")
             tls_context = ssl.create_default_context(
                 cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None
             )

@@ -28,7 +28,7 @@ MAX_LINE: Final = 64 * 1024
 #: Connections at once; one more is refused with an error line (exit 3: busy).
 MAX_CLIENTS: Final = 64
 #: A connection with no complete request line for this long is closed (the CLI sends its line at
-#: once; a follower asks again every second).
+#: once; a follower asks again every second), and so is one that reads no answer for this long.
 IDLE_S: Final = 60.0
 
 #: Answers one command: its name and JSON args in, the JSON answer out (gateway/cli/commands.py).
@@ -88,9 +88,15 @@ class ControlServer:
                 if not line:
                     break
                 writer.write(_line(await self._answer(line)))
-                await writer.drain()
+                # Bounded too: a client that sends requests and never reads its answers would
+                # otherwise hold its connection (one of max_clients) in drain() for ever.
+                async with asyncio.timeout(self._idle_s):
+                    await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except TimeoutError:
+            _log.warning("control_closed", reason=f"answers not read for {self._idle_s:.0f} s")
+            writer.transport.abort()  # close() would keep the socket until the client reads
         finally:
             writer.close()
             if task is not None:

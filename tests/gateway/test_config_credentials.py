@@ -83,3 +83,12 @@ def test_names_that_are_neither_paths_nor_credential_names_are_refused(tmp_path:
     text = BASE.replace('password_file = "mqtt.password"', f'password_file = "{name}"')
     with pytest.raises(ConfigError, match=r"mqtt\.password_file: .* neither a path"):
         load_config(write(tmp_path, text), env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_a_password_that_is_not_utf8_is_refused_not_silently_altered(tmp_path: Path) -> None:
+    """Found by attack (round 2): a password file with bytes that are not UTF-8 passed
+    ``config check``, and the bridge logged in with U+FFFD in their place (the broker then
+    said only 'not authorized')."""
+    d = credentials(tmp_path, mqtt_password=b"s3cr\xff\xfet\n")
+    with pytest.raises(ConfigError, match=r"mqtt\.password_file: .* not UTF-8"):
+        load_checked(write(tmp_path), env={"CREDENTIALS_DIRECTORY": str(d)})

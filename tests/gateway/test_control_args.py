@@ -55,6 +55,11 @@ ADDRESS = "AA:BB:CC:DD:EE:FF"
         ("pair", {"address": ADDRESS, "code": "1", "name": "n" * 257}, 2, PAIR_TEXTS),
         ("unpair", {}, 2, "unpair needs a lock id"),
         ("unpair", {"lock": 5}, 2, "unpair needs a lock id"),
+        # found by attack (round 2): any truthy value forced the unpair, "false" too
+        ("unpair", {"lock": "lk-1", "force": "false"}, 2, "unpair: force is true or false"),
+        ("unpair", {"lock": "lk-1", "force": "no"}, 2, "unpair: force is true or false"),
+        ("unpair", {"lock": "lk-1", "force": [0]}, 2, "unpair: force is true or false"),
+        ("unpair", {"lock": "lk-1", "force": 2}, 2, "unpair: force is true or false"),
         ("scan", {"timeout": 0.1}, 2, "scan timeout must be 0.5..60 s"),
         ("scan", {"timeout": "5"}, 2, "scan timeout must be 0.5..60 s"),
         ("open_sesame", {}, 2, "unknown control command 'open_sesame'"),
@@ -88,6 +93,8 @@ def test_arguments_parse_into_typed_values() -> None:
     pair = PairArgs.model_validate({"address": ADDRESS, "code": "1", "name": None})
     assert pair.name == ""  # no name: the lock id names the door
     assert UnpairArgs.model_validate({"lock": "lk-1", "force": 1}).force is True
+    assert UnpairArgs.model_validate({"lock": "lk-1", "force": None}).force is False
+    assert UnpairArgs.model_validate({"lock": "lk-1", "force": False}).force is False
     assert ScanArgs.model_validate({"timeout": 2}).timeout == 2.0
 
 

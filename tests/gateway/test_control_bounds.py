@@ -4,6 +4,7 @@ daemon's file descriptors; a CLI facing a silent daemon said nothing and exited 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,46 @@ async def test_F5_a_daemon_that_never_answers_is_exit_3_with_a_message(tmp_path:
     async with server:
         with pytest.raises(AdapterUnavailable, match="did not answer within 0 s"):
             await call(sock, "ping", {}, timeout_s=0.3)
+
+
+async def test_F5_a_client_that_never_reads_its_answers_is_closed_not_held_for_ever(
+    tmp_path: Path,
+) -> None:
+    """Found by attack (round 2): the idle bound covered reading a line, not writing the
+    answer; a client sending requests and never reading blocked its connection in drain() for
+    ever, and 64 of them shut every CLI out of the daemon."""
+    sock = tmp_path / "ctl.sock"
+    server = ControlServer(sock, echo, idle_s=0.2)
+    async with server:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        line = json.dumps({"cmd": "ping", "args": {"pad": "x" * 60_000}}).encode() + b"\n"
+        for _ in range(100):  # ~6 MB of answers: far more than the socket buffers hold
+            writer.write(line)
+        async with asyncio.timeout(BOUND_S):
+            # the server's own set of connections: nothing else shows it stopped writing
+            while not server._clients:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            while server._clients:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            answers = 0
+            with contextlib.suppress(ConnectionError):
+                while await reader.readline():
+                    answers += 1
+        writer.transport.abort()
+        assert answers < 100  # closed, not served to the end once the client read again
+
+
+async def test_F5_a_client_over_the_cap_that_sent_its_request_reads_the_refusal(tmp_path: Path) -> None:
+    """Attack (round 2), held: the CLI sends its line before reading; the refused connection
+    is closed with that line unread (the peer sees ECONNRESET after the data, not before),
+    so the CLI still reads 'too many connections' (exit 3)."""
+    sock = tmp_path / "ctl.sock"
+    async with ControlServer(sock, echo, max_clients=1):
+        _held_reader, held = await asyncio.open_unix_connection(str(sock))
+        held.write(b'{"cmd": "pi')
+        await held.drain()
+        for _ in range(20):  # each try races the server's close against the client's read
+            answer = await call(sock, "ping", {}, timeout_s=BOUND_S)
+            assert answer["ok"] is False and answer["exit"] == 3, answer
+        held.close()
+        await held.wait_closed()

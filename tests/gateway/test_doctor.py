@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from gateway.cli import doctor
 from gateway.cli.doctor import Check, _bluez_settings
 from gateway.cli.hostsetup import BLUEZ_WANTED, apply_bluez, bluez_problems
 
@@ -152,3 +154,51 @@ def test_missing_or_broken_main_conf_is_a_warning_with_the_fix(tmp_path: Path) -
     assert missing.status == "warn" and "KeySize = 16" in missing.fix
     broken = check(tmp_path, "no section header\n")
     assert broken.status == "warn" and broken.fix == "fix the file"
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        pytest.param(
+            "[General]\nJustWorksRepairing = never\nJustWorksRepairing = always\n",
+            id="B9-key-twice-last-wins",
+        ),
+        pytest.param(
+            "[General]\nControllerMode = le\n[Policy]\n[General]\nControllerMode = dual\n",
+            id="B9-section-twice-last-wins",
+        ),
+        pytest.param("[GATT]\nKeySize = 16\n\n[GATT]\n  KeySize=7\n", id="B8-indented-in-a-second-section"),
+    ],
+)
+def test_the_installers_edit_leaves_no_later_weak_value_behind(hostile: str) -> None:
+    """Found by attack (round 2): BlueZ (GKeyFile) and doctor take the *last* value of a key
+    given twice, or of a section given twice; the edit set only the first, and a re-run said
+    'already hardened' while doctor warned and BlueZ ran with the weak value."""
+    fixed = apply_bluez(hostile)
+    assert bluez_problems(fixed) == []
+    assert apply_bluez(fixed) == fixed
+
+
+def test_an_unreadable_main_conf_is_a_warning_not_a_crash(tmp_path: Path) -> None:
+    """Found by attack (round 2): main.conf as a directory (or unreadable) raised OSError out
+    of doctor."""
+    (tmp_path / "main.conf").mkdir()
+    c = _bluez_settings(tmp_path / "main.conf")
+    assert c.status == "warn" and "cannot read" in c.detail
+
+
+async def test_a_check_that_raises_is_one_failed_line_and_the_others_still_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by attack (round 2): one check raising ended doctor with no line at all."""
+
+    async def broken(_gw: object, _daemon: bool) -> list[Check]:
+        raise PermissionError(13, "Permission denied")
+
+    async def fine(_gw: object, _daemon: bool) -> list[Check]:
+        return [Check("fine", doctor.PASS, "ok")]
+
+    monkeypatch.setattr(doctor, "CHECKS", (broken, fine))
+    lines = await doctor.run_checks(cast("doctor.HealthSnapshot", object()), daemon=False)
+    assert [(c.name, c.status) for c in lines] == [("broken", "fail"), ("fine", "pass")]
+    assert "PermissionError" in lines[0].detail

@@ -96,3 +96,31 @@ def test_read_unit_texts_in_systemd_order(tmp_path: Path) -> None:
     (d / "50-a.conf").write_text("a")
     (d / "ignored.txt").write_text("x")
     assert hostsetup.read_unit_texts(tmp_path) == ["unit", "a", "b"]
+
+
+def test_a_config_path_with_a_newline_cannot_add_lines_to_the_drop_in(tmp_path: Path) -> None:
+    """Found by attack (round 2): the drop-in's first comment named the configuration path
+    as is; a directory name holding a newline ended the comment and wrote its own
+    ``IPAddressAllow=any`` into the unit."""
+    d = tmp_path / "x\n[Service]\nIPAddressAllow=any\n#"
+    d.mkdir()
+    cfg = config(d, "mqtts://203.0.113.7:8883")
+    dropin = hostsetup.network_dropin(cfg, [ip("203.0.113.7")], [])
+    assert not hostsetup.is_allowed(ip("192.0.2.1"), hostsetup.unit_allow_list([UNIT, dropin]))
+    assert all(
+        line.startswith(("#", "[Service]", "IPAddressAllow=203.0.113.7")) for line in dropin.splitlines()
+    )
+
+
+def test_a_main_conf_that_is_not_utf8_is_a_clear_error_and_is_left_as_it_is(tmp_path: Path) -> None:
+    """Found by attack (round 2): the installer's BlueZ edit ended in a UnicodeDecodeError
+    traceback on a main.conf holding Latin-1 bytes."""
+    from click.testing import CliRunner
+
+    conf = tmp_path / "main.conf"
+    raw = b"[General]\nName = D\xf6rr\n"
+    conf.write_bytes(raw)
+    result = CliRunner().invoke(hostsetup.cli, ["bluez", str(conf)])
+    assert result.exit_code == 1 and "not UTF-8" in result.output, result.output
+    assert not isinstance(result.exception, UnicodeDecodeError)
+    assert conf.read_bytes() == raw
