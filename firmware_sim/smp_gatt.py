@@ -10,7 +10,8 @@ an unauthorised SMP peer that would not leak state).
 Faults (docs/simulator.md): ``fw_drop_after`` N SMP writes the link drops; ``fw_reboot`` reboots
 now (mid-upload: the upload state in RAM is lost); ``fw_flash_delay`` seconds per upload chunk;
 ``fw_unhealthy`` VERSION: that image, once booted for test, answers every lock command FAILED
-(a health check must catch it).
+(a health check must catch it); ``fw_lie_offset`` N: every upload write is answered ``off=N``; ``fw_bad_cbor`` true: every SMP
+answer's body is not CBOR.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class SmpService:
         self.drop_after: int | None = None
         self.flash_delay_s = 0.0
         self.unhealthy_versions: set[str] = set()
+        #: Fault ``fw_bad_cbor``: every SMP answer keeps its header and carries a body that is
+        #: not CBOR (an indefinite array never closed).
+        self.bad_cbor = False
         self.boots: list[BootOutcome] = self.boot.history
         self.char: gatt.Characteristic[bytes] = gatt.Characteristic(
             UUID(SMP_CHAR_UUID),
@@ -148,12 +152,18 @@ class SmpService:
                 if generation != self._generation:
                     return
                 reply = self.server.handle(request)
-                if not await self._notify(connection, reply.data):
+                if not await self._notify(connection, self._faulty(reply.data)):
                     return
                 if reply.reboot:
                     await asyncio.sleep(0.05)  # the answer leaves first, as on Zephyr
                     await self.reboot()
                     return
+
+    def _faulty(self, data: bytes) -> bytes:
+        """An answer as fault ``fw_bad_cbor`` sends it: its header, a body that is not CBOR."""
+        if self.bad_cbor and len(data) >= 8:
+            return data[:2] + (1).to_bytes(2, "big") + data[4:8] + b"\x9f"
+        return data
 
     async def _notify(self, connection: Connection, data: bytes) -> bool:
         size = max(1, connection.att_mtu - ATT_OVERHEAD)
@@ -189,6 +199,10 @@ class SmpService:
         elif fault == "fw_unhealthy":
             self.unhealthy_versions.add(str(value))
             self._apply_running()
+        elif fault == "fw_bad_cbor":
+            self.bad_cbor = bool(value)
+        elif fault == "fw_lie_offset":
+            self.server.lie_offset = int(value)
         elif fault == "fw_reboot":
             return self.reboot()
         else:

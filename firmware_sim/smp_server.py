@@ -178,6 +178,9 @@ class SmpServer:
         self.boot = boot
         self.upload: _Upload | None = None
         self.handled: dict[str, int] = {}  # requests by name, for tests
+        #: Fault ``fw_lie_offset``: every upload write is answered with this offset, whatever
+        #: was written (a hostile or broken lock: stuck at one offset, or beyond the image).
+        self.lie_offset: int | None = None
 
     def reset_ram(self) -> None:
         """A reboot forgets the upload in progress (the slot keeps what was written)."""
@@ -267,6 +270,8 @@ class SmpServer:
 
     def on_upload(self, request: img.ImageUploadWriteRequest) -> SmpReply:  # noqa: C901, PLR0912 - Zephyr's img_mgmt_upload, rule by rule
         header, boot = request.header, self.boot
+        if self.lie_offset is not None:
+            return SmpReply(_ok(img.ImageUploadWriteResponse, header, off=self.lie_offset))
         if request.off == 0:
             if request.len is None:
                 return SmpReply(_error(header, smperr.MGMT_ERR.EINVAL))

@@ -17,7 +17,9 @@ revocation list does not drop it, and one that no longer verifies is an alarm an
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -41,7 +43,15 @@ from protocols.credentials import (
 )
 from protocols.errors import CborError, CredentialError, TrustDocumentError
 
-__all__ = ["RELEASE_FLOOR", "Authorizer", "DocumentKind", "InstallOutcome", "TrustStore", "load_root_keys"]
+__all__ = [
+    "RELEASE_FLOOR",
+    "Authorizer",
+    "DocumentKind",
+    "InstallOutcome",
+    "TrustStore",
+    "load_root_keys",
+    "unverified_stored",
+]
 
 #: The starting time floor: this release's date (2026-11-22T00:00:00Z). A device that boots at
 #: 1970 with no network still knows it is at least this late.
@@ -329,3 +339,21 @@ def _kind_of(raw: bytes) -> DocumentKind:
         return _KIND[document_type(raw)]
     except CredentialError:
         return DocumentKind.UNKNOWN
+
+
+def unverified_stored(
+    path: Path, *, gw_id: str, site: str, roots: Mapping[bytes, CoseKey], policy: Policy
+) -> list[str]:
+    """The documents of the trust store at ``path`` that do not verify against ``roots`` (as the
+    daemon would restore them at start; ``lockgw restore`` refuses a backup holding any: the
+    daemon would use them, marked stale). Reads a copy: ``path`` is never written."""
+    with tempfile.TemporaryDirectory(prefix="lockgw-trust-") as tmp:
+        copy = Path(tmp) / "trust.sqlite3"
+        shutil.copyfile(path, copy)
+        authz = Authorizer(
+            gw_id=gw_id, site=site, roots=roots, policy=policy, store=TrustStore(copy), release_floor=0
+        )
+        try:
+            return sorted(_KIND[kind] for kind in authz.core.unverified)
+        finally:
+            authz.close()

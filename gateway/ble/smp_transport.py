@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
+from cbor2 import CBORError
 from smp import header as smphdr
 from smpclient import SMPClient
 from smpclient.exceptions import SMPClientException
@@ -170,3 +171,9 @@ class SmpLink:
             raise LinkTimeout(f"{what}: the lock did not answer") from exc
         except (SMPClientException, ValueError) as exc:
             raise LockMisbehaved(f"{what}: {exc}", code="lock_error") from exc
+        except (CBORError, TypeError, KeyError) as exc:
+            # What smp's decoder lets through of a body that is not CBOR (cbor2's errors are no
+            # ValueError) or not a map (``**`` of a list): the lock's answer, not our bug.
+            raise LockMisbehaved(
+                f"{what}: the lock's answer is not an SMP message ({type(exc).__name__})", code="lock_error"
+            ) from exc

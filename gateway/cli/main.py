@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import re
 import signal
@@ -950,6 +951,27 @@ def backup(opts: Opts, out: str) -> int:
     return EXIT_OK
 
 
+def _restored_trust_check(cfg: Config, trust: Path) -> None:
+    """Refuse a backup whose stored keyring (or list) does not verify against this
+    configuration's root keys: started on it, the daemon would use it, marked stale."""
+    from gateway.authz.authorizer import load_root_keys, unverified_stored  # noqa: PLC0415
+    from gateway.store.backup import BackupError  # noqa: PLC0415
+    from protocols.credentials import Policy  # noqa: PLC0415
+
+    bad = unverified_stored(
+        trust,
+        gw_id=cfg.gateway.id,
+        site=cfg.gateway.site,
+        roots=load_root_keys(cfg.trust.root_keys),
+        policy=Policy(**cfg.policy.model_dump()),
+    )
+    if bad:
+        raise BackupError(
+            f"the backup's trust store holds a {', '.join(bad)} that does not verify against this "
+            "configuration's [trust] root_keys (another site's backup, or forged); nothing restored"
+        )
+
+
 @cli.command(
     epilog=_example(
         "systemctl stop lockgw && lockgw restore /root/lockgw-2026-11-30.tar && systemctl start lockgw",
@@ -984,7 +1006,12 @@ def restore(opts: Opts, file: str, force: bool, check_only: bool, new_epoch: boo
         summary = read_summary(Path(file))
     else:
         summary, aside = do_restore(
-            Path(file), cfg.gateway.data_dir, gw=cfg.gateway.id, force=force, new_epoch=new_epoch
+            Path(file),
+            cfg.gateway.data_dir,
+            gw=cfg.gateway.id,
+            force=force,
+            new_epoch=new_epoch,
+            trust_check=functools.partial(_restored_trust_check, cfg),
         )
     if opts.ui.json_mode:
         opts.ui.json(

@@ -50,6 +50,8 @@ log = logging.getLogger("lockgw.firmware")
 
 #: Link failures one step survives (each resumes from the lock's own state).
 STEP_ATTEMPTS: Final = 6
+#: An upload sends at most this many times the image (a reboot mid-upload starts it over).
+UPLOAD_BUDGET_X: Final = 4
 #: How long a rebooted lock may take to come back and pass its health check.
 HEALTH_TIMEOUT_S: Final = 60.0
 #: A lock clock further than this from the gateway's fails the health check.
@@ -383,6 +385,9 @@ class Rollouts:
     async def _upload(self, m: Manifest, record: LockRecord, image: bytes) -> None:
         sha = hashlib.sha256(image).digest()
         off, reported, failures = 0, -1, 0
+        # A lock that answers without moving forward (stuck at one offset, or sending the
+        # gateway back and forth) made this loop endless: both are bounded, with the reason.
+        stalls, sent, budget = 0, 0, UPLOAD_BUDGET_X * len(image) + 4096
         while True:
             try:
                 buf = await self._buf_size(record)
@@ -404,6 +409,9 @@ class Rollouts:
                 off = 0
                 continue
             failures = 0
+            sent += len(request.data)
+            stalls = stalls + 1 if answer.off <= off and request.data else 0
+            _check_progress(answer.off, len(image), stalls=stalls, sent=sent, budget=budget)
             off = answer.off
             pct = _pct(off, len(image))
             self.progress[(m.rollout, record.lock)] = pct
@@ -511,6 +519,17 @@ def _m() -> Any:
         ImageUploadWrite=req_img.ImageUploadWrite,
         ResetWrite=req_os.ResetWrite,
     )
+
+
+def _check_progress(answered: int, size: int, *, stalls: int, sent: int, budget: int) -> None:
+    """Fail the upload step of a lock whose offsets lie: outside the image, or not advancing."""
+    if not 0 <= answered <= size:
+        raise _StepFailed(f"upload: the lock answered offset {answered}, outside 0..{size}")
+    if stalls >= STEP_ATTEMPTS or sent > budget:
+        raise _StepFailed(
+            f"upload: the lock's offset does not advance (offset {answered} after {sent} bytes "
+            f"sent for an image of {size})"
+        )
 
 
 def chunk_request(image: bytes, off: int, sha: bytes, buf_size: int) -> Any:

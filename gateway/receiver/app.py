@@ -229,8 +229,12 @@ class Receiver:
             try:
                 item = parse(d.topic, d.payload, base=self._section.base_topic)
             except Malformed as exc:
-                out.quarantined.append(
-                    Quarantined(d.topic[:512], str(exc)[:1000], d.payload[:MAX_QUARANTINE_BYTES])
+                out.quarantined.append(  # text columns: no NUL (an AMQP routing key may hold one)
+                    Quarantined(
+                        d.topic[:512].replace("\x00", "\\x00"),
+                        str(exc)[:1000].replace("\x00", "\\x00"),
+                        d.payload[:MAX_QUARANTINE_BYTES],
+                    )
                 )
                 _log.warning(
                     "message_quarantined", topic=d.topic[:200], reason=str(exc)[:300], size=len(d.payload)

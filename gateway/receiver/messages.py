@@ -102,9 +102,11 @@ class Heartbeat(_Strict):
     backlog: Seq = 0
     ts: int | float = 0
     time_state: Annotated[str, Field(max_length=32)] = "unknown"
-    alarms: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] = Field(
-        default_factory=list
-    )
+    #: Stored as text[] (joined with U+001F on the way in): neither NUL, which PostgreSQL text
+    #: cannot hold (the batch would never commit), nor the separator.
+    alarms: Annotated[
+        list[Annotated[str, Field(max_length=128, pattern=r"^[^\x00\x1f]*$")]], Field(max_length=64)
+    ] = Field(default_factory=list)
 
 
 class Availability(_Strict):
@@ -140,6 +142,8 @@ def _text(obj: Mapping[str, Any], key: str, *, max_len: int = 256, nullable: boo
         return ""
     if not isinstance(value, str) or len(value) > max_len:
         raise Malformed(f"field {key!r} must be text of at most {max_len} characters")
+    if "\x00" in value:  # a PostgreSQL text column cannot hold it: the batch would never commit
+        raise Malformed(f"field {key!r} holds a NUL character")
     return value
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from gateway import log
+from gateway.errors import ConfigError
 
 __all__ = ["TIME_STATES", "Metrics", "MetricsServer", "Snapshot", "parse_listen"]
 
@@ -189,6 +192,11 @@ class MetricsServer:
         where = self._where
         if isinstance(where, Path):
             with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISSOCK(os.lstat(where).st_mode):
+                    # listen = "unix:/var/lib/lockgw/locks.sqlite3" unlinked the lock registry.
+                    raise ConfigError(
+                        f"[metrics] listen: {where} exists and is not a socket; not removing it"
+                    )
                 where.unlink()  # a socket left by a previous run
             server = await asyncio.start_unix_server(self._serve, path=where, limit=MAX_REQUEST_HEAD)
             where.chmod(0o660)

@@ -37,18 +37,22 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
 from gateway.errors import AdapterUnavailable, LockgwError
 from gateway.wire import WireError, loads_bounded
+from protocols.errors import RemoteProtocolError
 from protocols.event_encoding import event_hash
+from protocols.messages import validate_id
+from protocols.session import LTK_LEN
 
 __all__ = ["BackupError", "BackupSummary", "backup", "read_summary", "restore"]
 
@@ -66,6 +70,9 @@ _TABLES: Final = {
     "events.sqlite3": {"meta", "events", "lock_cursor", "forwarded"},
 }
 _CHUNK: Final = 1 << 20
+_ADDRESS: Final = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+#: A lock's name as pairing stores it (the CLI and MQTT bound it far below this).
+MAX_LOCK_NAME: Final = 1024
 
 
 class BackupError(LockgwError):
@@ -106,6 +113,9 @@ def backup(data_dir: Path, out: Path, *, gw: str, site: str) -> BackupSummary:
         if not (data_dir / name).is_file():
             raise BackupError(f"{data_dir / name} does not exist: nothing to back up (wrong data_dir?)")
     out = out.absolute()
+    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data_dir)):
+        # Renamed into place, the tar would replace a live database (--out DATA_DIR/events.sqlite3).
+        raise BackupError(f"{out} is inside the data directory {data_dir}; write the backup elsewhere")
     if out.is_dir():
         raise BackupError(f"{out} is a directory; give a file name (--out FILE)")
     with tempfile.TemporaryDirectory(prefix="lockgw-backup-") as tmp, _daemon_or_hold(data_dir) as running:
@@ -224,6 +234,8 @@ def _unpack_verified(path: Path, into: Path) -> BackupSummary:  # noqa: C901, PL
                     raise BackupError(f"{path}: unexpected member {name[:80]!r}; not a lockgw backup")
                 if not member.isreg():
                     raise BackupError(f"{path}: member {name!r} is not a regular file")
+                if member.issparse():  # a few KiB in the file, its full stated size on disk
+                    raise BackupError(f"{path}: member {name!r} is sparse; lockgw backups never are")
                 if name == MANIFEST:
                     if seen:
                         raise BackupError(f"{path}: the manifest must come first")
@@ -327,8 +339,15 @@ def _check_db(path: Path, name: str, copy: Path) -> None:
             if result != "ok":
                 raise BackupError(f"{path}: {name} fails SQLite's integrity check ({result})")
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # A trigger runs inside the daemon's own writes (one on INSERT INTO events could delete
+            # the outbox); a view can shadow nothing we read but is no part of our schema either.
+            code = db.execute(
+                "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'view') LIMIT 1"
+            ).fetchone()
     except sqlite3.Error as exc:
         raise BackupError(f"{path}: {name} is not a readable SQLite database ({exc})") from exc
+    if code is not None:
+        raise BackupError(f"{path}: {name} holds a {code[0]} ({str(code[1])[:40]!r}); lockgw's never do")
     if not _TABLES[name] <= tables:
         raise BackupError(f"{path}: {name} lacks the tables {sorted(_TABLES[name] - tables)}")
 
@@ -340,9 +359,9 @@ def _summarise(copies: dict[str, Path], *, gw: str, site: str, created: str) -> 
             sqlite3.connect(f"{copies['locks.sqlite3'].as_uri()}?mode=ro", uri=True)
         ) as db:
             locks = int(db.execute("SELECT count(*) FROM locks").fetchone()[0])
-            for lock, address, ltk in db.execute("SELECT lock, address, ltk FROM locks"):
-                if not isinstance(lock, str) or not isinstance(address, str) or not isinstance(ltk, bytes):
-                    raise BackupError("locks.sqlite3 holds a malformed lock record")
+            for lock, address, name, ltk in db.execute("SELECT lock, address, name, ltk FROM locks"):
+                if not _lock_record_ok(lock, address, name, ltk):
+                    raise BackupError(f"locks.sqlite3 holds a malformed lock record ({str(lock)[:40]!r})")
         with contextlib.closing(
             sqlite3.connect(f"{copies['trust.sqlite3'].as_uri()}?mode=ro", uri=True)
         ) as db:
@@ -375,6 +394,24 @@ def _summarise(copies: dict[str, Path], *, gw: str, site: str, created: str) -> 
         last_seq=last_seq,
         receipt_seq=int(receipt),
         events=int(count),
+    )
+
+
+def _lock_record_ok(lock: object, address: object, name: object, ltk: object) -> bool:
+    """A registry row as pairing makes it: the daemon puts the id into MQTT topic names and the
+    address and link key into every connect, and never checks them again."""
+    try:
+        validate_id(lock, "lock")
+    except RemoteProtocolError:
+        return False
+    return (
+        isinstance(address, str)
+        and _ADDRESS.fullmatch(address) is not None
+        and isinstance(name, str)
+        and len(name) <= MAX_LOCK_NAME
+        and "\x00" not in name
+        and isinstance(ltk, bytes)
+        and len(ltk) == LTK_LEN
     )
 
 
@@ -416,12 +453,20 @@ def _check_chain(  # noqa: PLR0917 - the facts one chain check needs
 
 
 def restore(
-    path: Path, data_dir: Path, *, gw: str, force: bool = False, new_epoch: bool = False
+    path: Path,
+    data_dir: Path,
+    *,
+    gw: str,
+    force: bool = False,
+    new_epoch: bool = False,
+    trust_check: Callable[[Path], None] | None = None,
 ) -> tuple[BackupSummary, Path | None]:
     """Restore the backup ``path`` onto ``data_dir``; returns what it held and where the previous
     contents went (``--force`` on a non-empty directory), or None. With ``new_epoch`` only the
     locks and the trust store come back: the daemon starts a new outbox (a new epoch), for a
-    backup older than what central already has (docs/operations.md)."""
+    backup older than what central already has (docs/operations.md). ``trust_check`` is
+    given the verified trust store before anything moves and raises :class:`BackupError` to
+    refuse it (the CLI checks its documents against the configured root keys)."""
     data_dir = data_dir.absolute()
     parent = data_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -443,6 +488,8 @@ def restore(
                     f"{path} is a backup of gateway {summary.gw!r}; this configuration is {gw!r} "
                     "(restore it with that gateway's configuration)"
                 )
+            if trust_check is not None:
+                trust_check(staging / "trust.sqlite3")
             if new_epoch:
                 (staging / "events.sqlite3").unlink()
             aside = _swap(staging, data_dir, keep_old=bool(present))

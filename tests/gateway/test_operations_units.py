@@ -182,3 +182,20 @@ async def test_the_endpoint_serves_on_a_unix_socket_and_survives_bad_requests(tm
         with contextlib.suppress(asyncio.CancelledError):
             await server
     assert not path.exists()  # removed on the way out
+
+
+async def test_a_unix_listen_path_that_is_not_a_socket_is_never_removed(tmp_path: Path) -> None:
+    """``listen = "unix:DATA_DIR/locks.sqlite3"`` (a slip) removed the lock registry: the server
+    unlinks a stale socket before it binds. A path that is no socket is refused and kept."""
+    from gateway.errors import ConfigError
+    from gateway.runtime.metrics import MetricsServer
+
+    victim = tmp_path / "locks.sqlite3"
+    victim.write_bytes(b"link keys")
+
+    async def snapshot() -> Snapshot:
+        return Snapshot()
+
+    with pytest.raises(ConfigError, match="not a socket"):
+        await MetricsServer(f"unix:{victim}", Metrics(), snapshot).run()
+    assert victim.read_bytes() == b"link keys"

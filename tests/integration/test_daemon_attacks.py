@@ -327,3 +327,38 @@ def test_connect_on_challenge_on_the_running_daemon(site: Site) -> None:
         raise AssertionError("the unlock after a challenge opened a new connection, 5 times")
 
     run(_with_session(site, body))
+
+
+# --- attack round 3: today's actions ----------------------------------------------------------
+
+
+def test_R3_a_doctor_and_firmware_apply_flood_never_starves_an_honest_unlock(site: Site) -> None:
+    """200 ``doctor`` and 100 hostile ``firmware_apply`` requests published at once, then an
+    honest unlock: it opens (its own request budget), the daemon lives, the store stays whole."""
+    hostile = [
+        b"{}",
+        b'{"manifest": "", "image": ""}',
+        b'{"manifest": "!!", "image": "AAAA"}',
+        json.dumps({"manifest": "A" * 4000, "image": "B" * 4000}).encode(),
+        b'{"manifest": 1, "image": null}',
+        json.dumps({"manifest": "oA", "image": "AA", "extra": "\ud800"}, ensure_ascii=True).encode(),
+    ]
+
+    async def go(c: Any) -> None:
+        for i in range(200):
+            await c.publish(f"{BASE}/{GW}/request/doctor", b'{"transaction": "d%d"}' % i, qos=0)
+        for i in range(100):
+            await c.publish(f"{BASE}/{GW}/request/firmware_apply", hostile[i % len(hostile)], qos=0)
+        answer = await site.unlock(c, site.locks[0])
+        assert answer["status"] == "ok", answer
+        for body in hostile:
+            got = await site.request(c, "firmware_apply", body)
+            assert got["status"] == "error" and got["error"]["code"] in (
+                "invalid_request",
+                "firmware_refused",
+                "unavailable",
+                "busy",
+            ), got
+
+    run(_with_session(site, go))
+    assert_still_serving(site)

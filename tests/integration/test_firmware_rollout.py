@@ -266,3 +266,37 @@ async def test_a_direct_command_records_the_rollout_and_the_daemon_runs_it(site:
     await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
     [status] = await site.rollouts.status()
     assert status["locks"][0]["state"] == "confirmed"
+
+
+@pytest.mark.parametrize("offset", [0, 2000, 10**6])
+async def test_a_lock_lying_about_its_upload_offset_fails_alone_and_bounded(site: Site, offset: int) -> None:
+    """A hostile lock answers every upload write with one offset: stuck at the start, stuck
+    midway, or beyond the image. The gateway gives up on that lock with the reason (it looped
+    forever, holding the lock's link and radio time) and the rollout halts."""
+    image = signed_image(KEY, "1.1.0", security_counter=2, size=3000)
+    liar = site.ids()[0]
+    await site.radio.apply_fault(liar, "fw_lie_offset", offset)
+    await site.rollouts.apply(signed_manifest(MKEY, image, [liar]), image)
+    await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
+    [status] = await site.rollouts.status()
+    assert status["state"] == "halted", status
+    [lk] = status["locks"]
+    assert lk["state"] == "failed" and "offset" in lk["reason"], lk
+    assert not site.smp[liar].boot.testing and site.smp[liar].boot.pending is None
+
+
+async def test_a_lock_answering_smp_with_garbage_cbor_fails_with_the_reason(site: Site) -> None:
+    """cbor2's decode errors are not ValueErrors: they went past the SMP boundary unmapped and
+    the lock failed as an "internal error" of ours. Now the lock misbehaved (its reason)."""
+    image = signed_image(KEY, "1.1.0", security_counter=2, size=3000)
+    liar = site.ids()[0]
+    await site.radio.apply_fault(liar, "fw_bad_cbor", True)
+    await site.rollouts.apply(signed_manifest(MKEY, image, [liar]), image)
+    await asyncio.wait_for(site.rollouts.wait("ro-1"), 120)
+    [status] = await site.rollouts.status()
+    [lk] = status["locks"]
+    assert lk["state"] == "failed" and "internal error" not in lk["reason"], lk
+    assert "lock_error" in lk["reason"], lk
+    # The gateway still serves that lock's ordinary commands.
+    answer = await site.links.command(site.records[liar], Op.STATUS, priority=Priority.ACCESS)
+    assert answer.status is Status.OK
