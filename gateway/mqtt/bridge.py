@@ -534,8 +534,8 @@ class MqttBridge:
         state or request topics); then the answer is ``invalid_request`` on ``B/G/response/<action>``.
 
         Beyond the letter of §8.10 (a decision, docs/architecture.md): the site's trust topics
-        (``B/S/keyring``, ``revocations``, ``time``) and any gateway's request or receipt topic are
-        refused too — else a requester could make the gateway publish, with its own broker
+        (``B/S/keyring``, ``revocations``, ``time``) and any other topic of a gateway than its
+        ``response/`` subtree (its requests, receipts, events, state, …) are refused too — else a requester could make the gateway publish, with its own broker
         rights, where only central or phones may (every gateway of the site would then record a
         ``trust.rejected``)."""
         own = (
@@ -548,7 +548,9 @@ class MqttBridge:
         base = self.t_request[: -len("request/")]
         levels = requested.split("/")
         root = self.cfg.base_topic
-        foreign = len(levels) >= 3 and levels[0] == root and (levels[2] in ("request", "receipt"))
+        # Under the base topic only a response topic (any gateway's): never another gateway's
+        # requests, receipts, events, state, availability, info or heartbeat.
+        foreign = len(levels) >= 3 and levels[0] == root and levels[2] != "response"
         bad = (
             "+" in requested
             or "#" in requested

@@ -138,6 +138,9 @@ def test_F2_deep_json_in_a_request_is_invalid_request(site: Site) -> None:
         f"{BASE}/{SITE}/time",
         f"{BASE}/gw-other/request/unlock",
         f"{BASE}/gw-other/receipt",
+        f"{BASE}/gw-other/events",  # another gateway's event stream (the receiver would quarantine it)
+        f"{BASE}/gw-other/locks/x/state",
+        f"{BASE}/gw-other/heartbeat",
     ],
 )
 def test_F4_a_response_topic_on_a_wildcard_or_the_gateways_own_topics_is_refused_unexecuted(
