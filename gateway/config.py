@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.authz.keyfiles import check_secret_permissions, load_root_keys, read_bounded
 from gateway.errors import ConfigError
+from gateway.tomlfile import merge_env, parse_toml, read_text
 from protocols.cose import CoseKey
 
 __all__ = [
@@ -210,16 +211,15 @@ def _line_of(text: str, section: str, key: str) -> int | None:
 
 
 #: A configuration file is a few KiB; anything this large is the wrong file.
-MAX_CONFIG_BYTES: Final = 1024 * 1024
 #: sun_path is 108 bytes with its terminating NUL (Linux).
 MAX_SOCKET_PATH: Final = 107
 
 
 def load_config(path: Path, *, env: Mapping[str, str] | None = None, check_files: bool = True) -> Config:
     """Read, merge the environment, validate. Raises ConfigError naming the key."""
-    text = _read_text(path)
-    data = _parse_toml(path, text)
-    _merge_env(path, data, os.environ if env is None else env)
+    text = read_text(path)
+    data = parse_toml(path, text)
+    merge_env(path, data, _env_overrides(os.environ if env is None else env))
     _paths_as_paths(data)
     try:
         config = Config.model_validate(data)
@@ -280,38 +280,6 @@ def _resolve_credentials(path: Path, config: Config, env: Mapping[str, str]) -> 
     if not update:
         return config
     return config.model_copy(update={"mqtt": config.mqtt.model_copy(update=update)})
-
-
-def _read_text(path: Path) -> str:
-    """The file as text: bounded, UTF-8."""
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a configuration file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-
-
-def _parse_toml(path: Path, text: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
-
-
-def _merge_env(path: Path, data: dict[str, Any], env: Mapping[str, str]) -> None:
-    for section, values in _env_overrides(env).items():
-        current = data.setdefault(section, {})
-        if not isinstance(current, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table")
-        current.update(values)
 
 
 def _paths_as_paths(data: dict[str, Any]) -> None:

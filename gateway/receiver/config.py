@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
+from gateway.tomlfile import merge_env, parse_toml, read_text
 
 __all__ = [
     "DEFAULT_PATH",
@@ -35,7 +36,6 @@ __all__ = [
 
 DEFAULT_PATH: Final = Path("/etc/lockgw/receiver.toml")
 ENV_PREFIX: Final = "LOCKGW_RECEIVER_"
-MAX_CONFIG_BYTES: Final = 1024 * 1024
 Id = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
 
 
@@ -184,30 +184,12 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_receiver_config(  # noqa: C901, PLR0912 - read, merge, validate: one linear pass
-    path: Path | None, *, env: Mapping[str, str] | None = None
-) -> ReceiverConfig:
+def load_receiver_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> ReceiverConfig:
     """Read (``path`` may be None: defaults and environment only), merge the environment,
     validate; :class:`ConfigError` naming ``section.key`` otherwise."""
     where = str(path) if path is not None else "environment"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with path.open("rb") as fh:
-                raw = fh.read(MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than 1 MiB; not a configuration file")
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    for section, values in _env_overrides(os.environ if env is None else env).items():
-        current = data.setdefault(section, {})
-        if not isinstance(current, dict):
-            raise ConfigError(f"{where}: [{section}] must be a table")
-        current.update(values)
+    data: dict[str, Any] = parse_toml(path, read_text(path)) if path is not None else {}
+    merge_env(where, data, _env_overrides(os.environ if env is None else env))
     for section in data.values():
         if isinstance(section, dict):
             for key, value in list(section.items()):
