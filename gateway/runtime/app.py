@@ -194,7 +194,7 @@ class Gateway:
                     site=gw.site,
                     lookup=self.registry.get,
                     keys=lambda: self.authz.core.firmware_keys(int(self.clock.wall())),
-                    emit=self.service.firmware_event,
+                    emit=self.service.event,
                     clock=self.clock.wall,
                     on_firmware=self.service.firmware_changed,
                     autostart=not self.direct,

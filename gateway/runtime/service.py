@@ -299,23 +299,6 @@ class Service:
         """Commit ``event`` (gateway/events.py) durably; the sealed event."""
         return await self.outbox.append(self._fields(event))
 
-    async def firmware_event(
-        self, type_: str, *, lock: str | None, reason: str | None, data: dict[str, Any]
-    ) -> SealedEvent:
-        """A ``firmware.*`` event (docs/firmware.md; CONTRACT §5 shape: ``lock``, ``reason``,
-        the rest in ``data``), stamped like every event."""
-        stamp = self._stamp()
-        return await self.outbox.append(
-            {
-                "type": type_,
-                "time_state": stamp.time_state,
-                "trust_state": stamp.trust_state,
-                "lock": lock,
-                "reason": reason,
-                "data": data,
-            }
-        )
-
     async def trust_event(self, outcome: InstallOutcome, *, transaction: str | None = None) -> None:
         if outcome.rejected:
             await self.event(
