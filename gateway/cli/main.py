@@ -864,18 +864,37 @@ async def _stage_image(link: _DaemonOrDirect, ui: Ui, image: bytes) -> ControlAn
         payload = {**base, "offset": offset, "data": base64.urlsafe_b64encode(data).decode().rstrip("=")}
         return _firmware_answer(await link.call("request", {"action": "firmware_stage", "payload": payload}))
 
-    answer, resyncs = await stage(0, b""), 0  # where the gateway stands
+    answer, resyncs, sent = await stage(0, b""), 0, 0  # where the gateway stands
     with ui.transfer(len(image), f"staging {str(base['sha256'])[:12]}") as advance:
         while answer.ok and not (answer.data or {}).get("complete"):
-            off = int(str((answer.data or {}).get("offset", 0)))
+            off = _staged_offset(answer, len(image), at_least=sent)
+            if off is None:
+                return ControlAnswer.refused(
+                    f"the gateway answered offset {(answer.data or {}).get('offset')!r} "
+                    f"(after {sent} of {len(image)} bytes): not where a staging of this image can stand; "
+                    "stopped (run the command again to resume)",
+                    code="stage_offset",
+                )
             advance(off)
-            answer = await stage(off, image[off : off + MAX_STAGE_CHUNK_BYTES])
+            chunk = image[off : off + MAX_STAGE_CHUNK_BYTES]
+            answer, sent = await stage(off, chunk), off + len(chunk)
             if not answer.ok and answer.code == "stage_offset" and resyncs < STAGE_RESYNCS:
                 resyncs += 1
-                answer = await stage(0, b"")
+                answer, sent = await stage(0, b""), 0
         if answer.ok:
             advance(len(image))
     return answer
+
+
+def _staged_offset(answer: ControlAnswer, size: int, *, at_least: int) -> int | None:
+    """The gateway's offset in an accepted chunk's answer, if it is one an honest gateway can
+    give: an int in ``at_least..size`` (past the chunk just sent), below ``size`` (not complete).
+    Anything else (stuck, going back, beyond the image, not an int) ends the staging, so a lying
+    or broken daemon cannot loop the command: every round trip advances by a whole chunk."""
+    off = (answer.data or {}).get("offset")
+    if isinstance(off, bool) or not isinstance(off, int) or not at_least <= off < size:
+        return None
+    return off
 
 
 @firmware.command("stage", epilog=_example("lockgw firmware stage app.signed.bin"))

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Self, TypeVar
+from typing import BinaryIO, Final, Self, TypeVar
 
 from gateway.errors import LockgwError
 from gateway.wire import MAX_STAGE_CHUNK_BYTES
@@ -134,9 +136,9 @@ class Staging:
             raise StagingError(
                 f"{len(data)} bytes at offset {offset} run past the image's size {size}", code="stage_overrun"
             )
-        done = self.root / f"{sha}.img"
-        if done.exists():
-            have = done.stat().st_size
+        done = _lstat_regular(self.root / f"{sha}.img")
+        if done is not None:
+            have = done.st_size
             if have != size:
                 raise StagingError(f"image {sha} is staged with size {have}, not {size}", code="stage_size")
             return Staged(sha, size, size, complete=True)
@@ -162,14 +164,14 @@ class Staging:
         return self._append(part, sha, size, offset, data)
 
     def _append(self, part: Path, sha: str, size: int, offset: int, data: bytes) -> Staged:
-        have = part.stat().st_size
-        if offset > have:
-            raise StagingError(
-                f"offset {offset} is not where image {sha} stands: resume at offset {have}",
-                code="stage_offset",
-                offset=have,
-            )
-        with part.open("r+b") as f:
+        with _open_regular(part, os.O_RDWR) as f:
+            have = os.fstat(f.fileno()).st_size
+            if offset > have:
+                raise StagingError(
+                    f"offset {offset} is not where image {sha} stands: resume at offset {have}",
+                    code="stage_offset",
+                    offset=have,
+                )
             overlap = min(have, offset + len(data)) - offset
             if overlap > 0:  # a chunk sent again (a lost answer): the same bytes, or refused
                 f.seek(offset)
@@ -186,7 +188,7 @@ class Staging:
                 f.flush()
                 os.fsync(f.fileno())
                 have += len(rest)
-        os.utime(part)  # idle since now (eviction)
+            os.utime(f.fileno())  # idle since now (eviction)
         if have < size:
             return Staged(sha, have, size, complete=False)
         self._complete(part, sha)
@@ -194,7 +196,8 @@ class Staging:
 
     def _complete(self, part: Path, sha: str) -> None:
         """Check the whole image, then make it complete with one rename (after its fsync)."""
-        image = part.read_bytes()
+        with _open_regular(part, os.O_RDONLY) as f:
+            image = f.read()
         if hashlib.sha256(image).hexdigest() != sha:
             part.unlink()
             raise StagingError(
@@ -217,10 +220,12 @@ class Staging:
     def _read(self, sha: str) -> bytes:
         done = self.root / f"{sha}.img"
         try:
-            image = done.read_bytes()
+            with _open_regular(done, os.O_RDONLY) as f:
+                image = f.read(self._max_bytes + 1)
         except FileNotFoundError:
             part = self._part(sha)
-            where = f" (staging stands at offset {part.stat().st_size})" if part is not None else ""
+            st = _lstat_regular(part) if part is not None else None
+            where = f" (staging stands at offset {st.st_size})" if st is not None else ""
             raise StagingError(f"no complete staged image {sha}{where}", code="not_staged") from None
         if hashlib.sha256(image).hexdigest() != sha:  # changed on disk since: never use it
             done.unlink()
@@ -239,7 +244,7 @@ class Staging:
     def _make_room(self) -> None:
         """Room for one more image: evict the one idle longest (a part first) if it has been
         idle ``STALE_S``; else ``stage_full``."""
-        entries = [p for p in self.root.iterdir() if p.suffix in (".part", ".img")]
+        entries = [p for p in self.root.iterdir() if p.suffix in (".part", ".img") and _is_regular(p)]
         if len(entries) < self._max_staged:
             return
         now = self._clock()
@@ -248,7 +253,9 @@ class Staging:
             key=lambda e: (e[0], e[1]),
         )
         for _complete, mtime, path in idle:
-            if now - mtime >= self._stale_s:
+            # Either way: a file stamped in the future (a clock set back since, e.g. a gateway
+            # without a real-time clock that booted with a date ahead) is as idle as any other.
+            if abs(now - mtime) >= self._stale_s:
                 path.unlink()
                 return
         raise StagingError(
@@ -256,6 +263,51 @@ class Staging:
             f"one idle for {int(self._stale_s)} s makes room, and an applied one is removed",
             code="stage_full",
         )
+
+
+def _lstat_regular(path: Path) -> os.stat_result | None:
+    """``path``'s own status (a symlink not followed) if it is a regular file, ``None`` if there
+    is nothing; anything else under one of the staging's names refuses (``stage_io``)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path)
+    return st
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _open_regular(path: Path, flags: int) -> BinaryIO:
+    """Open a staging file that is a regular file, never through a symlink (``O_NOFOLLOW``) and
+    never blocking on a FIFO or a device (``O_NONBLOCK``, then its type checked on the open file):
+    whatever else writes to the data directory cannot make a chunk land in another file or a
+    read hang. ``FileNotFoundError`` when there is nothing."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise _not_regular(path) from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_regular(path)
+    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb")
+
+
+def _not_regular(path: Path) -> StagingError:
+    return StagingError(
+        f"{path.name} in the staging directory {path.parent} is not a regular file (a symlink, "
+        "directory or device put there by something else): nothing is read or written through it; "
+        "remove it",
+        code="stage_io",
+    )
 
 
 def _fsync_dir(path: Path) -> None:
