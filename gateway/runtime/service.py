@@ -883,16 +883,24 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    """base64url, padding optional but only at the end (``=`` inside, or more of it than the
+    length needs, was skipped by the lenient decoder: ``AA==AAAA`` was one byte, the rest lost)."""
     t = text.strip()
-    if len(t) > MAX_REQUEST_BYTES or not t or any(c not in _B64 for c in t):
+    body = t.rstrip("=")
+    if len(t) > MAX_REQUEST_BYTES or not body or any(c not in _B64 for c in body):
+        raise ValueError("not base64url")
+    if t != body and (len(t) % 4 or len(t) - len(body) > 2):
         raise ValueError("not base64url")
     try:
-        return base64.urlsafe_b64decode(t + "=" * (-len(t) % 4))
+        return binascii.a2b_base64(
+            (body + "=" * (-len(body) % 4)).translate(_TO_STD).encode(), strict_mode=True
+        )
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
 
 
-_B64: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=")
+_B64: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_TO_STD: Final = str.maketrans("-_", "+/")
 
 
 async def _uncancellable(coro: Coroutine[Any, Any, Any]) -> None:

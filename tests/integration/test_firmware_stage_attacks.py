@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from fwfix import shared_firmware_key, signed_image
+from test_firmware_staging import b64, firmware_rig
 
 from gateway.firmware.staging import MAX_STAGED, STALE_S, Staging, StagingError
 
@@ -185,3 +186,30 @@ async def test_staged_files_stamped_in_the_future_do_not_block_staging_for_ever(
             await staging.stage(_sha(late), len(late), 0, late)
         assert refused.value.code == "stage_full"
         assert sorted(staging.root.glob("*.part")) == fresh
+
+
+@pytest.mark.ble  # the service rig: simulated locks over Bumble
+async def test_base64url_with_padding_inside_is_refused_not_cut_short(tmp_path: Path) -> None:
+    """``=`` inside the data (or more of it than the length needs) was skipped by the lenient
+    decoder: ``XX==`` + 32 KiB was taken as one byte, appended, and answered ``ok``."""
+    async with firmware_rig(tmp_path) as f:
+        image = signed_image(f.key, "1.1.0", security_counter=2, size=40 * 1024)
+        body = {"sha256": _sha(image), "size": len(image), "offset": 0}
+        for data in (
+            b64(image[:1]) + "==" + b64(image[1:CHUNK - CHUNK % 3 + 1]),  # one byte, the rest lost
+            b64(image[:3]) + "=" + b64(image[3:CHUNK]),
+            b64(image[:3]) + "====",
+            "=" + b64(image[:CHUNK]),
+        ):
+            answer = await f.ask("firmware_stage", {**body, "data": data})
+            assert answer["status"] == "error" and answer["error"]["code"] == "invalid_request", (
+                data[:8],
+                answer,
+            )
+        probe = await f.ask("firmware_stage", {**body, "data": ""})
+        assert probe["data"]["offset"] == 0, probe  # nothing was staged
+        # Padded and unpadded base64url are both still taken.
+        padded = base64.urlsafe_b64encode(image[: CHUNK - 1]).decode()
+        assert padded.endswith("=")
+        assert (await f.ask("firmware_stage", {**body, "data": padded}))["data"]["offset"] == CHUNK - 1
+        await f.unlocks()
