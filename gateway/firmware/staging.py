@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final, Self, TypeVar
 
+from gateway import log
 from gateway.errors import LockgwError
 from gateway.wire import MAX_STAGE_CHUNK_BYTES
 from protocols.errors import FirmwareImageError
@@ -44,6 +45,7 @@ from protocols.firmware import MAX_IMAGE_BYTES, parse_image
 __all__ = ["MAX_CHUNK_BYTES", "MAX_STAGED", "STALE_S", "Staged", "Staging", "StagingError"]
 
 T = TypeVar("T")
+_log = log.get("firmware")
 
 #: Image bytes one ``firmware_stage`` request carries at most (its JSON fits 64 KiB).
 MAX_CHUNK_BYTES: Final = MAX_STAGE_CHUNK_BYTES
@@ -96,7 +98,13 @@ class Staging:
         self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.root.mkdir, mode=0o700, parents=True, exist_ok=True)
+        """Makes the directory if it can. If it cannot (a full disk, a read-only or foreign-owned
+        directory, a file in its way), the gateway starts all the same, doors first: each
+        ``firmware_stage`` tries again and answers ``stage_io`` with the reason meanwhile."""
+        try:
+            await asyncio.to_thread(self._mkdir)
+        except OSError as exc:
+            _log.warning("staging_unavailable", path=str(self.root), reason=exc.strerror or str(exc))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -129,7 +137,11 @@ class Staging:
         except OSError as exc:
             raise StagingError(f"staging directory: {exc.strerror or exc}", code="stage_io") from exc
 
+    def _mkdir(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
     def _stage(self, sha: str, size: int, offset: int, data: bytes) -> Staged:
+        self._mkdir()  # made at start unless it could not be then
         if not 0 < size <= self._max_bytes:
             raise StagingError(f"size {size} is outside 1..{self._max_bytes} bytes", code="stage_too_large")
         if offset + len(data) > size:

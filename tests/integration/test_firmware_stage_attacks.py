@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from clifix import Field, start_daemon
 from fwfix import shared_firmware_key, signed_image
 from test_firmware_staging import b64, firmware_rig
 
 from gateway.firmware.staging import MAX_STAGED, STALE_S, Staging, StagingError
+from gateway.runtime.control import call
 
 CHUNK = 32 * 1024
 EXE = [sys.executable, "-m", "gateway.cli.main"]
@@ -196,7 +199,7 @@ async def test_base64url_with_padding_inside_is_refused_not_cut_short(tmp_path: 
         image = signed_image(f.key, "1.1.0", security_counter=2, size=40 * 1024)
         body = {"sha256": _sha(image), "size": len(image), "offset": 0}
         for data in (
-            b64(image[:1]) + "==" + b64(image[1:CHUNK - CHUNK % 3 + 1]),  # one byte, the rest lost
+            b64(image[:1]) + "==" + b64(image[1 : CHUNK - CHUNK % 3 + 1]),  # one byte, the rest lost
             b64(image[:3]) + "=" + b64(image[3:CHUNK]),
             b64(image[:3]) + "====",
             "=" + b64(image[:CHUNK]),
@@ -213,3 +216,36 @@ async def test_base64url_with_padding_inside_is_refused_not_cut_short(tmp_path: 
         assert padded.endswith("=")
         assert (await f.ask("firmware_stage", {**body, "data": padded}))["data"]["offset"] == CHUNK - 1
         await f.unlocks()
+
+
+@pytest.mark.ble
+@pytest.mark.slow
+def test_the_daemon_opens_doors_when_the_staging_directory_cannot_be_made(field: Field) -> None:
+    """``DATA/firmware/staging`` that cannot be made (here a file where its parent would be; a
+    full disk at the first start after the upgrade, a read-only or foreign-owned directory alike)
+    stopped the daemon from starting at all: no door opened, for want of an optional feature."""
+    f = field
+    f.run("trust", "install", str(f.tmp / "keyring.cose"))
+    lock = f.run("pair", f.locks[0]["address"], "--code", f.locks[0]["setup_code"]).stdout.strip()
+    assert [p.name for p in (f.tmp / "data" / "firmware").iterdir()] == ["staging"]  # empty
+    shutil.rmtree(f.tmp / "data" / "firmware")
+    (f.tmp / "data" / "firmware").write_bytes(b"not a directory")
+    daemon = start_daemon(f)
+    try:
+        assert f.act("unlock", lock).returncode == 0
+        payload = {"sha256": _sha(b"abc"), "size": 3, "offset": 0, "data": b64(b"abc")}
+        answer = asyncio.run(
+            call(daemon.control, "request", {"action": "firmware_stage", "payload": payload})
+        )
+        assert answer["ok"] is False and answer["code"] == "stage_io", answer
+        assert "staging directory" in str(answer["error"]), answer
+        # Once the directory can be made, staging works without a restart.
+        (f.tmp / "data" / "firmware").unlink()
+        answer = asyncio.run(
+            call(daemon.control, "request", {"action": "firmware_stage", "payload": payload})
+        )
+        assert answer["ok"] is False and answer["code"] == "stage_bad_image", answer  # staged, then checked
+        assert f.act("lock", lock).returncode == 0
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert "Traceback" not in daemon.output(), daemon.output()
