@@ -9,9 +9,11 @@ highest gap-free seq, gaps asked for by replay, hostile input quarantined or kep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -498,3 +500,39 @@ async def test_mqtts_with_the_configured_ca_stores_and_receipts(tmp_path: Path, 
             assert r.stop() == 0, r.output()[-3000:]
     finally:
         broker.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the round-4 attack, not fixed (docs/threat-model.md R4-TAIL): since a gap is "
+    "only a hole below a received seq, a gateway's newest events that the broker acknowledged but "
+    "central never got are asked for by nobody; the heartbeat's last_seq shows them. The contract "
+    "(§5) promises re-publication only after a reconnect: a contract gateway that stays connected "
+    "and records nothing more never sends them again (lockgw's own bridge re-sends after its "
+    "stall timer, 60 s doubling to an hour)",
+)
+async def test_a_lost_tail_of_a_connected_quiet_gateway_is_asked_for(central: Central) -> None:
+    central.receiver("a", gap_replay_after_s=1.0, replay_retry_s=2.0)
+    events = chain("gw-tail", n=12)
+    hb = {"epoch": events[0]["epoch"], "last_seq": 12, "time_state": "synced", "alarms": []}
+    async with central.client("gw") as gw:
+        await gw.subscribe(f"{central.base}/gw-tail/request/replay", qos=1)
+        await gw.subscribe(f"{central.base}/gw-tail/receipt", qos=1)
+        await publish(gw, central.base, events[:10])  # 11, 12: acknowledged, then lost on the way
+        receipt, request = 0, None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):  # heartbeats every second, nothing else
+                while request is None:
+                    body = {**hb, "ts": int(time.time()), "receipt_seq": receipt, "backlog": 12 - receipt}
+                    await gw.publish(f"{central.base}/gw-tail/heartbeat", json.dumps(body), qos=0)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1):
+                            async for m in gw.messages:
+                                if str(m.topic).endswith("/receipt"):
+                                    receipt = max(receipt, json.loads(m.payload)["seq"])
+                                else:
+                                    request = json.loads(m.payload)
+                                    break
+    assert receipt == 10  # central stored and receipted the first ten
+    assert request is not None, "nobody asked for the lost tail 11..12"
+    assert (request["from_seq"], request.get("to_seq")) in {(11, 12), (11, None)}
