@@ -344,6 +344,8 @@ class Receiver:
             try:
                 replays = await self._store.claim_gaps(
                     after_s=self._section.gap_replay_after_s, retry_s=self._section.replay_retry_s
+                ) + await self._store.claim_tails(
+                    after_s=self._section.tail_replay_after_s, retry_s=self._section.replay_retry_s
                 )
             except StoreUnavailable as exc:
                 _log.warning("sweep_failed", reason=str(exc)[:500])

@@ -51,6 +51,11 @@ class ReceiverSection(_Section):
     batch_linger_s: Annotated[float, Field(ge=0, le=10)] = 0.05
     gap_replay_after_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
     replay_retry_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    #: A gateway at rest this long (no event of it arrived, its heartbeat holding every receipt
+    #: central gave) whose heartbeat's last_seq lies past the highest seq received: that tail was
+    #: acknowledged by the broker and lost before central → a replay request for it. Long against
+    #: a heartbeat (60 s) and a draining site's queueing, so a backlog on its way is never asked.
+    tail_replay_after_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
     heartbeat_stale_s: Annotated[float, Field(gt=0, le=86400)] = 180.0
     lag_alert_events: Annotated[int, Field(ge=1)] = 1000
     #: Receipts sent, yet the gateway's heartbeats show its receipt_seq behind them and unmoved for

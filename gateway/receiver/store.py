@@ -481,6 +481,30 @@ class Store:
                     seqs,
                 )
 
+    async def claim_tails(self, *, after_s: float, retry_s: float, limit: int = 200) -> list[Replay]:
+        """Lost tails: streams with no hole whose gateway, in that epoch, reports a ``last_seq``
+        past the highest seq received, holds every receipt central gave it, and sent no event for
+        ``after_s`` (at rest: nothing on its way). Claimed like gaps (one receiver, ``retry_s``)
+        and returned as ``max_seq + 1 .. last_seq``."""
+        with _mapped():
+            async with self._pool.acquire() as db, db.transaction():
+                rows = await db.fetch(
+                    "UPDATE streams s SET replay_at = now(), replays = s.replays + 1 FROM ("
+                    "SELECT st.gw, st.epoch, g.hb_last_seq AS last FROM streams st JOIN gateways g "
+                    "ON g.gw = st.gw AND g.hb_epoch = st.epoch "
+                    "WHERE st.gap_since IS NULL AND g.hb_last_seq > st.max_seq "
+                    "AND g.hb_receipt_seq >= st.contiguous_seq "
+                    "AND coalesce(g.last_event_at, st.first_seen) < now() - make_interval(secs => $1) "
+                    "AND g.heartbeat_at > now() - make_interval(secs => $1) "  # still says so
+                    "AND (st.replay_at IS NULL OR st.replay_at < now() - make_interval(secs => $2)) "
+                    "ORDER BY st.gw LIMIT $3 FOR UPDATE OF st SKIP LOCKED) AS c "
+                    "WHERE s.gw = c.gw AND s.epoch = c.epoch RETURNING s.gw, s.epoch, s.max_seq, c.last",
+                    after_s,
+                    retry_s,
+                    limit,
+                )
+        return [Replay(r["gw"], r["epoch"], int(r["max_seq"]) + 1, int(r["last"])) for r in rows]
+
     async def claim_gaps(self, *, after_s: float, retry_s: float, limit: int = 200) -> list[Replay]:
         """Gaps that did not fill within ``after_s`` and were not asked for within ``retry_s``:
         claimed (one receiver each) and returned as the exact missing ranges."""

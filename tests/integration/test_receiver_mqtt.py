@@ -502,24 +502,20 @@ async def test_mqtts_with_the_configured_ca_stores_and_receipts(tmp_path: Path, 
         broker.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the round-4 attack, not fixed (docs/threat-model.md R4-TAIL): since a gap is "
-    "only a hole below a received seq, a gateway's newest events that the broker acknowledged but "
-    "central never got are asked for by nobody; the heartbeat's last_seq shows them. The contract "
-    "(§5) promises re-publication only after a reconnect: a contract gateway that stays connected "
-    "and records nothing more never sends them again (lockgw's own bridge re-sends after its "
-    "stall timer, 60 s doubling to an hour)",
-)
 async def test_a_lost_tail_of_a_connected_quiet_gateway_is_asked_for(central: Central) -> None:
-    central.receiver("a", gap_replay_after_s=1.0, replay_retry_s=2.0)
+    """Round-4 attack (docs/threat-model.md R4-TAIL): since a gap is only a hole below a received
+    seq, a gateway's newest events that the broker acknowledged but central never got were asked
+    for by nobody, though its heartbeats showed them; the contract (§5) re-publishes only after a
+    reconnect, so a connected gateway at a quiet site never sent them again. A gateway at rest
+    (no event for ``tail_replay_after_s``, every receipt held) is asked for its tail — not before."""
+    central.receiver("a", gap_replay_after_s=1.0, replay_retry_s=2.0, extra="tail_replay_after_s = 3.0")
     events = chain("gw-tail", n=12)
     hb = {"epoch": events[0]["epoch"], "last_seq": 12, "time_state": "synced", "alarms": []}
     async with central.client("gw") as gw:
         await gw.subscribe(f"{central.base}/gw-tail/request/replay", qos=1)
         await gw.subscribe(f"{central.base}/gw-tail/receipt", qos=1)
         await publish(gw, central.base, events[:10])  # 11, 12: acknowledged, then lost on the way
-        receipt, request = 0, None
+        t_last, receipt, request = time.monotonic(), 0, None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(30):  # heartbeats every second, nothing else
                 while request is None:
@@ -533,6 +529,10 @@ async def test_a_lost_tail_of_a_connected_quiet_gateway_is_asked_for(central: Ce
                                 else:
                                     request = json.loads(m.payload)
                                     break
-    assert receipt == 10  # central stored and receipted the first ten
-    assert request is not None, "nobody asked for the lost tail 11..12"
-    assert (request["from_seq"], request.get("to_seq")) in {(11, 12), (11, None)}
+        asked_after = time.monotonic() - t_last
+        assert receipt == 10  # central stored and receipted the first ten
+        assert request is not None, "nobody asked for the lost tail 11..12"
+        assert (request["from_seq"], request["to_seq"]) == (11, 12)
+        assert asked_after >= 3.0  # only once the gateway was at rest
+        await publish(gw, central.base, events[10:], replayed=True)  # the gateway answers the replay
+    await wait_until(lambda: _seqs(central, "gw-tail", 12), what="the tail stored")
