@@ -42,7 +42,7 @@ from bumble.transport.common import AsyncPipeSink, PacketParser, Transport
 
 from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_response
 from firmware_sim.peripheral import LinkDriver
-from firmware_sim.persist import LockStore
+from firmware_sim.persist import BootStore, LockStore
 from firmware_sim.radio import PROFILES, LinkClock, LockRadio, RadioProfile
 from firmware_sim.smp_gatt import SmpService
 from firmware_sim.smp_server import Verifier
@@ -100,6 +100,11 @@ class SimLock:
     # each find advertising off and the first restart it after the second decided it must stop.
     advert_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     smp: SmpService | None = None  # the firmware-update service (enable_firmware)
+
+
+def _boot_path(lock_state: Path) -> Path:
+    """``lock-N.json`` → ``lock-N.mcuboot.cbor``: the bootloader's state beside the lock's."""
+    return lock_state.with_name(f"{lock_state.stem}.mcuboot.cbor")
 
 
 def _address(index: int, base: int) -> str:
@@ -384,6 +389,7 @@ class SimRadio:
             driver_for=sim.drivers.get,
             disconnect_all=disconnect_all,
             spawn=self._spawn,
+            store=BootStore(_boot_path(sim.store.path)) if sim.store is not None else None,
         )
         return sim.smp
 
