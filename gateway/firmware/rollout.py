@@ -362,7 +362,7 @@ class Rollouts:
 
     async def _command(self, record: LockRecord, op: Op, what: str) -> Any:
         try:
-            return await self._links.command(record, op, priority=Priority.HOUSEKEEPING)
+            return await self._links.command(record, op, priority=Priority.FIRMWARE)
         except BleError as exc:
             raise _StepFailed(f"{what}: {exc.code}") from exc
 
@@ -495,7 +495,7 @@ class Rollouts:
         deadline = time.monotonic() + self._health_timeout_s
         while time.monotonic() < deadline:
             try:
-                await self._links.command(record, Op.STATUS, priority=Priority.HOUSEKEEPING)
+                await self._links.command(record, Op.STATUS, priority=Priority.FIRMWARE)
             except BleError:
                 await asyncio.sleep(0.5)
             else:
