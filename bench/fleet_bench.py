@@ -140,7 +140,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901, PLR09
     try:
         report["raw"] = await raw_rates(rc, args.raw)
         dsn = await new_database(pg)
-        fleet = await open_fleet(tmp, rc, pg, dsn, receivers=args.receivers, batch_max=500)
+        fleet = await open_fleet(
+            tmp, rc, pg, dsn, receivers=args.receivers, batch_max=500,
+            gap_replay_after_s=args.gap_replay_after_s, replay_retry_s=args.replay_retry_s,
+        )  # fmt: skip
         for i in range(args.receivers):
             fleet.receivers.append(await asyncio.to_thread(fleet.receiver, i))
         # Real daemons, started four at a time.
@@ -294,4 +297,7 @@ if __name__ == "__main__":
     p.add_argument("--outage-min", type=float, default=60.0)
     p.add_argument("--door-every-s", type=float, default=5.0)
     p.add_argument("--raw", type=int, default=20000)
+    # The receiver's production defaults (config/receiver.toml), not the fault test's quick ones.
+    p.add_argument("--gap-replay-after-s", type=float, default=10.0)
+    p.add_argument("--replay-retry-s", type=float, default=60.0)
     print(json.dumps(asyncio.run(main(p.parse_args())), indent=1))

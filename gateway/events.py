@@ -22,6 +22,11 @@ type                              built from
 ``trust.expiring|expired``        :class:`TrustExpiring`, :class:`TrustExpired`
 ``time.state_changed``            :class:`TimeStateChanged` (the clock's state moved) and
                                   :class:`TimeAlarm` (a document raised a time alarm)
+``firmware.staged|uploading|``    :class:`FirmwareStaged`, :class:`FirmwareUploading`,
+``testing|confirmed|reverted|``   :class:`FirmwareTesting`, :class:`FirmwareConfirmed`,
+``refused|failed|halted|done``    :class:`FirmwareReverted`, :class:`FirmwareRefused`,
+                                  :class:`FirmwareFailed`, :class:`FirmwareHalted`,
+                                  :class:`FirmwareDone` (docs/contract-additions-firmware.md)
 ================================  ===========================================================
 
 Envelope fields (``lock``, ``reason``, ``sub``, ``cti``, ``role``, ``transaction``) are the
@@ -45,6 +50,15 @@ __all__ = [
     "AccessGranted",
     "ActuationReported",
     "Event",
+    "FirmwareConfirmed",
+    "FirmwareDone",
+    "FirmwareFailed",
+    "FirmwareHalted",
+    "FirmwareRefused",
+    "FirmwareReverted",
+    "FirmwareStaged",
+    "FirmwareTesting",
+    "FirmwareUploading",
     "GatewayStarted",
     "GatewayStopping",
     "LockLogForwarded",
@@ -391,3 +405,116 @@ class TimeAlarm(Event):
     OUTCOME: ClassVar[Outcome] = Outcome.ALARM
     reason: str
     kind: str
+
+
+# --- firmware (docs/contract-additions-firmware.md §5) ----------------------------------------
+#
+# Every ``firmware.*`` event has ``outcome`` ``ok`` (as they had before these types: the wire
+# shape is unchanged); what went wrong is the ``reason``.
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareStaged(Event):
+    """A rollout was checked and recorded (lock null)."""
+
+    TYPE: ClassVar[str] = "firmware.staged"
+    rollout: str
+    version: str
+    rings: tuple[tuple[str, ...], ...]
+
+    def data(self) -> dict[str, object]:
+        return {"rollout": self.rollout, "version": self.version, "rings": [list(r) for r in self.rings]}
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareUploading(Event):
+    """A lock's upload reached ``progress`` % (at each 25 % step and at 100)."""
+
+    TYPE: ClassVar[str] = "firmware.uploading"
+    lock: str
+    rollout: str
+    progress: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareTesting(Event):
+    """The lock was marked for test and reset: the new image boots for its health check."""
+
+    TYPE: ClassVar[str] = "firmware.testing"
+    lock: str
+    rollout: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareConfirmed(Event):
+    TYPE: ClassVar[str] = "firmware.confirmed"
+    lock: str
+    rollout: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareReverted(Event):
+    """The health check failed (``reason``): reset without confirm, MCUboot swapped back."""
+
+    TYPE: ClassVar[str] = "firmware.reverted"
+    lock: str
+    reason: str
+    rollout: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareFailed(Event):
+    """A step failed after its retries (``reason``)."""
+
+    TYPE: ClassVar[str] = "firmware.failed"
+    lock: str
+    reason: str
+    rollout: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareRefused(Event):
+    """Refused before any upload: one lock of a rollout (``lock``, with ``rollout`` and
+    ``version``: ``battery_low``, ``downgrade``, …) or a whole rollout (lock null, with
+    ``detail``: ``bad_signature``, ``image_mismatch``, …). ``data`` holds the fields given."""
+
+    TYPE: ClassVar[str] = "firmware.refused"
+    lock: str | None
+    reason: str
+    rollout: str | None = None
+    version: str | None = None
+    detail: str | None = None
+
+    def data(self) -> dict[str, object]:
+        given = {"rollout": self.rollout, "version": self.version, "detail": self.detail}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareHalted(Event):
+    """A rollout stopped (lock null): ring ``ring`` failed, or (``detail``) its manifest or key
+    no longer holds when it was resumed."""
+
+    TYPE: ClassVar[str] = "firmware.halted"
+    reason: str
+    rollout: str
+    ring: int | None = None
+    detail: str | None = None
+
+    def data(self) -> dict[str, object]:
+        given = {"ring": self.ring, "detail": self.detail}
+        return {"rollout": self.rollout, **{k: v for k, v in given.items() if v is not None}}
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareDone(Event):
+    """Every ring of a rollout ran (lock null)."""
+
+    TYPE: ClassVar[str] = "firmware.done"
+    rollout: str
+    version: str

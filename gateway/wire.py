@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Final, Literal, TypedDict, TypeVar
+from typing import Annotated, Any, Final, Literal, Self, TypedDict, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import LockgwError
 from protocols.event_encoding import INT64_MAX
@@ -32,6 +32,7 @@ __all__ = [
     "MAX_EVENTS_PAGE",
     "MAX_JSON_DEPTH",
     "MAX_REQUEST_BYTES",
+    "MAX_STAGE_CHUNK_BYTES",
     "MAX_TRANSACTION_LEN",
     "SCAN_S_MAX",
     "SCAN_S_MIN",
@@ -43,6 +44,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "FirmwareApplyRequest",
+    "FirmwareStageRequest",
     "JsonObject",
     "LockId",
     "LockRequest",
@@ -61,6 +63,9 @@ __all__ = [
 
 #: Requests larger than this are refused unread (CONTRACT §8.4).
 MAX_REQUEST_BYTES: Final = 64 * 1024
+#: ``firmware_stage``: image bytes one request carries at most. Its base64url (43,692
+#: characters) and the JSON around it fit ``MAX_REQUEST_BYTES`` on MQTT and the control socket.
+MAX_STAGE_CHUNK_BYTES: Final = 32 * 1024
 #: A request's ``transaction``: a string of at most this many characters (CONTRACT §4).
 MAX_TRANSACTION_LEN: Final = 128
 #: An identifier from outside (an action, a lock id) is cut to this many characters where a
@@ -245,13 +250,37 @@ class ActuateRequest(LockRequest):
     time: B64 | None = None
 
 
+#: An image's SHA-256 as the staging names it: 64 lower-case hex digits.
+Sha256Hex = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+
+
 class FirmwareApplyRequest(BaseModel):
     """``firmware_apply``: a signed rollout manifest and the MCUboot image it names
-    (docs/firmware.md; both in one request, so the image is at most ~45 KiB here)."""
+    (docs/firmware.md): inline (``image``, base64url, so at most ~45 KiB in one request) or
+    staged before with ``firmware_stage`` (``image_sha256``); exactly one of the two."""
 
     model_config = _Strict
     manifest: B64
-    image: B64
+    image: B64 | None = None
+    image_sha256: Sha256Hex | None = None
+
+    @model_validator(mode="after")
+    def _one_image(self) -> Self:
+        if (self.image is None) == (self.image_sha256 is None):
+            raise ValueError("give exactly one of image (base64url) and image_sha256 (a staged image)")
+        return self
+
+
+class FirmwareStageRequest(BaseModel):
+    """``firmware_stage``: ``data`` (base64url, at most ``MAX_STAGE_CHUNK_BYTES`` decoded; empty:
+    only ask where the staging stands) at ``offset`` of the image ``sha256`` of ``size`` bytes
+    (gateway/firmware/staging.py)."""
+
+    model_config = _Strict
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=1, le=INT64_MAX)]
+    offset: Annotated[int, Field(ge=0, le=INT64_MAX)]
+    data: Annotated[str, Field(max_length=-(-MAX_STAGE_CHUNK_BYTES // 3) * 4)]
 
 
 class ReplayRequest(BaseModel):

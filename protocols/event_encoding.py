@@ -64,6 +64,16 @@ EVENT_TYPES: Final = frozenset(
         "trust.expiring",
         "trust.expired",
         "time.state_changed",
+        # docs/contract-additions-firmware.md §5
+        "firmware.staged",
+        "firmware.uploading",
+        "firmware.testing",
+        "firmware.confirmed",
+        "firmware.reverted",
+        "firmware.refused",
+        "firmware.failed",
+        "firmware.halted",
+        "firmware.done",
     }
 )
 

@@ -137,7 +137,15 @@ class Fleet:
 
 
 async def open_fleet(
-    tmp: Path, rc: RabbitCluster, pg: Postgres, dsn: str, *, receivers: int = 2, batch_max: int = 200
+    tmp: Path,
+    rc: RabbitCluster,
+    pg: Postgres,
+    dsn: str,
+    *,
+    receivers: int = 2,
+    batch_max: int = 200,
+    gap_replay_after_s: float = 2.0,
+    replay_retry_s: float = 4.0,
 ) -> Fleet:
     """Declare the events queue through node 1, find its leader, and start ``receivers``
     receivers on the other nodes (so the leader's death leaves them running)."""
@@ -151,7 +159,7 @@ async def open_fleet(
         node = safe[i % len(safe)]
         cfg = receiver_config(
             tmp / f"receiver-{i}.toml", dsn=dsn, instance=f"r{i}", transport="amqp",
-            amqp_url=node.amqp_url, base=base, gap_replay_after_s=2.0, replay_retry_s=4.0,
+            amqp_url=node.amqp_url, base=base, gap_replay_after_s=gap_replay_after_s, replay_retry_s=replay_retry_s,
             batch_max=batch_max, amqp_queue=queue,
         )  # fmt: skip
         fleet.receiver_cfgs.append(cfg)

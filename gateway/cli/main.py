@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import logging
 import re
 import signal
@@ -36,7 +37,15 @@ from click.shell_completion import CompletionItem, get_completion_class
 from gateway.cli.ui import Ui
 from gateway.config import Config, config_path, load_checked, load_config
 from gateway.errors import AdapterUnavailable, ConfigError, LockgwError, OutboxError
-from gateway.wire import MAX_EVENTS_PAGE, SCAN_S_MAX, SCAN_S_MIN, ControlAnswer, JsonObject, WireError
+from gateway.wire import (
+    MAX_EVENTS_PAGE,
+    MAX_STAGE_CHUNK_BYTES,
+    SCAN_S_MAX,
+    SCAN_S_MIN,
+    ControlAnswer,
+    JsonObject,
+    WireError,
+)
 from protocols.event_encoding import INT64_MAX
 
 __all__ = ["cli", "main"]
@@ -840,6 +849,50 @@ def firmware_status(opts: Opts) -> int:
     return _with_gateway(opts, body)
 
 
+#: A staging command that is told another offset than it sent asks again this many times at most
+#: (another sender of the same image, or a gateway restarted between two chunks).
+STAGE_RESYNCS: Final = 8
+
+
+async def _stage_image(link: _DaemonOrDirect, ui: Ui, image: bytes) -> ControlAnswer:
+    """Stage ``image`` with ``firmware_stage`` in chunks (docs/firmware.md §Staging), from where
+    the gateway's copy stands: a command run again after an interruption sends only the rest.
+    A progress bar on a terminal, a line per chunk otherwise (stderr)."""
+    base: JsonObject = {"sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
+
+    async def stage(offset: int, data: bytes) -> ControlAnswer:
+        payload = {**base, "offset": offset, "data": base64.urlsafe_b64encode(data).decode().rstrip("=")}
+        return _firmware_answer(await link.call("request", {"action": "firmware_stage", "payload": payload}))
+
+    answer, resyncs = await stage(0, b""), 0  # where the gateway stands
+    with ui.transfer(len(image), f"staging {str(base['sha256'])[:12]}") as advance:
+        while answer.ok and not (answer.data or {}).get("complete"):
+            off = int(str((answer.data or {}).get("offset", 0)))
+            advance(off)
+            answer = await stage(off, image[off : off + MAX_STAGE_CHUNK_BYTES])
+            if not answer.ok and answer.code == "stage_offset" and resyncs < STAGE_RESYNCS:
+                resyncs += 1
+                answer = await stage(0, b"")
+        if answer.ok:
+            advance(len(image))
+    return answer
+
+
+@firmware.command("stage", epilog=_example("lockgw firmware stage app.signed.bin"))
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@click.pass_obj
+def firmware_stage(opts: Opts, image: str) -> int:
+    """Stage a signed image on the gateway in chunks (resumes where an interrupted one stopped)."""
+    raw = Path(image).read_bytes()
+
+    async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+        a = await _stage_image(link, ui, raw)
+        return _emit(ui, a, lambda d: ui.line(f"staged {d['sha256']} ({d['size']} bytes)"))
+
+    return _with_gateway(opts, body)
+
+
 @firmware.command("apply", epilog=_example("lockgw firmware apply manifest.cose app.signed.bin --wait"))
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
@@ -847,13 +900,17 @@ def firmware_status(opts: Opts) -> int:
 @json_option
 @click.pass_obj
 def firmware_apply(opts: Opts, manifest: str, image: str, *, wait: bool) -> int:
-    """Check a signed rollout manifest and its signed image, then start the rollout."""
+    """Stage the signed image in chunks, check the signed rollout manifest, start the rollout."""
+    raw = Path(image).read_bytes()
     payload = {
         "manifest": base64.urlsafe_b64encode(Path(manifest).read_bytes()).decode(),
-        "image": base64.urlsafe_b64encode(Path(image).read_bytes()).decode(),
+        "image_sha256": hashlib.sha256(raw).hexdigest(),
     }
 
     async def body(link: _DaemonOrDirect, ui: Ui) -> int:
+        staged = await _stage_image(link, ui, raw)
+        if not staged.ok:
+            return _emit(ui, staged, lambda _d: None)
         a = _firmware_answer(await link.call("request", {"action": "firmware_apply", "payload": payload}))
         if not a.ok or not wait:
             return _emit(

@@ -98,6 +98,34 @@ class Ui:
             sys.stderr.write(message + "\n")
 
     @contextlib.contextmanager
+    def transfer(self, total: int, message: str) -> Iterator[Callable[[int], None]]:
+        """A progress bar of ``total`` bytes on a terminal (stderr); otherwise one plain line on
+        stderr per step (never on stdout). Yields ``advance(done)``: the bytes done so far."""
+        if self.err.is_terminal and not self.json_mode:
+            from rich.progress import (  # noqa: PLC0415 - only a terminal draws one
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TransferSpeedColumn,
+            )
+
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+            with Progress(*columns, console=self.err, transient=False) as bar:
+                task = bar.add_task(message, total=total)
+                yield lambda done: bar.update(task, completed=done)
+            return
+        last = [-1]
+
+        def advance(done: int) -> None:
+            if done != last[0]:
+                last[0] = done
+                sys.stderr.write(f"{message}: {done}/{total} bytes\n")
+                sys.stderr.flush()
+
+        yield advance
+
+    @contextlib.contextmanager
     def progress(self, message: str) -> Iterator[None]:
         """A spinner on a terminal; one line on stderr otherwise (never on stdout)."""
         if self.err.is_terminal and not self.json_mode:

@@ -39,6 +39,18 @@ from typing import Any, Final, Self
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord
 from gateway.errors import BleError, LockgwError
+from gateway.events import (
+    Event,
+    FirmwareConfirmed,
+    FirmwareDone,
+    FirmwareFailed,
+    FirmwareHalted,
+    FirmwareReverted,
+    FirmwareStaged,
+    FirmwareTesting,
+    FirmwareUploading,
+)
+from gateway.events import FirmwareRefused as FirmwareRefusedEvent
 from gateway.firmware.store import FINAL_STATES, FirmwareStore, LockRow
 from protocols.cose import CoseKey
 from protocols.errors import FirmwareImageError
@@ -61,7 +73,8 @@ QUIET_POLL_S: Final = 30.0
 #: A lock answers a reset, then reboots: the most we wait for it to drop the link.
 REBOOT_WAIT_S: Final = 10.0
 
-Emit = Callable[..., Awaitable[Any]]
+#: Commits one firmware event (gateway/events.py) to the outbox (``Service.event``).
+Emit = Callable[[Event], Awaitable[object]]
 
 
 class FirmwareRefused(LockgwError):
@@ -163,7 +176,7 @@ class Rollouts:
         try:
             checked = self.check(manifest_raw, image, known)
         except FirmwareRefused as exc:
-            await self._event("firmware.refused", None, exc.code, detail=str(exc))
+            await self._emit(FirmwareRefusedEvent(lock=None, reason=exc.code, detail=str(exc)))
             raise
         m = checked.manifest
         unknown = [lock for ring in m.rings for lock in ring if self._lookup(lock) is None]
@@ -171,19 +184,12 @@ class Rollouts:
             refusal = FirmwareRefused(
                 f"locks not paired with this gateway: {', '.join(unknown[:5])}", code="unknown_lock"
             )
-            await self._event("firmware.refused", None, refusal.code, detail=str(refusal))
+            await self._emit(FirmwareRefusedEvent(lock=None, reason=refusal.code, detail=str(refusal)))
             raise refusal
         locks = [(lock, i) for i, ring in enumerate(m.rings) for lock in ring]
         if not await self._store.add_rollout(m.rollout, manifest_raw, image, str(m.version), locks):
             raise FirmwareRefused(f"rollout {m.rollout} exists already", code="duplicate_rollout")
-        await self._event(
-            "firmware.staged",
-            None,
-            None,
-            rollout=m.rollout,
-            version=str(m.version),
-            rings=[list(r) for r in m.rings],
-        )
+        await self._emit(FirmwareStaged(m.rollout, str(m.version), tuple(tuple(r) for r in m.rings)))
         if self._autostart:
             self._start(m.rollout)
         return {"rollout": m.rollout, "version": str(m.version), "rings": [list(r) for r in m.rings]}
@@ -240,7 +246,7 @@ class Rollouts:
             raise
         except FirmwareRefused as exc:  # resumed after its manifest expired or its key went
             await self._store.set_rollout(rollout, "halted", exc.code)
-            await self._event("firmware.halted", None, exc.code, rollout=rollout, detail=str(exc))
+            await self._emit(FirmwareHalted(reason=exc.code, rollout=rollout, detail=str(exc)))
         except Exception as exc:
             log.exception("rollout %s crashed", rollout)
             await self._store.set_rollout(rollout, "halted", f"internal error: {type(exc).__name__}")
@@ -274,10 +280,10 @@ class Rollouts:
                         )
                 reason = f"ring {ring} failed on {', '.join(failed)}"
                 await self._store.set_rollout(rollout, "halted", reason)
-                await self._event("firmware.halted", None, reason, rollout=rollout, ring=ring)
+                await self._emit(FirmwareHalted(reason=reason, rollout=rollout, ring=ring))
                 return
         await self._store.set_rollout(rollout, "done")
-        await self._event("firmware.done", None, None, rollout=rollout, version=row.version)
+        await self._emit(FirmwareDone(rollout=rollout, version=row.version))
 
     async def _one(self, c: Checked, image: bytes, row: LockRow, known: dict[str, tuple[str, int]]) -> str:  # noqa: C901 - the state machine, one branch per persisted state
         m = c.manifest
@@ -313,9 +319,7 @@ class Rollouts:
             if row.state == "uploaded":
                 await self._mark_and_reset(record, c.image_digest)
                 await self._store.set_lock(m.rollout, row.lock, state="testing")
-                await self._event(
-                    "firmware.testing", row.lock, None, rollout=m.rollout, version=str(m.version)
-                )
+                await self._emit(FirmwareTesting(row.lock, m.rollout, str(m.version)))
                 row = _with(row, "testing")
             reason = await self._health(m, record, c, may_reset=resumed_testing)
             if reason is None:
@@ -343,14 +347,8 @@ class Rollouts:
 
     async def _finish(self, m: Manifest, lock: str, state: str, reason: str) -> str:
         await self._store.set_lock(m.rollout, lock, state=state, reason=reason)
-        await self._event(
-            f"firmware.{state}", lock, reason or None, rollout=m.rollout, version=str(m.version)
-        )
+        await self._emit(_final_event(state, lock, reason, m.rollout, str(m.version)))
         return state
-
-    async def _event(self, type_: str, lock: str | None, reason: str | None, **data: Any) -> None:
-        """A ``firmware.*`` event (CONTRACT §5 shape: ``lock``, ``reason``, the rest in ``data``)."""
-        await self._emit(type_, lock=lock, reason=reason, data=data)
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -427,9 +425,7 @@ class Rollouts:
             if pct // 25 != reported // 25 or off == len(image):
                 reported = pct
                 await self._store.set_lock(m.rollout, record.lock, offset=off)
-                await self._event(
-                    "firmware.uploading", record.lock, None, rollout=m.rollout, progress=pct, offset=off
-                )
+                await self._emit(FirmwareUploading(record.lock, m.rollout, pct, off))
             if off >= len(image):
                 if answer.match is False:
                     raise _StepFailed("upload: the lock's SHA-256 of the image does not match")
@@ -560,6 +556,17 @@ def _images(answer: object) -> list[Any]:
     ):
         raise _StepFailed("state: the lock reported no running image")
     return images
+
+
+def _final_event(state: str, lock: str, reason: str, rollout: str, version: str) -> Event:
+    """The event of a lock's last step (its final state)."""
+    if state == "confirmed":
+        return FirmwareConfirmed(lock, rollout, version)
+    if state == "reverted":
+        return FirmwareReverted(lock, reason, rollout, version)
+    if state == "refused":
+        return FirmwareRefusedEvent(lock=lock, reason=reason, rollout=rollout, version=version)
+    return FirmwareFailed(lock, reason, rollout, version)
 
 
 def _pct(off: int, size: int) -> int:

@@ -324,7 +324,11 @@ class Store:
                             c_seq,
                         )
                     hb = reported.get(key)
-                    top = max(high, batch_max.get(key, 0), hb.last_seq if hb else 0)
+                    # A gap is a hole below a seq this store has *seen*. A heartbeat's last_seq
+                    # past it is backlog still on its way (the gateway re-publishes it until a
+                    # receipt), not a gap: asking for it again would re-queue a draining site's
+                    # whole backlog behind itself (the replay storm of docs/benchmarks.md).
+                    top = max(high, batch_max.get(key, 0))
                     upd.append((key[0], key[1], c_seq, head or "0" * 64, top, c_seq > old))
                     # Receipt every stream the batch carried events for (a duplicate means the
                     # gateway missed a receipt), and any whose heartbeat shows an older receipt.

@@ -43,6 +43,7 @@ from gateway.config import Config
 from gateway.errors import AdapterUnavailable
 from gateway.events import GatewayStarted, GatewayStopping, TimeStateChanged, TrustExpired, TrustExpiring
 from gateway.firmware.rollout import Rollouts
+from gateway.firmware.staging import Staging
 from gateway.firmware.store import FirmwareStore
 from gateway.mqtt.bridge import GatewayInfo, Heartbeat, MqttBridge
 from gateway.runtime.control import ControlServer
@@ -186,21 +187,7 @@ class Gateway:
                 on_lock_state=self._lock_state_changed,
                 on_info_changed=self._info_changed,
             )
-            firmware_store = await stack.enter_async_context(FirmwareStore(data / "firmware.sqlite3"))
-            self.rollouts = await stack.enter_async_context(
-                Rollouts(
-                    firmware_store,
-                    self.links,
-                    site=gw.site,
-                    lookup=self.registry.get,
-                    keys=lambda: self.authz.core.firmware_keys(int(self.clock.wall())),
-                    emit=self.service.firmware_event,
-                    clock=self.clock.wall,
-                    on_firmware=self.service.firmware_changed,
-                    autostart=not self.direct,
-                )
-            )
-            self.service.firmware = self.rollouts
+            await self._firmware(data)
             self.started_at = int(self.clock.wall())
             if self.direct:
                 return self
@@ -239,6 +226,26 @@ class Gateway:
             raise
         notify("READY=1", f"STATUS={self.status_line()}")
         return self
+
+    async def _firmware(self, data: Path) -> None:
+        """Rollouts (``DATA/firmware.sqlite3``) and the image staging (``DATA/firmware/staging``)."""
+        stack, service = self._stack, self.service
+        store = await stack.enter_async_context(FirmwareStore(data / "firmware.sqlite3"))
+        self.rollouts = await stack.enter_async_context(
+            Rollouts(
+                store,
+                self.links,
+                site=self.config.gateway.site,
+                lookup=self.registry.get,
+                keys=lambda: self.authz.core.firmware_keys(int(self.clock.wall())),
+                emit=service.event,
+                clock=self.clock.wall,
+                on_firmware=service.firmware_changed,
+                autostart=not self.direct,
+            )
+        )
+        service.firmware = self.rollouts
+        service.staging = await stack.enter_async_context(Staging(data / "firmware" / "staging"))
 
     def _operations_features(self) -> None:
         """The daemon's optional extras: remote ``doctor``, metrics, Home Assistant discovery."""

@@ -64,15 +64,18 @@ from gateway.events import (
     event_fields,
 )
 from gateway.firmware.rollout import FirmwareRefused, Rollouts
+from gateway.firmware.staging import Staging, StagingError
 from gateway.runtime.metrics import Metrics
 from gateway.store.outbox import Outbox
 from gateway.wire import (
     ECHO_LEN,
     MAX_REQUEST_BYTES,
+    MAX_STAGE_CHUNK_BYTES,
     ActuateRequest,
     ChallengeRequest,
     EmptyRequest,
     FirmwareApplyRequest,
+    FirmwareStageRequest,
     JsonObject,
     LockRequest,
     ReplayRequest,
@@ -130,6 +133,7 @@ ACTIONS: Final = frozenset(
         "replay",
         "doctor",
         "firmware_apply",
+        "firmware_stage",
         "firmware_status",
     }
 )
@@ -244,6 +248,8 @@ class Service:
     replay_sink: Callable[[SealedEvent], Awaitable[None]] | None = None
     #: Firmware rollouts (docs/firmware.md); set by the runtime once the service exists.
     firmware: Rollouts | None = None
+    #: Images staged in chunks (``firmware_stage``), set with :attr:`firmware`.
+    staging: Staging | None = None
     views: dict[str, LockView] = field(default_factory=dict)
     #: When a list, every actuation appends (t_request, t_command_start, t_command_end, t_response)
     #: from time.perf_counter(): the gateway-added time is everything outside the command.
@@ -298,23 +304,6 @@ class Service:
     async def event(self, event: Event) -> SealedEvent:
         """Commit ``event`` (gateway/events.py) durably; the sealed event."""
         return await self.outbox.append(self._fields(event))
-
-    async def firmware_event(
-        self, type_: str, *, lock: str | None, reason: str | None, data: dict[str, Any]
-    ) -> SealedEvent:
-        """A ``firmware.*`` event (docs/firmware.md; CONTRACT §5 shape: ``lock``, ``reason``,
-        the rest in ``data``), stamped like every event."""
-        stamp = self._stamp()
-        return await self.outbox.append(
-            {
-                "type": type_,
-                "time_state": stamp.time_state,
-                "trust_state": stamp.trust_state,
-                "lock": lock,
-                "reason": reason,
-                "data": data,
-            }
-        )
 
     async def trust_event(self, outcome: InstallOutcome, *, transaction: str | None = None) -> None:
         if outcome.rejected:
@@ -571,16 +560,49 @@ class Service:
         return [dataclasses.replace(self._view(r)) for r in self.registry.all()]
 
     async def firmware_apply(self, req: FirmwareApplyRequest) -> dict[str, Any]:
-        """Check and start a rollout (docs/firmware.md): refusals need no radio work."""
+        """Check and start a rollout (docs/firmware.md): refusals need no radio work. The image
+        inline, or staged before (``image_sha256``: removed once the rollout is recorded, which
+        keeps its own copy; kept when refused, for another manifest)."""
         rollouts = self._rollouts()
         try:
-            manifest, image = _unb64(req.manifest), _unb64(req.image)
+            manifest = _unb64(req.manifest)
+            image = _unb64(req.image) if req.image is not None else None
         except ValueError as exc:
             raise RequestError("manifest and image must be base64url", code="invalid_request") from exc
+        if image is None:
+            assert req.image_sha256 is not None  # the request model wants one of the two
+            try:
+                image = await self._staging().image(req.image_sha256)
+            except StagingError as exc:
+                raise RequestError(str(exc), code=exc.code) from exc
         try:
-            return await rollouts.apply(manifest, image)
+            plan = await rollouts.apply(manifest, image)
         except FirmwareRefused as exc:
             raise RequestError(str(exc), code="firmware_refused") from exc
+        if req.image_sha256 is not None:
+            with contextlib.suppress(
+                StagingError
+            ):  # the rollout holds its image: a leftover is evicted later
+                await self._staging().discard(req.image_sha256)
+        return plan
+
+    async def firmware_stage(self, req: FirmwareStageRequest) -> dict[str, Any]:
+        """One chunk of an image staged for ``firmware_apply`` (gateway/firmware/staging.py):
+        where the staging stands after it, or the refusal's code."""
+        staging = self._staging()
+        try:
+            data = _unb64(req.data) if req.data else b""
+        except ValueError as exc:
+            raise RequestError("data must be base64url", code="invalid_request") from exc
+        if len(data) > MAX_STAGE_CHUNK_BYTES:
+            raise RequestError(
+                f"a chunk of {len(data)} bytes exceeds {MAX_STAGE_CHUNK_BYTES}", code="invalid_request"
+            )
+        try:
+            staged = await staging.stage(req.sha256, req.size, req.offset, data)
+        except StagingError as exc:
+            raise RequestError(str(exc), code=exc.code) from exc
+        return staged.as_json()
 
     async def firmware_status(self) -> dict[str, Any]:
         return {"rollouts": await self._rollouts().status()}
@@ -592,6 +614,11 @@ class Service:
         if record is not None:
             with contextlib.suppress(BleError):
                 await self.refresh(record, priority=Priority.HOUSEKEEPING)
+
+    def _staging(self) -> Staging:
+        if self.staging is None:
+            raise RequestError("firmware staging is not available on this gateway", code="unavailable")
+        return self.staging
 
     def _rollouts(self) -> Rollouts:
         if self.firmware is None:
@@ -837,6 +864,7 @@ class Service:
         "replay": _Route(ReplayRequest, lambda svc, req, _tx: svc.replay(req), _count_json),
         "doctor": _Route(EmptyRequest, lambda svc, _req, _tx: svc.doctor(), dict),
         "firmware_apply": _Route(FirmwareApplyRequest, lambda svc, req, _tx: svc.firmware_apply(req), dict),
+        "firmware_stage": _Route(FirmwareStageRequest, lambda svc, req, _tx: svc.firmware_stage(req), dict),
         "firmware_status": _Route(EmptyRequest, lambda svc, _req, _tx: svc.firmware_status(), dict),
     }
 

@@ -15,6 +15,15 @@ from gateway.events import (
     AccessGranted,
     ActuationReported,
     Event,
+    FirmwareConfirmed,
+    FirmwareDone,
+    FirmwareFailed,
+    FirmwareHalted,
+    FirmwareRefused,
+    FirmwareReverted,
+    FirmwareStaged,
+    FirmwareTesting,
+    FirmwareUploading,
     GatewayStarted,
     GatewayStopping,
     LockLogForwarded,
@@ -194,6 +203,47 @@ CASES: list[tuple[Event, dict[str, object]]] = [
     ),
 ]
 
+#: The firmware events as ``Service.firmware_event`` wrote them by hand before their types
+#: (docs/contract-additions-firmware.md §5): lock and reason at the top, the rest in data.
+FW = {"rollout": "ro-1", "version": "1.1.0"}
+CASES += [
+    (
+        FirmwareStaged("ro-1", "1.1.0", (("lk-1",), ("lk-2", "lk-3"))),
+        fields("firmware.staged", data={**FW, "rings": [["lk-1"], ["lk-2", "lk-3"]]}),
+    ),
+    (
+        FirmwareUploading("lk-1", "ro-1", 25, 4096),
+        fields("firmware.uploading", lock="lk-1", data={"rollout": "ro-1", "progress": 25, "offset": 4096}),
+    ),
+    (FirmwareTesting("lk-1", "ro-1", "1.1.0"), fields("firmware.testing", lock="lk-1", data=FW)),
+    (FirmwareConfirmed("lk-1", "ro-1", "1.1.0"), fields("firmware.confirmed", lock="lk-1", data=FW)),
+    (
+        FirmwareReverted("lk-1", "status failed", "ro-1", "1.1.0"),
+        fields("firmware.reverted", lock="lk-1", reason="status failed", data=FW),
+    ),
+    (
+        FirmwareFailed("lk-1", "upload: timeout", "ro-1", "1.1.0"),
+        fields("firmware.failed", lock="lk-1", reason="upload: timeout", data=FW),
+    ),
+    (
+        FirmwareRefused(lock="lk-1", reason="battery_low", rollout="ro-1", version="1.1.0"),
+        fields("firmware.refused", lock="lk-1", reason="battery_low", data=FW),
+    ),
+    (
+        FirmwareRefused(lock=None, reason="bad_signature", detail="no firmware key signed it"),
+        fields("firmware.refused", reason="bad_signature", data={"detail": "no firmware key signed it"}),
+    ),
+    (
+        FirmwareHalted(reason="ring 0 failed on lk-1", rollout="ro-1", ring=0),
+        fields("firmware.halted", reason="ring 0 failed on lk-1", data={"rollout": "ro-1", "ring": 0}),
+    ),
+    (
+        FirmwareHalted(reason="expired", rollout="ro-1", detail="manifest expired"),
+        fields("firmware.halted", reason="expired", data={"rollout": "ro-1", "detail": "manifest expired"}),
+    ),
+    (FirmwareDone("ro-1", "1.1.0"), fields("firmware.done", data=FW)),
+]
+
 
 def sealed(f: dict[str, object]) -> str:
     return seal_event_json(f, gw="gw-1", site="s", epoch="e", seq=1, prev="0" * 64, wall=1.0)[1]
@@ -220,7 +270,7 @@ def test_every_contract_event_type_has_a_constructor_and_events_are_frozen() -> 
 
 
 #: Event types named in gateway/ outside gateway/events.py: the CLI's colours only.
-_TYPE_LITERAL = re.compile(r"""["'](?:access|lock|trust|gateway|time)\.[a-z_]+["']""")
+_TYPE_LITERAL = re.compile(r"""["'](?:access|lock|trust|gateway|time|firmware)\.[a-z_]+["']""")
 
 
 def test_no_module_but_events_writes_an_event_type_by_hand() -> None:

@@ -17,6 +17,7 @@ from firmware_sim.smp_gatt import SmpService, imgtool_verifier
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.ble.links import LinkManager, Priority
 from gateway.ble.registry import LockRecord
+from gateway.events import Event, Stamp, event_fields
 from gateway.firmware.rollout import FirmwareRefused, Rollouts
 from gateway.firmware.store import FirmwareStore
 from protocols.messages import LockState, Op, Status
@@ -45,6 +46,14 @@ class Site:
         return [e for e in self.events if e["type"] == type_ and (lock is None or e.get("lock") == lock)]
 
 
+def flat(event: Event) -> dict[str, Any]:
+    """An event as the outbox would seal it, its ``data`` lifted beside the envelope."""
+    fields = event_fields(event, Stamp("synced", "ok"))
+    data = fields["data"]
+    assert isinstance(data, dict)
+    return {**fields, **data}
+
+
 def keys() -> dict[bytes, Any]:
     return {b"image-key": KEY.cose, MKEY.public.kid: MKEY.public}
 
@@ -67,8 +76,8 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
                 records[done.lock_id] = LockRecord(done.lock_id, str(s.address), s.model.name, done.ltk)
             events: list[dict[str, Any]] = []
 
-            async def emit(type_: str, **fields: Any) -> None:
-                events.append({"type": type_, **fields, **fields["data"]})
+            async def emit(event: Event) -> None:
+                events.append(flat(event))
 
             async with (
                 FirmwareStore(tmp_path / "firmware.sqlite") as store,
@@ -203,8 +212,8 @@ async def test_a_stopped_gateway_resumes_the_upload_from_the_locks_offset(site: 
     reached = smp.server.upload.off
     sent_before = smp.server.handled["upload"]
 
-    async def emit(type_: str, **fields: Any) -> None:
-        site.events.append({"type": type_, **fields, **fields["data"]})
+    async def emit(event: Event) -> None:
+        site.events.append(flat(event))
 
     async with Rollouts(
         site.store,
@@ -246,8 +255,8 @@ async def test_a_direct_command_records_the_rollout_and_the_daemon_runs_it(site:
     lock_id = site.ids()[0]
     image = signed_image(KEY, "1.1.0", security_counter=2)
 
-    async def emit(type_: str, **fields: Any) -> None:
-        site.events.append({"type": type_, **fields, **fields["data"]})
+    async def emit(event: Event) -> None:
+        site.events.append(flat(event))
 
     async with Rollouts(
         site.store,

@@ -44,7 +44,7 @@ async def test_firmware_actions(tmp_path: Path) -> None:
                 site=SITE,
                 lookup=svc.registry.get,
                 keys=lambda: svc.authz.core.firmware_keys(int(rig.clock.wall())),
-                emit=svc.firmware_event,
+                emit=svc.event,
                 clock=rig.clock.wall,
                 on_firmware=svc.firmware_changed,
             ) as rollouts,
