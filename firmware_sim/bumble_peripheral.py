@@ -433,6 +433,8 @@ class SimRadio:
             model.press_pairing_button(now)
         elif fault == "factory_reset":
             model.factory_reset()
+        elif fault == "fw_stats" and sim.smp is not None:
+            return {"lock": lock_id, "fault": fault, "ok": True, **sim.smp.stats()}
         elif fault.startswith("fw_") and sim.smp is not None:
             pending = sim.smp.apply_fault(fault, value)
             if pending is not None:

@@ -224,6 +224,19 @@ class SmpService:
         self.model.firmware = f"sim-{version}"
         self.model.unhealthy = not self.boot.confirmed and version in self.unhealthy_versions
 
+    def stats(self) -> dict[str, Any]:
+        """What the ``fw_stats`` command answers: requests handled by name, the offset the
+        upload in RAM reached (None: none), the running image and each boot's outcome."""
+        upload = self.server.upload
+        return {
+            "handled": dict(self.server.handled),
+            "upload_off": upload.off if upload is not None else None,
+            "running": str(self.boot.primary.version),
+            "confirmed": self.boot.confirmed,
+            "security_counter": self.boot.security_counter,
+            "boots": [o.kind for o in self.boot.history],
+        }
+
     def apply_fault(self, fault: str, value: Any) -> Awaitable[Any] | None:
         if fault == "fw_drop_after":
             self.drop_after, self.writes = int(value), 0
