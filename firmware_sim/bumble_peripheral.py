@@ -594,6 +594,15 @@ MIN_SUPERVISION_TIMEOUT_S: Final = 0.1
 _CHECKS_PER_TIMEOUT: Final = 4
 
 
+#: The LE ACL buffer a controller reports to its host (HCI LE Read Buffer Size): 251 bytes, the
+#: LE Data Length Extension's, as Bluetooth 4.2+ controllers (nRF52, CYW43455 on a Raspberry Pi)
+#: do. Bumble's default is 27 (Bluetooth 4.0): a host then cut every 247-byte ATT PDU into ten
+#: HCI packets, each answered by its own Number Of Completed Packets event — ten times the
+#: HCI traffic, over TCP to a gateway in another process, for the same air time in the model
+#: (SimAir carries whole L2CAP PDUs, whatever the fragments).
+LE_ACL_DATA_PACKET_LENGTH = 251
+
+
 class SupervisedController(Controller):
     """Bumble's Controller with two behaviours of a real one that the simulation needs.
 
@@ -617,6 +626,7 @@ class SupervisedController(Controller):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._supervised: dict[int, asyncio.TimerHandle] = {}
+        self.le_acl_data_packet_length = LE_ACL_DATA_PACKET_LENGTH
 
     # --- link supervision -----------------------------------------------------------------
 
