@@ -98,8 +98,9 @@ async def throughput(kib: int) -> dict[str, Any]:
 
 async def latency(args: argparse.Namespace, process: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lockgw-fwlat-") as tmp:
+        radio = ("--radio", args.radio, *(x for kv in args.radio_set for x in ("--radio-set", kv)))
         async with fw_site(
-            Path(tmp), locks=args.updating + 1, slots=args.updating + 1, process=process
+            Path(tmp), locks=args.updating + 1, slots=args.updating + 1, process=process, radio_args=radio
         ) as site:
             return await unlock_latency(site, rounds=args.rounds, unlocks=args.unlocks, kib=args.latency_kib)
 
@@ -112,11 +113,18 @@ async def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--updating", type=int, default=2, help="locks updated during the unlocks")
     parser.add_argument("--latency-kib", type=int, default=128, help="latency: image body size (KiB)")
     parser.add_argument("--modes", default="process,inproc", help="simulator process and/or in process")
+    parser.add_argument("--radio", default="flat", help="latency: the simulator's radio profile")
+    parser.add_argument(
+        "--radio-set", action="append", default=[], metavar="FIELD=VALUE", help="latency: profile override"
+    )
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= {"process", "inproc"}:
         parser.error("--modes takes process and/or inproc")
-    result: dict[str, Any] = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    result: dict[str, Any] = {
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "radio": [args.radio, *args.radio_set],
+    }
     if args.kib > 0:
         result["throughput"] = await throughput(args.kib)
     for mode in modes:

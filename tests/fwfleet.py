@@ -31,6 +31,7 @@ from fwfix import FirmwareKey, shared_firmware_key, signed_image, signed_manifes
 from simproc import start_sim
 
 from firmware_sim.bumble_peripheral import SimRadio
+from firmware_sim.radio import parse_overrides, profile_named
 from firmware_sim.smp_gatt import imgtool_verifier
 from gateway.ble.bumble_backend import BumbleHost
 from gateway.ble.links import LinkManager, Priority
@@ -43,6 +44,7 @@ from protocols.messages import Op, Status
 __all__ = ["FwSite", "fw_site", "rollout_fleet", "summary", "unlock_latency"]
 
 GW = "gw-fwbench"
+FINAL_EVENTS = frozenset({"firmware.confirmed", "firmware.failed", "firmware.reverted", "firmware.refused"})
 SITE = "site-test"
 
 
@@ -70,9 +72,15 @@ class FwSite:
 
 @contextlib.asynccontextmanager
 async def _locks_in_process(
-    n: int, seed: int, key: FirmwareKey
+    n: int, seed: int, key: FirmwareKey, radio_args: tuple[str, ...]
 ) -> AsyncIterator[tuple[BumbleHost, list[tuple[str, str]]]]:
-    async with SimRadio() as radio:
+    name, overrides = "flat", []
+    for flag, value in zip(radio_args[::2], radio_args[1::2], strict=True):
+        if flag == "--radio":
+            name = value
+        else:
+            overrides.append(value)
+    async with SimRadio(profile=parse_overrides(profile_named(name), overrides), seed=seed) as radio:
         sims = await radio.add_locks(n, seed=seed)
         for s in sims:
             radio.enable_firmware(s.model.lock_id, imgtool_verifier([key.imgtool_key]))
@@ -82,13 +90,13 @@ async def _locks_in_process(
 
 @contextlib.asynccontextmanager
 async def _locks_in_a_process(
-    n: int, seed: int, key: FirmwareKey, work: Path
+    n: int, seed: int, key: FirmwareKey, work: Path, radio_args: tuple[str, ...]
 ) -> AsyncIterator[tuple[BumbleHost, list[tuple[str, str]]]]:
     pem = work / "boot.pem"
     key.imgtool_key.export_public(str(pem))  # the simulated bootloader's key
     port = free_port()
     sim, lines = start_sim(
-        port, seed=seed, locks=n, extra=("--firmware-key", str(pem)), stderr=work / "sim.log"
+        port, seed=seed, locks=n, extra=("--firmware-key", str(pem), *radio_args), stderr=work / "sim.log"
     )
     try:
         async with BumbleHost(transport=f"tcp-client:127.0.0.1:{port}") as host:
@@ -104,12 +112,23 @@ async def _locks_in_a_process(
 
 @contextlib.asynccontextmanager
 async def fw_site(
-    work: Path, *, locks: int, slots: int, process: bool = True, seed: int = 7
+    work: Path,
+    *,
+    locks: int,
+    slots: int,
+    process: bool = True,
+    seed: int = 7,
+    radio_args: tuple[str, ...] = (),
 ) -> AsyncIterator[FwSite]:
     """``locks`` simulated locks with SMP, paired with a gateway that has ``slots`` connection
-    slots and a :class:`Rollouts` over a store in ``work``."""
+    slots and a :class:`Rollouts` over a store in ``work``. ``radio_args``: the simulator's
+    ``--radio NAME`` / ``--radio-set FIELD=VALUE`` pairs (docs/simulator.md; default flat)."""
     key, cose = shared_firmware_key()
-    opened = _locks_in_a_process(locks, seed, key, work) if process else _locks_in_process(locks, seed, key)
+    opened = (
+        _locks_in_a_process(locks, seed, key, work, radio_args)
+        if process
+        else _locks_in_process(locks, seed, key, radio_args)
+    )
     async with (
         opened as (host, found),
         LinkManager(gw_id=GW, backend=host.client_backend(), max_connections=slots) as links,
@@ -188,12 +207,17 @@ async def rollout_fleet(site: FwSite, *, kib: int, canary: int = 1, fraction: in
         first = min(
             site.of("firmware.uploading", lk)[0].t for lk in ring if site.of("firmware.uploading", lk)
         )
-        last = max(
-            e.t
-            for e in site.events
-            if e.lock in ring and e.type in {"firmware.confirmed", "firmware.failed", "firmware.reverted"}
-        )
+        last = max(e.t for e in site.events if e.lock in ring and e.type in FINAL_EVENTS)
         rings.append({"ring": i, "locks": len(ring), "s": round(last - first, 2)})
+    # How many locks were between their first upload chunk and their last step at once (the
+    # rollout runs at most as many as there are slots).
+    spans = []
+    for lock in ids:
+        ups = site.of("firmware.uploading", lock)
+        ends = [e.t for e in site.events if e.lock == lock and e.type in FINAL_EVENTS]
+        if ups and ends:
+            spans.append((ups[0].t, max(ends)))
+    at_once = max((sum(1 for a, b in spans if a <= t < b) for t, _ in spans), default=0)
     total = len(image) * states.count("confirmed")
     lock_s = sum(upload) + sum(reset) + sum(health)
     return {
@@ -215,6 +239,7 @@ async def rollout_fleet(site: FwSite, *, kib: int, canary: int = 1, fraction: in
             "health": round(sum(health) / lock_s, 3) if lock_s else 0,
         },
         "link_connects": site.links.stats.connects,
+        "max_locks_at_once": at_once,
         "not_confirmed": [
             {"lock": lk["lock"], "ring": lk["ring"], "state": lk["state"], "reason": lk["reason"]}
             for lk in status["locks"]
@@ -244,6 +269,27 @@ async def _unlocks(
     return out
 
 
+@contextlib.asynccontextmanager
+async def _loop_lag(into: list[float]) -> AsyncIterator[None]:
+    """How late a 2 ms timer fires on this (the gateway's) event loop, in ms, while inside:
+    what anything else on the loop costs a callback that is ready to run."""
+
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.002)
+            into.append((loop.time() - t - 0.002) * 1000)
+
+    task = asyncio.create_task(probe())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def unlock_latency(site: FwSite, *, rounds: int, unlocks: int, kib: int) -> dict[str, Any]:
     """Per round: ``unlocks`` unlocks of the first lock with nothing else going on, then as many
     while a real rollout (upload, mark, reset, health, confirm) runs on every other lock of the
@@ -258,15 +304,19 @@ async def unlock_latency(site: FwSite, *, rounds: int, unlocks: int, kib: int) -
     per_round = []
     busy = [r.lock for r in updating]
     await _unlocks(site, target, 3, busy=None)  # warm: the link open, the models loaded
+    lag_alone: list[float] = []
+    lag_during: list[float] = []
     for r, image in enumerate(images):
-        a = [ms for ms, _ in await _unlocks(site, target, unlocks, busy=None)]
+        async with _loop_lag(lag_alone):
+            a = [ms for ms, _ in await _unlocks(site, target, unlocks, busy=None)]
         rollout = f"ro-lat-{r}"
         manifest = signed_manifest(site.cose, image, busy, canary=len(busy), rollout=rollout)
         await site.rollouts.apply(manifest, image)
         async with asyncio.timeout(120):
             while not any(site.rollouts.progress.get((rollout, lk), 0) > 0 for lk in busy):  # noqa: ASYNC110 - the runner's view
                 await asyncio.sleep(0.005)
-        d = await _unlocks(site, target, unlocks, busy=busy)
+        async with _loop_lag(lag_during):
+            d = await _unlocks(site, target, unlocks, busy=busy)
         still_running = rollout in {
             s["rollout"] for s in await site.rollouts.status() if s["state"] == "running"
         }
@@ -293,4 +343,6 @@ async def unlock_latency(site: FwSite, *, rounds: int, unlocks: int, kib: int) -
         "unlock_ms_alone": summary(alone),
         "unlock_ms_during_rollout": summary(during),
         "unlock_ms_during_an_upload": summary(during_upload),
+        "gateway_loop_lag_ms_alone": summary(lag_alone),
+        "gateway_loop_lag_ms_during_rollout": summary(lag_during),
     }
