@@ -390,7 +390,7 @@ class Rollouts:
         return None
 
     async def _upload(self, m: Manifest, record: LockRecord, image: bytes) -> None:
-        sha = hashlib.sha256(image).digest()
+        sha = m.image_sha256  # checked against the image (check()): no hashing on the loop per lock
         off, reported, failures = 0, -1, 0
         # A lock that answers without moving forward (stuck at one offset, or sending the
         # gateway back and forth) made this loop endless: both are bounded, with the reason.
