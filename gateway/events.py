@@ -409,8 +409,9 @@ class TimeAlarm(Event):
 
 # --- firmware (docs/contract-additions-firmware.md §5) ----------------------------------------
 #
-# Every ``firmware.*`` event has ``outcome`` ``ok`` (as they had before these types: the wire
-# shape is unchanged); what went wrong is the ``reason``.
+# ``outcome`` says how it went, as for the contract's own types: ``rejected`` for a refusal,
+# ``failed`` for a lock whose update failed or was reverted, ``alarm`` for a halted rollout,
+# ``ok`` for progress; what went wrong is the ``reason`` (docs/contract-additions-firmware.md).
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +461,7 @@ class FirmwareReverted(Event):
     """The health check failed (``reason``): reset without confirm, MCUboot swapped back."""
 
     TYPE: ClassVar[str] = "firmware.reverted"
+    OUTCOME: ClassVar[Outcome] = Outcome.FAILED
     lock: str
     reason: str
     rollout: str
@@ -471,6 +473,7 @@ class FirmwareFailed(Event):
     """A step failed after its retries (``reason``)."""
 
     TYPE: ClassVar[str] = "firmware.failed"
+    OUTCOME: ClassVar[Outcome] = Outcome.FAILED
     lock: str
     reason: str
     rollout: str
@@ -484,6 +487,7 @@ class FirmwareRefused(Event):
     ``detail``: ``bad_signature``, ``image_mismatch``, …). ``data`` holds the fields given."""
 
     TYPE: ClassVar[str] = "firmware.refused"
+    OUTCOME: ClassVar[Outcome] = Outcome.REJECTED
     lock: str | None
     reason: str
     rollout: str | None = None
@@ -501,6 +505,7 @@ class FirmwareHalted(Event):
     no longer holds when it was resumed."""
 
     TYPE: ClassVar[str] = "firmware.halted"
+    OUTCOME: ClassVar[Outcome] = Outcome.ALARM
     reason: str
     rollout: str
     ring: int | None = None

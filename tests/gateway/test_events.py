@@ -204,7 +204,8 @@ CASES: list[tuple[Event, dict[str, object]]] = [
 ]
 
 #: The firmware events as ``Service.firmware_event`` wrote them by hand before their types
-#: (docs/contract-additions-firmware.md §5): lock and reason at the top, the rest in data.
+#: (docs/contract-additions-firmware.md §5): lock and reason at the top, the rest in data; since
+#: then a refusal, failure, revert or halt says so in ``outcome`` too.
 FW = {"rollout": "ro-1", "version": "1.1.0"}
 CASES += [
     (
@@ -219,27 +220,39 @@ CASES += [
     (FirmwareConfirmed("lk-1", "ro-1", "1.1.0"), fields("firmware.confirmed", lock="lk-1", data=FW)),
     (
         FirmwareReverted("lk-1", "status failed", "ro-1", "1.1.0"),
-        fields("firmware.reverted", lock="lk-1", reason="status failed", data=FW),
+        fields("firmware.reverted", "failed", lock="lk-1", reason="status failed", data=FW),
     ),
     (
         FirmwareFailed("lk-1", "upload: timeout", "ro-1", "1.1.0"),
-        fields("firmware.failed", lock="lk-1", reason="upload: timeout", data=FW),
+        fields("firmware.failed", "failed", lock="lk-1", reason="upload: timeout", data=FW),
     ),
     (
         FirmwareRefused(lock="lk-1", reason="battery_low", rollout="ro-1", version="1.1.0"),
-        fields("firmware.refused", lock="lk-1", reason="battery_low", data=FW),
+        fields("firmware.refused", "rejected", lock="lk-1", reason="battery_low", data=FW),
     ),
     (
         FirmwareRefused(lock=None, reason="bad_signature", detail="no firmware key signed it"),
-        fields("firmware.refused", reason="bad_signature", data={"detail": "no firmware key signed it"}),
+        fields(
+            "firmware.refused",
+            "rejected",
+            reason="bad_signature",
+            data={"detail": "no firmware key signed it"},
+        ),
     ),
     (
         FirmwareHalted(reason="ring 0 failed on lk-1", rollout="ro-1", ring=0),
-        fields("firmware.halted", reason="ring 0 failed on lk-1", data={"rollout": "ro-1", "ring": 0}),
+        fields(
+            "firmware.halted", "alarm", reason="ring 0 failed on lk-1", data={"rollout": "ro-1", "ring": 0}
+        ),
     ),
     (
         FirmwareHalted(reason="expired", rollout="ro-1", detail="manifest expired"),
-        fields("firmware.halted", reason="expired", data={"rollout": "ro-1", "detail": "manifest expired"}),
+        fields(
+            "firmware.halted",
+            "alarm",
+            reason="expired",
+            data={"rollout": "ro-1", "detail": "manifest expired"},
+        ),
     ),
     (FirmwareDone("ro-1", "1.1.0"), fields("firmware.done", data=FW)),
 ]
