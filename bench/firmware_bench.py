@@ -5,9 +5,14 @@ latency with and without a rollout running (docs/firmware.md, docs/benchmarks.md
   closed (the lock drops them unanswered: pure link throughput), until the lock has seen all;
 * upload: the rollout's own path (``LinkManager.smp`` chunks sized from the lock's SMP buffer,
   each answered) for the same number of bytes;
-* unlock latency: unlocks of lock B, alone, then while lock A uploads (one connection slot each).
+* unlock latency (tests/fwfleet.py): per round, unlocks of one lock with nothing else going on,
+  then as many while the gateway's real rollout (``Rollouts``: upload, mark, reset, health,
+  confirm) updates ``--updating`` other locks, one connection slot each; with the simulator in
+  its own process (``lockgw-sim serve`` over HCI/TCP, as ``lockgw run`` meets it) and, for
+  comparison, on the gateway's own event loop.
 
-Run: .venv/bin/python bench/firmware_bench.py [--kib 64] [--unlocks 30]
+Run: .venv/bin/python bench/firmware_bench.py [--kib 64] [--unlocks 30] [--rounds 3]
+     [--updating 2] [--latency-kib 128] [--modes process,inproc]
 """
 
 from __future__ import annotations
@@ -16,24 +21,26 @@ import argparse
 import asyncio
 import hashlib
 import json
-import statistics
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fwfix import firmware_key, signed_image
+from fwfleet import fw_site, unlock_latency
 from smp import image_management as smpimg
 
 from firmware_sim.bumble_peripheral import SimRadio
 from firmware_sim.smp_gatt import SMP_CHAR_UUID, imgtool_verifier
 from gateway.ble.bumble_backend import BumbleHost
-from gateway.ble.links import LinkManager, Priority
+from gateway.ble.links import LinkManager
 from gateway.ble.lock_client import LockClient
 from gateway.ble.registry import LockRecord
 from gateway.firmware.rollout import chunk_request
-from protocols.messages import Op
 
 
 async def upload(links: LinkManager, record: LockRecord, image: bytes) -> float:
@@ -49,88 +56,88 @@ async def upload(links: LinkManager, record: LockRecord, image: bytes) -> float:
     return time.perf_counter() - t0
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--kib", type=int, default=64)
-    parser.add_argument("--unlocks", type=int, default=30)
-    args = parser.parse_args()
+async def throughput(kib: int) -> dict[str, Any]:
+    """Raw GATT write throughput and the upload's on the same kind of link (in process)."""
     key = firmware_key()
-    image = signed_image(key, "1.1.0", security_counter=2, size=args.kib * 1024)
+    image = signed_image(key, "1.1.0", security_counter=2, size=kib * 1024)
     async with SimRadio() as radio:
-        sims = await radio.add_locks(2, seed=3)
-        smps = [radio.enable_firmware(s.model.lock_id, imgtool_verifier([key.imgtool_key])) for s in sims]
+        sims = await radio.add_locks(1, seed=3)
+        smp = radio.enable_firmware(sims[0].model.lock_id, imgtool_verifier([key.imgtool_key]))
         async with (
             BumbleHost(controller=radio.open_gateway_controller()) as host,
-            LinkManager(gw_id="gw-bench", backend=host.client_backend(), max_connections=2) as links,
+            LinkManager(gw_id="gw-bench", backend=host.client_backend(), max_connections=1) as links,
         ):
-            records = []
-            for s in sims:
-                done = await links.pair(str(s.address), s.model.setup_code)
-                records.append(LockRecord(done.lock_id, str(s.address), "", done.ltk))
-
+            done = await links.pair(str(sims[0].address), sims[0].model.setup_code)
+            record = LockRecord(done.lock_id, str(sims[0].address), "", done.ltk)
             # Raw GATT writes on a link of the same kind (no SMP window: dropped unanswered).
             async with LockClient(str(sims[0].address), gw_id="gw-bench", backend=host.client_backend()) as c:
-                await c.open_session(lock_id=records[0].lock, ltk=records[0].ltk)
+                await c.open_session(lock_id=record.lock, ltk=record.ltk)
                 client = c.bleak_client
                 char = client.services.get_characteristic(SMP_CHAR_UUID)
                 assert char is not None
                 piece = bytes(client.mtu_size - 3)
                 n = len(image) // len(piece) + 1
-                before = smps[0].refused
+                before = smp.refused
                 t0 = time.perf_counter()
                 for _ in range(n):
                     await client.write_gatt_char(char, piece, response=False)
-                while smps[0].refused - before < n:  # noqa: ASYNC110 - until the lock has seen them all
+                while smp.refused - before < n:  # noqa: ASYNC110 - until the lock has seen them all
                     await asyncio.sleep(0.001)
-                raw_s = time.perf_counter() - t0
-                raw_bps = n * len(piece) / raw_s
+                raw_bps = n * len(piece) / (time.perf_counter() - t0)
                 mtu = client.mtu_size
-
-            up_s = await upload(links, records[0], image)
-            up_bps = len(image) / up_s
-
-            async def unlocks() -> list[float]:
-                out = []
-                for _ in range(args.unlocks):
-                    t = time.perf_counter()
-                    await links.command(records[1], Op.UNLOCK, priority=Priority.ACCESS)
-                    out.append((time.perf_counter() - t) * 1000)
-                    await links.command(records[1], Op.LOCK, priority=Priority.ACCESS)
-                return out
-
-            alone = await unlocks()
-            stop = asyncio.Event()
-            rounds = 0
-
-            async def keep_uploading() -> None:
-                nonlocal rounds
-                while not stop.is_set():
-                    smps[0].server.upload = None  # each round a fresh upload from offset 0
-                    await upload(links, records[0], image)
-                    rounds += 1
-
-            task = asyncio.create_task(keep_uploading())
-            await asyncio.sleep(0.2)
-            during = await unlocks()
-            uploading_at_end = not task.done()
-            stop.set()
-            await task
-    result = {
+            up_bps = len(image) / await upload(links, record, image)
+    return {
         "image_bytes": len(image),
         "att_mtu": mtu,
         "smp_buf_size": 1024,
         "raw_gatt_write_bytes_per_s": round(raw_bps),
         "upload_bytes_per_s": round(up_bps),
         "upload_vs_raw": round(up_bps / raw_bps, 2),
-        "unlock_ms_alone_median": round(statistics.median(alone), 1),
-        "unlock_ms_alone_p95": round(sorted(alone)[int(0.95 * len(alone)) - 1], 1),
-        "unlock_ms_during_upload_median": round(statistics.median(during), 1),
-        "unlock_ms_during_upload_p95": round(sorted(during)[int(0.95 * len(during)) - 1], 1),
-        "upload_still_running_after_unlocks": uploading_at_end,
-        "upload_rounds_during_unlocks": rounds,
     }
+
+
+async def latency(args: argparse.Namespace, process: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="lockgw-fwlat-") as tmp:
+        radio = ("--radio", args.radio, *(x for kv in args.radio_set for x in ("--radio-set", kv)))
+        async with fw_site(
+            Path(tmp), locks=args.updating + 1, slots=args.updating + 1, process=process, radio_args=radio
+        ) as site:
+            return await unlock_latency(site, rounds=args.rounds, unlocks=args.unlocks, kib=args.latency_kib)
+
+
+async def run(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kib", type=int, default=64, help="throughput: image body size (KiB)")
+    parser.add_argument("--unlocks", type=int, default=30, help="unlocks per round, alone and during")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--updating", type=int, default=2, help="locks updated during the unlocks")
+    parser.add_argument("--latency-kib", type=int, default=128, help="latency: image body size (KiB)")
+    parser.add_argument("--modes", default="process,inproc", help="simulator process and/or in process")
+    parser.add_argument("--radio", default="flat", help="latency: the simulator's radio profile")
+    parser.add_argument(
+        "--radio-set", action="append", default=[], metavar="FIELD=VALUE", help="latency: profile override"
+    )
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if not set(modes) <= {"process", "inproc"}:
+        parser.error("--modes takes process and/or inproc")
+    result: dict[str, Any] = {
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "radio": [args.radio, *args.radio_set],
+    }
+    if args.kib > 0:
+        result["throughput"] = await throughput(args.kib)
+    for mode in modes:
+        result[f"unlock_latency_{mode}"] = await latency(args, process=mode == "process")
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    result = asyncio.run(run(argv))
     print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

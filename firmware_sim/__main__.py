@@ -86,8 +86,12 @@ async def serve(args: argparse.Namespace) -> int:
         locks = await radio.add_locks(args.locks, seed=args.seed, state_dir=args.state)
         if args.firmware_key:
             verifier = imgtool_verifier([imgkeys.load(str(path)) for path in args.firmware_key])
-            for sim in locks:
-                radio.enable_firmware(sim.model.lock_id, verifier)
+            try:
+                for sim in locks:
+                    radio.enable_firmware(sim.model.lock_id, verifier)
+            except ValueError as exc:  # a bootloader state file that is not one
+                print(f"lockgw-sim: {exc}", file=sys.stderr)
+                return 2
         if args.transport:
             try:
                 await radio.serve_hci(args.transport)

@@ -42,7 +42,7 @@ from bumble.transport.common import AsyncPipeSink, PacketParser, Transport
 
 from firmware_sim.lock_model import LockModel, make_setup_code, off_curve_pair_response
 from firmware_sim.peripheral import LinkDriver
-from firmware_sim.persist import LockStore
+from firmware_sim.persist import BootStore, LockStore
 from firmware_sim.radio import PROFILES, LinkClock, LockRadio, RadioProfile
 from firmware_sim.smp_gatt import SmpService
 from firmware_sim.smp_server import Verifier
@@ -100,6 +100,11 @@ class SimLock:
     # each find advertising off and the first restart it after the second decided it must stop.
     advert_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     smp: SmpService | None = None  # the firmware-update service (enable_firmware)
+
+
+def _boot_path(lock_state: Path) -> Path:
+    """``lock-N.json`` → ``lock-N.mcuboot.cbor``: the bootloader's state beside the lock's."""
+    return lock_state.with_name(f"{lock_state.stem}.mcuboot.cbor")
 
 
 def _address(index: int, base: int) -> str:
@@ -384,6 +389,7 @@ class SimRadio:
             driver_for=sim.drivers.get,
             disconnect_all=disconnect_all,
             spawn=self._spawn,
+            store=BootStore(_boot_path(sim.store.path)) if sim.store is not None else None,
         )
         return sim.smp
 
@@ -427,6 +433,8 @@ class SimRadio:
             model.press_pairing_button(now)
         elif fault == "factory_reset":
             model.factory_reset()
+        elif fault == "fw_stats" and sim.smp is not None:
+            return {"lock": lock_id, "fault": fault, "ok": True, **sim.smp.stats()}
         elif fault.startswith("fw_") and sim.smp is not None:
             pending = sim.smp.apply_fault(fault, value)
             if pending is not None:
@@ -586,6 +594,15 @@ MIN_SUPERVISION_TIMEOUT_S: Final = 0.1
 _CHECKS_PER_TIMEOUT: Final = 4
 
 
+#: The LE ACL buffer a controller reports to its host (HCI LE Read Buffer Size): 251 bytes, the
+#: LE Data Length Extension's, as Bluetooth 4.2+ controllers (nRF52, CYW43455 on a Raspberry Pi)
+#: do. Bumble's default is 27 (Bluetooth 4.0): a host then cut every 247-byte ATT PDU into ten
+#: HCI packets, each answered by its own Number Of Completed Packets event — ten times the
+#: HCI traffic, over TCP to a gateway in another process, for the same air time in the model
+#: (SimAir carries whole L2CAP PDUs, whatever the fragments).
+LE_ACL_DATA_PACKET_LENGTH = 251
+
+
 class SupervisedController(Controller):
     """Bumble's Controller with two behaviours of a real one that the simulation needs.
 
@@ -609,6 +626,7 @@ class SupervisedController(Controller):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._supervised: dict[int, asyncio.TimerHandle] = {}
+        self.le_acl_data_packet_length = LE_ACL_DATA_PACKET_LENGTH
 
     # --- link supervision -----------------------------------------------------------------
 

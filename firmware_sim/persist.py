@@ -1,5 +1,9 @@
 """The simulator's state files: the only place firmware_sim writes to disk.
 
+Two per lock under ``--state DIR``: ``lock-N.json`` (the lock model, :class:`LockStore`) and,
+with SMP enabled, ``lock-N.mcuboot.cbor`` (the bootloader's flash: both slots, the image flags,
+the security counter — :class:`BootStore`).
+
 :class:`~firmware_sim.lock_model.LockModel` is pure; each durable change raises its
 ``revision``. A :class:`LockStore` holds one lock's state file and writes the model's snapshot
 when the file is behind (:meth:`LockStore.sync`). The link driver syncs before anything leaves
@@ -15,10 +19,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+import cbor2
 
 from firmware_sim.lock_model import LockModel
+from firmware_sim.smp_server import McuBoot
 
-__all__ = ["LockStore", "write_atomic"]
+__all__ = ["BootStore", "LockStore", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -81,3 +89,41 @@ class LockStore:
         revision = model.revision
         write_atomic(self.path, json.dumps(model.to_json(), indent=1).encode())
         self._written = revision
+
+
+class BootStore:
+    """One lock's bootloader state file (CBOR: the slots are bytes). :meth:`sync` writes it,
+    atomically, whenever the durable state (:meth:`McuBoot.durable`) differs from the file's:
+    after an SMP request that changed it and before its answer leaves, and at each boot — so
+    a restarted simulator is on the image it confirmed, with its security counter, and an image
+    pending when it stopped is swapped in at the next boot, as MCUboot does after a power cut."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._written: dict[str, Any] | None = None
+
+    def load(self, boot: McuBoot) -> bool:
+        """Restore ``boot`` from the file (False: no file yet). ValueError on a file that is
+        not a bootloader state."""
+        if not self.path.exists():
+            return False
+        try:
+            state = cbor2.loads(self.path.read_bytes())
+        except (cbor2.CBORDecodeError, ValueError) as exc:
+            raise ValueError(f"{self.path}: not a bootloader state file ({exc})") from exc
+        try:
+            boot.restore(state)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: {exc}") from exc
+        self._written = boot.durable()
+        return True
+
+    def sync(self, boot: McuBoot) -> bool:
+        """Write the state if the file is behind it; whether it wrote. On failure (OSError) the
+        file keeps the previous state and stays behind."""
+        state = boot.durable()
+        if state == self._written:
+            return False
+        write_atomic(self.path, cbor2.dumps(state))
+        self._written = state
+        return True

@@ -31,6 +31,7 @@ from imgtool.image import Image, VerifyResult
 
 from firmware_sim.lock_model import LockModel
 from firmware_sim.peripheral import LinkDriver
+from firmware_sim.persist import BootStore
 from firmware_sim.smp_server import BootOutcome, McuBoot, SlotImage, SmpReassembler, SmpServer, Verifier
 from protocols.errors import FirmwareImageError
 from protocols.firmware import ImageInfo, parse_image
@@ -82,9 +83,19 @@ class SmpService:
         driver_for: Callable[[Connection], LinkDriver | None],
         disconnect_all: Callable[[], Awaitable[None]],
         spawn: Callable[[Any, str], None],
+        store: BootStore | None = None,
     ) -> None:
+        """``store``: the bootloader's state file (``--state``): loaded, then booted as after a
+        power cut (a pending image is swapped in, an unconfirmed test image reverted); None:
+        in memory, factory-fresh."""
         self.model = model
         self.boot = McuBoot(verifier=verifier, primary=SlotImage.factory(model.lock_id))
+        self.store = store
+        if store is not None:
+            if store.load(self.boot):
+                outcome = self.boot.boot()
+                log.info("lock %s powers on: %s %s", model.lock_id, outcome.kind, outcome.reason)
+            store.sync(self.boot)
         self.server = SmpServer(self.boot)
         self._device = device
         self._now = now
@@ -147,17 +158,38 @@ class SmpService:
                 await self._disconnect_all()
                 return
             for request in requests:
-                if self.flash_delay_s and request[4:6] == b"\x00\x01" and request[7] == 1:
-                    await asyncio.sleep(self.flash_delay_s)  # image group, upload: a flash write
-                if generation != self._generation:
+                if not await self._answer(connection, request, generation):
                     return
-                reply = self.server.handle(request)
-                if not await self._notify(connection, self._faulty(reply.data)):
-                    return
-                if reply.reboot:
-                    await asyncio.sleep(0.05)  # the answer leaves first, as on Zephyr
-                    await self.reboot()
-                    return
+
+    async def _answer(self, connection: Connection, request: bytes, generation: int) -> bool:
+        """Handle one whole request and notify its answer; False when the link is done with
+        (the lock rebooted, the answer could not leave, the flash did not take a write)."""
+        if self.flash_delay_s and request[4:6] == b"\x00\x01" and request[7] == 1:
+            await asyncio.sleep(self.flash_delay_s)  # image group, upload: a flash write
+        if generation != self._generation:
+            return False
+        reply = self.server.handle(request)
+        if not self._persisted():
+            await self._disconnect_all()  # unanswered: the flash did not take it
+            return False
+        if not await self._notify(connection, self._faulty(reply.data)):
+            return False
+        if reply.reboot:
+            await asyncio.sleep(0.05)  # the answer leaves first, as on Zephyr
+            await self.reboot()
+            return False
+        return True
+
+    def _persisted(self) -> bool:
+        """The bootloader's state on disk (with ``--state``) before anything is answered."""
+        if self.store is None:
+            return True
+        try:
+            self.store.sync(self.boot)
+        except OSError as exc:
+            log.warning("lock %s cannot write its bootloader state: %s", self.model.lock_id, exc)
+            return False
+        return True
 
     def _faulty(self, data: bytes) -> bytes:
         """An answer as fault ``fw_bad_cbor`` sends it: its header, a body that is not CBOR."""
@@ -182,6 +214,7 @@ class SmpService:
         self.server.reset_ram()
         outcome = self.boot.boot()
         log.info("lock %s boots: %s %s", self.model.lock_id, outcome.kind, outcome.reason)
+        self._persisted()
         self._apply_running()
         await self._disconnect_all()
         return outcome
@@ -190,6 +223,19 @@ class SmpService:
         version = str(self.boot.primary.version)
         self.model.firmware = f"sim-{version}"
         self.model.unhealthy = not self.boot.confirmed and version in self.unhealthy_versions
+
+    def stats(self) -> dict[str, Any]:
+        """What the ``fw_stats`` command answers: requests handled by name, the offset the
+        upload in RAM reached (None: none), the running image and each boot's outcome."""
+        upload = self.server.upload
+        return {
+            "handled": dict(self.server.handled),
+            "upload_off": upload.off if upload is not None else None,
+            "running": str(self.boot.primary.version),
+            "confirmed": self.boot.confirmed,
+            "security_counter": self.boot.security_counter,
+            "boots": [o.kind for o in self.boot.history],
+        }
 
     def apply_fault(self, fault: str, value: Any) -> Awaitable[Any] | None:
         if fault == "fw_drop_after":

@@ -131,6 +131,74 @@ class McuBoot:
         self.confirmed, self.testing, self.previous = True, False, None
         self.security_counter = max(self.security_counter, self.primary.security_counter)
 
+    # --- what survives a power cycle (firmware_sim/persist.py writes it) -------------------
+
+    def durable(self) -> dict[str, Any]:
+        """The flash's content: both slots, the image flags, the security counter (not the
+        boot history, which is the simulator's log)."""
+        return {
+            "v": 1,
+            "primary": _slot_state(self.primary),
+            "previous": _slot_state(self.previous) if self.previous is not None else None,
+            "secondary": self.secondary,
+            "confirmed": self.confirmed,
+            "pending": self.pending,
+            "testing": self.testing,
+            "security_counter": self.security_counter,
+        }
+
+    def restore(self, state: object) -> None:
+        """Back to a :meth:`durable` state (ValueError when it is not one)."""
+        try:
+            if not isinstance(state, dict) or state.get("v") != 1:
+                raise TypeError("not a version 1 bootloader state")
+            primary = _slot_of(state["primary"])
+            previous = None if state["previous"] is None else _slot_of(state["previous"])
+            secondary, pending = state["secondary"], state["pending"]
+            flags = (state["confirmed"], state["testing"])
+            counter = state["security_counter"]
+            if not isinstance(secondary, bytes) or pending not in (None, "test", "permanent"):
+                raise TypeError("bad secondary slot or pending flag")
+            if not all(isinstance(f, bool) for f in flags) or type(counter) is not int or counter < 0:
+                raise TypeError("bad image flags or security counter")
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"bootloader state: {exc}") from exc
+        self.primary, self.previous, self.secondary, self.pending = primary, previous, secondary, pending
+        self.confirmed, self.testing = flags
+        self.security_counter = counter
+
+
+def _slot_state(slot: SlotImage) -> dict[str, Any]:
+    v = slot.version
+    return {
+        "data": slot.data,
+        "version": [v.major, v.minor, v.revision, v.build],
+        "digest": slot.digest,
+        "security_counter": slot.security_counter,
+    }
+
+
+def _slot_of(state: object) -> SlotImage:
+    if not isinstance(state, dict):
+        raise TypeError("a slot is a map")
+    data, version, digest, counter = (
+        state["data"],
+        state["version"],
+        state["digest"],
+        state["security_counter"],
+    )
+    if not isinstance(data, bytes) or not isinstance(digest, bytes) or len(digest) != 32:
+        raise TypeError("bad slot data or digest")
+    if (
+        not isinstance(version, list)
+        or len(version) != 4
+        or not all(type(x) is int and x >= 0 for x in version)
+    ):
+        raise TypeError("bad slot version")
+    if type(counter) is not int or counter < 0:
+        raise TypeError("bad slot security counter")
+    return SlotImage(data, ImageVersion(*version), digest, counter)
+
 
 @dataclass(frozen=True, slots=True)
 class SmpReply:
@@ -295,7 +363,7 @@ class SmpServer:
                 if new <= boot.primary.version:
                     return SmpReply(_img_error(header, img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER))
             self.upload = _Upload(request.len, request.sha, bytearray())
-            boot.secondary = b""  # erase before writing
+            boot.secondary = b""  # erase before writing (the slot holds the image once whole)
         up = self.upload
         if up is None:
             return SmpReply(_error(header, smperr.MGMT_ERR.EINVAL))
@@ -306,9 +374,12 @@ class SmpServer:
             return SmpReply(_img_error(header, img.IMG_MGMT_ERR.INVALID_IMAGE_DATA_OVERRUN))
         up.data.extend(request.data)
         up.off += len(request.data)
-        boot.secondary = bytes(up.data)
         if up.off < up.length:
             return SmpReply(_ok(img.ImageUploadWriteResponse, header, off=up.off))
+        # Whole: now the slot's content. Until then it is in the upload's buffer (copying the
+        # growing slot at every chunk cost O(image²); no one reads a partial slot: a state read
+        # lists the secondary only once the upload is whole, and a reboot forgets the upload).
+        boot.secondary = bytes(up.data)
         fields: dict[str, Any] = {"off": up.off}
         if up.sha is not None:
             fields["match"] = hashlib.sha256(up.data).digest() == up.sha

@@ -108,6 +108,10 @@ class _Slots:
     def waiting(self) -> int:
         return sum(1 for *_, f in self._waiters if not f.done())
 
+    def waiting_before(self, priority: Priority) -> int:
+        """Waiters more urgent than ``priority``."""
+        return sum(1 for p, _, f in self._waiters if p < priority and not f.done())
+
     def try_acquire(self) -> bool:
         """A slot if one is free and nobody waits; never waits."""
         if self.free > 0 and not self.waiting:
@@ -334,7 +338,7 @@ class LinkManager:
                 self._contact(record.lock, ok=True)
                 if priority is Priority.ACCESS:
                     self._keep_warm(record.lock, self._warm_s)
-                if self._slots.waiting:
+                if self._hand_over(priority):
                     # Someone waits for a connection slot: hand ours over now rather than
                     # holding an idle link for idle_s.
                     await self._close(record.lock)
@@ -500,11 +504,21 @@ class LinkManager:
             finally:
                 link.busy = False
                 link.last_used = time.monotonic()
-            if self._slots.waiting:
+            if self._hand_over(Priority.FIRMWARE):
                 await self._close(record.lock)
             return answer
         finally:
             gate.release()
+
+    def _hand_over(self, priority: Priority) -> bool:
+        """Whether a link that just served a command of ``priority`` gives its slot up: when
+        anyone waits for one — except that firmware work yields only to more urgent waiters,
+        not to other firmware work (each upload chunk would cost a new connection, session and
+        SMP_OPEN while a ring's locks took turns; the others get the slot when this lock
+        resets)."""
+        if priority is Priority.FIRMWARE:
+            return self._slots.waiting_before(priority) > 0
+        return self._slots.waiting > 0
 
     def link_open(self, record: LockRecord) -> bool:
         link = self._links.get(record.lock)

@@ -19,7 +19,8 @@ rings are marked ``halted``. A lock below the battery threshold is ``refused`` (
 Quiet hours: no lock starts its update inside them.
 
 Every SMP request goes through :meth:`LinkManager.smp` at the lowest priority: an unlock waits at
-most for the chunk in flight.
+most for the chunk in flight. At most as many locks update at once as the link manager has
+connection slots.
 """
 
 from __future__ import annotations
@@ -255,11 +256,19 @@ class Rollouts:
         known = await self._store.known()
         checked = self.check(row.manifest, row.image, {})  # keys may have rotated: check again
         locks = await self._store.locks(rollout)
+        # At most as many locks at once as the link manager has slots: each goes through its
+        # steps (preflight, upload, reset, health, confirm) while the others wait their turn,
+        # instead of all of a ring's locks queueing for slots between every step (a lock on its
+        # unconfirmed test image waited for dozens of other uploads before its health check).
+        active = asyncio.Semaphore(max(1, self._links.occupancy()[1]))
+
+        async def one(lk: LockRow) -> str:
+            async with active:
+                return await self._one_guarded(checked, row.image, lk, known)
+
         for ring in sorted({lk.ring for lk in locks}):
             members = [lk for lk in locks if lk.ring == ring]
-            results = await asyncio.gather(
-                *(self._one_guarded(checked, row.image, lk, known) for lk in members)
-            )
+            results = await asyncio.gather(*(one(lk) for lk in members))
             failed = [
                 lk.lock for lk, state in zip(members, results, strict=True) if state in ("reverted", "failed")
             ]
@@ -381,7 +390,7 @@ class Rollouts:
         return None
 
     async def _upload(self, m: Manifest, record: LockRecord, image: bytes) -> None:
-        sha = hashlib.sha256(image).digest()
+        sha = m.image_sha256  # checked against the image (check()): no hashing on the loop per lock
         off, reported, failures = 0, -1, 0
         # A lock that answers without moving forward (stuck at one offset, or sending the
         # gateway back and forth) made this loop endless: both are bounded, with the reason.
