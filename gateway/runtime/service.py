@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -887,20 +888,19 @@ def _unb64(text: str) -> bytes:
     length needs, was skipped by the lenient decoder: ``AA==AAAA`` was one byte, the rest lost)."""
     t = text.strip()
     body = t.rstrip("=")
-    if len(t) > MAX_REQUEST_BYTES or not body or any(c not in _B64 for c in body):
+    if len(t) > MAX_REQUEST_BYTES or _B64.fullmatch(body) is None:
         raise ValueError("not base64url")
     if t != body and (len(t) % 4 or len(t) - len(body) > 2):
         raise ValueError("not base64url")
-    try:
-        return binascii.a2b_base64(
-            (body + "=" * (-len(body) % 4)).translate(_TO_STD).encode(), strict_mode=True
-        )
+    try:  # C-speed throughout: a 32 KiB chunk's text is decoded on the event loop
+        std = (body + "=" * (-len(body) % 4)).encode("ascii").translate(_TO_STD)
+        return binascii.a2b_base64(std, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
 
 
-_B64: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-_TO_STD: Final = str.maketrans("-_", "+/")
+_B64: Final = re.compile(r"[A-Za-z0-9_-]+")
+_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
 
 
 async def _uncancellable(coro: Coroutine[Any, Any, Any]) -> None:
