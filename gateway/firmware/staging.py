@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO, Final, Self, TypeVar
 
 from gateway import log
+from gateway.durable import fsync_dir
 from gateway.errors import LockgwError
 from gateway.wire import MAX_STAGE_CHUNK_BYTES
 from protocols.errors import FirmwareImageError
@@ -172,7 +173,7 @@ class Staging:
             self._make_room()
             part = self.root / f"{sha}.{size}.part"
             part.touch(mode=0o600, exist_ok=False)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return self._append(part, sha, size, offset, data)
 
     def _append(self, part: Path, sha: str, size: int, offset: int, data: bytes) -> Staged:
@@ -227,7 +228,7 @@ class Staging:
                 offset=0,
             ) from exc
         part.replace(self.root / f"{sha}.img")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _read(self, sha: str) -> bytes:
         done = self.root / f"{sha}.img"
@@ -248,7 +249,7 @@ class Staging:
         for path in [self.root / f"{sha}.img", *self.root.glob(f"{sha}.*.part")]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _part(self, sha: str) -> Path | None:
         return next(iter(sorted(self.root.glob(f"{sha}.*.part"))), None)
@@ -320,11 +321,3 @@ def _not_regular(path: Path) -> StagingError:
         "remove it",
         code="stage_io",
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
+from gateway.durable import fsync_dir
 from gateway.errors import AdapterUnavailable, LockgwError
 from gateway.wire import WireError, loads_bounded
 from protocols.errors import RemoteProtocolError
@@ -193,7 +194,7 @@ def _write_tar(out: Path, manifest: bytes, copies: dict[str, Path]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -526,7 +527,7 @@ def _swap(staging: Path, data_dir: Path, *, keep_old: bool) -> Path | None:
             f"cannot move the restored state into {data_dir}: {exc.strerror or exc} (a mount point "
             "cannot be replaced: point [gateway] data_dir at a directory inside it)"
         ) from exc
-    _fsync_dir(data_dir.parent)
+    fsync_dir(data_dir.parent)
     return aside
 
 
@@ -562,14 +563,6 @@ def _sha256(path: Path) -> str:
         while chunk := fh_io.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:
