@@ -96,10 +96,20 @@ class Site:
         raise AssertionError("no answer")
 
     async def session(self) -> aiomqtt.Client:
+        """A client subscribed for answers, once the daemon is on the broker: its control socket
+        opens before its MQTT connection is up (doors never wait for a broker), so a request sent
+        before its retained ``online`` would reach nobody."""
         c = self.client()
         await c.__aenter__()
         await c.subscribe("attack/#", qos=1)
         await c.subscribe(f"{BASE}/{GW}/response/#", qos=1)
+        availability = f"{BASE}/{GW}/availability"
+        await c.subscribe(availability, qos=1)
+        async with asyncio.timeout(ANSWER_WITHIN_S * 3):
+            async for m in c.messages:
+                if str(m.topic) == availability and json.loads(m.payload) == {"state": "online"}:
+                    break
+        await c.unsubscribe(availability)
         return c
 
     async def unlock(self, c: aiomqtt.Client, lock: str, *, action: str = "unlock") -> dict[str, Any]:
