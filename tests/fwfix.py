@@ -18,6 +18,7 @@ from imgtool import keys as imgkeys
 from imgtool.image import Image
 from imgtool.version import decode_version
 
+from protocols import issuer
 from protocols.cose import (
     ALG_EDDSA,
     ALG_ES256,
@@ -109,3 +110,28 @@ def shared_firmware_key(kid: bytes = b"fw-1") -> tuple[FirmwareKey, PrivateCoseK
     cose = generate_private_key(ALG_EDDSA, kid, os.urandom)
     img = imgkeys.Ed25519(Ed25519PrivateKey.from_private_bytes(cose.d))
     return FirmwareKey(img, cose.public), cose
+
+
+def firmware_keyring(
+    root: PrivateCoseKey,
+    staff: CoseKey,
+    firmware: CoseKey,
+    *,
+    site: str,
+    now: int,
+    version: int,
+    iat_ago: int,
+) -> bytes:
+    """A keyring signed by ``root``: the staff issuer (as the test world's own) plus ``firmware``
+    with the role ``firmware``, both valid from a day before ``now`` for 60 days."""
+    return issuer.keyring(
+        root,
+        site=site,
+        version=version,
+        iat=now - iat_ago,
+        exp=now + 90 * 86400,
+        entries=[
+            issuer.KeyringEntry(staff, now - 86400, now + 60 * 86400, ["staff"]),
+            issuer.KeyringEntry(firmware, now - 86400, now + 60 * 86400, ["firmware"]),
+        ],
+    )

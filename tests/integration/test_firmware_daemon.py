@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 from clifix import Field, make_field, start_daemon
-from fwfix import FirmwareKey, shared_firmware_key, signed_image, signed_manifest
+from fwfix import FirmwareKey, firmware_keyring, shared_firmware_key, signed_image, signed_manifest
 
 from gateway.runtime.control import call
-from protocols import issuer
 from protocols.cose import PrivateCoseKey
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
@@ -85,16 +84,8 @@ def test_kill_9_mid_rollout_resumes_and_confirms(tmp_path: Path) -> None:
     try:
         now = int(time.time())
         (tmp_path / "keyring.cose").write_bytes(  # make_field's keyring, plus the firmware key
-            issuer.keyring(
-                f.w.root,
-                site="site-a",
-                version=1,
-                iat=now - 10,
-                exp=now + 90 * 86400,
-                entries=[
-                    issuer.KeyringEntry(f.w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"]),
-                    issuer.KeyringEntry(cose.public, now - 86400, now + 60 * 86400, ["firmware"]),
-                ],
+            firmware_keyring(
+                f.w.root, f.w.issuer_a.public, cose.public, site="site-a", now=now, version=1, iat_ago=10
             )
         )
         f.run("trust", "install", str(tmp_path / "keyring.cose"))

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 from credfix import SITE, T0
-from fwfix import shared_firmware_key, signed_image, signed_manifest
+from fwfix import firmware_keyring, shared_firmware_key, signed_image, signed_manifest
 from test_service import build_rig
 
 from firmware_sim.smp_gatt import imgtool_verifier
 from gateway.firmware.rollout import Rollouts
 from gateway.firmware.store import FirmwareStore
-from protocols import issuer
 
 pytestmark = pytest.mark.ble
 
@@ -56,16 +55,8 @@ async def test_firmware_actions(tmp_path: Path) -> None:
             answer = await ask("firmware_apply", {"manifest": b64(manifest), "image": b64(image)})
             assert answer["status"] == "error" and answer["error"]["code"] == "firmware_refused"
             assert "firmware role" in answer["error"]["message"]
-            ring = issuer.keyring(
-                rig.w.root,
-                site=SITE,
-                version=2,
-                iat=T0 - 3600,
-                exp=T0 + 90 * 86400,
-                entries=[
-                    issuer.KeyringEntry(rig.w.issuer_a.public, T0 - 86400, T0 + 60 * 86400, ["staff"]),
-                    issuer.KeyringEntry(cose.public, T0 - 86400, T0 + 60 * 86400, ["firmware"]),
-                ],
+            ring = firmware_keyring(
+                rig.w.root, rig.w.issuer_a.public, cose.public, site=SITE, now=T0, version=2, iat_ago=3600
             )
             assert svc.authz.install(ring).installed
             bad = await ask("firmware_apply", {"manifest": "not base64!", "image": b64(image)})

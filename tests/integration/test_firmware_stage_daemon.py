@@ -20,11 +20,10 @@ from broker import Broker
 from clifix import make_field, start_daemon
 from credfix import SITE
 from daemonfix import BASE, GW, Site
-from fwfix import FirmwareKey, shared_firmware_key, signed_image, signed_manifest
+from fwfix import FirmwareKey, firmware_keyring, shared_firmware_key, signed_image, signed_manifest
 
 from gateway.firmware.staging import MAX_STAGED
 from gateway.runtime.control import call
-from protocols import issuer
 from protocols.cose import PrivateCoseKey
 
 pytestmark = [pytest.mark.ble, pytest.mark.slow]
@@ -54,16 +53,8 @@ def fw_site(
     try:
         now = int(time.time())
         (tmp / "keyring.cose").write_bytes(  # make_field's keyring, plus the firmware key
-            issuer.keyring(
-                f.w.root,
-                site=SITE,
-                version=1,
-                iat=now - 10,
-                exp=now + 90 * 86400,
-                entries=[
-                    issuer.KeyringEntry(f.w.issuer_a.public, now - 86400, now + 60 * 86400, ["staff"]),
-                    issuer.KeyringEntry(cose.public, now - 86400, now + 60 * 86400, ["firmware"]),
-                ],
+            firmware_keyring(
+                f.w.root, f.w.issuer_a.public, cose.public, site=SITE, now=now, version=1, iat_ago=10
             )
         )
         f.run("trust", "install", str(tmp / "keyring.cose"))

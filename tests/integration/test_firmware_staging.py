@@ -20,14 +20,13 @@ from typing import Any
 
 import pytest
 from credfix import SITE, T0
-from fwfix import FirmwareKey, shared_firmware_key, signed_image, signed_manifest
+from fwfix import FirmwareKey, firmware_keyring, shared_firmware_key, signed_image, signed_manifest
 from test_service import Rig, build_rig
 
 from firmware_sim.smp_gatt import SmpService, imgtool_verifier
 from gateway.firmware.rollout import Rollouts
 from gateway.firmware.staging import MAX_STAGED, STALE_S, Staging
 from gateway.firmware.store import FirmwareStore
-from protocols import issuer
 from protocols.cose import PrivateCoseKey
 
 pytestmark = pytest.mark.ble
@@ -75,16 +74,8 @@ async def firmware_rig(tmp_path: Path) -> AsyncIterator[FwRig]:
     async with build_rig(tmp_path, locks=1) as rig:
         svc, lock = rig.svc, rig.locks[0].model.lock_id
         smp = rig.radio.enable_firmware(lock, imgtool_verifier([key.imgtool_key]))
-        ring = issuer.keyring(
-            rig.w.root,
-            site=SITE,
-            version=2,
-            iat=T0 - 3600,
-            exp=T0 + 90 * 86400,
-            entries=[
-                issuer.KeyringEntry(rig.w.issuer_a.public, T0 - 86400, T0 + 60 * 86400, ["staff"]),
-                issuer.KeyringEntry(cose.public, T0 - 86400, T0 + 60 * 86400, ["firmware"]),
-            ],
+        ring = firmware_keyring(
+            rig.w.root, rig.w.issuer_a.public, cose.public, site=SITE, now=T0, version=2, iat_ago=3600
         )
         assert svc.authz.install(ring).installed
         clock = [time.time()]  # the staging's idle clock, against the files' mtimes
